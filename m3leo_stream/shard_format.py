@@ -1,0 +1,127 @@
+"""The shard format contract shared by the writer (``shard_tools``) and the reader (``m3leo_stream``).
+
+Layout of a shard root::
+
+    <root>/manifest.json
+    <root>/index.parquet
+    <root>/stats.json
+    <root>/<region>/<split>/<region>-<split>-NNNNNN.tar
+
+A sample's members are ``<key>.json`` and ``<key>.<modality>.npy`` (``.npy.zst`` when compressed). Arrays are
+C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype and canonical shape.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+STATS = "stats.json"
+SPLITS = ("train", "val", "test")
+KEY_RE = re.compile(r"[0-9a-z_-]+")
+
+BASE_INDEX_COLUMNS = ("key", "region", "split", "shard", "lon", "lat")
+
+
+class FormatError(ValueError):
+    """A shard root, shard or member that breaks the format contract."""
+
+
+def shard_name(region: str, split: str, number: int) -> str:
+    """Path of a shard relative to the root."""
+    return f"{region}/{split}/{region}-{split}-{number:06d}.tar"
+
+
+def member_name(key: str, modality: str | None, compressed: bool = False) -> str:
+    """Tar member name: ``<key>.json`` for ``modality=None``, else ``<key>.<modality>.npy[.zst]``."""
+    if modality is None:
+        return f"{key}.json"
+    return f"{key}.{modality}.npy" + (".zst" if compressed else "")
+
+
+def check_key(key: str) -> str:
+    """Keys become tar basenames: no dots (webdataset splits on them), no slashes."""
+    if not KEY_RE.fullmatch(key):
+        raise FormatError(f"sample key {key!r} must match {KEY_RE.pattern} (no dots or slashes)")
+    return key
+
+
+def offset_column(modality: str) -> str:
+    return f"{modality}_offset"
+
+
+def nbytes_column(modality: str) -> str:
+    return f"{modality}_nbytes"
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """``.npy`` bytes (format 1.0, C order, no pickle)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_header_size(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Size of the ``.npy`` header :func:`encode_array` writes for an array of this shape and dtype."""
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(np.empty((0,), dtype=dtype))
+    header["shape"] = tuple(shape)
+    np.lib.format.write_array_header_1_0(buf, header)
+    return len(buf.getvalue())
+
+
+def decode_array(data: bytes | memoryview, compressed: bool = False, where: str = "") -> np.ndarray:
+    """Parse ``.npy`` (optionally zstd-framed) bytes without pickle, zero-copy where possible."""
+    try:
+        if compressed:
+            import zstandard
+
+            data = zstandard.ZstdDecompressor().decompress(data)
+        mv = memoryview(data)
+        if bytes(mv[:6]) != b"\x93NUMPY":
+            raise FormatError("not an .npy member (bad magic)")
+        major = mv[6]
+        hlen_size = 2 if major == 1 else 4
+        hlen = int.from_bytes(mv[8 : 8 + hlen_size], "little")
+        start = 8 + hlen_size + hlen
+        header = np.lib.format.safe_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
+        dtype = np.dtype(header["descr"])
+        if dtype.hasobject:
+            raise FormatError("object arrays are not allowed")
+        shape = tuple(header["shape"])
+        count = int(np.prod(shape)) if shape else 1
+        if len(mv) - start != count * dtype.itemsize:
+            raise FormatError(f"truncated array: {len(mv) - start} bytes for shape {shape} {dtype}")
+        arr = np.frombuffer(mv, dtype=dtype, count=count, offset=start)
+        order = "F" if header["fortran_order"] else "C"
+        return arr.reshape(shape, order=order)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}" if where else str(e)) from None
+    except Exception as e:  # zstd, header parsing
+        raise FormatError(f"{where}: cannot decode member: {e}" if where else f"cannot decode member: {e}") from e
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no NaN literals)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads_manifest(data: bytes | str) -> dict[str, Any]:
+    manifest = json.loads(data)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"manifest format_version {version!r}; this reader understands {FORMAT_VERSION}")
+    return manifest
+
+
+def manifest_regions(manifest: Mapping[str, Any]) -> list[str]:
+    """Regions in manifest order; ``region`` tensors in batches index into this list."""
+    return list(manifest["regions"])

@@ -1,0 +1,552 @@
+"""``m3leo-shards build`` and ``finalize``: repack hub-layout chips into region/split tar shards.
+
+The build is planned before anything is decoded: chips are grouped by (region, split), sorted by identifier and
+packed into shards by their exact uncompressed size (every array has its registry shape and dtype), so the plan is
+a pure function of the source listing and the arguments. Shard ``i`` of the plan belongs to task
+``i % num_tasks``. Each finished shard is published atomically, then a small record (its index rows, statistics and
+errors) is written under ``_build/``; that record marks the shard as done, so a rerun after a crash skips it.
+``finalize`` merges the records into ``index.parquet``, ``stats.json`` and, last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from m3leo_stream import shard_format as sf
+from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
+from m3leo_stream.storage import get_fs, is_local, join
+from shard_tools import hub
+from shard_tools.grid import Chip
+from shard_tools.publish import pipe_atomic, put_atomic
+from shard_tools.rasters import ChipDataError, decode_chip_file, resample
+from shard_tools.stats import StatsSet
+from shard_tools.writer import ShardWriter, predicted_member_size
+
+log = logging.getLogger(__name__)
+BUILD_DIR = "_build"
+PLAN = f"{BUILD_DIR}/plan.json"
+JSON_ALLOWANCE = 2048  # upper bound for a sample's json member payload when planning shard sizes
+ERROR_EXAMPLES = 20
+
+
+class BuildError(RuntimeError):
+    """The build stopped; nothing partial was published."""
+
+
+def parse_size(text: str | int) -> int:
+    """'1GB', '256MiB', '500k', or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
+    for u, f in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * f)
+    return int(float(t))
+
+
+@dataclass
+class BuildConfig:
+    src: str
+    out: str
+    regions: list[str] | None = None
+    modalities: list[str] | None = None
+    splits: list[str] = field(default_factory=lambda: list(sf.SPLITS))
+    shard_size: int = 10**9
+    compress: str = "none"
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+    on_error: str = "fail"
+    year: int | None = 2020
+    folders: dict[str, str] = field(default_factory=dict)
+    gunw_pair_rule: str = "longest"
+    modalities_yaml: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    src_storage_options: dict[str, Any] | None = None
+    progress: bool = True
+
+    def content_args(self) -> dict[str, Any]:
+        """Arguments that determine the shards' contents (task and worker counts do not)."""
+        return {
+            "regions": self.regions, "modalities": self.modalities, "splits": self.splits,
+            "shard_size": self.shard_size, "compress": self.compress, "on_error": self.on_error,
+            "year": self.year, "folders": dict(sorted(self.folders.items())), "gunw_pair_rule": self.gunw_pair_rule,
+        }
+
+    def check(self) -> None:
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"--on-error must be fail or skip, not {self.on_error!r}")
+        if self.compress not in ("none", "zstd"):
+            raise ValueError(f"--compress must be none or zstd, not {self.compress!r}")
+        if not (0 <= self.task_index < self.num_tasks):
+            raise ValueError(f"--task-index {self.task_index} is outside 0..{self.num_tasks - 1}")
+        bad = [s for s in self.splits if s not in sf.SPLITS]
+        if bad:
+            raise ValueError(f"unknown splits {bad}; use {', '.join(sf.SPLITS)}")
+        if self.shard_size <= 0:
+            raise ValueError("--shard-size must be positive")
+
+
+def registry_for(cfg: BuildConfig) -> Registry:
+    return load_user_modalities(cfg.modalities_yaml) if cfg.modalities_yaml else REGISTRY
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclass
+class ChipJob:
+    key: str
+    region: str
+    split: str
+    chip: Chip | None
+    files: dict[str, hub.FileRef]
+
+
+@dataclass
+class ShardJob:
+    path: str
+    region: str
+    split: str
+    number: int
+    chips: list[ChipJob]
+
+
+@dataclass
+class Plan:
+    shards: list[ShardJob]
+    modalities: list[Modality]
+    regions: list[str]
+    folders: dict[str, dict[str, str]]
+    discrepancies: hub.Discrepancies
+    invalid: dict[str, str]
+
+    def summary(self, cfg: BuildConfig) -> dict[str, Any]:
+        return {
+            "format_version": sf.FORMAT_VERSION,
+            "args": cfg.content_args(),
+            "modalities": [m.name for m in self.modalities],
+            "modality_entries": {m.name: m.to_json() for m in self.modalities},
+            "regions": self.regions,
+            "folders": self.folders,
+            "shards": [{"path": s.path, "region": s.region, "split": s.split, "keys": [c.key for c in s.chips]}
+                       for s in self.shards],
+            "discrepancies": self.discrepancies.to_json(),
+            "invalid": dict(sorted(self.invalid.items())),
+        }
+
+
+def sample_size(modalities: Mapping[str, Modality], present: Sequence[str]) -> int:
+    """Exact uncompressed tar bytes of a sample with these members (json bounded by an allowance)."""
+    size = predicted_member_size(JSON_ALLOWANCE)
+    for name in present:
+        m = modalities[name]
+        size += predicted_member_size(sf.npy_header_size(m.shape, m.np_dtype) + m.nbytes)
+    return size
+
+
+def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
+    """Catalogue the source and pack chips into shards."""
+    registry = registry or registry_for(cfg)
+    wanted = registry.select(cfg.modalities)
+    fs, src = get_fs(cfg.src, cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options)
+    regions = hub.discover_regions(fs, src, cfg.regions)
+    disc = hub.Discrepancies()
+    invalid: dict[str, str] = {}
+    shards: list[ShardJob] = []
+    folders: dict[str, dict[str, str]] = {}
+    used: set[str] = set()
+    for rsrc in regions:
+        cat = hub.catalog_region(fs, rsrc, registry, wanted, cfg.year, cfg.folders)
+        disc.merge(cat.discrepancies)
+        folders[rsrc.aoi] = cat.folders
+        for ident, reason in cat.invalid.items():
+            invalid[f"{rsrc.aoi}/{ident}"] = reason
+        by_split: dict[str, list[ChipJob]] = {s: [] for s in cfg.splits}
+        for ident in sorted(cat.splits):
+            split = cat.splits[ident]
+            if split not in by_split:
+                continue
+            files = {name: fmap[ident] for name, fmap in cat.files.items() if ident in fmap}
+            if not files:
+                continue
+            try:
+                sf.check_key(ident)
+            except sf.FormatError as e:
+                invalid[f"{rsrc.aoi}/{ident}"] = str(e)
+                continue
+            used.update(files)
+            by_split[split].append(ChipJob(ident, rsrc.aoi, split, cat.chips.get(ident), files))
+        mods = {m.name: m for m in wanted}
+        for split in cfg.splits:
+            number, current, size = 0, [], 0
+            for job in by_split[split]:
+                s = sample_size(mods, list(job.files))
+                if current and size + s > cfg.shard_size:
+                    shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, current))
+                    number, current, size = number + 1, [], 0
+                current.append(job)
+                size += s
+            if current:
+                shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, current))
+    modalities = [m for m in wanted if m.name in used]
+    return Plan(shards, modalities, [r.aoi for r in regions], folders, disc, invalid)
+
+
+# ------------------------------------------------------------------ one shard (runs in a worker process)
+
+
+@dataclass
+class ShardTask:
+    shard: ShardJob
+    out: str
+    out_options: dict[str, Any]
+    src: str
+    src_options: dict[str, Any]
+    modalities: list[Modality]
+    compress: str
+    on_error: str
+    year: int | None
+    gunw_pair_rule: str
+
+
+def _record_path(root: str, shard_path: str) -> str:
+    return join(root, BUILD_DIR, "shards", shard_path[: -len(".tar")] + ".json")
+
+
+def _source_name(ref: hub.FileRef, src_root: str) -> str:
+    rel = ref.path[len(src_root):].lstrip("/") if ref.path.startswith(src_root) else ref.path
+    return f"{rel}#rowgroup={ref.row_group},row={ref.row}" if ref.in_parquet else rel
+
+
+def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], parquet: bool, depth: int = 4):
+    """Yield (chip, {modality: bytes or exception}); plain files are read ahead by a few threads."""
+    def read_all(job: ChipJob) -> dict[str, bytes | BaseException]:
+        out: dict[str, bytes | BaseException] = {}
+        for name, ref in job.files.items():
+            try:
+                out[name] = reader.read(ref)
+            except Exception as e:  # noqa: BLE001 - reported per member by the caller
+                out[name] = e
+        return out
+
+    if parquet:
+        for job in chips:
+            yield job, read_all(job)
+        return
+    with ThreadPoolExecutor(depth) as pool:
+        pending: deque = deque()
+        it = iter(chips)
+        for job in it:
+            pending.append((job, pool.submit(read_all, job)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            job, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read_all, nxt)))
+            yield job, fut.result()
+
+
+def prepare_array(m: Modality, dec_array: np.ndarray, where: str, chip: str) -> tuple[np.ndarray, str | None]:
+    """Cast to the registry dtype (only when lossless) and resample onto the canonical grid."""
+    if dec_array.dtype != m.np_dtype:
+        if not np.can_cast(dec_array.dtype, m.np_dtype, "safe"):
+            raise ChipDataError(where, chip, f"dtype {dec_array.dtype} cannot be stored as {m.dtype} "
+                                             f"(modality {m.name}) without loss")
+        dec_array = dec_array.astype(m.np_dtype)
+    method = None
+    if dec_array.shape[1:] != m.shape[1:]:
+        method = "nearest" if (m.is_categorical or m.special_values) else "bilinear"
+        dec_array = resample(dec_array, m.shape[1:], m.is_categorical or bool(m.special_values), m.nodata, method)
+    if m.is_nodata(dec_array).all():
+        raise ChipDataError(where, chip, "all pixels are nodata")
+    return dec_array, method
+
+
+def build_shard(task: ShardTask) -> dict[str, Any]:
+    """Build, publish and record one shard. Raises :class:`BuildError` on invalid data with ``on_error=fail``."""
+    shard = task.shard
+    out_fs, out_root = get_fs(task.out, task.out_options)
+    src_fs, src_root = get_fs(task.src, task.src_options)
+    reader = hub.SourceReader(src_fs)
+    mods = {m.name: m for m in task.modalities}
+    stats = StatsSet(task.modalities) if shard.split == "train" else None
+    rows: dict[str, list[Any]] = {c: [] for c in sf.BASE_INDEX_COLUMNS}
+    for m in task.modalities:
+        rows[sf.offset_column(m.name)] = []
+        rows[sf.nbytes_column(m.name)] = []
+    errors: list[str] = []
+    skipped_chips = skipped_members = 0
+    dest = join(out_root, shard.path)
+    if is_local(out_fs):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp_path = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
+    else:
+        fd, tmp_path = tempfile.mkstemp(suffix=".tar", prefix="m3leo-shard-")
+        os.close(fd)
+    parquet = any(r.in_parquet for c in shard.chips for r in c.files.values())
+    try:
+        with open(tmp_path, "wb") as f:
+            writer = ShardWriter(f, task.compress)
+            for job, contents in _prefetch(reader, shard.chips, parquet):
+                arrays: dict[str, np.ndarray] = {}
+                info: dict[str, Any] = {}
+                bounds = job.chip.bounds if job.chip else None
+                for name in mods:
+                    if name not in job.files:
+                        continue
+                    ref = job.files[name]
+                    where = _source_name(ref, src_root)
+                    try:
+                        data = contents[name]
+                        if isinstance(data, BaseException):
+                            raise ChipDataError(where, job.key, f"unreadable: {data}")
+                        dec = decode_chip_file(mods[name], data, where, job.key,
+                                               {"year": task.year, "pair_rule": task.gunw_pair_rule})
+                        array, method = prepare_array(mods[name], dec.array, where, job.key)
+                    except ChipDataError as e:
+                        if task.on_error == "fail":
+                            raise BuildError(str(e)) from e
+                        skipped_members += 1
+                        if len(errors) < ERROR_EXAMPLES:
+                            errors.append(str(e))
+                        continue
+                    arrays[name] = array
+                    if bounds is None and dec.bounds is not None and (dec.crs or "").upper() == "EPSG:4326":
+                        bounds = tuple(float(x) for x in dec.bounds)
+                    info[name] = {
+                        "source": where, "folder": ref.folder, "original_shape": list(dec.array.shape),
+                        "source_dtype": dec.array.dtype.name, "resampling": method, "selection": dec.selection,
+                    }
+                if not arrays:
+                    skipped_chips += 1
+                    if len(errors) < ERROR_EXAMPLES:
+                        errors.append(f"chip {job.key} ({job.region}/{job.split}): no readable member, left out")
+                    continue
+                lon = (bounds[0] + bounds[2]) / 2 if bounds else None
+                lat = (bounds[1] + bounds[3]) / 2 if bounds else None
+                if job.chip:
+                    lon, lat = job.chip.lon, job.chip.lat
+                meta = {
+                    "key": job.key, "region": job.region, "split": job.split, "lon": lon, "lat": lat,
+                    "bounds": list(bounds) if bounds else None, "crs": "EPSG:4326", "modalities": info,
+                }
+                ranges = writer.add_sample(job.key, meta, arrays)
+                for col, val in (("key", job.key), ("region", job.region), ("split", job.split),
+                                 ("shard", shard.path), ("lon", lon), ("lat", lat)):
+                    rows[col].append(val)
+                for m in task.modalities:
+                    rows[sf.offset_column(m.name)].append(ranges.get(sf.offset_column(m.name)))
+                    rows[sf.nbytes_column(m.name)].append(ranges.get(sf.nbytes_column(m.name)))
+                if stats is not None:
+                    for name, array in arrays.items():
+                        stats.add(job.region, name, array)
+            nbytes, sha = writer.close()
+        put_atomic(out_fs, tmp_path, dest)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    record = {
+        "path": shard.path, "region": shard.region, "split": shard.split, "bytes": nbytes, "sha256": sha,
+        "num_samples": writer.samples, "rows": rows, "stats": stats.state(shard.region) if stats else None,
+        "errors": errors, "skipped_chips": skipped_chips, "skipped_members": skipped_members,
+    }
+    pipe_atomic(out_fs, _record_path(out_root, shard.path), json.dumps(record, allow_nan=False).encode())
+    return {k: record[k] for k in ("path", "bytes", "num_samples", "skipped_chips", "skipped_members", "errors")}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _clean_partials(fs, root: str, shards: Sequence[ShardJob]) -> None:
+    """Remove temporary files a killed build left beside its shards (local roots only)."""
+    if not is_local(fs):
+        return
+    for d in sorted({os.path.dirname(join(root, s.path)) for s in shards}):
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if ".partial-" in name:
+                    os.remove(os.path.join(d, name))
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build this task's share of the shards; with one task, finalize too. Returns the summary."""
+    cfg.check()
+    registry = registry_for(cfg)
+    plan = make_plan(cfg, registry)
+    if plan.invalid and cfg.on_error == "fail":
+        examples = "; ".join(list(plan.invalid.values())[:5])
+        raise BuildError(f"{len(plan.invalid)} invalid split rows (nothing was written): {examples}")
+    out_fs, out_root = get_fs(cfg.out, cfg.storage_options)
+    summary_plan = plan.summary(cfg)
+    plan_path = join(out_root, PLAN)
+    if out_fs.exists(plan_path):
+        with out_fs.open(plan_path, "rb") as f:
+            existing = json.load(f)
+        if existing != json.loads(json.dumps(summary_plan)):
+            raise BuildError(f"{cfg.out} holds a build with other arguments or other source chips "
+                             f"({PLAN} differs); use a new output location")
+    else:
+        pipe_atomic(out_fs, plan_path, json.dumps(summary_plan, sort_keys=True).encode())
+    mine = [s for i, s in enumerate(plan.shards) if i % cfg.num_tasks == cfg.task_index]
+    _clean_partials(out_fs, out_root, mine)
+    todo = [s for s in mine if not out_fs.exists(_record_path(out_root, s.path))]
+    src_opts = cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options
+    tasks = [ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, plan.modalities, cfg.compress,
+                       cfg.on_error, cfg.year, cfg.gunw_pair_rule) for s in todo]
+    log.info("plan: %d shards in all, %d for task %d/%d, %d already published, %d to build",
+             len(plan.shards), len(mine), cfg.task_index, cfg.num_tasks, len(mine) - len(todo), len(todo))
+    totals: Counter = Counter()
+    errors: list[str] = []
+    bar = tqdm(total=sum(len(s.chips) for s in todo), unit="chip", desc="build", disable=not cfg.progress)
+    try:
+        for result in _run(tasks, cfg.workers):
+            totals["shards"] += 1
+            totals["chips"] += result["num_samples"]
+            totals["bytes"] += result["bytes"]
+            totals["skipped_chips"] += result["skipped_chips"]
+            totals["skipped_members"] += result["skipped_members"]
+            errors += result["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
+            bar.update(len(next(s.chips for s in todo if s.path == result["path"])))
+    finally:
+        bar.close()
+    summary: dict[str, Any] = {
+        "task": f"{cfg.task_index}/{cfg.num_tasks}",
+        "shards_built": totals["shards"], "shards_already_published": len(mine) - len(todo),
+        "chips": totals["chips"], "bytes": totals["bytes"],
+        "skipped_chips": totals["skipped_chips"] + len(plan.invalid), "skipped_members": totals["skipped_members"],
+        "errors": errors + list(plan.invalid.values())[:ERROR_EXAMPLES],
+        "discrepancies": plan.discrepancies.to_json(),
+    }
+    if cfg.num_tasks == 1:
+        summary["finalized"] = finalize(cfg.out, cfg.storage_options, source=cfg.src)
+    return summary
+
+
+def _run(tasks: list[ShardTask], workers: int):
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield build_shard(t)
+        return
+    # spawn, not fork: object-store clients hold event loops and sockets that must not cross a fork
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+        pending = set()
+        it = iter(tasks)
+        for t in it:
+            pending.add(pool.submit(build_shard, t))
+            if len(pending) >= workers * 2:
+                break
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    result = fut.result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(build_shard, nxt))
+                    yield result
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+# ------------------------------------------------------------------ finalize
+
+
+def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
+    """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3leo_stream import __version__
+
+    fs, root = get_fs(out, storage_options)
+    plan_path = join(root, PLAN)
+    if not fs.exists(plan_path):
+        raise BuildError(f"{out}: no {PLAN}; run 'm3leo-shards build' first")
+    with fs.open(plan_path, "rb") as f:
+        plan = json.load(f)
+    records = []
+    missing = []
+    for s in plan["shards"]:
+        rp = _record_path(root, s["path"])
+        if not fs.exists(rp):
+            missing.append(s["path"])
+            continue
+        with fs.open(rp, "rb") as f:
+            records.append(json.load(f))
+    if missing:
+        raise BuildError(f"{len(missing)} of {len(plan['shards'])} shards are not built yet "
+                         f"(e.g. {', '.join(missing[:3])}); run the remaining build tasks, then finalize")
+    modalities = [Modality.from_json(plan["modality_entries"][n]) for n in plan["modalities"]]
+    columns: dict[str, list[Any]] = {}
+    for r in records:
+        for col, vals in r["rows"].items():
+            columns.setdefault(col, []).extend(vals)
+    schema = [pa.field("key", pa.string()), pa.field("region", pa.string()), pa.field("split", pa.string()),
+              pa.field("shard", pa.string()), pa.field("lon", pa.float64()), pa.field("lat", pa.float64())]
+    for m in modalities:
+        schema += [pa.field(sf.offset_column(m.name), pa.int64()), pa.field(sf.nbytes_column(m.name), pa.int64())]
+    table = pa.table({f.name: pa.array(columns.get(f.name, []), f.type) for f in schema}, schema=pa.schema(schema))
+    keys = table.column("key").to_pylist()
+    dup = [k for k, n in Counter(zip(table.column("region").to_pylist(), keys)).items() if n > 1]
+    if dup:
+        raise BuildError(f"duplicate identifiers across shards: {dup[:5]}")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=65536)
+    pipe_atomic(fs, join(root, sf.INDEX), sink.getvalue().to_pybytes())
+    stats = StatsSet(modalities)
+    for r in records:
+        if r["stats"]:
+            stats.merge_state(r["region"], r["stats"])
+    pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
+    errors: list[str] = []
+    counts: Counter = Counter()
+    per_split: dict[str, Counter] = {}
+    for r in records:
+        errors += r["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
+        counts["skipped_chips"] += r["skipped_chips"]
+        counts["skipped_members"] += r["skipped_members"]
+        per_split.setdefault(r["region"], Counter())[r["split"]] += r["num_samples"]
+    members = {m.name: table.num_rows - table.column(sf.offset_column(m.name)).null_count for m in modalities}
+    manifest = {
+        "format_version": sf.FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "builder": {"tool": "m3leo-shards", "version": __version__, "args": plan["args"]},
+        "regions": plan["regions"],
+        "splits": {r: dict(c) for r, c in sorted(per_split.items())},
+        "num_samples": table.num_rows,
+        "members": members,
+        "compression": plan["args"]["compress"],
+        "modalities": {m.name: m.to_json() for m in modalities},
+        "source_folders": plan["folders"],
+        "shards": [{"path": r["path"], "region": r["region"], "split": r["split"], "num_samples": r["num_samples"],
+                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
+        "discrepancies": plan["discrepancies"],
+        "skipped": {"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
+                    "examples": (list(plan["invalid"].values()) + errors)[:ERROR_EXAMPLES]},
+    }
+    pipe_atomic(fs, join(root, sf.MANIFEST), json.dumps(manifest, indent=1, allow_nan=False).encode())
+    log.info("finalized %s: %d samples in %d shards", out, table.num_rows, len(records))
+    return {"samples": table.num_rows, "shards": len(records), "index": join(out, sf.INDEX)}
+

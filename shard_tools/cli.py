@@ -1,0 +1,202 @@
+"""The ``m3leo-shards`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from m3leo_stream.storage import parse_storage_options
+
+log = logging.getLogger("m3leo-shards")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    if text is None or text == "":
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _folders(values: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for v in values or ():
+        if "=" not in v:
+            raise SystemExit(f"--folder expects MODALITY=FOLDER, got {v!r}")
+        k, f = v.split("=", 1)
+        out[k.strip()] = f.strip()
+    return out
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from shard_tools.synth import FOLDERS, SynthConfig, synth
+
+    cfg = SynthConfig(
+        out=a.out, regions=tuple(_csv(a.regions) or ()), chips_per_region=a.chips_per_region, seed=a.seed,
+        modalities=tuple(_csv(a.modalities) or FOLDERS), parquet=a.parquet,
+        storage_options=parse_storage_options(a.storage_options),
+    )
+    files = synth(cfg, workers=a.workers, progress=not a.quiet)
+    _print_json({"out": a.out, "layout": "parquet" if a.parquet else "files", "files_per_region": files})
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from shard_tools.build import BuildConfig, BuildError, build, parse_size
+
+    cfg = BuildConfig(
+        src=a.src, out=a.out, regions=_csv(a.regions), modalities=_csv(a.modalities),
+        splits=_csv(a.splits) or ["train", "val", "test"], shard_size=parse_size(a.shard_size), compress=a.compress,
+        workers=a.workers, task_index=a.task_index, num_tasks=a.num_tasks, on_error=a.on_error,
+        year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, modalities_yaml=a.modalities_yaml,
+        storage_options=parse_storage_options(a.storage_options),
+        src_storage_options=parse_storage_options(a.src_storage_options) if a.src_storage_options else None,
+        progress=not a.quiet,
+    )
+    try:
+        summary = build(cfg)
+    except BuildError as e:
+        log.error("build failed: %s", e)
+        return 1
+    _print_json(summary)
+    return 0
+
+
+def cmd_finalize(a: argparse.Namespace) -> int:
+    from shard_tools.build import BuildError, finalize
+
+    try:
+        _print_json(finalize(a.out, parse_storage_options(a.storage_options), source=a.source))
+    except BuildError as e:
+        log.error("finalize failed: %s", e)
+        return 1
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from shard_tools.verify import verify
+
+    problems, summary = verify(a.out, parse_storage_options(a.storage_options), workers=a.workers,
+                               progress=not a.quiet)
+    for p in problems:
+        sys.stdout.write(f"PROBLEM: {p}\n")
+    _print_json(summary)
+    return 1 if problems else 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from shard_tools.inspect import inspect_key, inspect_root
+
+    so = parse_storage_options(a.storage_options)
+    _print_json(inspect_key(a.out, a.key, so) if a.key else inspect_root(a.out, so))
+    return 0
+
+
+def cmd_card(a: argparse.Namespace) -> int:
+    from shard_tools.card import write_card
+
+    path = write_card(a.out, parse_storage_options(a.storage_options))
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    from shard_tools.verify import recompute_stats
+
+    path = recompute_stats(a.out, parse_storage_options(a.storage_options), progress=not a.quiet)
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m3leo-shards", description="Repack M3LEO chips into region-grouped tar shards.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def storage(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'; "
+                             "by default S3 settings come from the AWS_* environment variables")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("synth", help="generate M3LEO-layout data (hub folders or the parquet release)")
+    s.add_argument("out")
+    s.add_argument("--regions", default="conus,europe")
+    s.add_argument("--chips-per-region", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modalities", default=None, help="comma-separated subset (default: all nine)")
+    s.add_argument("--parquet", action="store_true", help="write the parquet-packed release instead of files")
+    s.add_argument("--workers", type=int, default=1)
+    storage(s)
+    s.set_defaults(func=cmd_synth)
+
+    b = sub.add_parser("build", help="build shards from a hub-layout source")
+    b.add_argument("src", help="local directory or fsspec URL holding one or more regions")
+    b.add_argument("out", help="local directory or fsspec URL (s3://bucket/prefix)")
+    b.add_argument("--regions", default=None)
+    b.add_argument("--modalities", default=None)
+    b.add_argument("--splits", default=None)
+    b.add_argument("--shard-size", default="1GB")
+    b.add_argument("--compress", choices=["none", "zstd"], default="none")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0))
+    b.add_argument("--num-tasks", type=int, default=1)
+    b.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    b.add_argument("--year", type=int, default=2020, help="year of year-bearing folders (s1grd-YYYY, ...)")
+    b.add_argument("--folder", action="append", metavar="MODALITY=FOLDER",
+                   help="read a modality from this data folder (e.g. gunw=gunw_2020-04-01_2020-06-30)")
+    b.add_argument("--gunw-pair-rule", default="longest", help="GUNW date pair: longest, shortest or days=N")
+    b.add_argument("--modalities-yaml", default=None, help="YAML file declaring extra or overriding modalities")
+    b.add_argument("--src-storage-options", default=None, help="JSON fsspec options for SRC (default: as OUT)")
+    storage(b)
+    b.set_defaults(func=cmd_build)
+
+    f = sub.add_parser("finalize", help="merge the shares of an array-job build")
+    f.add_argument("out")
+    f.add_argument("--source", default=None, help="source URL to record in the manifest")
+    storage(f)
+    f.set_defaults(func=cmd_finalize)
+
+    v = sub.add_parser("verify", help="check checksums, index ranges and counts")
+    v.add_argument("out")
+    v.add_argument("--workers", type=int, default=4)
+    storage(v)
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="summary per region/split/modality, or one chip's members")
+    i.add_argument("out")
+    i.add_argument("--key", default=None)
+    storage(i)
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("card", help="write a dataset card (README.md) at OUT")
+    c.add_argument("out")
+    storage(c)
+    c.set_defaults(func=cmd_card)
+
+    st = sub.add_parser("stats", help="recompute stats.json from the shards")
+    st.add_argument("out")
+    storage(st)
+    st.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

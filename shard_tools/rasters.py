@@ -1,0 +1,300 @@
+"""Encoding and decoding of the upstream chip files (GeoTIFF and NetCDF) in memory, and resampling onto the
+canonical grid of a modality. Shared by ``synth``, ``build`` and ``ingest-raster``."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from m3leo_stream.modalities import Modality
+
+
+class ChipDataError(ValueError):
+    """Invalid data in one chip file: names the file, the chip and what was wrong."""
+
+    def __init__(self, where: str, chip: str, what: str):
+        super().__init__(f"{where} (chip {chip}): {what}")
+        self.where, self.chip, self.what = where, chip, what
+
+
+# ---------------------------------------------------------------- encoding (synth, ingest)
+
+
+def geotiff_bytes(
+    array: np.ndarray,
+    bounds: tuple[float, float, float, float],
+    crs: str = "EPSG:4326",
+    nodata: float | int | None = None,
+    descriptions: Sequence[str] | None = None,
+    compress: str | None = None,
+) -> bytes:
+    """A real GeoTIFF of a (C,H,W) array covering ``bounds`` in ``crs``."""
+    import rasterio
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_bounds
+
+    c, h, w = array.shape
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": w, "height": h, "count": c, "dtype": array.dtype.name, "crs": crs,
+        "transform": from_bounds(*bounds, w, h),
+    }
+    if nodata is not None:
+        profile["nodata"] = nodata
+    if compress:
+        profile["compress"] = compress
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), MemoryFile() as mem:
+        with mem.open(**profile) as dst:
+            dst.write(array)
+            for i, d in enumerate(descriptions or ()):
+                dst.set_band_description(i + 1, d)
+        return bytes(mem.getbuffer())
+
+
+def netcdf_bytes(build) -> bytes:
+    """Bytes of an in-memory NetCDF4 file filled by ``build(dataset)``."""
+    import netCDF4
+
+    ds = netCDF4.Dataset("inmemory.nc", mode="w", memory=1024, format="NETCDF4")
+    try:
+        build(ds)
+    except BaseException:
+        ds.close()
+        raise
+    return bytes(ds.close())
+
+
+# ---------------------------------------------------------------- decoding (build)
+
+
+@dataclass
+class Decoded:
+    """A chip file decoded to the modality's band order, before resampling."""
+
+    array: np.ndarray  # (C, H, W) in the source dtype
+    bounds: tuple[float, float, float, float] | None = None
+    crs: str | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_chip_file(
+    modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any] | None = None
+) -> Decoded:
+    """Decode one upstream file (bytes of a .tif or .nc) into the modality's bands, checking band count."""
+    options = options or {}
+    try:
+        if modality.file_ext == "tif":
+            return _decode_tif(modality, data, where, chip, options)
+        return _decode_nc(modality, data, where, chip, options)
+    except ChipDataError:
+        raise
+    except Exception as e:  # rasterio / netCDF4 errors on truncated or corrupt files
+        raise ChipDataError(where, chip, f"unreadable {modality.file_ext} file: {e}") from e
+
+
+def _decode_tif(modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    with rasterio.Env(), MemoryFile(data) as mem, mem.open() as src:
+        descriptions = list(src.descriptions)
+        selection: dict[str, Any] = {}
+        if modality.band_select_pattern:
+            idx, selection = _select_bands_by_description(modality, descriptions, where, chip, options)
+            array = src.read([i + 1 for i in idx])
+        else:
+            if src.count != len(modality.bands):
+                raise ChipDataError(
+                    where, chip, f"{src.count} bands, but modality {modality.name} has {len(modality.bands)}")
+            if modality.file_band_names and all(descriptions):
+                expected = [_norm(b) for b in modality.file_band_names]
+                got = [_norm(d) for d in descriptions]
+                if got != expected:
+                    raise ChipDataError(where, chip, f"band descriptions {descriptions} differ from the expected "
+                                                     f"order {list(modality.file_band_names)}")
+            array = src.read()
+        b = src.bounds
+        return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection)
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def _select_bands_by_description(
+    modality: Modality, descriptions: list[str | None], where: str, chip: str, options: Mapping[str, Any]
+) -> tuple[list[int], dict[str, Any]]:
+    found: dict[str, int] = {}
+    for i, d in enumerate(descriptions):
+        m = re.fullmatch(modality.band_select_pattern or "", d or "")
+        if m:
+            found[m.group("year")] = i
+    if not found:
+        raise ChipDataError(where, chip, f"no band description matches {modality.band_select_pattern!r} "
+                                         f"(descriptions: {descriptions})")
+    year = str(options.get("year") or "")
+    if year not in found:
+        if options.get("year"):
+            raise ChipDataError(where, chip, f"no band for year {year}; available: {sorted(found)}")
+        year = max(found)
+    return [found[year]], {"band": descriptions[found[year]], "year": int(year)}
+
+
+def _decode_nc(modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+    import netCDF4
+
+    with netCDF4.Dataset("chip.nc", memory=data) as ds:
+        grp = ds[modality.nc_group] if modality.nc_group else ds
+        selection: dict[str, Any] = {}
+        select_index = None
+        if modality.nc_select_dim:
+            select_index, selection = _select_nc_index(grp, modality, where, chip, options)
+        layers = []
+        for var in modality.nc_variables:
+            if var.name not in grp.variables:
+                raise ChipDataError(where, chip, f"variable {var.name!r} missing (has {sorted(grp.variables)})")
+            v = grp.variables[var.name]
+            v.set_auto_mask(False)
+            dims = list(v.dimensions)
+            arr = np.asarray(v[:])
+            fill = getattr(v, "_FillValue", None)
+            if modality.nc_select_dim:
+                if modality.nc_select_dim not in dims:
+                    raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {modality.nc_select_dim}")
+                arr = np.take(arr, select_index, axis=dims.index(modality.nc_select_dim))
+                dims.remove(modality.nc_select_dim)
+            for dim, values in var.dims:
+                if dim not in dims:
+                    raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {dim!r}")
+                coord = _coord_values(grp, dim, arr.shape[dims.index(dim)])
+                try:
+                    pos = [coord.index(str(x)) for x in values]
+                except ValueError:
+                    raise ChipDataError(where, chip, f"{var.name}: dimension {dim} has {coord}, "
+                                                     f"expected {list(values)}") from None
+                arr = np.take(arr, pos, axis=dims.index(dim))
+                # move the selected dim to the front of the remaining band dims, keeping registry order
+                axis = dims.index(dim)
+                arr = np.moveaxis(arr, axis, len([d for d in dims[:axis] if d in _band_dims(var)]))
+            spatial = [d for d in dims if d not in _band_dims(var)]
+            extra = [d for d in spatial[:-2] if arr.shape[dims.index(d)] == 1] if len(spatial) > 2 else []
+            if len(spatial) - len(extra) != 2:
+                raise ChipDataError(where, chip, f"variable {var.name!r} has dimensions {v.dimensions}; "
+                                                 "expected two spatial dimensions")
+            arr = arr.reshape((-1, *arr.shape[-2:]))
+            if fill is not None and arr.dtype.kind == "f":
+                arr = np.where(arr == fill, np.nan, arr)
+            layers.append(arr)
+        shapes = {a.shape[1:] for a in layers}
+        if len(shapes) != 1:
+            raise ChipDataError(where, chip, f"variables have different grids {sorted(shapes)}")
+        array = np.concatenate(layers, axis=0)
+        if array.shape[0] != len(modality.bands):
+            raise ChipDataError(where, chip, f"{array.shape[0]} layers, but modality {modality.name} has "
+                                             f"{len(modality.bands)} bands")
+        bounds = _nc_bounds(grp if "x" in grp.variables or "lon" in grp.variables else ds)
+        return Decoded(array, bounds, "EPSG:4326" if bounds else None, selection)
+
+
+def _band_dims(var) -> set[str]:
+    return {d for d, _ in var.dims}
+
+
+def _coord_values(grp, dim: str, n: int) -> list[str]:
+    if dim in grp.variables:
+        vals = grp.variables[dim][:]
+        return [str(v.decode() if isinstance(v, bytes) else v) for v in np.asarray(vals).tolist()]
+    return [str(i) for i in range(n)]
+
+
+def _nc_bounds(grp) -> tuple[float, float, float, float] | None:
+    for xn, yn in (("x", "y"), ("lon", "lat"), ("longitude", "latitude")):
+        if xn in grp.variables and yn in grp.variables:
+            x = np.asarray(grp.variables[xn][:], dtype=float)
+            y = np.asarray(grp.variables[yn][:], dtype=float)
+            if x.size < 2 or y.size < 2:
+                return None
+            dx, dy = abs(x[1] - x[0]), abs(y[1] - y[0])
+            return (x.min() - dx / 2, y.min() - dy / 2, x.max() + dx / 2, y.max() + dy / 2)
+    return None
+
+
+def _select_nc_index(grp, modality: Modality, where: str, chip: str, options: Mapping[str, Any]):
+    """Choose one GUNW date pair. ``datepair`` values are 'END_START' (YYYYMMDD, end date first)."""
+    dim = modality.nc_select_dim
+    values = _coord_values(grp, dim, len(grp.dimensions[dim]) if dim in grp.dimensions else 0)
+    if not values:
+        raise ChipDataError(where, chip, f"no {dim} values")
+    rule = options.get("pair_rule", "longest")
+    spans = []
+    for v in values:
+        m = re.fullmatch(r"(\d{8})_(\d{8})", v)
+        if not m:
+            raise ChipDataError(where, chip, f"{dim} value {v!r} is not YYYYMMDD_YYYYMMDD")
+        end, start = (np.datetime64(f"{s[:4]}-{s[4:6]}-{s[6:]}") for s in m.groups())
+        spans.append(int((end - start).astype(int)))
+    if rule == "longest":
+        i = max(range(len(values)), key=lambda k: (spans[k], values[k]))
+    elif rule == "shortest":
+        i = min(range(len(values)), key=lambda k: (spans[k], values[k]))
+    elif rule.startswith("days="):
+        target = int(rule.split("=", 1)[1])
+        i = min(range(len(values)), key=lambda k: (abs(spans[k] - target), values[k]))
+    else:
+        raise ValueError(f"unknown GUNW pair rule {rule!r} (longest, shortest, days=N)")
+    return i, {dim: values[i], "baseline_days": spans[i], "pair_rule": rule}
+
+
+# ---------------------------------------------------------------- resampling
+
+
+def resample(
+    array: np.ndarray,
+    shape: tuple[int, int],
+    categorical: bool,
+    nodata: float | int | None,
+    method: str | None = None,
+) -> np.ndarray:
+    """Resample a (C,H,W) array covering a chip onto ``shape`` (same extent), keeping its dtype.
+
+    Categorical layers use nearest (or ``mode``), continuous layers bilinear (or ``average``); nodata pixels never
+    leak into valid ones, and integer outputs are rounded back to the source dtype.
+    """
+    from rasterio.transform import from_bounds
+    from rasterio.warp import Resampling, reproject
+
+    c, h, w = array.shape
+    if (h, w) == tuple(shape):
+        return array
+    method = method or ("nearest" if categorical else "bilinear")
+    work_dtype = array.dtype if categorical or array.dtype.kind == "f" else np.float32
+    src = array.astype(work_dtype, copy=False)
+    src_nodata = _nodata_for(array.dtype, nodata)
+    dst = np.empty((c, *shape), dtype=work_dtype)
+    dst_nodata = src_nodata if src_nodata is not None else (np.nan if work_dtype.kind == "f" else None)
+    if dst_nodata is not None:
+        dst.fill(dst_nodata)
+    reproject(
+        src, dst,
+        src_transform=from_bounds(0, 0, 1, 1, w, h), dst_transform=from_bounds(0, 0, 1, 1, shape[1], shape[0]),
+        src_crs="EPSG:4326", dst_crs="EPSG:4326",
+        src_nodata=src_nodata, dst_nodata=dst_nodata,
+        resampling=getattr(Resampling, method),
+    )
+    if dst.dtype != array.dtype:
+        info = np.iinfo(array.dtype)
+        filled = np.where(np.isnan(dst), nodata if nodata is not None else 0, np.rint(dst))
+        dst = np.clip(filled, info.min, info.max).astype(array.dtype)
+    return dst
+
+
+def _nodata_for(dtype: np.dtype, nodata: float | int | None) -> float | int | None:
+    if nodata is None:
+        return None
+    if isinstance(nodata, float) and math.isnan(nodata):
+        return np.nan if dtype.kind == "f" else None
+    return nodata

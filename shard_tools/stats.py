@@ -1,0 +1,259 @@
+"""Per-band statistics over valid pixels, mergeable across shards, workers and array-job tasks.
+
+8- and 16-bit integer bands keep an exact value histogram, from which count, mean, std, min, max and percentiles
+follow exactly. Float bands keep exact moments (count, mean, M2 merged with Chan's formula), exact min/max, and a
+histogram over the top 16 bits of the float32 bit pattern (sign, exponent, 7 mantissa bits): percentiles are exact
+to within 2**-7 relative (linear within a bucket). The result does not depend on the order of merging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from m3leo_stream.modalities import Modality
+
+PERCENTILES = (0.5, 1.0, 2.0, 98.0, 99.0, 99.5)
+
+
+def _pct_key(p: float) -> str:
+    return f"{p:g}"
+
+
+def _exact_int(dtype: np.dtype) -> bool:
+    return dtype.kind in "iu" and dtype.itemsize <= 2
+
+
+def _float_keys(values: np.ndarray) -> np.ndarray:
+    """Order-preserving 16-bit bucket keys of float32 values."""
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    neg = (bits >> 31).astype(bool)
+    ordered = np.where(neg, ~bits, bits | np.uint32(0x80000000))
+    return (ordered >> 16).astype(np.int64)
+
+
+def _bucket_edges(key: int) -> tuple[float, float]:
+    """Value range [lo, hi] of a float bucket key."""
+    def decode(ordered: int) -> float:
+        bits = ordered & 0xFFFFFFFF
+        raw = (bits & 0x7FFFFFFF) if bits & 0x80000000 else (~bits & 0xFFFFFFFF)
+        return float(np.array([raw], dtype=np.uint32).view(np.float32)[0])
+
+    a, b = decode(key << 16), decode((key << 16) | 0xFFFF)
+    return (min(a, b), max(a, b))
+
+
+class ModalityStats:
+    """Accumulates statistics of one modality over one scope (a region or everything)."""
+
+    def __init__(self, modality: Modality):
+        self.m = modality
+        self.dtype = modality.np_dtype
+        c = len(modality.bands)
+        self.exact = _exact_int(self.dtype)
+        self.offset = int(np.iinfo(self.dtype).min) if self.exact else 0
+        self.nbins = 2 ** (8 * self.dtype.itemsize) if self.exact else 65536
+        self.hist = np.zeros((c, self.nbins), dtype=np.int64)
+        self.total = np.zeros(c, dtype=np.int64)  # all pixels, valid or not
+        self.count = np.zeros(c, dtype=np.int64)
+        self.mean = np.zeros(c, dtype=np.float64)
+        self.m2 = np.zeros(c, dtype=np.float64)
+        self.vmin = np.full(c, np.inf)
+        self.vmax = np.full(c, -np.inf)
+        self.samples = 0
+
+    def _nodata_is_value(self) -> bool:
+        nd = self.m.nodata
+        return nd is not None and not (isinstance(nd, float) and math.isnan(nd))
+
+    def add(self, array: np.ndarray) -> None:
+        """Add one (C,H,W) array in the modality's dtype."""
+        c = array.shape[0]
+        flat = array.reshape(c, -1)
+        self.samples += 1
+        self.total += flat.shape[1]
+        if self.exact:
+            keys = flat.astype(np.int64) - self.offset
+            keys += (np.arange(c, dtype=np.int64) * self.nbins)[:, None]
+            self.hist += np.bincount(keys.ravel(), minlength=c * self.nbins).reshape(c, self.nbins)
+            return
+        for b in range(c):
+            v = flat[b]
+            valid = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(v.shape, bool)
+            if self._nodata_is_value():
+                valid &= v != self.m.nodata
+            v = v[valid]
+            n = v.size
+            if n == 0:
+                continue
+            v64 = v.astype(np.float64)
+            mean = float(v64.mean())
+            m2 = float(((v64 - mean) ** 2).sum())
+            self._merge_moments(b, n, mean, m2)
+            self.vmin[b] = min(self.vmin[b], float(v64.min()))
+            self.vmax[b] = max(self.vmax[b], float(v64.max()))
+            self.hist[b] += np.bincount(_float_keys(v), minlength=self.nbins)
+
+    def _merge_moments(self, b: int, n: int, mean: float, m2: float) -> None:
+        na = self.count[b]
+        if na == 0:
+            self.count[b], self.mean[b], self.m2[b] = n, mean, m2
+            return
+        tot = na + n
+        delta = mean - self.mean[b]
+        self.mean[b] += delta * n / tot
+        self.m2[b] += m2 + delta * delta * na * n / tot
+        self.count[b] = tot
+
+    def merge(self, other: ModalityStats) -> None:
+        self.samples += other.samples
+        self.total += other.total
+        self.hist += other.hist
+        if not self.exact:
+            for b in range(len(self.count)):
+                if other.count[b]:
+                    self._merge_moments(b, int(other.count[b]), float(other.mean[b]), float(other.m2[b]))
+            self.vmin = np.minimum(self.vmin, other.vmin)
+            self.vmax = np.maximum(self.vmax, other.vmax)
+
+    # -- serialisation of partial state (per-shard build records) --
+
+    def state(self) -> dict[str, Any]:
+        nz = [np.nonzero(h)[0] for h in self.hist]
+        return {
+            "samples": self.samples,
+            "total": self.total.tolist(),
+            "hist": [[idx.tolist(), self.hist[b, idx].tolist()] for b, idx in enumerate(nz)],
+            "count": self.count.tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist(),
+            "min": [x if math.isfinite(x) else None for x in self.vmin.tolist()],
+            "max": [x if math.isfinite(x) else None for x in self.vmax.tolist()],
+        }
+
+    @classmethod
+    def from_state(cls, modality: Modality, state: Mapping[str, Any]) -> ModalityStats:
+        s = cls(modality)
+        s.samples = int(state["samples"])
+        s.total = np.asarray(state["total"], dtype=np.int64)
+        for b, (idx, counts) in enumerate(state["hist"]):
+            s.hist[b, np.asarray(idx, dtype=np.int64)] = np.asarray(counts, dtype=np.int64)
+        s.count = np.asarray(state["count"], dtype=np.int64)
+        s.mean = np.asarray(state["mean"], dtype=np.float64)
+        s.m2 = np.asarray(state["m2"], dtype=np.float64)
+        s.vmin = np.asarray([np.inf if x is None else x for x in state["min"]], dtype=np.float64)
+        s.vmax = np.asarray([-np.inf if x is None else x for x in state["max"]], dtype=np.float64)
+        return s
+
+    # -- final statistics --
+
+    def summary(self) -> dict[str, Any]:
+        """The per-band statistics written to ``stats.json``."""
+        c = len(self.m.bands)
+        out: dict[str, Any] = {"num_samples": self.samples}
+        counts, means, stds, mins, maxs, nodata = [], [], [], [], [], []
+        pcts: dict[str, list[float | None]] = {_pct_key(p): [] for p in PERCENTILES}
+        hist = self.hist.copy()
+        if self.exact and self._nodata_is_value():
+            hist[:, int(self.m.nodata) - self.offset] = 0  # type: ignore[arg-type]
+        for b in range(c):
+            if self.exact:
+                n, mean, std, lo, hi = self._int_moments(hist[b])
+            else:
+                n = int(self.count[b])
+                mean = float(self.mean[b]) if n else None
+                std = math.sqrt(self.m2[b] / n) if n else None
+                lo = float(self.vmin[b]) if n else None
+                hi = float(self.vmax[b]) if n else None
+            counts.append(n)
+            means.append(mean)
+            stds.append(std)
+            mins.append(lo)
+            maxs.append(hi)
+            nodata.append(float(1 - n / self.total[b]) if self.total[b] else None)
+            for p in PERCENTILES:
+                pcts[_pct_key(p)].append(self._percentile(hist[b], n, p, lo, hi))
+        out.update(count=counts, mean=means, std=stds, min=mins, max=maxs, percentiles=pcts, nodata_fraction=nodata)
+        if self.m.is_categorical:
+            total = hist.sum(axis=0)
+            out["class_histogram"] = {
+                str(k + self.offset): int(total[k]) for k in np.nonzero(total)[0]
+            }
+        return out
+
+    def _int_moments(self, h: np.ndarray):
+        n = int(h.sum())
+        if n == 0:
+            return 0, None, None, None, None
+        nz = np.nonzero(h)[0]
+        vals = (nz + self.offset).astype(np.float64)
+        w = h[nz].astype(np.float64)
+        mean = float((vals * w).sum() / n)
+        var = float((w * (vals - mean) ** 2).sum() / n)
+        return n, mean, math.sqrt(var), float(vals[0]), float(vals[-1])
+
+    def _percentile(self, h: np.ndarray, n: int, p: float, lo: float | None, hi: float | None) -> float | None:
+        """numpy's 'linear' percentile: exact for integer bands, within one bucket for floats."""
+        if n == 0:
+            return None
+        rank = p / 100 * (n - 1)
+        cum = np.cumsum(h)
+
+        def value_at(r: int) -> float:
+            k = int(np.searchsorted(cum, r, side="right"))
+            if self.exact:
+                return float(k + self.offset)
+            below = cum[k - 1] if k > 0 else 0
+            a, b = _bucket_edges(k)
+            frac = (r - below + 0.5) / h[k]
+            v = a + (b - a) * frac
+            return float(min(max(v, lo if lo is not None else v), hi if hi is not None else v))
+
+        r0 = int(math.floor(rank))
+        r1 = min(r0 + 1, n - 1)
+        v0, v1 = value_at(r0), value_at(r1)
+        return v0 + (v1 - v0) * (rank - r0)
+
+
+class StatsSet:
+    """Statistics of several modalities, per region; the global scope is the merge of the regions."""
+
+    def __init__(self, modalities: Iterable[Modality]):
+        self.modalities = {m.name: m for m in modalities}
+        self.regions: dict[str, dict[str, ModalityStats]] = {}
+
+    def add(self, region: str, modality: str, array: np.ndarray) -> None:
+        scope = self.regions.setdefault(region, {})
+        if modality not in scope:
+            scope[modality] = ModalityStats(self.modalities[modality])
+        scope[modality].add(array)
+
+    def merge_state(self, region: str, states: Mapping[str, Mapping[str, Any]]) -> None:
+        scope = self.regions.setdefault(region, {})
+        for name, st in states.items():
+            part = ModalityStats.from_state(self.modalities[name], st)
+            if name in scope:
+                scope[name].merge(part)
+            else:
+                scope[name] = part
+
+    def state(self, region: str) -> dict[str, Any]:
+        return {name: s.state() for name, s in self.regions.get(region, {}).items()}
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, m in self.modalities.items():
+            per_region = {r: scope[name] for r, scope in sorted(self.regions.items()) if name in scope}
+            if not per_region:
+                continue
+            glob = ModalityStats(m)
+            for s in per_region.values():
+                glob.merge(s)
+            out[name] = {
+                "bands": list(m.bands),
+                "split": "train",
+                "global": glob.summary(),
+                "regions": {r: s.summary() for r, s in per_region.items()},
+            }
+        return out
