@@ -23,6 +23,9 @@ CHIP_SIZE_M = 4480.0
 SEASONS = ("winter", "spring", "summer", "fall")
 MONTHS = tuple(f"{m:02d}" for m in range(1, 13))
 
+RESERVED_NAMES = ("json", "key", "region", "split", "shard", "lon", "lat", "valid")
+"""Names a modality may not take: they are index columns, tar member suffixes or batch keys."""
+
 KINDS = ("sar_db", "optical", "coherence", "phase", "categorical", "continuous")
 """Per-band kinds; device transforms pick their treatment from these."""
 
@@ -80,8 +83,9 @@ class Modality:
             raise ValueError(f"modality {self.name!r}: no bands")
         if len(set(self.bands)) != n:
             raise ValueError(f"modality {self.name!r}: duplicate band names")
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
-            raise ValueError(f"modality name {self.name!r}: use lowercase letters, digits and _ (no dots)")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(f"modality name {self.name!r}: use lowercase letters, digits and _ (no dots), "
+                             f"not one of {RESERVED_NAMES}")
         np.dtype(self.dtype)  # raises on an unknown dtype
         if self.file_ext not in ("tif", "nc"):
             raise ValueError(f"modality {self.name!r}: file_ext must be 'tif' or 'nc'")

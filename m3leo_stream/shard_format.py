@@ -13,6 +13,7 @@ C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype an
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -28,7 +29,8 @@ STATS = "stats.json"
 SPLITS = ("train", "val", "test")
 KEY_RE = re.compile(r"[0-9a-z_-]+")
 
-BASE_INDEX_COLUMNS = ("key", "region", "split", "shard", "lon", "lat")
+JSON_MEMBER = "json"  # index columns json_offset / json_nbytes locate each sample's metadata member
+BASE_INDEX_COLUMNS = ("key", "region", "split", "shard", "lon", "lat", "json_offset", "json_nbytes")
 
 
 class FormatError(ValueError):
@@ -92,7 +94,7 @@ def decode_array(data: bytes | memoryview, compressed: bool = False, where: str 
         hlen_size = 2 if major == 1 else 4
         hlen = int.from_bytes(mv[8 : 8 + hlen_size], "little")
         start = 8 + hlen_size + hlen
-        header = np.lib.format.safe_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
+        header = ast.literal_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
         dtype = np.dtype(header["descr"])
         if dtype.hasobject:
             raise FormatError("object arrays are not allowed")

@@ -353,6 +353,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                 for col, val in (("key", job.key), ("region", job.region), ("split", job.split),
                                  ("shard", shard.path), ("lon", lon), ("lat", lat)):
                     rows[col].append(val)
+                for col in (sf.offset_column(sf.JSON_MEMBER), sf.nbytes_column(sf.JSON_MEMBER)):
+                    rows[col].append(ranges[col])
                 for m in task.modalities:
                     rows[sf.offset_column(m.name)].append(ranges.get(sf.offset_column(m.name)))
                     rows[sf.nbytes_column(m.name)].append(ranges.get(sf.nbytes_column(m.name)))
@@ -503,7 +505,8 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         for col, vals in r["rows"].items():
             columns.setdefault(col, []).extend(vals)
     schema = [pa.field("key", pa.string()), pa.field("region", pa.string()), pa.field("split", pa.string()),
-              pa.field("shard", pa.string()), pa.field("lon", pa.float64()), pa.field("lat", pa.float64())]
+              pa.field("shard", pa.string()), pa.field("lon", pa.float64()), pa.field("lat", pa.float64()),
+              pa.field("json_offset", pa.int64()), pa.field("json_nbytes", pa.int64())]
     for m in modalities:
         schema += [pa.field(sf.offset_column(m.name), pa.int64()), pa.field(sf.nbytes_column(m.name), pa.int64())]
     table = pa.table({f.name: pa.array(columns.get(f.name, []), f.type) for f in schema}, schema=pa.schema(schema))

@@ -73,10 +73,11 @@ class ShardWriter:
         return offset, size
 
     def add_sample(self, key: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Write ``<key>.json`` then one ``.npy`` member per modality; return ``{<mod>_offset, <mod>_nbytes}``."""
+        """Write ``<key>.json`` then one ``.npy`` member per modality; return ``{<mod>_offset, <mod>_nbytes}``
+        (``json_offset``/``json_nbytes`` for the metadata member)."""
         sf.check_key(key)
-        ranges: dict[str, int] = {}
-        self._member(sf.member_name(key, None), [sf.dumps_json(meta)])
+        off, size = self._member(sf.member_name(key, None), [sf.dumps_json(meta)])
+        ranges: dict[str, int] = {sf.offset_column(sf.JSON_MEMBER): off, sf.nbytes_column(sf.JSON_MEMBER): size}
         for name, array in arrays.items():
             header, body = npy_parts(array)
             if self.compress:

@@ -1,0 +1,94 @@
+"""Opening a shard root: its manifest, index, statistics and modality entries, and plain member reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import fsspec
+
+from m3leo_stream import shard_format as sf
+from m3leo_stream.modalities import Modality, Registry
+from m3leo_stream.storage import get_fs, join
+
+
+class ShardRoot:
+    """A published shard root (local directory or fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 fs: fsspec.AbstractFileSystem | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        if fs is None:
+            fs, path = get_fs(url, self.storage_options)
+        else:
+            path = url.split("://", 1)[-1].rstrip("/")
+        self.fs = fs
+        self.path = path
+
+    def file(self, rel: str) -> str:
+        return join(self.path, rel)
+
+    def _read_json(self, rel: str) -> Any:
+        path = self.file(rel)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}: no {rel} (is this a finalized shard root?)") from None
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        path = self.file(sf.MANIFEST)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return sf.loads_manifest(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}: no {sf.MANIFEST} (is this a finalized shard root?)") from None
+
+    @cached_property
+    def stats(self) -> dict[str, Any]:
+        return self._read_json(sf.STATS)
+
+    @cached_property
+    def modalities(self) -> Registry:
+        """The registry entries the shards were built with (user-declared ones included)."""
+        return Registry.from_json(self.manifest["modalities"])
+
+    @property
+    def regions(self) -> list[str]:
+        return sf.manifest_regions(self.manifest)
+
+    @property
+    def compressed(self) -> bool:
+        return self.manifest.get("compression") == "zstd"
+
+    def modality(self, name: str) -> Modality:
+        return self.modalities[name]
+
+    def read_index(self, columns: list[str] | None = None, filters: Any = None):
+        """``index.parquet`` as a pyarrow Table (only ``columns`` when given)."""
+        import pyarrow.parquet as pq
+
+        path = self.file(sf.INDEX)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns, filters=filters)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}: no {sf.INDEX} (is this a finalized shard root?)") from None
+
+    def read_range(self, shard: str, offset: int, nbytes: int) -> bytes:
+        return self.fs.cat_file(self.file(shard), start=offset, end=offset + nbytes)
+
+    def read_member(self, row: Mapping[str, Any], modality: str):
+        """Decode one modality of one index row (a dict with ``shard`` and ``<modality>_offset/_nbytes``)."""
+        off, n = row.get(sf.offset_column(modality)), row.get(sf.nbytes_column(modality))
+        if off is None or n is None:
+            raise KeyError(f"sample {row.get('key')} has no {modality} member")
+        data = self.read_range(row["shard"], int(off), int(n))
+        if modality == sf.JSON_MEMBER:
+            return json.loads(data)
+        where = f"{row['shard']} key {row.get('key')} member {modality}"
+        return sf.decode_array(data, compressed=self.compressed, where=where)

@@ -1,0 +1,115 @@
+"""``m3leo-shards card``: a dataset card (README.md at the shard root) from the manifest and statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from m3leo_stream.shard_root import ShardRoot
+from shard_tools.publish import pipe_atomic
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    regions = manifest["regions"]
+    lines = [
+        "---",
+        "license: cc-by-sa-4.0",
+        "task_categories: [image-segmentation, image-feature-extraction]",
+        "tags: [earth-observation, sentinel-1, sentinel-2, sar, insar, remote-sensing, webdataset]",
+        "---",
+        "",
+        "# M3LEO shards",
+        "",
+        f"{manifest['num_samples']} samples of 4480 m × 4480 m chips in {len(manifest['shards'])} tar shards, "
+        f"built {manifest['created']} by `m3leo-shards` {manifest['builder']['version']} "
+        f"(format version {manifest['format_version']}, compression: {manifest.get('compression')}).",
+        "",
+        "Each shard holds the samples of one region and one split. A sample's members are `<key>.json` (metadata: "
+        "region, split, lon/lat, bounds, CRS, per-modality source file and original shape) and "
+        "`<key>.<modality>.npy` (a C,H,W array in the dtype below). `index.parquet` gives each member's byte range; "
+        "`stats.json` per-band statistics of the train split.",
+        "",
+        "## Samples per region and split",
+        "",
+        "| region | train | val | test | total |",
+        "|---|---|---|---|---|",
+    ]
+    for r in regions:
+        s = manifest["splits"].get(r, {})
+        lines.append(f"| {r} | {s.get('train', 0)} | {s.get('val', 0)} | {s.get('test', 0)} | {sum(s.values())} |")
+    lines += ["", "## Modalities", ""]
+    for name, m in manifest["modalities"].items():
+        c, h, w = m["shape"]
+        present = manifest.get("members", {}).get(name)
+        lines += [
+            f"### `{name}` — {m['description']}",
+            "",
+            f"Source: {m['source']}. Array shape {c}×{h}×{w} ({m['resolution_m']:g} m pixels), dtype `{m['dtype']}`, "
+            f"kind `{m['kind']}`, nodata `{m['nodata']}`"
+            + (f"; present in {present} samples." if present is not None else "."),
+            "",
+        ]
+        if m.get("class_codes"):
+            names = m.get("class_names") or [""] * len(m["class_codes"])
+            lines.append("Classes: " + ", ".join(f"{code} = {n}" for code, n in zip(m["class_codes"], names)) + ".")
+            lines.append("")
+        if m.get("special_values"):
+            lines.append("Special values: " + ", ".join(f"{k} = {v}" for k, v in m["special_values"].items()) + ".")
+            lines.append("")
+        if m.get("unverified"):
+            lines.append("Not verified against the upstream files: " + "; ".join(m["unverified"]) + ".")
+            lines.append("")
+        st = stats.get(name, {}).get("global", {})
+        lines += ["| # | band | dtype | units | scale | kind | mean | std | p2 | p98 | nodata |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for i, band in enumerate(m["bands"]):
+            def s(key: str, sub: str | None = None) -> str:
+                vals = st.get(key, {}) if sub is None else st.get("percentiles", {}).get(sub)
+                return _fmt(vals[i]) if isinstance(vals, list) and i < len(vals) else "–"
+
+            nd = st.get("nodata_fraction")
+            lines.append(
+                f"| {i} | `{band}` | {m['dtype']} | {m['units'][i] or '–'} | {_fmt(m['scale'][i])} | "
+                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | {s('percentiles', '98')} | "
+                f"{_fmt(nd[i]) if nd else '–'} |")
+        hist = st.get("class_histogram")
+        if hist:
+            total = sum(hist.values())
+            lines += ["", "Class histogram (train): " + ", ".join(f"{k}: {v / total:.1%}" for k, v in hist.items())]
+        lines.append("")
+    lines += ["## Provenance", "", f"- Source: `{manifest.get('source')}`",
+              f"- Builder arguments: `{manifest['builder']['args']}`"]
+    for r, folders in manifest.get("source_folders", {}).items():
+        lines.append(f"- {r}: " + ", ".join(f"{k} ← `{v}`" for k, v in folders.items()))
+    disc = manifest.get("discrepancies") or {}
+    if disc:
+        lines += ["", "## Differences between split files and data folders", "",
+                  "| what | count | examples |", "|---|---|---|"]
+        for k, v in disc.items():
+            lines.append(f"| {k} | {v['count']} | {', '.join(v['examples'][:3])} |")
+    skipped = manifest.get("skipped") or {}
+    if skipped.get("chips") or skipped.get("members"):
+        lines += ["", f"Left out during the build: {skipped['chips']} chips, {skipped['members']} members."]
+    lines += ["", "## Citation", "",
+              "Allen et al., *M3LEO: A Multi-Modal, Multi-Label Earth Observation Dataset Integrating "
+              "Interferometric SAR and Multispectral Data*, NeurIPS 2024 Datasets and Benchmarks.", ""]
+    return "\n".join(lines)
+
+
+def write_card(out: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    root = ShardRoot(out, storage_options)
+    try:
+        stats = root.stats
+    except FileNotFoundError:
+        stats = {}
+    path = root.file("README.md")
+    pipe_atomic(root.fs, path, card_text(root.manifest, stats).encode())
+    return path

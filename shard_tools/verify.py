@@ -1,0 +1,149 @@
+"""``m3leo-shards verify`` and ``stats``: check a shard root end to end, recompute its statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from m3leo_stream import shard_format as sf
+from m3leo_stream.shard_root import ShardRoot
+from shard_tools.publish import pipe_atomic
+from shard_tools.stats import StatsSet
+
+log = logging.getLogger(__name__)
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.n = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha.update(data)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str, Any]],
+                 modalities: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    path = entry["path"]
+    full = root.file(path)
+    if not root.fs.exists(full):
+        return [f"{path}: listed in the manifest but missing"]
+    members: dict[str, tuple[int, int]] = {}
+    decoded: list[str] = []
+    with root.fs.open(full, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for ti in tar:
+                    members[ti.name] = (ti.offset_data, ti.size)
+                    parts = ti.name.split(".")
+                    if len(parts) >= 3 and parts[1] in modalities:
+                        data = tar.extractfile(ti).read()  # type: ignore[union-attr]
+                        m = modalities[parts[1]]
+                        try:
+                            arr = sf.decode_array(data, compressed=ti.name.endswith(".zst"), where=f"{path}:{ti.name}")
+                        except sf.FormatError as e:
+                            decoded.append(str(e))
+                            continue
+                        if tuple(arr.shape) != tuple(m["shape"]) or arr.dtype.name != m["dtype"]:
+                            decoded.append(f"{path}:{ti.name}: array {arr.shape} {arr.dtype}, manifest says "
+                                           f"{tuple(m['shape'])} {m['dtype']}")
+        except tarfile.TarError as e:
+            problems.append(f"{path}: not a readable tar ({e})")
+        reader.drain()
+    problems += decoded
+    if reader.n != entry["bytes"]:
+        problems.append(f"{path}: {reader.n} bytes, manifest says {entry['bytes']}")
+    if reader.sha.hexdigest() != entry["sha256"]:
+        problems.append(f"{path}: sha256 {reader.sha.hexdigest()} differs from the manifest's {entry['sha256']}")
+    keys = {r["key"] for r in rows}
+    if len(rows) != entry["num_samples"]:
+        problems.append(f"{path}: index has {len(rows)} samples, manifest says {entry['num_samples']}")
+    json_members = {n for n in members if n.endswith(".json")}
+    if len(json_members) != entry["num_samples"]:
+        problems.append(f"{path}: tar holds {len(json_members)} samples, manifest says {entry['num_samples']}")
+    for name in sorted(json_members):
+        if name[: -len(".json")] not in keys:
+            problems.append(f"{path}: member {name} has no index row")
+    ext = ".npy.zst" if root.compressed else ".npy"
+    for r in rows:
+        for mod in [sf.JSON_MEMBER, *modalities]:
+            off, n = r.get(sf.offset_column(mod)), r.get(sf.nbytes_column(mod))
+            name = f"{r['key']}.json" if mod == sf.JSON_MEMBER else f"{r['key']}.{mod}{ext}"
+            if off is None:
+                if name in members:
+                    problems.append(f"{path}: member {name} exists but the index has no range for it")
+                continue
+            if name not in members:
+                problems.append(f"{path}: index range for {name} but no such member")
+            elif members[name] != (off, n):
+                problems.append(f"{path}: index range of {name} is ({off}, {n}), tar member is at {members[name]}")
+    return problems
+
+
+def verify(out: str, storage_options: Mapping[str, Any] | None = None, workers: int = 4,
+           progress: bool = True) -> tuple[list[str], dict[str, Any]]:
+    """Check every shard's size and sha256, every index range against the tar, and counts; return problems."""
+    root = ShardRoot(out, storage_options)
+    problems: list[str] = []
+    manifest = root.manifest
+    index = root.read_index().to_pylist()
+    modalities = manifest["modalities"]
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in index:
+        by_shard.setdefault(r["shard"], []).append(r)
+    listed = {s["path"] for s in manifest["shards"]}
+    for s in sorted(set(by_shard) - listed):
+        problems.append(f"{s}: in the index but not in the manifest")
+    on_disk = {p[len(root.path) + 1:] for p in root.fs.glob(root.file("*/*/*.tar"))}
+    for s in sorted(on_disk - listed):
+        problems.append(f"{s}: tar file not listed in the manifest")
+    if len(index) != manifest.get("num_samples", len(index)):
+        problems.append(f"index has {len(index)} rows, manifest says {manifest['num_samples']}")
+    dup = len(index) - len({(r["region"], r["key"]) for r in index})
+    if dup:
+        problems.append(f"index has {dup} duplicate keys")
+    bar = tqdm(total=len(manifest["shards"]), unit="shard", desc="verify", disable=not progress)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futs = [pool.submit(_check_shard, root, e, by_shard.get(e["path"], []), modalities)
+                for e in manifest["shards"]]
+        for fut in futs:
+            problems += fut.result()
+            bar.update(1)
+    bar.close()
+    summary = {"shards": len(manifest["shards"]), "samples": len(index), "problems": len(problems)}
+    return problems, summary
+
+
+def recompute_stats(out: str, storage_options: Mapping[str, Any] | None = None, progress: bool = True) -> str:
+    """Recompute ``stats.json`` from the train split's members and publish it atomically."""
+    root = ShardRoot(out, storage_options)
+    mods = root.modalities
+    names = list(mods)
+    stats = StatsSet(mods.values())
+    index = root.read_index(filters=[("split", "=", "train")]).to_pylist()
+    for r in tqdm(index, unit="sample", desc="stats", disable=not progress):
+        for name in names:
+            if r.get(sf.offset_column(name)) is not None:
+                stats.add(r["region"], name, root.read_member(r, name))
+    path = root.file(sf.STATS)
+    pipe_atomic(root.fs, path, json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
+    return path

@@ -1,0 +1,111 @@
+"""The registry matches DESIGN.md's table and rejects inconsistent declarations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
+
+DESIGN = {  # modality: (bands, canonical px, dtype)
+    "s1grd": (16, 448, "int16"), "s2rgbm": (36, 448, "uint8"), "gssic": (38, 50, "float32"),
+    "gunw": (3, 50, "float32"), "esawc": (1, 448, "uint8"), "biomass": (2, 45, "float32"),
+    "ghsbuilts": (1, 45, "float32"), "modisveg": (1, 18, "uint8"), "srtmdem": (1, 50, "int16"),
+}
+
+
+def test_registry_matches_design_table():
+    assert list(REGISTRY) == list(DESIGN)
+    for name, (bands, px, dtype) in DESIGN.items():
+        m = REGISTRY[name]
+        assert (len(m.bands), m.canonical_px, m.dtype) == (bands, px, dtype), name
+        assert m.shape == (bands, px, px)
+        assert len(m.band_kinds) == len(m.units) == len(m.scale) == bands
+
+
+def test_band_orders():
+    s1 = REGISTRY["s1grd"].bands
+    assert s1[:4] == ("winter_vv_asc", "winter_vv_des", "winter_vh_asc", "winter_vh_des")
+    assert s1[4 * 3 + 2 * 1 + 1] == "fall_vh_des"  # index = 4·season + 2·pol + dir
+    assert REGISTRY["s2rgbm"].bands[:4] == ("01_red", "01_green", "01_blue", "02_red")
+    g = REGISTRY["gssic"].bands
+    assert g[0] == "amplitude_winter_vv" and "coherence_fall_48" in g and g[-2:] == ("geometry_inc", "geometry_lsmap")
+    assert REGISTRY["esawc"].class_codes == (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
+    assert REGISTRY["gunw"].band_kinds == ("continuous", "coherence", "phase")
+
+
+def test_folder_patterns_match_upstream_names():
+    for folder, name in (("s1grd-2020", "s1grd"), ("s2rgbm-2019", "s2rgbm"), ("gssic", "gssic"),
+                         ("gunw_2020-01-01_2020-03-31", "gunw"), ("esaworldcover-2020", "esawc"),
+                         ("biomass-2018", "biomass"), ("ghsbuilts-2020", "ghsbuilts"),
+                         ("ghs-built-S-2020", "ghsbuilts"), ("modis44b006veg", "modisveg"),
+                         ("srtmdem", "srtmdem"), ("strmdem", "srtmdem")):
+        assert REGISTRY.for_folder(folder).name == name
+    assert REGISTRY.for_folder("gunw-2020-01") is None  # another product, not silently taken
+
+
+def test_nodata_masks():
+    m = REGISTRY["biomass"]
+    a = np.array([[[1.0, np.nan]]], np.float32)
+    assert m.is_nodata(a).tolist() == [[[False, True]]]
+    e = REGISTRY["esawc"]
+    assert e.is_nodata(np.array([[[0, 10]]], np.uint8)).tolist() == [[[True, False]]]
+
+
+def test_manifest_round_trip():
+    again = Registry.from_json(REGISTRY.to_json())
+    for name in REGISTRY:
+        a, b = REGISTRY[name], again[name]
+        assert a.bands == b.bands and a.dtype == b.dtype and a.canonical_px == b.canonical_px
+        assert (a.nodata == b.nodata) or (math.isnan(a.nodata) and math.isnan(b.nodata))
+        assert a.nc_variables == b.nc_variables and a.special_values == b.special_values
+
+
+def test_inconsistent_declarations_are_rejected():
+    base = dict(name="x", folder_pattern="x", file_ext="tif", bands=("a", "b"), dtype="uint8", kind="continuous",
+                resolution_m=10, description="", source="")
+    with pytest.raises(ValueError, match="units has 1 entries for 2 bands"):
+        Modality(**{**base, "units": ("m",)})
+    with pytest.raises(ValueError, match="unknown kind"):
+        Modality(**{**base, "kind": "radar"})
+    with pytest.raises(ValueError, match="need class_codes"):
+        Modality(**{**base, "kind": "categorical"})
+    with pytest.raises(ValueError, match="no dots"):
+        Modality(**{**base, "name": "s2.l2a"})
+    with pytest.raises(ValueError, match="not one of"):
+        Modality(**{**base, "name": "json"})
+    with pytest.raises(KeyError, match="has no band 'c'"):
+        Modality(**base).band_index(["c"])
+    with pytest.raises(KeyError, match="unknown modality 'nope'"):
+        REGISTRY["nope"]
+
+
+def test_user_yaml_extends_and_overrides(tmp_path):
+    y = tmp_path / "m.yaml"
+    y.write_text("""
+modalities:
+  - name: floodlabel
+    bands: [water]
+    dtype: int16
+    kind: categorical
+    nodata: -1
+    class_codes: [0, 1]
+    resolution_m: 10
+  - name: s1grd
+    bands: [vv, vh]
+    dtype: float32
+    kind: sar_db
+    nodata: nan
+    resolution_m: 10
+    folder_pattern: 's1grd-(?P<year>\\d{4})'
+""")
+    reg = load_user_modalities(y)
+    assert reg["floodlabel"].user_declared and reg["floodlabel"].shape == (1, 448, 448)
+    assert reg["s1grd"].bands == ("vv", "vh") and math.isnan(reg["s1grd"].nodata)
+    assert list(reg)[-1] == "floodlabel"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modalities:\n  - name: thing\n    bands: [a]\n")
+    with pytest.raises(ValueError, match="thing.*lacks dtype, kind, resolution_m"):
+        load_user_modalities(bad)

@@ -1,0 +1,225 @@
+"""Round trips from the synthetic hub layout (folders and parquet release) through ``build``."""
+
+from __future__ import annotations
+
+import filecmp
+import glob
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+
+from m3leo_stream import shard_format as sf
+from m3leo_stream.modalities import REGISTRY
+from m3leo_stream.shard_root import ShardRoot
+from shard_tools.build import BuildConfig, build, finalize
+from shard_tools.synth import SynthConfig, synth
+from shard_tools.verify import recompute_stats, verify
+
+
+def _split_table(src: Path) -> dict[tuple[str, str], str]:
+    out = {}
+    for csv in glob.glob(str(src / "*" / "*_splits_*.csv")):
+        region = Path(csv).parent.name
+        for line in open(csv).read().splitlines()[1:]:
+            ident, split = line.split(",")[:2]
+            out[(region, ident)] = split
+    return out
+
+
+def test_every_chip_once_in_its_region_and_split(small_shards, synth_src):
+    root = ShardRoot(str(small_shards))
+    rows = root.read_index().to_pylist()
+    expected = _split_table(synth_src)
+    assert sorted((r["region"], r["key"]) for r in rows) == sorted(expected)
+    for r in rows:
+        assert r["split"] == expected[(r["region"], r["key"])]
+        assert r["shard"].startswith(f"{r['region']}/{r['split']}/{r['region']}-{r['split']}-")
+    # one region and one split per shard, several shards per region/split at this shard size
+    by_shard = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], set()).add((r["region"], r["split"]))
+    assert all(len(v) == 1 for v in by_shard.values())
+    assert len(by_shard) > len({v for s in by_shard.values() for v in s})
+    assert root.manifest["num_samples"] == len(rows)
+    assert [s["path"] for s in root.manifest["shards"]] == sorted(by_shard, key=lambda p: (
+        root.regions.index(p.split("/")[0]), ["train", "val", "test"].index(p.split("/")[1]), p))
+
+
+def test_arrays_equal_source_pixels(small_shards, synth_src):
+    root = ShardRoot(str(small_shards))
+    rows = root.read_index().to_pylist()
+    checked = 0
+    for r in rows[:6]:
+        for name, folder in (("s1grd", "s1grd-2020"), ("s2rgbm", "s2rgbm-2020"), ("esawc", "esaworldcover-2020")):
+            src = glob.glob(str(synth_src / r["region"] / "*_partitions_aschips_*" / folder / f"{r['key']}.tif"))
+            assert len(src) == 1
+            with rasterio.open(src[0]) as f:
+                expected = f.read()
+            got = root.read_member(r, name)
+            assert got.dtype == expected.dtype == REGISTRY[name].np_dtype
+            np.testing.assert_array_equal(got, expected)
+            checked += 1
+        meta = root.read_member(r, sf.JSON_MEMBER)
+        assert meta["key"] == r["key"] and meta["region"] == r["region"]
+        # coarse products are resampled onto the canonical grid; the original shape is recorded
+        g = root.read_member(r, "gssic")
+        assert g.shape == REGISTRY["gssic"].shape
+        assert meta["modalities"]["gssic"]["original_shape"][0] == 38
+        assert meta["modalities"]["gssic"]["original_shape"][2] > 50
+        assert meta["modalities"]["gssic"]["resampling"] == "bilinear"
+    assert checked == 18
+
+
+def test_plain_webdataset_reads_one_sample_per_chip(small_shards):
+    import webdataset as wds
+
+    root = ShardRoot(str(small_shards))
+    urls = [str(small_shards / s["path"]) for s in root.manifest["shards"]]
+    members = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert sample["__key__"] not in members
+        members[sample["__key__"]] = {k for k in sample if not k.startswith("__")}
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"]
+        arr = np.load(io.BytesIO(sample["s1grd.npy"]), allow_pickle=False)
+        assert arr.shape == (16, 448, 448)
+    rows = root.read_index().to_pylist()
+    assert set(members) == {r["key"] for r in rows}
+    for r in rows:
+        expected = {"json"} | {f"{m}.npy" for m in root.modalities if r[sf.offset_column(m)] is not None}
+        assert members[r["key"]] == expected
+
+
+def test_index_ranges_reproduce_member_bytes(small_shards):
+    root = ShardRoot(str(small_shards))
+    rows = root.read_index().to_pylist()
+    for shard in sorted({r["shard"] for r in rows})[:4]:
+        path = small_shards / shard
+        with tarfile.open(path) as tar, open(path, "rb") as f:
+            assert all(ti.type == tarfile.REGTYPE for ti in tar.getmembers())
+            for r in (x for x in rows if x["shard"] == shard):
+                for mod in [sf.JSON_MEMBER, *root.modalities]:
+                    off = r[sf.offset_column(mod)]
+                    if off is None:
+                        continue
+                    name = f"{r['key']}.json" if mod == sf.JSON_MEMBER else f"{r['key']}.{mod}.npy"
+                    f.seek(off)
+                    assert f.read(r[sf.nbytes_column(mod)]) == tar.extractfile(name).read()
+    # plain ustar: no PAX headers anywhere
+    with open(small_shards / rows[0]["shard"], "rb") as f:
+        assert b"PaxHeader" not in f.read()
+
+
+def test_missing_modalities_have_null_ranges(small_shards):
+    root = ShardRoot(str(small_shards))
+    t = root.read_index(["key", "gunw_offset", "s1grd_offset"])
+    assert t.column("s1grd_offset").null_count == 0
+    assert 0 < t.column("gunw_offset").null_count < t.num_rows  # synth leaves out ~20 % of GUNW
+    assert root.manifest["members"]["gunw"] == t.num_rows - t.column("gunw_offset").null_count
+
+
+def test_deterministic_and_task_shares_equal_single_build(tmp_path, synth_src, small_shards):
+    for n in range(2):
+        cfg = BuildConfig(str(synth_src), str(tmp_path / "shares"), shard_size=40_000_000, task_index=n,
+                          num_tasks=2, workers=2, progress=False)
+        summary = build(cfg)
+        assert "finalized" not in summary
+    finalize(str(tmp_path / "shares"))
+    single = sorted(p.relative_to(small_shards) for p in small_shards.rglob("*.tar"))
+    shares = sorted(p.relative_to(tmp_path / "shares") for p in (tmp_path / "shares").rglob("*.tar"))
+    assert single == shares
+    for rel in single:
+        assert filecmp.cmp(small_shards / rel, tmp_path / "shares" / rel, shallow=False), rel
+    assert pq.read_table(small_shards / "index.parquet").equals(pq.read_table(tmp_path / "shares" / "index.parquet"))
+    a = json.loads((small_shards / "stats.json").read_text())
+    b = json.loads((tmp_path / "shares" / "stats.json").read_text())
+    assert a["s1grd"]["global"]["count"] == b["s1grd"]["global"]["count"]
+    np.testing.assert_allclose(a["gssic"]["global"]["mean"], b["gssic"]["global"]["mean"], rtol=1e-12)
+
+
+def test_finalize_refuses_incomplete_shares(tmp_path, synth_src):
+    from shard_tools.build import BuildError
+
+    out = tmp_path / "half"
+    build(BuildConfig(str(synth_src), str(out), shard_size=40_000_000, task_index=0, num_tasks=3, progress=False))
+    with pytest.raises(BuildError, match="not built yet"):
+        finalize(str(out))
+    assert not (out / "manifest.json").exists() and not (out / "index.parquet").exists()
+
+
+def test_parquet_release_round_trip(tmp_path, synth_src, small_shards):
+    src = tmp_path / "parquet-src"
+    synth(SynthConfig(str(src), ("conus", "europe"), 10, seed=7, parquet=True), workers=1, progress=False)
+    assert glob.glob(str(src / "conus" / "*_parquet.csv"))
+    assert not glob.glob(str(src / "**" / "*.tif"), recursive=True)
+    out = tmp_path / "from-parquet"
+    build(BuildConfig(str(src), str(out), shard_size=40_000_000, progress=False))
+    # same chips and the same bytes as the build from the folder layout, except where the source path is recorded
+    a = pq.read_table(small_shards / "index.parquet").drop(["json_offset", "json_nbytes"])
+    b = pq.read_table(out / "index.parquet")
+    assert a.column("key").to_pylist() == b.column("key").to_pylist()
+    ra, rb = ShardRoot(str(small_shards)), ShardRoot(str(out))
+    for x, y in zip(ra.read_index().to_pylist()[:5], rb.read_index().to_pylist()[:5]):
+        for m in ("s1grd", "gssic", "gunw", "biomass"):
+            if x[sf.offset_column(m)] is None:
+                assert y[sf.offset_column(m)] is None
+                continue
+            np.testing.assert_array_equal(ra.read_member(x, m), rb.read_member(y, m))
+        assert "#rowgroup=" in rb.read_member(y, sf.JSON_MEMBER)["modalities"]["s1grd"]["source"]
+
+
+def test_zstd_members_round_trip(tmp_path, synth_src):
+    out = tmp_path / "zstd"
+    build(BuildConfig(str(synth_src), str(out), modalities=["s1grd", "esawc", "gunw"], compress="zstd",
+                      regions=["europe"], progress=False))
+    root = ShardRoot(str(out))
+    assert root.compressed
+    r = root.read_index().to_pylist()[0]
+    arr = root.read_member(r, "s1grd")
+    assert arr.shape == (16, 448, 448)
+    assert r["s1grd_nbytes"] < REGISTRY["s1grd"].nbytes  # compressed
+    assert list(root.modalities) == ["s1grd", "gunw", "esawc"]
+    problems, _ = verify(str(out), progress=False)
+    assert problems == []
+    with tarfile.open(out / r["shard"]) as tar:
+        assert f"{r['key']}.s1grd.npy.zst" in tar.getnames()
+
+
+def test_stats_match_numpy_and_recompute(small_shards, tmp_path):
+    import shutil
+
+    root_dir = tmp_path / "copy"
+    shutil.copytree(small_shards, root_dir)
+    root = ShardRoot(str(root_dir))
+    built = json.loads((root_dir / "stats.json").read_text())
+    rows = [r for r in root.read_index().to_pylist() if r["split"] == "train"]
+    s1 = np.stack([root.read_member(r, "s1grd")[4] for r in rows])
+    valid = s1 != -32768
+    g = built["s1grd"]["global"]
+    assert g["count"][4] == valid.sum()
+    assert g["mean"][4] == pytest.approx(s1[valid].mean(), rel=1e-12)
+    assert g["std"][4] == pytest.approx(s1[valid].std(), rel=1e-12)
+    assert g["percentiles"]["98"][4] == pytest.approx(np.percentile(s1[valid], 98))
+    conus = [r for r in rows if r["region"] == "conus"]
+    gs = np.stack([root.read_member(r, "gssic")[10] for r in conus])
+    gs = gs[~np.isnan(gs)]
+    reg = built["gssic"]["regions"]["conus"]
+    assert reg["mean"][10] == pytest.approx(gs.mean(), rel=1e-6)
+    assert reg["percentiles"]["99"][10] == pytest.approx(np.percentile(gs, 99), rel=2 ** -7)
+    lc = np.concatenate([root.read_member(r, "esawc").ravel() for r in rows])
+    hist = built["esawc"]["global"]["class_histogram"]
+    assert hist == {str(c): int((lc == c).sum()) for c in np.unique(lc) if c != 0}
+    assert "0" not in hist
+    assert built["esawc"]["global"]["nodata_fraction"][0] == pytest.approx((lc == 0).mean())
+    os.remove(root_dir / "stats.json")
+    recompute_stats(str(root_dir), progress=False)
+    again = json.loads((root_dir / "stats.json").read_text())
+    assert again["s1grd"]["global"] == built["s1grd"]["global"]
+    np.testing.assert_allclose(again["gssic"]["global"]["std"], built["gssic"]["global"]["std"], rtol=1e-9)
