@@ -235,10 +235,10 @@ def _source_name(ref: hub.FileRef, src_root: str) -> str:
     return f"{rel}#rowgroup={ref.row_group},row={ref.row}" if ref.in_parquet else rel
 
 
-def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], parquet: bool, depth: int = 4):
-    """Yield (chip, {modality: bytes or exception}); plain files are read ahead by a few threads."""
-    def read_all(job: ChipJob) -> dict[str, bytes | BaseException]:
-        out: dict[str, bytes | BaseException] = {}
+def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, depth: int = 4):
+    """Yield (chip, {modality: bytes, local path or exception}); remote files are read ahead by a few threads."""
+    def read_all(job: ChipJob) -> dict[str, bytes | str | BaseException]:
+        out: dict[str, bytes | str | BaseException] = {}
         for name, ref in job.files.items():
             try:
                 out[name] = reader.read(ref)
@@ -246,7 +246,7 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], parquet: bool, dep
                 out[name] = e
         return out
 
-    if parquet:
+    if sequential:
         for job in chips:
             yield job, read_all(job)
         return
@@ -302,11 +302,12 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     else:
         fd, tmp_path = tempfile.mkstemp(suffix=".tar", prefix="m3leo-shard-")
         os.close(fd)
-    parquet = any(r.in_parquet for c in shard.chips for r in c.files.values())
+    # parquet row groups are cached by the reader (not thread-safe); local files need no read-ahead
+    sequential = is_local(src_fs) or any(r.in_parquet for c in shard.chips for r in c.files.values())
     try:
         with open(tmp_path, "wb") as f:
             writer = ShardWriter(f, task.compress)
-            for job, contents in _prefetch(reader, shard.chips, parquet):
+            for job, contents in _prefetch(reader, shard.chips, sequential):
                 arrays: dict[str, np.ndarray] = {}
                 info: dict[str, Any] = {}
                 bounds = job.chip.bounds if job.chip else None
@@ -443,13 +444,31 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return summary
 
 
+def _worker_context():
+    """A fork server: workers start from a clean process (no object-store event loops or sockets inherited from
+    the caller, unlike plain fork) with the heavy imports already done (unlike spawn)."""
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["shard_tools.build", "shard_tools.stats", "rasterio", "netCDF4", "torch"])
+    return ctx
+
+
+def _worker_init(environ: dict[str, str]) -> None:
+    """Give the worker the caller's environment of now (the fork server has the one of its own start: AWS_*
+    settings made since would be missing) and one core."""
+    import torch
+
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(1)
+
+
 def _run(tasks: list[ShardTask], workers: int):
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
             yield build_shard(t)
         return
-    # spawn, not fork: object-store clients hold event loops and sockets that must not cross a fork
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
+                             initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
         it = iter(tasks)
         for t in it:

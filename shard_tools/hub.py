@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 import fsspec
 
 from m3leo_stream.modalities import Modality, Registry
-from m3leo_stream.storage import join
+from m3leo_stream.storage import is_local, join
 from shard_tools import grid
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,12 @@ class SourceReader:
         self._rg_key: tuple[str, int] | None = None
         self._rg_content: list[bytes] = []
 
-    def read(self, ref: FileRef) -> bytes:
+    def read(self, ref: FileRef) -> bytes | str:
+        """The file's bytes; a plain local file is returned as its path so decoders read it directly."""
+        if not ref.in_parquet and is_local(self.fs):
+            if not os.path.isfile(ref.path):
+                raise FileNotFoundError(ref.path)
+            return ref.path
         if not ref.in_parquet:
             with self.fs.open(ref.path, "rb") as f:
                 return f.read()

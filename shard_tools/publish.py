@@ -19,6 +19,15 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
+def _fsync(path: str) -> None:
+    """Flush a finished file to disk before it is renamed into place, so a crash cannot publish it empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pipe_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it appears whole or not at all."""
     if is_local(fs):
@@ -29,6 +38,8 @@ def pipe_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -46,6 +57,7 @@ def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> Non
         tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
         try:
             shutil.move(local_path, tmp)
+            _fsync(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -82,9 +82,9 @@ class Decoded:
 
 
 def decode_chip_file(
-    modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any] | None = None
+    modality: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any] | None = None
 ) -> Decoded:
-    """Decode one upstream file (bytes of a .tif or .nc) into the modality's bands, checking band count."""
+    """Decode one upstream file (its bytes, or a local path) into the modality's bands, checking band count."""
     options = options or {}
     try:
         if modality.file_ext == "tif":
@@ -96,11 +96,24 @@ def decode_chip_file(
         raise ChipDataError(where, chip, f"unreadable {modality.file_ext} file: {e}") from e
 
 
-def _decode_tif(modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+def _open_tif(data: bytes | str):
+    import contextlib
+
     import rasterio
     from rasterio.io import MemoryFile
 
-    with rasterio.Env(), MemoryFile(data) as mem, mem.open() as src:
+    stack = contextlib.ExitStack()
+    # never list the chip's folder on open: upstream folders hold ~1e5 files
+    stack.enter_context(rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"))
+    if isinstance(data, str):
+        return stack, stack.enter_context(rasterio.open(data))
+    mem = stack.enter_context(MemoryFile(data))
+    return stack, stack.enter_context(mem.open())
+
+
+def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+    stack, src = _open_tif(data)
+    with stack:
         descriptions = list(src.descriptions)
         selection: dict[str, Any] = {}
         if modality.band_select_pattern:
@@ -144,10 +157,10 @@ def _select_bands_by_description(
     return [found[year]], {"band": descriptions[found[year]], "year": int(year)}
 
 
-def _decode_nc(modality: Modality, data: bytes, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
     import netCDF4
 
-    with netCDF4.Dataset("chip.nc", memory=data) as ds:
+    with (netCDF4.Dataset(data) if isinstance(data, str) else netCDF4.Dataset("chip.nc", memory=data)) as ds:
         grp = ds[modality.nc_group] if modality.nc_group else ds
         selection: dict[str, Any] = {}
         select_index = None
@@ -259,42 +272,42 @@ def resample(
     nodata: float | int | None,
     method: str | None = None,
 ) -> np.ndarray:
-    """Resample a (C,H,W) array covering a chip onto ``shape`` (same extent), keeping its dtype.
+    """Resize a (C,H,W) array covering a chip onto ``shape`` (same extent), keeping its dtype.
 
-    Categorical layers use nearest (or ``mode``), continuous layers bilinear (or ``average``); nodata pixels never
-    leak into valid ones, and integer outputs are rounded back to the source dtype.
+    ``bilinear`` (antialiased when shrinking) averages valid pixels only, weighting them as the kernel does; a
+    target pixel is nodata when less than half of its kernel weight is valid, so nodata neither leaks into values
+    nor spreads. ``nearest`` takes the source pixel under each target pixel centre and never invents a value
+    (categorical layers, layers with special codes). Integer outputs are rounded back to the source dtype.
     """
-    from rasterio.transform import from_bounds
-    from rasterio.warp import Resampling, reproject
+    import torch
+    import torch.nn.functional as F
 
     c, h, w = array.shape
     if (h, w) == tuple(shape):
         return array
     method = method or ("nearest" if categorical else "bilinear")
-    work_dtype = array.dtype if categorical or array.dtype.kind == "f" else np.float32
-    src = array.astype(work_dtype, copy=False)
-    src_nodata = _nodata_for(array.dtype, nodata)
-    dst = np.empty((c, *shape), dtype=work_dtype)
-    dst_nodata = src_nodata if src_nodata is not None else (np.nan if work_dtype.kind == "f" else None)
-    if dst_nodata is not None:
-        dst.fill(dst_nodata)
-    reproject(
-        src, dst,
-        src_transform=from_bounds(0, 0, 1, 1, w, h), dst_transform=from_bounds(0, 0, 1, 1, shape[1], shape[0]),
-        src_crs="EPSG:4326", dst_crs="EPSG:4326",
-        src_nodata=src_nodata, dst_nodata=dst_nodata,
-        resampling=getattr(Resampling, method),
-    )
-    if dst.dtype != array.dtype:
-        info = np.iinfo(array.dtype)
-        filled = np.where(np.isnan(dst), nodata if nodata is not None else 0, np.rint(dst))
-        dst = np.clip(filled, info.min, info.max).astype(array.dtype)
-    return dst
-
-
-def _nodata_for(dtype: np.dtype, nodata: float | int | None) -> float | int | None:
-    if nodata is None:
-        return None
-    if isinstance(nodata, float) and math.isnan(nodata):
-        return np.nan if dtype.kind == "f" else None
-    return nodata
+    if method == "nearest":
+        idx_y = ((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64)
+        idx_x = ((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64)
+        return np.ascontiguousarray(array[:, idx_y][:, :, idx_x])
+    if method != "bilinear":
+        raise ValueError(f"unknown resampling {method!r} (bilinear or nearest)")
+    values = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float64)
+    valid = torch.ones_like(values, dtype=torch.bool)
+    if array.dtype.kind == "f":
+        valid &= ~torch.isnan(values)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        valid &= values != nodata
+    weights = valid.to(torch.float64)
+    size = tuple(int(x) for x in shape)
+    num = F.interpolate((values.nan_to_num(0.0) * weights)[None], size=size, mode="bilinear", antialias=True,
+                        align_corners=False)[0]
+    den = F.interpolate(weights[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    ok = den >= 0.5
+    out = (num / den.clamp_min(1e-12)).numpy()
+    if array.dtype.kind == "f":
+        fill = np.nan if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)) else nodata
+        return np.where(ok.numpy(), out, fill).astype(array.dtype)
+    info = np.iinfo(array.dtype)
+    fill = nodata if nodata is not None else 0
+    return np.where(ok.numpy(), np.clip(np.rint(out), info.min, info.max), fill).astype(array.dtype)

@@ -27,6 +27,16 @@ def _exact_int(dtype: np.dtype) -> bool:
     return dtype.kind in "iu" and dtype.itemsize <= 2
 
 
+def _exact_histogram(flat: np.ndarray, offset: int, nbins: int) -> np.ndarray:
+    """(C, nbins) value counts of a (C, N) 8/16-bit integer array (torch.bincount avoids numpy's int64 copy)."""
+    import torch
+
+    t = torch.from_numpy(flat)
+    if flat.dtype != np.uint8:
+        t = t.to(torch.int32) - offset
+    return np.stack([torch.bincount(t[b], minlength=nbins).numpy() for b in range(flat.shape[0])])
+
+
 def _float_keys(values: np.ndarray) -> np.ndarray:
     """Order-preserving 16-bit bucket keys of float32 values."""
     bits = values.astype(np.float32, copy=False).view(np.uint32)
@@ -76,9 +86,7 @@ class ModalityStats:
         self.samples += 1
         self.total += flat.shape[1]
         if self.exact:
-            keys = flat.astype(np.int64) - self.offset
-            keys += (np.arange(c, dtype=np.int64) * self.nbins)[:, None]
-            self.hist += np.bincount(keys.ravel(), minlength=c * self.nbins).reshape(c, self.nbins)
+            self.hist += _exact_histogram(flat, self.offset, self.nbins)
             return
         for b in range(c):
             v = flat[b]

@@ -1,0 +1,137 @@
+"""Shard-build throughput next to the I/O ceiling on the same disk, in one run.
+
+The ceiling: the same number of worker processes read every source file's bytes and write as many bytes as the
+build produced into files of shard size (fsync'd, as the builder does before publishing). The build: ``m3leo-shards
+build --workers N`` end to end (planning, decoding, resampling, statistics, sha256, publishing, finalize). Both
+read a source that is already in the page cache. Repeats alternate the two; medians are reported.
+
+    python bench/build.py --chips-per-region 48 --workers 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shard_tools.build import BuildConfig, build, parse_size  # noqa: E402
+from shard_tools.synth import SynthConfig, synth  # noqa: E402
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _ceiling_worker(args: tuple[list[str], int, int, str]) -> int:
+    paths, out_bytes, file_size, out_dir = args
+    read = 0
+    written = 0
+    part = 0
+    f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")
+    for p in paths:
+        with open(p, "rb") as src:
+            data = src.read()
+        read += len(data)
+        view = memoryview(data)
+        while view and written < out_bytes:
+            room = file_size - f.tell()
+            chunk = view[: min(room, out_bytes - written)]
+            f.write(chunk)
+            written += len(chunk)
+            view = view[len(chunk):]
+            if f.tell() >= file_size:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                part += 1
+                f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")
+    while written < out_bytes:  # output larger than input (headers, padding)
+        n = min(1 << 24, out_bytes - written)
+        f.write(b"\0" * n)
+        written += n
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    return read
+
+
+def ceiling(src: Path, out_dir: Path, out_bytes: int, workers: int, file_size: int) -> float:
+    files = [str(p) for p in _files(src)]
+    shares = [files[i::workers] for i in range(workers)]
+    per = [out_bytes // workers + (1 if i < out_bytes % workers else 0) for i in range(workers)]
+    out_dir.mkdir(parents=True)
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_ceiling_worker, [(s, n, file_size, str(out_dir)) for s, n in zip(shares, per)]))
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regions", default="conus,europe")
+    ap.add_argument("--chips-per-region", type=int, default=48)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shard-size", default="256MB")
+    ap.add_argument("--compress", default="none")
+    ap.add_argument("--workdir", default=None, help="where to put data (default: a temp dir on the same disk)")
+    ap.add_argument("--json", default=None, help="also write the result JSON here")
+    a = ap.parse_args()
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="m3leo-bench-build-"))
+    src = work / "src"
+    if not src.exists():
+        synth(SynthConfig(str(src), tuple(a.regions.split(",")), a.chips_per_region, seed=0), workers=a.workers,
+              progress=False)
+    src_bytes = sum(p.stat().st_size for p in _files(src))
+    for p in _files(src):  # warm the page cache for both contenders
+        p.read_bytes()
+    chips = len(a.regions.split(",")) * a.chips_per_region
+    builds, ceilings = [], []
+    out_bytes = 0
+    for r in range(a.repeats):
+        out = work / f"out-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        build(BuildConfig(str(src), str(out), shard_size=parse_size(a.shard_size), workers=a.workers,
+                          compress=a.compress, progress=False))
+        builds.append(time.perf_counter() - t)
+        out_bytes = sum(p.stat().st_size for p in out.rglob("*.tar"))
+        shutil.rmtree(out)
+        cdir = work / f"ceiling-{r}"
+        ceilings.append(ceiling(src, cdir, out_bytes, a.workers, parse_size(a.shard_size)))
+        shutil.rmtree(cdir)
+    b, c = statistics.median(builds), statistics.median(ceilings)
+    result = {
+        "benchmark": "build", "machine": f"{platform.node()} {os.cpu_count()} cpus", "workers": a.workers,
+        "chips": chips, "source_mb": round(src_bytes / 1e6, 1), "output_mb": round(out_bytes / 1e6, 1),
+        "compress": a.compress,
+        "build_s": round(b, 3), "build_chips_per_s": round(chips / b, 1), "build_mb_per_s": round(src_bytes / b / 1e6, 1),
+        "ceiling_s": round(c, 3), "ceiling_chips_per_s": round(chips / c, 1),
+        "ceiling_mb_per_s": round(src_bytes / c / 1e6, 1), "ratio": round(c / b, 3), "goal": 0.5,
+        "repeats": {"build_s": [round(x, 3) for x in builds], "ceiling_s": [round(x, 3) for x in ceilings]},
+    }
+    print(json.dumps(result))
+    print(f"\n{'':24s}{'chips/s':>10s}{'MB/s (source)':>16s}")
+    print(f"{'build (--workers %d)' % a.workers:24s}{result['build_chips_per_s']:>10.1f}{result['build_mb_per_s']:>16.1f}")
+    print(f"{'ceiling (read+write)':24s}{result['ceiling_chips_per_s']:>10.1f}{result['ceiling_mb_per_s']:>16.1f}")
+    print(f"ratio build/ceiling = {result['ratio']:.2f} (goal >= 0.5)")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    if not a.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
