@@ -129,6 +129,8 @@ class ShardDataset(torch.utils.data.Dataset):
             self._pid = os.getpid()
             # a private filesystem instance: clients (sockets, event loops) must not be shared across processes
             fs, path = get_fs(self.url, {**self.storage_options, "skip_instance_cache": True})
+            if isinstance(getattr(fs, "retries", None), int):
+                fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
             self._proc = {
                 "fs": fs, "path": path, "local": is_local(fs),
                 "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
