@@ -245,11 +245,14 @@ class ImagePanels(pl.Callback):
             log.warning("image panels failed: %s", err)
             return
         if panels:
-            import wandb
+            try:
+                import wandb
 
-            for name, images in panels.items():
-                loggers[0].experiment.log({f"images/{name}": [wandb.Image(im, caption=c) for c, im in images],
-                                           "trainer/global_step": trainer.global_step})
+                for name, images in panels.items():
+                    loggers[0].experiment.log({f"images/{name}": [wandb.Image(im, caption=c) for c, im in images],
+                                               "trainer/global_step": trainer.global_step})
+            except Exception as err:  # noqa: BLE001 - e.g. pillow missing; never stop training for a picture
+                log.warning("image panels not logged: %s", err)
 
     def panels(self, pl_module, batch: Mapping[str, Any]) -> dict[str, list[tuple[str, np.ndarray]]]:
         n = min(self.max_images, int(batch[pl_module.inputs[0]].shape[0]))
