@@ -49,23 +49,30 @@ SETS = {"s1grd": ["s1grd"], "s1grd+s2rgbm+esawc": ["s1grd", "s2rgbm", "esawc"], 
 
 # -- (a) ceiling -----------------------------------------------------------------------------------------------
 class RangeReads(torch.utils.data.Dataset):
-    """pread of given (shard path, offset, nbytes) ranges; returns the byte count."""
+    """pread of given (shard path, offset, nbytes) ranges, handed to the consumer as uint8 tensors (``deliver``)
+    or only counted (nothing leaves the worker: an upper bound no loader can reach)."""
 
-    def __init__(self, ranges: list[list[tuple[str, int, int]]]):
+    def __init__(self, ranges: list[list[tuple[str, int, int]]], deliver: bool = True):
         self.ranges = ranges
+        self.deliver = deliver
 
     def __len__(self) -> int:
         return len(self.ranges)
 
-    def __getitem__(self, i: int) -> int:
-        total = 0
+    def __getitem__(self, i: int):
+        out = []
         for path, off, n in self.ranges[i]:
             fd = os.open(path, os.O_RDONLY)
             try:
-                total += len(os.pread(fd, n, off))
+                data = os.pread(fd, n, off)
             finally:
                 os.close(fd)
-        return total
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.deliver else len(data))
+        return out
+
+
+def _count_ranges(batch) -> tuple[int, int]:
+    return len(batch), sum(int(x.numel()) if isinstance(x, torch.Tensor) else int(x) for s in batch for x in s)
 
 
 # -- (d) upstream ----------------------------------------------------------------------------------------------
@@ -92,33 +99,48 @@ def _collate_list(batch):
     return batch
 
 
-def _drain(loader, count_bytes) -> tuple[int, int, float]:
-    t = time.perf_counter()
+PASSES = 3
+
+
+def _drain(loader, count_bytes, before_pass=None) -> tuple[int, int, float]:
+    """One untimed warm-up pass (worker start-up), then ``PASSES`` timed passes."""
     n = nbytes = 0
-    for b in loader:
-        k, nb = count_bytes(b)
-        n += k
-        nbytes += nb
+    t = 0.0
+    for p in range(PASSES + 1):
+        if before_pass:
+            before_pass(p)
+        if p == 1:
+            t = time.perf_counter()
+        for b in loader:
+            if p:
+                k, nb = count_bytes(b)
+                n += k
+                nbytes += nb
     return n, nbytes, time.perf_counter() - t
 
 
-def run_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[str], workers: int):
+def run_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[str], workers: int,
+                deliver: bool = True):
     ranges = [[(str(root / index["shard"][r]), index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
                for m in mods] for b in batches for r in b]
     bs = len(batches[0])
-    dl = torch.utils.data.DataLoader(RangeReads(ranges), batch_size=bs, num_workers=workers,
-                                     collate_fn=_collate_list, persistent_workers=False)
-    return _drain(dl, lambda b: (len(b), sum(b)))
+    dl = torch.utils.data.DataLoader(RangeReads(ranges, deliver), batch_size=bs, num_workers=workers,
+                                     collate_fn=_collate_list, persistent_workers=workers > 0)
+    return _drain(dl, _count_ranges)
 
 
 def run_loader(root: str, mods: list[str], workers: int, batch: int, epoch: int, **kw):
-    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers, seed=0,
-                         persistent_workers=False, **kw)
+    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers, seed=0, **kw)
     dm.setup()
     loader = dm.train_dataloader()
-    loader.batch_sampler.set_epoch(epoch)
-    n, _, s = _drain(loader, lambda b: (len(b["key"]), 0))
-    return n, int(dm.loader_metrics()["bytes"]), s
+    marks = {}
+
+    def before(p: int) -> None:
+        loader.batch_sampler.set_epoch(epoch)  # the same samples every pass, as the other methods read
+        marks[p] = dm.loader_metrics()["bytes"]
+
+    n, _, s = _drain(loader, lambda b: (len(b["key"]), 0), before)
+    return n, int(dm.loader_metrics()["bytes"] - marks[1]), s
 
 
 def run_wds(root: Path, mods: list[str], workers: int, batch: int):
@@ -128,8 +150,8 @@ def run_wds(root: Path, mods: list[str], workers: int, batch: int):
     keys = [f"{m}.npy" for m in mods]
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
           .select(lambda sample: all(k in sample for k in keys)).decode(only=keys).to_tuple(*keys).batched(batch, collation_fn=_collate_list))
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-    nbytes = sum(os.path.getsize(u) for u in urls)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    nbytes = PASSES * sum(os.path.getsize(u) for u in urls)
     n, _, s = _drain(dl, lambda b: (len(b), 0))
     return n, nbytes, s
 
@@ -144,8 +166,8 @@ def run_upstream(src: Path, keys: list[str], mods: list[str], workers: int, batc
             files.setdefault(name, {})[m.name] = p
     paths = [files[k] for k in keys if k in files and len(files[k]) == len(tif)]
     dl = torch.utils.data.DataLoader(UpstreamTiffs(paths), batch_size=batch, num_workers=workers,
-                                     collate_fn=_collate_list)
-    nbytes = sum(os.path.getsize(p) for d in paths for p in d.values())
+                                     collate_fn=_collate_list, persistent_workers=workers > 0)
+    nbytes = PASSES * sum(os.path.getsize(p) for d in paths for p in d.values())
     n, _, s = _drain(dl, lambda b: (len(b), 0))
     return n, nbytes, s
 
@@ -200,11 +222,8 @@ def run_s3_ceiling(url: str, batches, index, mods, workers):
                for m in mods] for b in batches for r in b]
     bs = len(batches[0])
     dl = torch.utils.data.DataLoader(S3RangeReads(ranges), batch_size=bs, num_workers=workers,
-                                     collate_fn=passthrough)
-    n_batches = len(batches)
-    t = time.perf_counter()
-    nbytes = sum(dl)
-    return n_batches * bs, nbytes, time.perf_counter() - t
+                                     collate_fn=passthrough, persistent_workers=workers > 0)
+    return _drain(dl, lambda nbytes: (bs, nbytes))
 
 
 # -- 1M-sample index -------------------------------------------------------------------------------------------
@@ -266,12 +285,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=3, help="timed passes per measurement after a warm-up pass")
     ap.add_argument("--work", default=None, help="keep generated data here (default: a temporary directory)")
     ap.add_argument("--big-index", type=int, default=1_000_000)
     ap.add_argument("--big-shards", type=int, default=10_000)
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "loader.json"))
     args = ap.parse_args()
+    global PASSES
+    PASSES = args.passes
 
     work = Path(args.work or tempfile.mkdtemp(prefix="m3leo-bench-loader-"))
     src, shards = work / "src", work / "shards"
@@ -290,19 +312,21 @@ def main() -> None:
         sampler = dm.train_dataloader().batch_sampler
         batches = list(sampler)
         keys = [index["key"][r] for b in batches for r in b]
-        runs: dict[str, list] = {k: [] for k in ("ceiling", "m3leo", "wds", "upstream")}
+        runs: dict[str, list] = {k: [] for k in ("ceiling", "m3leo", "wds", "upstream", "pread_only")}
         for rep in range(args.repeats):
             runs["ceiling"].append(run_ceiling(shards, batches, index, mods, W))
+            runs["pread_only"].append(run_ceiling(shards, batches, index, mods, W, deliver=False))
             runs["m3leo"].append(run_loader(str(shards), mods, W, B, 0))
             runs["wds"].append(run_wds(shards, mods, W, B))
             if label != "all9" or rep == 0:
                 runs["upstream"].append(run_upstream(src, keys, mods, W, B))
         row = {k: median_rate(v) for k, v in runs.items()}
         m = row["m3leo"]["samples_per_s"]
-        row["ratios"] = {f"m3leo/{k}": m / row[k]["samples_per_s"] for k in ("ceiling", "wds", "upstream")}
+        row["ratios"] = {f"m3leo/{k}": m / row[k]["samples_per_s"]
+                         for k in ("ceiling", "wds", "upstream", "pread_only")}
         results["sets"][label] = row
         print(f"\n{label}: {len(keys)} samples, {W} workers, batch {B}")
-        for k in ("ceiling", "m3leo", "wds", "upstream"):
+        for k in ("pread_only", "ceiling", "m3leo", "wds", "upstream"):
             print(f"  {k:9s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
         print("  " + "  ".join(f"{k} = {v:.2f}" for k, v in row["ratios"].items()))
 
