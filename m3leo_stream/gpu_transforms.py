@@ -163,6 +163,7 @@ class _InputPlan:
     in_px: int = 0
     out_px: int = 0
     noise: float = 1.0
+    can_be_invalid: bool = True  # nodata/special values or a float dtype
 
 
 @dataclass
@@ -331,7 +332,8 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
         mean=torch.tensor(mean), std=torch.tensor(std), linear=linear, phase_sincos=sincos, phase_reref=reref,
         ratio_pairs=pairs, onehot_codes=onehot, invalid_values=_invalid_values(m, keep_special), channels=channels,
         out_mean=torch.tensor(out_mean), out_std=torch.tensor(out_std), in_px=m.canonical_px,
-        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 1.0)), **plan_kw,
+        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 1.0)),
+        can_be_invalid=bool(_invalid_values(m, keep_special)) or m.np_dtype.kind == "f", **plan_kw,
     )
 
 
@@ -493,6 +495,7 @@ class DeviceTransforms:
             all_dropped = drop.all(1)
             drop[all_dropped, keep[all_dropped]] = False  # every sample keeps at least one input
         p["drop"] = {n: drop[:, i] for i, n in enumerate(names)}
+        p["noisy"] = noisy
         p["noise_any"] = bool(noisy.any()) and float(nz.get("std", 0.0)) > 0
         return p
 
@@ -574,35 +577,42 @@ class DeviceTransforms:
             codes = torch.tensor(p.onehot_codes, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
             y = (x == codes).float()  # nodata and unknown codes: all zeros
             return y, valid
-        xf = x.float()
-        if band_valid is not None:
-            xf = torch.where(band_valid, xf, 0.0)  # NaN out before any arithmetic
+        if x.is_floating_point() and band_valid is not None:
+            xf = torch.where(band_valid, x.float(), 0.0)  # NaN out before any arithmetic
+        else:
+            xf = x.to(torch.float32, copy=True)  # integer nodata is finite: masked at the end
+        # few full passes, in place (memory-bound on every device): clamp, ratio, standardise, mask
         parts = []
-        clipped = torch.maximum(torch.minimum(xf, buf["hi"]), buf["lo"])
-        z = torch.addcmul(buf["b"], clipped, buf["a"])
+        head_idx = p.phase_sincos + p.phase_reref
+        heads = {j: xf[:, j:j + 1] * float(p.scale[j]) for j in head_idx}  # phase, before standardisation
+        clipped = torch.clamp_(xf, buf["lo"], buf["hi"])
+        ratio = None
+        if p.ratio_pairs:
+            a = torch.tensor([i for i, _ in p.ratio_pairs], device=x.device)
+            b = torch.tensor([j for _, j in p.ratio_pairs], device=x.device)
+            sa, sb = buf["scale"].index_select(1, a), buf["scale"].index_select(1, b)
+            ratio = (clipped.index_select(1, a) * sa - clipped.index_select(1, b) * sb - buf["ratio_mean"])
+            ratio /= buf["ratio_std"]
+            if band_valid is not None:
+                ratio.masked_fill_(~(band_valid.index_select(1, a) & band_valid.index_select(1, b)), 0.0)
+        z = clipped.mul_(buf["a"]).add_(buf["b"])
         if band_valid is not None:
-            z = z.masked_fill(~band_valid, 0.0)
+            z.masked_fill_(~band_valid, 0.0)
         parts.append(z if len(p.linear) == z.shape[1] else z.index_select(1, buf["linear"]))
         for j in p.phase_sincos:
-            ph = xf[:, j:j + 1] * float(p.scale[j])
+            ph = heads[j]
             s, c = torch.sin(ph), torch.cos(ph)
             if band_valid is not None:
                 s, c = s.masked_fill(~band_valid[:, j:j + 1], 0.0), c.masked_fill(~band_valid[:, j:j + 1], 0.0)
             parts += [s, c]
         for j in p.phase_reref:
-            ph = xf[:, j:j + 1] * float(p.scale[j])
+            ph = heads[j]
             ok = band_valid[:, j:j + 1] if band_valid is not None else torch.ones_like(ph, dtype=torch.bool)
             ref = torch.nanmedian(torch.where(ok, ph, torch.nan).flatten(1), dim=1).values
             ref = torch.nan_to_num(ref, nan=0.0).view(-1, 1, 1, 1)  # all-invalid chips: nothing to reference
             parts.append(((ph - ref) / float(p.std[j])).masked_fill(~ok, 0.0))
-        if p.ratio_pairs:
-            phys = clipped * buf["scale"]
-            a = torch.tensor([i for i, _ in p.ratio_pairs], device=x.device)
-            b = torch.tensor([j for _, j in p.ratio_pairs], device=x.device)
-            r = (phys.index_select(1, a) - phys.index_select(1, b) - buf["ratio_mean"]) / buf["ratio_std"]
-            if band_valid is not None:
-                r = r.masked_fill(~(band_valid.index_select(1, a) & band_valid.index_select(1, b)), 0.0)
-            parts.append(r)
+        if ratio is not None:
+            parts.append(ratio)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return y, valid
 
@@ -674,18 +684,27 @@ class DeviceTransforms:
             if name not in batch:
                 raise KeyError(f"transforms: batch has no input {name!r} (keys: {', '.join(map(str, batch))})")
             y, valid = self.normalize_input(name, batch[name])
+            warped = any_crop or y.shape[-1] != p.out_px
             y = geom(y, y.shape[-1], p.out_px, "bilinear")
             valid = geom_mask(valid, valid.shape[-1], p.out_px)
-            y = y * valid  # resampling next to invalid pixels must not leak; invalid stays 0 (the mean)
+            if warped and p.can_be_invalid:
+                y.mul_(valid)  # resampling next to invalid pixels must not leak; invalid stays 0 (the mean)
             if params["noise_any"]:
                 if noise_gen is None:
                     noise_gen = self.generator(step, "noise", dev)
-                sd = params["noise_std"][name].to(dev).view(bsz, -1, 1, 1)
-                y = y + torch.randn(y.shape, generator=noise_gen, device=dev, dtype=y.dtype) * sd * valid
+                idx = torch.nonzero(params["noisy"]).flatten()
+                sd = params["noise_std"][name][idx].to(dev).view(len(idx), -1, 1, 1)
+                di = idx.to(dev)
+                noise = torch.randn((len(idx), *y.shape[1:]), generator=noise_gen, device=dev, dtype=y.dtype)
+                noise.mul_(sd)
+                if p.can_be_invalid:
+                    noise.mul_(valid.index_select(0, di))
+                y.index_add_(0, di, noise)  # per-band noise on the noisy samples only
+                del noise
             if self.train:
                 drop = params["drop"][name]
                 if bool(drop.any()):
-                    y = y * (~drop).to(dev, y.dtype).view(-1, 1, 1, 1)
+                    y.index_fill_(0, torch.nonzero(drop).flatten().to(dev), 0.0)
                 out[f"{name}_dropped"] = drop.to(dev)
             out[name] = y
             out[f"{name}_valid"] = valid
