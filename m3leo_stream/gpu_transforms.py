@@ -500,12 +500,21 @@ class DeviceTransforms:
         return p
 
     @staticmethod
-    def theta(box: torch.Tensor) -> torch.Tensor:
-        """(B, 2, 3) affine maps from output to input normalised coordinates for crop boxes (x0, y0, w, h)."""
+    def theta(box: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 2, 3) affine maps from output to input normalised coordinates for crop boxes (x0, y0, w, h),
+        optionally preceded by dihedral elements ``d`` (the same element :func:`dihedral` applies)."""
         x0, y0, w, h = box.unbind(1)
         t = torch.zeros(box.shape[0], 2, 3, dtype=torch.float64)
         t[:, 0, 0], t[:, 0, 2] = w, -1 + 2 * x0 + w
         t[:, 1, 1], t[:, 1, 2] = h, -1 + 2 * y0 + h
+        if d is not None:
+            # output (u, v) → flip v (bit 1) → flip u (bit 0) → swap (bit 2) → crop box
+            m = torch.eye(2, dtype=torch.float64).repeat(len(d), 1, 1)
+            m[:, 1, 1] = torch.where(d & 2 > 0, -1.0, 1.0)
+            m[:, 0, 0] = torch.where(d & 1 > 0, -1.0, 1.0)
+            swap = (d & 4) > 0
+            m[swap] = m[swap].flip(1)
+            t[:, :, :2] = t[:, :, :2] @ m
         return t.float()
 
     # -- normalisation -----------------------------------------------------------------------------------------
@@ -664,19 +673,21 @@ class DeviceTransforms:
             raise KeyError(f"transforms: batch has no {names[0]!r} (keys: {', '.join(map(str, batch))})")
         bsz = first.shape[0]
         params = self.sample_params(bsz, step)
-        theta = self.theta(params["box"])
-        any_crop = bool(params["crop"].any())
         d = params["dihedral"]
+        # one resampling pass per tensor: crop + resize + dihedral folded into one grid when a warp is needed
+        # anyway; otherwise the dihedral element is applied by exact index ops
+        theta = self.theta(params["box"], d)
+        any_crop = bool(params["crop"].any())
         dev = first.device
 
         def geom(x: torch.Tensor, in_px: int, out_px: int, mode: str) -> torch.Tensor:
             if any_crop or in_px != out_px or x.shape[-1] != out_px:
-                x = _warp(x, theta, out_px, mode)
+                return _warp(x, theta, out_px, mode)
             return dihedral(x, d)
 
         def geom_mask(v: torch.Tensor, in_px: int, out_px: int) -> torch.Tensor:
             if any_crop or v.shape[-1] != out_px:
-                v = _warp(v.float(), theta, out_px, "nearest") > 0.5
+                return _warp(v.float(), theta, out_px, "nearest") > 0.5
             return dihedral(v, d)
 
         noise_gen = None
@@ -716,7 +727,8 @@ class DeviceTransforms:
                 if any_crop or y.shape[-1] != p.out_px:
                     # class indices and -100 are exact in float32; nearest never mixes them
                     y = _warp(y.unsqueeze(1).float(), theta, p.out_px, "nearest").squeeze(1).round().long()
-                y = dihedral(y, d)
+                else:
+                    y = dihedral(y, d)
                 valid = (y != self.ignore_index).unsqueeze(1)
             else:
                 y = geom(y, y.shape[-1], p.out_px, "bilinear")

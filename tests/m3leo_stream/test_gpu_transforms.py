@@ -333,3 +333,19 @@ def test_cpu_and_cuda_agree(small_stats):
         torch.testing.assert_close(gpu[k].cpu(), cpu[k], atol=1e-4, rtol=1e-4)
     for k in ("lab", "sar_valid", "lab_valid", "crs_valid"):
         assert (gpu[k].cpu() != cpu[k]).float().mean() < 1e-3, k  # nearest ties may fall differently
+
+
+def test_dihedral_folded_into_the_warp_matches_index_ops(small_stats):
+    """With a crop in the batch, flips/rotations ride in the resampling grid; they must equal the exact index ops."""
+    plain = _small(small_stats, aug={"dihedral": True, "resized_crop": {"p": 0.0}, "noise": {"p": 0.0}})
+    full = {"dihedral": True, "resized_crop": {"p": 1.0, "scale": [1.0, 1.0], "ratio": [1.0, 1.0]},
+            "noise": {"p": 0.0}}
+    warped = _small(small_stats, aug=full)
+    b = _pattern(16)
+    assert torch.equal(plain.sample_params(16, 9)["dihedral"], warped.sample_params(16, 9)["dihedral"])
+    d = plain.sample_params(16, 9)["dihedral"]
+    assert len(d.unique()) >= 4 and (d & 4 > 0).any() and (d & 3 > 0).any()  # transposes and flips both drawn
+    x, y = plain(b, step=9), warped(b, step=9)
+    for k in ("lab", "sar_valid", "lab_valid", "crs", "crs_valid"):
+        assert torch.equal(x[k], y[k]), k
+    torch.testing.assert_close(x["sar"], y["sar"], atol=1e-5, rtol=0)
