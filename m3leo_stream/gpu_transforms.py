@@ -226,9 +226,9 @@ def _per_band(value: Any, n: int, what: str, name: str) -> list[float] | None:
 def _clip_bounds(spec: Any, m: Modality, band: str, s: Mapping[str, Any], st, scale: float) -> tuple[float, float]:
     if spec is None:
         return (-math.inf, math.inf)
-    if isinstance(spec, Mapping):  # {pattern: spec}; first matching pattern wins
+    if isinstance(spec, Mapping):  # {band-name token or fnmatch pattern: spec}; the first match wins
         for pat, sub in spec.items():
-            if fnmatch.fnmatchcase(band, pat):
+            if pat in band.split("_") or fnmatch.fnmatchcase(band, pat):
                 return _clip_bounds(sub, m, band, s, st, scale)
         return (-math.inf, math.inf)
     if spec == "percentiles":
@@ -238,7 +238,7 @@ def _clip_bounds(spec: Any, m: Modality, band: str, s: Mapping[str, Any], st, sc
         lo, hi = (-math.inf if spec[0] is None else float(spec[0]), math.inf if spec[1] is None else float(spec[1]))
         return (lo, hi)
     raise ValueError(f"transforms: clip of modality {m.name!r} must be null, 'percentiles', [lo, hi] or "
-                     f"{{band_pattern: ...}}, got {spec!r}")
+                     f"{{band token or pattern: ...}}, got {spec!r}")
 
 
 def _invalid_values(m: Modality, keep_special: bool) -> list[float]:

@@ -210,9 +210,10 @@ def test_normalisation_inverts_and_standardises():
     torch.testing.assert_close(back, torch.minimum(torch.maximum(s1.float(), lo), hi), atol=1e-4, rtol=1e-5)
 
 
-def test_band_selection_and_ratio(small_stats):
+@pytest.mark.parametrize("clip", [{"*_vv_*": [0, 20]}, {"vv": [0, 20]}])  # fnmatch pattern or band-name token
+def test_band_selection_and_ratio(small_stats, clip):
     s = small_stats["sar"]["global"]
-    t = _small(small_stats, train=False, modalities={"sar": {"ratio": True, "clip": {"*_vv_*": [0, 20]}}})
+    t = _small(small_stats, train=False, modalities={"sar": {"ratio": True, "clip": clip}})
     assert t.channels["sar"] == ["s_vv_a", "s_vh_a", "s_vv-vh_a"]
     b = _pattern(2, nodata_block=False)
     out = t(b)["sar"]
