@@ -195,6 +195,27 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
     return info, t
 
 
+def set_resumed_epoch(dm, task) -> None:
+    """WORKAROUND (datamodule): make ``dm.train_dataloader()`` start its batch sampler at the trainer's epoch.
+
+    Lightning creates the training iterator inside ``FitLoop.setup_data`` right after calling
+    ``train_dataloader()``, before any hook, and never calls ``set_epoch`` on a batch sampler; the sampler is
+    created at epoch 0, so a run resumed in epoch e > 0 would replay epoch 0's order from the restored position.
+    This wraps the DataModule's ``train_dataloader`` (on this instance only) to set the restored epoch (+1 when the
+    checkpoint was taken at an epoch's last batch, see ``tasks.fix_epoch_end_resume``)."""
+    original = dm.train_dataloader
+
+    def train_dataloader():
+        loader = original()
+        trainer = getattr(dm, "trainer", None)
+        bs = getattr(loader, "batch_sampler", None)
+        if trainer is not None and callable(getattr(bs, "set_epoch", None)):
+            bs.set_epoch(int(trainer.current_epoch) + (1 if getattr(task, "resumed_at_epoch_end", False) else 0))
+        return loader
+
+    dm.train_dataloader = train_dataloader
+
+
 def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     task_cfg = _plain(cfg.task)
     model_cfg = _plain(cfg.model)
@@ -206,7 +227,7 @@ def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
 def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LoaderMetrics, TrainingSpeed
+    from m3leo_stream.callbacks import FinalCheckpoint, ImagePanels, SetLoaderEpoch, KeyRecorder, LoaderMetrics, TrainingSpeed
 
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
@@ -222,6 +243,8 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
                                monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
                                save_last=False, auto_insert_metric_name=False)
         cbs.append(best)
+    cbs.append(FinalCheckpoint(_join(str(ck.dir), "last.ckpt")))
+    cbs.append(SetLoaderEpoch())
     cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
@@ -231,11 +254,12 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
 
 def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
     w = cfg.logger.get("wandb") if cfg.get("logger") else None
-    if w is None:
-        return False
-    mode = wandb_mode(w.get("mode"))
-    if mode == "disabled":
-        return False
+    mode = wandb_mode(w.get("mode")) if w is not None else "disabled"
+    if mode == "disabled":  # still keep metrics: a CSV log in the run directory
+        from lightning.pytorch.loggers import CSVLogger
+
+        local = str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "csv-logs"
+        return CSVLogger(save_dir=local, name="csv", version=run_id)
     from lightning.pytorch.loggers import WandbLogger
 
     save_dir = w.get("save_dir") or (str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "wandb-runs")
@@ -282,6 +306,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = build_task(cfg, info)
     task.channel_names = info["channel_names"]
     task.denormalize = transforms.denormalize
+    set_resumed_epoch(dm, task)
 
     run_id = stable_run_id(ckpt_path, ckpt_dir, so)
     task.run_info["wandb_run_id"] = run_id
@@ -303,7 +328,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     final = _join(ckpt_dir, "last.ckpt")
-    trainer.save_checkpoint(final)  # the exact end state (also when max_steps is not a multiple of the interval)
 
     results: dict[str, Any] = {"checkpoint": final, "best_checkpoint": best_cb.best_model_path if best_cb else None,
                                "run_id": run_id, "global_step": int(trainer.global_step)}
@@ -314,10 +338,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             save_encoder(task.encoder, url, {"channel_names": info["channel_names"], "run_id": run_id})
         results["encoder"] = url
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test_after_fit"):
         trainer.test(task, datamodule=dm)
-    results["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if logger:
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    results["metrics"] = metrics
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
         exp = logger.experiment
         results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
         results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
@@ -333,11 +361,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   f"{results['best_checkpoint']}")
         if results.get("encoder"):
             print(f"[m3leo] encoder: {results['encoder']}")
-        if logger:
+        if results.get("wandb_mode"):
             where = results.get("wandb_url") or results.get("wandb_dir")
             print(f"[m3leo] W&B run {run_id} ({results['wandb_mode']}): {where}")
             if results["wandb_mode"] == "offline":
                 print(f"[m3leo]   upload later with: wandb sync {results.get('wandb_dir')}")
+        else:
+            print(f"[m3leo] W&B disabled; metrics: {getattr(logger, 'log_dir', None)}")
         print(json.dumps({"m3leo_result": {k: v for k, v in results.items() if k != "metrics"}}))
     return results
 
