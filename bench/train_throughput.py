@@ -113,6 +113,14 @@ def _fit(args, batch_size: int, cached: bool) -> dict[str, float]:
     dev = torch.device(args.device)
     raw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in raw.items()}
     batch = t(raw, step=0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(5):
+        t(raw, step=i + 1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    transforms_s = (time.perf_counter() - t0) / 5
     n = args.warmup + args.steps
 
     class Repeat(torch.utils.data.IterableDataset):
@@ -122,7 +130,7 @@ def _fit(args, batch_size: int, cached: bool) -> dict[str, float]:
 
     loader = torch.utils.data.DataLoader(Repeat(), batch_size=None)
     trainer.fit(task, train_dataloaders=loader)
-    return rec.result(batch_size)
+    return {**rec.result(batch_size), "device_transforms_s_per_batch": transforms_s}
 
 
 def _largest_batch(args) -> int:
@@ -140,6 +148,16 @@ def _largest_batch(args) -> int:
     if best is None:
         raise SystemExit("even batch 8 does not fit")
     return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -165,12 +183,12 @@ def main() -> None:
     bs = _largest_batch(args) if args.batch_size == "auto" else int(args.batch_size)
     compute = _fit(args, bs, cached=True)
     pipeline = _fit(args, bs, cached=False)
-    where = ("CPU " + platform.processor() + f" ({os.cpu_count()} cores)") if args.device == "cpu" \
-        else torch.cuda.get_device_name(0)
+    where = f"CPU {_cpu_name()} ({os.cpu_count()} cores)" if args.device == "cpu" else torch.cuda.get_device_name(0)
     res = {
         "device": where, "experiment": "pretrain_mae", "model": {"size": args.size, "dim": args.dim,
                                                                 "depth": args.depth, "heads": args.heads,
                                                                 "patch": args.patch},
+        "load_avg_1m_at_end": os.getloadavg()[0],
         "grid_px": args.grid, "precision": args.precision, "batch_size": bs, "workers": args.workers,
         "steps_measured": args.steps, "compute_only": compute, "pipeline": pipeline,
         "pipeline_over_compute": pipeline["samples_per_s_per_device"] / compute["samples_per_s_per_device"],
@@ -179,7 +197,8 @@ def main() -> None:
     print(f"{'':>14} {'samples/s/device':>17} {'step s':>8} {'data wait':>10}")
     for name, r in (("compute only", compute), ("pipeline", pipeline)):
         print(f"{name:>14} {r['samples_per_s_per_device']:>17.2f} {r['step_s']:>8.3f} {r['data_wait_frac']:>10.1%}")
-    print(f"pipeline / compute = {res['pipeline_over_compute']:.2f}")
+    print(f"pipeline / compute = {res['pipeline_over_compute']:.2f}; device transforms alone "
+          f"{compute['device_transforms_s_per_batch']:.3f} s/batch on {args.device} (inside the pipeline's data wait)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -232,7 +232,8 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
     last = ModelCheckpoint(dirpath=ck.dir, filename="step{step:08d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=int(ck.every_n_train_steps) or None, auto_insert_metric_name=False)
+                           every_n_train_steps=int(ck.every_n_train_steps) or None, auto_insert_metric_name=False,
+                           enable_version_counter=False)  # last.ckpt is also written by FinalCheckpoint
     cbs: list[pl.Callback] = [last]
     best = None
     if ck.monitor:
@@ -345,15 +346,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["metrics"] = metrics
     from lightning.pytorch.loggers import WandbLogger
 
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         exp = logger.experiment
         results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
         results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
         results["wandb_url"] = getattr(exp, "url", None)
-        if trainer.is_global_zero:
-            import wandb
+        import wandb
 
-            wandb.finish()
+        wandb.finish()
     if trainer.is_global_zero:
         print(f"[m3leo] checkpoint: {final}")
         if results["best_checkpoint"]:
