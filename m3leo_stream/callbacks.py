@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinalCheckpoint", "SetLoaderEpoch", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
+__all__ = ["LastCheckpoint", "SetLoaderEpoch", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
            "rgb_s2"]
 
 
@@ -119,27 +119,34 @@ class SetLoaderEpoch(pl.Callback):
             bs.set_epoch(trainer.current_epoch)
 
 
-class FinalCheckpoint(pl.Callback):
-    """Save ``path`` (the run's ``last.ckpt``) inside the training loop at the last step (``max_steps``) and when
-    fitting stops early (e.g. ``max_epochs``), so the checkpoint resumes mid-epoch at the next unseen batch.
+class LastCheckpoint(pl.Callback):
+    """Write ``path`` (the run's ``last.ckpt``, any fsspec URL) inside the training loop every ``every_n_steps``
+    steps and at the last step (``max_steps``), and at the end of training when fitting stopped otherwise
+    (``max_epochs``: the epoch is then really finished).
 
-    A checkpoint written after ``fit`` returns would record the epoch as finished (Lightning's loop state), and
-    a resumed run would skip the rest of that epoch; ModelCheckpoint's ``every_n_train_steps`` alone misses the
-    final step when ``max_steps`` is not a multiple of it."""
+    Why not ModelCheckpoint(save_last=True): Lightning 2.6 also writes ``last`` in ``on_train_end`` when it has not
+    saved one yet, i.e. AFTER the loop, and a checkpoint written after the loop records the epoch as finished, so a
+    run stopped by ``max_steps`` mid-epoch and resumed from it would skip the rest of that epoch."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, every_n_steps: int | None = None):
         self.path = path
+        self.every = int(every_n_steps or 0)
         self._saved_step = -1
 
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            trainer.save_checkpoint(self.path)
-            self._saved_step = trainer.global_step
+        step = trainer.global_step
+        if step == self._saved_step:
+            return
+        if (trainer.max_steps > 0 and step >= trainer.max_steps) or (self.every and step % self.every == 0):
+            self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
-            self._saved_step = trainer.global_step
+            self._save(trainer)
 
 
 class KeyRecorder(pl.Callback):

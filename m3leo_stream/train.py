@@ -61,19 +61,27 @@ def _is_local(url: str) -> bool:
 
 
 def resolve_resume(resume: Any, ckpt_dir: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """``auto`` → ``<ckpt_dir>/last.ckpt`` when it exists, ``null`` → None, anything else → that path/URL."""
+    """``auto`` → the newest of ``<ckpt_dir>/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning writes there on a
+    Slurm requeue signal (None when there is none), ``null`` → None, anything else → that path/URL."""
     if resume in (None, "", "null", "none", False):
         return None
     if str(resume) != "auto":
         return str(resume)
     fs, path = _fs(ckpt_dir, storage_options)
-    last = _join(path, "last.ckpt")
     try:
-        if fs.exists(last):
-            return _join(ckpt_dir, "last.ckpt")
-    except FileNotFoundError:
-        pass
-    return None
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    found = [n for n in names if n == "last.ckpt" or re.fullmatch(r"hpc_ckpt_\d+\.ckpt", n)]
+    if not found:
+        return None
+
+    def mtime(name: str) -> float:
+        info = fs.info(_join(path, name))
+        t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+    return _join(ckpt_dir, max(found, key=mtime))
 
 
 def _read_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -224,17 +232,16 @@ def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     return task
 
 
-def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
+def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from m3leo_stream.callbacks import FinalCheckpoint, ImagePanels, SetLoaderEpoch, KeyRecorder, LoaderMetrics, TrainingSpeed
+    from m3leo_stream.callbacks import (ImagePanels, KeyRecorder, LastCheckpoint, LoaderMetrics, SetLoaderEpoch,
+                                        TrainingSpeed)
 
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
-    last = ModelCheckpoint(dirpath=ck.dir, filename="step{step:08d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=int(ck.every_n_train_steps) or None, auto_insert_metric_name=False,
-                           enable_version_counter=False)  # last.ckpt is also written by FinalCheckpoint
-    cbs: list[pl.Callback] = [last]
+    cbs: list[pl.Callback] = [LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0)),
+                              SetLoaderEpoch()]
     best = None
     if ck.monitor:
         if ck.mode not in ("min", "max"):
@@ -244,13 +251,11 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
                                monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
                                save_last=False, auto_insert_metric_name=False)
         cbs.append(best)
-    cbs.append(FinalCheckpoint(_join(str(ck.dir), "last.ckpt")))
-    cbs.append(SetLoaderEpoch())
     cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
         cbs.append(KeyRecorder(str(cfg.record_keys_dir)))
-    return cbs, last, best
+    return cbs, best
 
 
 def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
@@ -312,12 +317,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_id = stable_run_id(ckpt_path, ckpt_dir, so)
     task.run_info["wandb_run_id"] = run_id
     logger = build_logger(cfg, run_id, dm)
-    callbacks, last_cb, best_cb = build_callbacks(cfg)
+    callbacks, best_cb = build_callbacks(cfg)
 
     tcfg = _plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
-                         default_root_dir=str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else None)
+                         default_root_dir=ckpt_dir)  # where SLURM requeue writes hpc_ckpt_N.ckpt (any fsspec URL)
 
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
     if trainer.is_global_zero:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,12 @@ def test_wandb_offline_files_have_metrics_and_no_secrets(small_shards, tmp_path,
     assert res["wandb_mode"] == "offline"
     runs = offline_runs(str(run_dir))
     assert len(runs) == 1
-    r = read_run(runs[0])
+    deadline = time.monotonic() + 60  # wandb-core may still be flushing the offline file after finish()
+    while True:
+        r = read_run(runs[0])
+        if (r["run_id"] and any("val/loss" in row for row in r["history"])) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert r["run_id"] == res["run_id"]
     keys = set().union(*map(set, r["history"]))
     expected = {"train/loss", "train/loss/s1grd", "train/loss/s2rgbm", "train/loss/gssic", "val/loss",
