@@ -240,3 +240,21 @@ def test_command_line(small_shards, tmp_path):
     res = json.loads(line)["m3leo_result"]
     assert Path(res["checkpoint"]).is_file() and res["wandb_mode"] == "offline"
     assert not list(tmp_path.glob("*.log")), "hydra wrote log files into the working directory"
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_checkpoints_on_s3_and_resume(small_shards, tmp_path, s3):
+    """checkpoint.dir on S3 (moto on loopback): last + best written there, resume=auto finds them, same run id."""
+    import fsspec
+
+    bucket = s3.new_bucket()
+    ck = f"s3://{bucket}/runs/demo/checkpoints"
+    extra = [f"checkpoint.dir={ck}", "checkpoint.every_n_train_steps=2"]
+    a = run_exp("demo", small_shards, tmp_path / "r", extra)
+    fs = fsspec.filesystem("s3")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ck, refresh=True))
+    assert "last.ckpt" in names and "wandb_run_id.txt" in names and any(n.startswith("best-") for n in names)
+    b = run_exp("demo", small_shards, tmp_path / "r", extra + ["trainer.max_steps=3"])
+    assert b["global_step"] == 3 and b["run_id"] == a["run_id"]
+    assert b["checkpoint"] == f"{ck}/last.ckpt"
