@@ -320,7 +320,9 @@ def cut_chip(job: _Job, m: Modality, readers: _Readers) -> tuple[str, np.ndarray
             try:
                 arr, ok = warp_chip(readers.get(r.path), r, job.chip.bounds, px)
             except Exception as e:  # noqa: BLE001
-                raise IngestError(f"{r.path}: reading the window of chip {job.chip.identifier} failed: {e}") from e
+                cause = f" ({e.__cause__})" if e.__cause__ else ""
+                raise IngestError(f"{r.path}: reading the window of chip {job.chip.identifier} failed: "
+                                  f"{e}{cause}") from e
             if out is None:
                 fill = m.nodata if m.nodata is not None else 0
                 out = np.full(arr.shape, fill, dtype=m.np_dtype)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_bounds
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from shard_tools import grid, hub
@@ -81,7 +82,7 @@ def bounds_wkt(b) -> str:
 
 def raster_grid(path: Path, out: Path, region: str):
     with rasterio.open(path) as src:
-        b = rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        b = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
     return make_grid(read_aoi(bounds_wkt(b)), str(out), region)
 
 
@@ -265,6 +266,7 @@ def test_large_raster_is_read_by_windows_only(tmp_path, user_yaml):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["s"]["chips_written"] >= 4
+    print("peak RSS MiB", out["rss_kb"] / 1024)
     assert out["rss_kb"] * 1024 < 700e6, f"peak RSS {out['rss_kb'] / 1024:.0f} MiB: the raster was loaded whole?"
 
 
@@ -309,8 +311,7 @@ def test_real_sen1floods11_s1_s2_match_a_direct_windowed_read(real_data, tmp_pat
             ref, inside = nearest_reference(real_data / fname, chips[ident].bounds, 448)
             assert str(arr.dtype) == str(ref.dtype)
             got_valid = ~(np.isnan(arr) if arr.dtype.kind == "f" else arr == nodata)
-            agree = (arr == ref)[:, inside]
-            assert agree.mean() > 0.999, (fname, ident, agree.mean())
+            np.testing.assert_array_equal(arr[:, inside], ref[:, inside], err_msg=f"{fname} chip {ident}")
             assert not got_valid[:, ~inside].any()  # outside the footprint: nodata
             coverage[ident] = inside.mean()
         best = max(coverage, key=coverage.get)
@@ -325,7 +326,7 @@ def test_real_sen1floods11_s1_s2_match_a_direct_windowed_read(real_data, tmp_pat
     inner[[0, -1], :] = False
     inner[:, [0, -1]] = False
     assert not np.isnan(arr[:, inside]).any()
-    assert np.median(np.abs(arr - ref)[:, inner]) < 1.5  # dB; speckle differs pixel to pixel
+    assert np.median(np.abs(arr - ref)[:, inner]) < 0.5  # dB; speckle differs pixel to pixel
     # build takes the user modalities through to shards
     out = tmp_path / "shards"
     assert cli(["build", str(tmp_path / "hub"), str(out), "--modalities-file", user_yaml, "-q",
@@ -460,7 +461,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(real_data, tmp_path, user_yam
     _nothing_written(hubdir)
 
 
-def test_a_failure_midway_publishes_nothing(tmp_path, user_yaml):
+def test_a_failure_midway_publishes_nothing(tmp_path, user_yaml, monkeypatch):
     """A file whose header is fine but whose later tiles are cut off fails on a chip after others succeeded: the
     chips already cut are not published."""
     codes = np.random.default_rng(2).integers(1, 6, size=(1, 2048, 2048)).astype(np.uint8)
@@ -470,6 +471,12 @@ def test_a_failure_midway_publishes_nothing(tmp_path, user_yaml):
     cut.write_bytes(data[: int(len(data) * 0.6)])
     hubdir = tmp_path / "hub"
     make_grid(read_aoi(bounds_wkt((9.0, 45.0, 9.12, 45.1))), str(hubdir), "cut")
+    import shard_tools.ingest as ingest_mod
+
+    done = []
+    real_cut = ingest_mod.cut_chip
+    monkeypatch.setattr(ingest_mod, "cut_chip", lambda *a: done.append(real_cut(*a)) or done[-1])
     with pytest.raises(IngestError, match=r"cut\.tif: reading the window of chip [0-9a-f]{13} failed"):
         ingest(IngestConfig(str(hubdir), [str(cut)], "landuse", user_yaml, progress=False, workers=2))
-    _nothing_written(hubdir)
+    assert any(st == "written" for st, _ in done)  # some chips were cut before the failure ...
+    _nothing_written(hubdir)  # ... and none of them was published
