@@ -215,7 +215,8 @@ def make_parser() -> argparse.ArgumentParser:
     ig.add_argument("--folder", default=None, help="data folder name (default: the modality's, e.g. its name)")
     ig.add_argument("--year", type=int, default=None, help="year for year-bearing folders (esaworldcover-YYYY ...)")
     ig.add_argument("--src-nodata", type=float, default=None, help="nodata value of rasters that lack the tag")
-    ig.add_argument("--compress", default="deflate", choices=["none", "deflate", "zstd", "lzw"])
+    ig.add_argument("--compress", default="none", choices=["none", "deflate", "zstd", "lzw"],
+                    help="chip GeoTIFF compression (upstream chips are uncompressed)")
     storage(ig)
     ig.set_defaults(func=cmd_ingest)
 

@@ -244,6 +244,32 @@ def test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml):
     assert 0 < len(cat_chips) < len(chips)
 
 
+@pytest.mark.parametrize("resampling", ["bilinear", "average", "nearest"])
+def test_unmasked_fast_warp_equals_the_masked_warp(tmp_path, resampling):
+    """Where no source pixel under a chip is nodata, ingest warps without masks (faster); the result must be the
+    same as the masked warp. Where nodata is under the chip, the masked warp is chosen."""
+    from shard_tools.ingest import RasterSource, _window_is_clean, warp_chip
+
+    rng = np.random.default_rng(3)
+    data = (1000 + rng.normal(0, 200, (1, 800, 800))).astype(np.int16)
+    data[0, 700:, 700:] = -32768  # a nodata corner
+    path = _write(tmp_path / "utm.tif", data, (500_000, 5_000_000, 508_000, 5_008_000), "EPSG:32632",
+                  nodata=-32768, tiled=True)
+    r = RasterSource(str(path), "EPSG:32632", (0, 0, 0, 0), [1], [None], "int16", -32768.0, 10.0, resampling)
+    clean = grid.make_chip("t", 9.03, 45.18).bounds  # well inside, away from the corner
+    with rasterio.open(path) as src:
+        assert _window_is_clean(src, r, clean, 112)
+        fast, fast_ok = warp_chip(src, r, clean, 112, fast=True)
+        slow, slow_ok = warp_chip(src, r, clean, 112, fast=False)
+        np.testing.assert_array_equal(fast, slow)
+        assert fast_ok.all() and slow_ok.all()
+        from rasterio.warp import transform_bounds as tb
+
+        w, s_, e, n = tb("EPSG:32632", "EPSG:4326", 507_000, 5_000_000, 508_000, 5_001_000)
+        corner = grid.chip_bounds((w + e) / 2, (s_ + n) / 2)
+        assert not _window_is_clean(src, r, corner, 112)  # nodata and the raster's edge under this chip
+
+
 def test_large_raster_is_read_by_windows_only(tmp_path, user_yaml):
     """A 36000×36000 uint8 GeoTIFF (1.3 GB decoded, sparse on disk) is cut without loading it: peak memory stays
     far below its decoded size."""
