@@ -121,6 +121,8 @@ def run_case(name: str, raster: Path, hubdir: Path, modality: str, yaml_path: st
     summary = {}
     for _ in range(repeats):
         ceil_s.append(ceiling(raster, chips, workers))
+        for d in hubdir.glob("*_partitions_aschips_*/*"):
+            shutil.rmtree(d)  # each repeat is a fresh ingest, not a rerun replacing files
         t0 = time.perf_counter()
         summary = ingest(IngestConfig(str(hubdir), [str(raster)], modality, yaml_path, workers=workers, year=year,
                                       progress=False))

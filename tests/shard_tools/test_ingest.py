@@ -361,6 +361,28 @@ def test_real_sen1floods11_s1_s2_match_a_direct_windowed_read(real_data, tmp_pat
     assert manifest["members"] == {"s1floods": len(res.chips), "s2l1c": len(res.chips)}
 
 
+@pytest.mark.parametrize("fname", [WORLDCOVER, S2, DEM])
+def test_real_lonlat_nearest_index_path_equals_gdal_warp(real_data, tmp_path, fname):
+    """Lon/lat sources cut with nearest skip GDAL's warper (pure index selection); on every chip that gives exactly
+    what the warper gives, values and validity (DEM: compound EPSG:9707 counts as lon/lat)."""
+    from m3leo_stream.modalities import Modality
+    from shard_tools.ingest import index_chip, inspect_raster, warp_chip
+
+    path = real_data / fname
+    res = raster_grid(path, tmp_path / "hub", "t")
+    with rasterio.open(path) as src:
+        m = Modality(name="t", folder_pattern="t", file_ext="tif", bands=tuple(f"b{i}" for i in range(src.count)),
+                     dtype=src.dtypes[0], kind="continuous", resolution_m=10, description="", source="")
+        r = inspect_raster(str(path), m, IngestConfig("", [], "t"))
+        assert r.lonlat
+        r.resampling = "nearest"
+        for c in res.chips:
+            a, a_ok = index_chip(src, r, c.bounds, 448)
+            b, b_ok = warp_chip(src, r, c.bounds, 448, fast=False)
+            np.testing.assert_array_equal(a_ok, b_ok)
+            np.testing.assert_array_equal(a[a_ok], b[b_ok])
+
+
 def test_real_worldcover_chips_cover_the_crop_and_keep_class_codes(real_data, tmp_path):
     path = real_data / WORLDCOVER
     res = raster_grid(path, tmp_path / "hub", "saotome")
