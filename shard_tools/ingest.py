@@ -431,6 +431,28 @@ def cut_chip(job: _Job, m: Modality, readers: _Readers) -> tuple[str, np.ndarray
 # ------------------------------------------------------------------ driver
 
 
+def expand_rasters(paths: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Expand glob patterns (``tiles/*.tif``, ``gs://bucket/export-*.tif``) in order; a pattern matching nothing is
+    an error."""
+    import glob as _glob
+
+    out: list[str] = []
+    for p in paths:
+        if not any(ch in p for ch in "*?[") or p.startswith(NATIVE_URL):
+            out.append(p)
+            continue
+        if "://" in p and not p.startswith("file://"):
+            fs, fp = get_fs(p, storage_options)
+            proto = p.split("://", 1)[0]
+            found = [f"{proto}://{m}" for m in sorted(fs.glob(fp))]
+        else:
+            found = sorted(_glob.glob(p[len("file://"):] if p.startswith("file://") else p))
+        if not found:
+            raise IngestError(f"--raster {p}: the pattern matches no file")
+        out += found
+    return out
+
+
 def _find_region(cfg: IngestConfig):
     fs, root = get_fs(cfg.chips, cfg.storage_options)
     try:
@@ -465,7 +487,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     m = resolve_modality(cfg.modality, cfg.modalities_file)
     folder = choose_folder(m, cfg.folder, cfg.year)
     fs, rsrc, chips = _find_region(cfg)
-    sources = [inspect_raster(p, m, cfg) for p in cfg.rasters]
+    sources = [inspect_raster(p, m, cfg) for p in expand_rasters(cfg.rasters, cfg.storage_options)]
     for r in sources:
         r.resampling = pick_resampling(cfg.resampling, m, r.pixel_m)
     counts = {len(r.indexes) for r in sources}

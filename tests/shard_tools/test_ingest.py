@@ -310,6 +310,13 @@ def test_ingest_from_an_s3_url(tmp_path, s3, user_yaml):
     res = make_grid(read_aoi(bounds_wkt((9.01, 45.01, 9.04, 45.04))), str(hubdir), "remote")
     s = ingest(IngestConfig(str(hubdir), [url], "landuse", user_yaml, progress=False))
     assert s["chips_written"] == len(res.chips)
+    # a pattern at a URL is expanded (an Earth Engine export arrives as several tiles)
+    fs.put_file(str(local), f"s3://{bucket}/rasters/lu-0001.tif")
+    s_glob = ingest(IngestConfig(str(hubdir), [f"s3://{bucket}/rasters/lu*.tif"], "landuse", user_yaml,
+                                 progress=False, folder="landuse"))
+    assert [r["path"] for r in s_glob["rasters"]] == [f"s3://{bucket}/rasters/lu-0001.tif", url]
+    with pytest.raises(IngestError, match="matches no file"):
+        ingest(IngestConfig(str(hubdir), [f"s3://{bucket}/none*.tif"], "landuse", user_yaml, progress=False))
     s_local = ingest(IngestConfig(str(hubdir), [str(local)], "landuse", user_yaml, progress=False,
                                   folder="landuse"))
     assert s_local["chips_written"] == s["chips_written"]
