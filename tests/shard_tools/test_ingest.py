@@ -45,6 +45,19 @@ USER_YAML = textwrap.dedent("""\
         kind: optical
         nodata: 0
         resolution_m: 10
+      - name: s2rgbn
+        bands: [blue, green, red, nir]
+        dtype: int16
+        kind: optical
+        nodata: 0
+        resolution_m: 10
+      - name: water
+        bands: [water]
+        dtype: int16
+        kind: categorical
+        class_codes: [0, 1]
+        nodata: -32768
+        resolution_m: 10
       - name: agb
         bands: [agb]
         units: [Mg/ha]
@@ -390,6 +403,38 @@ def test_real_lonlat_nearest_index_path_equals_gdal_warp(real_data, tmp_path, fn
             np.testing.assert_array_equal(a[a_ok], b[b_ok])
 
 
+def test_real_band_selection_and_untagged_nodata(real_data, tmp_path, user_yaml):
+    """--bands picks bands by description or number, in the order given; --src-nodata marks nodata in a file that
+    has no nodata tag (the Sen1Floods11 hand label uses -1)."""
+    res = raster_grid(real_data / S2, tmp_path / "hub", "spain")
+    hubdir = str(tmp_path / "hub")
+    ingest(IngestConfig(hubdir, [str(real_data / S2)], "s2l1c", user_yaml, resampling="nearest", progress=False))
+    s = ingest(IngestConfig(hubdir, [str(real_data / S2)], "s2rgbn", user_yaml, bands=["B2", "b3", "4", "B8"],
+                            resampling="nearest", progress=False))
+    assert s["rasters"][0]["bands"] == [2, 3, 4, 8] and s["bands"] == ["B2", "B3", "B4", "B8"]
+    full, sel = chip_files(res, "s2l1c"), chip_files(res, "s2rgbn")
+    for ident in full:
+        np.testing.assert_array_equal(read_chip(full[ident])[0][[1, 2, 3, 7]], read_chip(sel[ident])[0])
+    with pytest.raises(IngestError, match="no band named 'B13'"):
+        ingest(IngestConfig(hubdir, [str(real_data / S2)], "s2rgbn", user_yaml, bands=["B2", "B3", "B4", "B13"],
+                            progress=False))
+    label = real_data / "sen1floods11" / "Spain_7370579_LabelHand.tif"
+    with rasterio.open(label) as src:
+        assert src.nodata is None and (src.read(1) == -1).sum() == 99
+    ingest(IngestConfig(hubdir, [str(label)], "water", user_yaml, src_nodata=-1, progress=False))
+    codes = set()
+    n_inside_nodata = 0
+    chips = {c.identifier: c for c in res.chips}
+    for ident, p in chip_files(res, "water").items():
+        arr, meta = read_chip(p)
+        assert meta["nodata"] == -32768
+        codes |= set(np.unique(arr).tolist())
+        _, inside = nearest_reference(label, chips[ident].bounds, 448)
+        n_inside_nodata += int((arr[0][inside] == -32768).sum())
+    assert codes <= {-32768, 0, 1} and -1 not in codes
+    assert n_inside_nodata > 0  # the label's -1 pixels became nodata
+
+
 def test_real_worldcover_chips_cover_the_crop_and_keep_class_codes(real_data, tmp_path):
     path = real_data / WORLDCOVER
     res = raster_grid(path, tmp_path / "hub", "saotome")
@@ -429,6 +474,28 @@ def test_real_worldcover_chips_cover_the_crop_and_keep_class_codes(real_data, tm
     for p in chip_files(res, "wc100").values():
         out |= set(np.unique(read_chip(p)[0]).tolist())
     assert out - {0} <= codes_in
+
+
+def test_real_worldcover_mosaic_of_two_halves_equals_the_whole(real_data, tmp_path):
+    """The crop cut into west and east halves (two files) and ingested as a mosaic gives the same chips as the
+    whole crop: windows spanning both files are filled from each."""
+    path = real_data / WORLDCOVER
+    with rasterio.open(path) as src:
+        profile = src.profile
+        for name, win in (("west", Window(0, 0, 2000, src.height)), ("east", Window(2000, 0, src.width - 2000,
+                                                                                      src.height))):
+            p = dict(profile, width=win.width, height=win.height, transform=src.window_transform(win))
+            with rasterio.open(tmp_path / f"{name}.tif", "w", **p) as dst:
+                dst.write(src.read(window=win))
+    res = raster_grid(path, tmp_path / "hub", "saotome")
+    ingest(IngestConfig(str(tmp_path / "hub"), [str(path)], "esawc", year=2021, progress=False))
+    s = ingest(IngestConfig(str(tmp_path / "hub"), [str(tmp_path / "west.tif"), str(tmp_path / "east.tif")], "esawc",
+                            year=2020, progress=False))
+    assert s["chips_written"] == 99
+    whole, halves = chip_files(res, "esaworldcover-2021"), chip_files(res, "esaworldcover-2020")
+    assert whole.keys() == halves.keys()
+    for ident in whole:
+        np.testing.assert_array_equal(read_chip(whole[ident])[0], read_chip(halves[ident])[0])
 
 
 def test_real_globbiomass_upsampled_onto_chips(real_data, tmp_path, user_yaml):
