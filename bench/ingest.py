@@ -1,8 +1,8 @@
 """``ingest-raster`` throughput next to a plain windowed read of the same windows, in one run.
 
 Two inputs: the real WorldCover São Tomé crop (4080×5160 uint8, EPSG:4326, 99 chips) when ``../shared/data/real`` is
-present, and a synthetic large COG-like GeoTIFF generated in a temporary folder (``--size``² int16 in UTM 33N at 10 m,
-512×512 deflate tiles, overviews), whose chips need a real reprojection. For each input:
+present, and a synthetic large Cloud-Optimised GeoTIFF generated in a temporary folder (``--size``² int16 in UTM
+33N at 10 m, GDAL's COG driver: 512×512 deflate tiles, overviews), whose chips need a real reprojection. For each input:
 
 - ingest: ``ingest()`` end to end (checks, warping every chip onto its lon/lat grid, nodata handling, GeoTIFF
   encoding with the default deflate, staging and atomic publish);
@@ -49,22 +49,26 @@ USER_YAML = """modalities:
 
 
 def make_large(path: Path, size: int) -> None:
-    """A ``size``² int16 tiled, deflate GeoTIFF with overviews in UTM 33N (10 m pixels), smooth terrain-like."""
+    """A ``size``² int16 Cloud-Optimised GeoTIFF (GDAL's COG driver: 512² deflate tiles, overviews) in UTM 33N at
+    10 m, smooth terrain-like values."""
     import rasterio
-    from rasterio.enums import Resampling
+    from rasterio.shutil import copy as rio_copy
     from rasterio.transform import from_origin
 
+    plain = path.with_suffix(".plain.tif")
     transform = from_origin(400_000, 4_700_000, 10, 10)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="int16", crs="EPSG:32633",
+    with rasterio.open(plain, "w", driver="GTiff", width=size, height=size, count=1, dtype="int16", crs="EPSG:32633",
                        transform=transform, nodata=-32768, tiled=True, blockxsize=512, blockysize=512,
-                       compress="deflate", BIGTIFF="IF_SAFER") as dst:
+                       BIGTIFF="IF_SAFER") as dst:
         x = np.arange(size, dtype=np.float32)
         rng = np.random.default_rng(0)
         for r0 in range(0, size, 512):
             y = np.arange(r0, min(size, r0 + 512), dtype=np.float32)[:, None]
             block = 500 + 300 * np.sin(x / 900.0) * np.cos(y / 700.0) + rng.normal(0, 3, (len(y), size))
             dst.write(block.astype(np.int16)[None], window=rasterio.windows.Window(0, r0, size, len(y)))
-        dst.build_overviews([2, 4, 8, 16, 32], Resampling.average)
+    rio_copy(plain, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512, OVERVIEW_RESAMPLING="AVERAGE",
+             BIGTIFF="IF_SAFER")
+    plain.unlink()
 
 
 def footprint_wkt(path: Path, shrink: float = 0.0) -> str:

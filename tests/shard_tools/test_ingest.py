@@ -190,8 +190,9 @@ def _write(path: Path, array: np.ndarray, bounds, crs: str, nodata=None, descrip
     return path
 
 
-def test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml):
-    """grid → ingest a categorical raster (EPSG:4326) and a continuous one (UTM) → build → shard arrays as expected."""
+def test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml, capsys):
+    """grid → ingest a categorical raster (EPSG:4326) and a continuous one (UTM) → build → shard arrays as
+    expected."""
     from m3leo_stream import shard_format as sf
 
     aoi = tmp_path / "demo.wkt"
@@ -216,9 +217,12 @@ def test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml):
     plane = lambda x, y: ((x - x0) * 1e-3 + (y - y0) * 2e-3).astype(np.float32)  # noqa: E731
     ramp = _write(tmp_path / "ramp.tif", plane(xs[None, :], ys[:, None])[None], (x0, y0, x1, y1), "EPSG:32632",
                   nodata=float("nan"), tiled=True)
+    summaries = {}
     for path, mod in ((cat, "landuse"), (ramp, "ramp")):
+        capsys.readouterr()
         assert cli(["ingest-raster", "--chips", str(hubdir), "--raster", str(path), "--modality", mod,
                     "--modalities-file", user_yaml, "-q", "--workers", "2"]) == 0
+        summaries[mod] = json.loads(capsys.readouterr().out)
     out = tmp_path / "shards"
     assert cli(["build", str(hubdir), str(out), "--modalities-file", user_yaml, "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -255,6 +259,9 @@ def test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml):
     # chips outside the categorical raster were left out and counted
     cat_chips = {r["key"] for r in index if r["landuse_offset"] is not None}
     assert 0 < len(cat_chips) < len(chips)
+    s = summaries["landuse"]
+    assert s["chips_written"] == len(cat_chips) and s["chips_outside_footprint"] == len(chips) - len(cat_chips)
+    assert summaries["ramp"]["chips_written"] == len(chips) and summaries["ramp"]["rasters"][0]["crs"] == "EPSG:32632"
 
 
 @pytest.mark.parametrize("resampling", ["bilinear", "average", "nearest"])
