@@ -340,6 +340,18 @@ def test_ingest_from_an_s3_url(tmp_path, s3, user_yaml):
     s_local = ingest(IngestConfig(str(hubdir), [str(local)], "landuse", user_yaml, progress=False,
                                   folder="landuse"))
     assert s_local["chips_written"] == s["chips_written"]
+    # the chip grid itself in the object store: grid and ingest write there, build reads it
+    remote_hub = f"s3://{bucket}/hub"
+    make_grid(read_aoi(bounds_wkt((9.01, 45.01, 9.04, 45.04))), remote_hub, "remote")
+    s3_sum = ingest(IngestConfig(remote_hub, [str(local)], "landuse", user_yaml, progress=False))
+    assert s3_sum["chips_written"] == len(res.chips)
+    objs = fs.glob(f"{bucket}/hub/remote_partitions_aschips_*/landuse/*.tif")
+    assert sorted(o.rsplit("/", 1)[-1][:-4] for o in objs) == sorted(c.identifier for c in res.chips)
+    assert not fs.glob(f"{bucket}/hub/.m3leo-ingest-*")
+    out = tmp_path / "shards"
+    assert cli(["build", remote_hub, str(out), "--modalities-file", user_yaml, "-q",
+                "--src-storage-options", json.dumps({"endpoint_url": s3.url})]) == 0
+    assert json.loads((out / "manifest.json").read_text())["members"] == {"landuse": len(res.chips)}
 
 
 # ------------------------------------------------------------------ real rasters
