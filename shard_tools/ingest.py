@@ -4,8 +4,10 @@ Each chip is produced by a GDAL warped VRT whose output grid *is* the chip (lon/
 size), so only the source blocks under the chip are read — a 36000×36000 COG is never loaded whole — and any source
 CRS works (UTM, geographic, compound ones such as EPSG:9707). Nodata is carried through (source nodata, or an alpha
 mask where the source has none) and written as the modality's nodata; categorical layers are resampled with
-nearest or mode, continuous ones with bilinear or average. Chips outside every raster's footprint, or entirely
-nodata, are left out and counted.
+nearest or mode, continuous ones with bilinear or average. Two shortcuts give the same result faster: nearest cuts
+of lon/lat rasters select the source pixel under each chip pixel centre from one window (no warper), and chips with
+no nodata under them are warped without validity masks. Chips outside every raster's footprint, or entirely nodata,
+are left out and counted.
 
 Everything is checked before the first chip is cut (readable rasters, a CRS, the band count and dtype against the
 declared modality, overlap with the grid). Chips are written to a staging folder and published (one atomic rename or
