@@ -223,8 +223,7 @@ class M3LEODataModule(pl.LightningDataModule):
         self._index = IndexArrays.from_table(table, self.requested, self.region_names)
         self._table = {
             "split": table.column("split").to_numpy(zero_copy_only=False),
-            "region": table.column("region").to_numpy(zero_copy_only=False),
-            "shard": table.column("shard").to_numpy(zero_copy_only=False),
+            "shard": self._index.shard,
             **{sf.nbytes_column(m): self._index.nbytes[m] for m in self.requested},
         }
         log.info("%s: index of %d samples read in %.2f s", self.root, table.num_rows, time.perf_counter() - t)
@@ -235,7 +234,7 @@ class M3LEODataModule(pl.LightningDataModule):
         if split not in self._catalogs:
             assert self._table is not None
             self._catalogs[split] = build_catalog(self._table, self.splits[split], self.region_names,
-                                                  self.requested, self.regions)
+                                                  self.requested, self.regions, region_codes=self._index.region)
         return self._catalogs[split]
 
     def _rank_world(self) -> tuple[int, int]:
