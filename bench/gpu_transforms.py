@@ -200,6 +200,11 @@ def main(argv=None) -> dict:
                  "px": 448, "modalities": {"s1grd": 16, "s2rgbm": 36, "esawc": 1}, "stored_batch_MiB": batch_mb}
     for grid in (448, 224):
         t = transforms(stats, grid)
+        if grid == 448:  # what crosses to the GPU per batch: stored dtypes here, transformed floats the other way
+            out = t(batch, step=0)
+            res["h2d_MiB_per_batch"] = {"device_transforms": batch_mb, "worker_transforms": sum(
+                v.numel() * v.element_size() for v in out.values() if torch.is_tensor(v)) / 2**20}
+            del out
         times = time_device(t, batch, device, args.batches, args.warmup)
         med = statistics.median(times)
         res[f"device_grid{grid}"] = {"batch_s_median": med, "samples_per_s": args.batch_size / med,

@@ -332,7 +332,7 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
         mean=torch.tensor(mean), std=torch.tensor(std), linear=linear, phase_sincos=sincos, phase_reref=reref,
         ratio_pairs=pairs, onehot_codes=onehot, invalid_values=_invalid_values(m, keep_special), channels=channels,
         out_mean=torch.tensor(out_mean), out_std=torch.tensor(out_std), in_px=m.canonical_px,
-        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 1.0)),
+        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 0.0 if onehot else 1.0)),
         can_be_invalid=bool(_invalid_values(m, keep_special)) or m.np_dtype.kind == "f", **plan_kw,
     )
 
