@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     res: dict = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else "CPU", "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                  "batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
-                 "workers": args.workers,
+                 "workers": args.workers, "threads": torch.get_num_threads(),
                  "px": 448, "modalities": {"s1grd": 16, "s2rgbm": 36, "esawc": 1}, "stored_batch_MiB": batch_mb}
     ts = {grid: transforms(stats, grid) for grid in (448, 224)}
     out = ts[448](batch, step=0)  # what crosses to the GPU per batch: stored dtypes here, floats the other way

@@ -524,14 +524,13 @@ class DeviceTransforms:
         if key not in self._dev:
             if name in self.inputs:
                 p = self.inputs[name]
-                c = len(p.bands)
                 v = lambda t: t.to(device, torch.float32).view(1, -1, 1, 1)  # noqa: E731
                 scale, lo, hi, mean, std = p.scale, p.lo, p.hi, p.mean, p.std
                 # standardise stored values in one fused step: clamp(x*scale, lo, hi) → (x*scale − mean)/std
                 # (clip bounds are converted to stored units; scales are positive)
                 self._dev[key] = {
                     "lo": v(lo / scale), "hi": v(hi / scale), "a": v(scale / std), "b": v(-mean / std),
-                    "scale": v(scale), "idx": torch.tensor(p.bands, device=device), "n": torch.tensor(c),
+                    "scale": v(scale), "idx": torch.tensor(p.bands, device=device),
                     "linear": torch.tensor(p.linear, device=device, dtype=torch.long),
                     "out_mean": v(p.out_mean), "out_std": v(p.out_std),
                 }
