@@ -257,6 +257,9 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
     names = [m.bands[i] for i in bands]
     kinds = [m.band_kinds[i] for i in bands]
     scale = [float(m.scale[i]) for i in bands]
+    bad = [b for b, s in zip(names, scale) if not s > 0]
+    if bad:
+        raise ValueError(f"transforms: modality {m.name!r} has non-positive scale for bands {bad}")
     plan_kw: dict[str, Any] = {}
     lo, hi, mean, std = [-math.inf] * n, [math.inf] * n, [0.0] * n, [1.0] * n
     linear, sincos, reref = [], [], []
