@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_bounds
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -623,3 +624,40 @@ def test_a_failure_midway_publishes_nothing(tmp_path, user_yaml, monkeypatch):
         ingest(IngestConfig(str(hubdir), [str(cut)], "landuse", user_yaml, progress=False, workers=2))
     assert any(st == "written" for st, _ in done)  # some chips were cut before the failure ...
     _nothing_written(hubdir)  # ... and none of them was published
+
+
+def test_user_modalities_flow_through_loader_and_device_transforms(tmp_path, user_yaml, capsys):
+    """A user-declared categorical and continuous layer, ingested and built, is read by the DataModule and
+    handled by the device transforms like M3LEO's own products."""
+    import yaml
+
+    from m3leo_stream.datamodule import M3LEODataModule
+
+    test_generated_grid_ingest_build_shard_equals_expected(tmp_path, user_yaml, capsys)
+    root = tmp_path / "shards"
+    stats = json.loads((root / "stats.json").read_text())
+    assert {"landuse", "ramp"} <= set(stats)
+    cfg = yaml.safe_load((REPO / "configs" / "transforms" / "default.yaml").read_text())
+    dm = M3LEODataModule(str(root), inputs=["ramp"], targets=["landuse"], batch_size=2, num_workers=0,
+                         transforms=cfg)
+    dm.setup()
+    n = 0
+    for batch in dm.train_dataloader():
+        raw = batch["landuse"].clone()
+        out = dm.on_after_batch_transfer(batch, 0)
+        assert out["ramp"].dtype == torch.float32 and torch.isfinite(out["ramp"]).all()
+        lab = out["landuse"]
+        # the training grid is the input's (112 px); the 448 px label is taken by nearest neighbour
+        assert lab.dtype == torch.int64 and lab.shape == (2, 112, 112) == tuple(out["ramp"].shape[:1]) + (112, 112)
+        # codes 1..5 → classes 0..4, nodata 0 → ignore_index; nothing invented
+        # (no trainer attached: evaluation transforms, no augmentation, so the labels are exactly comparable)
+        ignore = dm.device_transforms(False).ignore_index
+        want = torch.where(raw[:, 0] == 0, torch.tensor(ignore), raw[:, 0].long() - 1)
+        # an output pixel centre falls between source pixels 4i+1 and 4i+2 (a tie); either is a correct nearest pick
+        ok = torch.zeros_like(lab, dtype=torch.bool)
+        for dy in (1, 2):
+            for dx in (1, 2):
+                ok |= lab == want[:, dy::4, dx::4]
+        assert ok.all()
+        n += 1
+    assert n > 0
