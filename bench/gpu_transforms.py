@@ -11,7 +11,7 @@ In ONE run, on batches of s1grd (16 bands int16) + s2rgbm (36 bands uint8) + esa
    The transforms are timed both onto the 448 px grid and onto the 224 px grid that feeds this model.
 
     python bench/gpu_transforms.py                          # the spec: batch 64, on CUDA when present
-    python bench/gpu_transforms.py --batch-size 16 --batches 3   # CPU-only machines (the spec is slow there)
+    python bench/gpu_transforms.py --batch-size 16 --batches 3 --workers 2   # CPU-only machines (spec is slow)
 """
 
 from __future__ import annotations
@@ -176,14 +176,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=10, help="timed batches per measurement")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds of the three measurements")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--distinct-chips", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the device pipeline on a CPU "
+                    "device (0: torch's default)")
     ap.add_argument("--model-steps", type=int, default=10)
     ap.add_argument("--model-on-cpu", action="store_true", help="also time the MAE step on a CPU device (slow)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_transforms.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.workers}", flush=True)
 
@@ -196,18 +201,35 @@ def main(argv=None) -> dict:
 
     res: dict = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else "CPU", "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                 "batch_size": args.batch_size, "batches": args.batches, "workers": args.workers,
+                 "batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
+                 "workers": args.workers, "threads": torch.get_num_threads(),
                  "px": 448, "modalities": {"s1grd": 16, "s2rgbm": 36, "esawc": 1}, "stored_batch_MiB": batch_mb}
-    for grid in (448, 224):
-        t = transforms(stats, grid)
-        times = time_device(t, batch, device, args.batches, args.warmup)
-        med = statistics.median(times)
+    ts = {grid: transforms(stats, grid) for grid in (448, 224)}
+    out = ts[448](batch, step=0)  # what crosses to the GPU per batch: stored dtypes here, floats the other way
+    res["h2d_MiB_per_batch"] = {"device_transforms": batch_mb, "worker_transforms": sum(
+        v.numel() * v.element_size() for v in out.values() if torch.is_tensor(v)) / 2**20}
+    del out
+    # the three measurements alternate over --repeats rounds (this machine is shared and noisy); medians reported
+    dev_times: dict[int, list[float]] = {448: [], 224: []}
+    worker_sps, startups = [], []
+    for r in range(args.repeats):
+        for grid, t in ts.items():
+            dev_times[grid] += time_device(t, batch, device, args.batches, args.warmup if r == 0 else 0)
+        sps, startup = time_workers(chips, stats, args.batch_size, args.batches, args.workers)
+        worker_sps.append(sps)
+        startups.append(startup)
+        last = {g: args.batch_size / statistics.median(v[-args.batches:]) for g, v in dev_times.items()}
+        print(f"round {r + 1}/{args.repeats}: device 448 {last[448]:.1f}, "
+              f"224 {last[224]:.1f}, "
+              f"workers {sps:.1f} samples/s", flush=True)
+    for grid, t in ts.items():
+        med = statistics.median(dev_times[grid])
         res[f"device_grid{grid}"] = {"batch_s_median": med, "samples_per_s": args.batch_size / med,
                                      "out_channels": sum(len(c) for c in t.channels.values())}
         print(f"device transforms → {grid} px grid: {med * 1e3:.1f} ms/batch, "
               f"{args.batch_size / med:.1f} samples/s", flush=True)
-    sps, startup = time_workers(chips, stats, args.batch_size, args.batches, args.workers)
-    res["workers_grid448"] = {"samples_per_s": sps, "startup_s": startup}
+    sps = statistics.median(worker_sps)
+    res["workers_grid448"] = {"samples_per_s": sps, "per_round": worker_sps, "startup_s": statistics.median(startups)}
     res["device_vs_workers"] = res["device_grid448"]["samples_per_s"] / sps
     print(f"per-sample in {args.workers} DataLoader workers → 448 px: {sps:.1f} samples/s; "
           f"device/workers = {res['device_vs_workers']:.2f}×", flush=True)

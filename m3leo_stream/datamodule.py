@@ -21,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
 from .modalities import Registry
-from .planner import Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
+from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
 from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, passthrough
 from .shard_root import ShardRoot
 
@@ -33,14 +33,22 @@ SPLITS = ("train", "val", "test")
 class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's part of each global batch of an epoch plan. Lightning calls ``set_epoch``."""
 
-    def __init__(self, plan_for_epoch: Callable[[int], EpochPlan], rank: int, world_size: int, epoch: int = 0):
+    def __init__(self, plan_for_epoch: Callable[[int], EpochPlan], rank: int, world_size: int, epoch: int = 0,
+                 fingerprint: Mapping[str, Any] | None = None):
         self._plan_for_epoch = plan_for_epoch
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
+        self.fingerprint = dict(fingerprint or {})  # what a resumed run must share with the saved one
         self._plan: tuple[int, EpochPlan] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> PlannedBatchSampler:
+        """Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``; this makes the
+        latter reach the planner."""
+        return self
 
     @property
     def plan(self) -> EpochPlan:
@@ -96,6 +104,31 @@ class M3LEOLoader(StatefulDataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = super().__iter__()
         return _MeteredIterator(it, self.metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torchdata's state (batches consumed this epoch) plus the epoch and the plan's fingerprint."""
+        state = super().state_dict()
+        sampler = self.batch_sampler
+        if isinstance(sampler, PlannedBatchSampler):
+            state["m3leo"] = {"epoch": sampler.epoch, **sampler.fingerprint}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position. The epoch is set here, before any iterator exists: Lightning creates the train
+        iterator on restart before it calls ``set_epoch``, and the first indices are dispatched at creation."""
+        state = dict(state_dict)
+        meta = state.pop("m3leo", None)
+        sampler = self.batch_sampler
+        if meta is not None and isinstance(sampler, PlannedBatchSampler):
+            saved = {k: v for k, v in meta.items() if k != "epoch"}
+            if saved != sampler.fingerprint:
+                diff = {k: (saved.get(k), sampler.fingerprint.get(k))
+                        for k in set(saved) | set(sampler.fingerprint) if saved.get(k) != sampler.fingerprint.get(k)}
+                raise ValueError(f"cannot resume this loader position: the plan differs from the checkpoint's "
+                                 f"(saved, now): {diff}. Keep seed, region weights and the global batch "
+                                 "(batch_size × world size) unchanged to resume.")
+            sampler.set_epoch(int(meta["epoch"]))
+        super().load_state_dict(state)
 
 
 class _MeteredIterator:
@@ -223,8 +256,7 @@ class M3LEODataModule(pl.LightningDataModule):
         self._index = IndexArrays.from_table(table, self.requested, self.region_names)
         self._table = {
             "split": table.column("split").to_numpy(zero_copy_only=False),
-            "region": table.column("region").to_numpy(zero_copy_only=False),
-            "shard": table.column("shard").to_numpy(zero_copy_only=False),
+            "shard": self._index.shard,
             **{sf.nbytes_column(m): self._index.nbytes[m] for m in self.requested},
         }
         log.info("%s: index of %d samples read in %.2f s", self.root, table.num_rows, time.perf_counter() - t)
@@ -235,7 +267,7 @@ class M3LEODataModule(pl.LightningDataModule):
         if split not in self._catalogs:
             assert self._table is not None
             self._catalogs[split] = build_catalog(self._table, self.splits[split], self.region_names,
-                                                  self.requested, self.regions)
+                                                  self.requested, self.regions, region_codes=self._index.region)
         return self._catalogs[split]
 
     def _rank_world(self) -> tuple[int, int]:
@@ -280,7 +312,10 @@ class M3LEODataModule(pl.LightningDataModule):
                                     region_weights=self.region_weights, samples_per_epoch=self.samples_per_epoch,
                                     shuffle_shards=self.shuffle_shards)
 
-        sampler = PlannedBatchSampler(plan, rank, world)
+        fingerprint = {"planner": PLANNER_VERSION, "split": "train", "seed": self.seed, "global_batch": gb,
+                       "samples": len(cat), "region_weights": self.region_weights,
+                       "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards}
+        sampler = PlannedBatchSampler(plan, rank, world, fingerprint=fingerprint)
         first = sampler.plan
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:

@@ -257,6 +257,9 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
     names = [m.bands[i] for i in bands]
     kinds = [m.band_kinds[i] for i in bands]
     scale = [float(m.scale[i]) for i in bands]
+    bad = [b for b, s in zip(names, scale) if not s > 0]
+    if bad:
+        raise ValueError(f"transforms: modality {m.name!r} has non-positive scale for bands {bad}")
     plan_kw: dict[str, Any] = {}
     lo, hi, mean, std = [-math.inf] * n, [math.inf] * n, [0.0] * n, [1.0] * n
     linear, sincos, reref = [], [], []
@@ -332,7 +335,7 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
         mean=torch.tensor(mean), std=torch.tensor(std), linear=linear, phase_sincos=sincos, phase_reref=reref,
         ratio_pairs=pairs, onehot_codes=onehot, invalid_values=_invalid_values(m, keep_special), channels=channels,
         out_mean=torch.tensor(out_mean), out_std=torch.tensor(out_std), in_px=m.canonical_px,
-        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 1.0)),
+        out_px=int(over.get("size") or grid), noise=float(over.get("noise", 0.0 if onehot else 1.0)),
         can_be_invalid=bool(_invalid_values(m, keep_special)) or m.np_dtype.kind == "f", **plan_kw,
     )
 
@@ -524,14 +527,13 @@ class DeviceTransforms:
         if key not in self._dev:
             if name in self.inputs:
                 p = self.inputs[name]
-                c = len(p.bands)
                 v = lambda t: t.to(device, torch.float32).view(1, -1, 1, 1)  # noqa: E731
                 scale, lo, hi, mean, std = p.scale, p.lo, p.hi, p.mean, p.std
                 # standardise stored values in one fused step: clamp(x*scale, lo, hi) → (x*scale − mean)/std
                 # (clip bounds are converted to stored units; scales are positive)
                 self._dev[key] = {
                     "lo": v(lo / scale), "hi": v(hi / scale), "a": v(scale / std), "b": v(-mean / std),
-                    "scale": v(scale), "idx": torch.tensor(p.bands, device=device), "n": torch.tensor(c),
+                    "scale": v(scale), "idx": torch.tensor(p.bands, device=device),
                     "linear": torch.tensor(p.linear, device=device, dtype=torch.long),
                     "out_mean": v(p.out_mean), "out_std": v(p.out_std),
                 }

@@ -57,11 +57,13 @@ def build_catalog(
     region_names: Sequence[str],
     modalities: Sequence[str],
     regions: Sequence[str] | None = None,
+    region_codes: np.ndarray | None = None,
 ) -> Catalog:
     """Select the rows of ``split`` in ``regions`` that carry every member in ``modalities``.
 
     ``index`` maps column names of ``index.parquet`` to numpy arrays (``split``, ``region``, ``shard`` as strings;
-    ``<modality>_nbytes`` with NaN or a negative value where the member is absent). Rows lacking a member are
+    ``<modality>_nbytes`` with NaN or a negative value where the member is absent; ``region_codes``, indices into
+    ``region_names`` per row, may be given to spare the string work on big indexes). Rows lacking a member are
     excluded here, counted per modality and logged, so no worker ever discovers a hole.
     """
     region_names = tuple(region_names)
@@ -70,10 +72,12 @@ def build_catalog(
         if unknown:
             raise PlanError(f"unknown regions {unknown}; the shard root has {list(region_names)}")
     split_col = np.asarray(index["split"])
-    region_col = np.asarray(index["region"])
+    code = {name: i for i, name in enumerate(region_names)}
+    if region_codes is None:
+        region_codes = np.array([code[r] for r in np.asarray(index["region"])], dtype=np.int64)
     keep = split_col == split
     if regions is not None:
-        keep &= np.isin(region_col, list(regions))
+        keep &= np.isin(region_codes, [code[r] for r in regions])
     excluded: dict[str, int] = {}
     for m in modalities:
         col = sf.nbytes_column(m)
@@ -88,11 +92,15 @@ def build_catalog(
     if excluded:
         log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == split).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
-    code = {name: i for i, name in enumerate(region_names)}
-    region = np.array([code[r] for r in region_col[rows]], dtype=np.int64) if len(rows) else np.zeros(0, np.int64)
-    shard_names, shard = np.unique(np.asarray(index["shard"])[rows], return_inverse=True)
-    return Catalog(split, region_names, tuple(str(s) for s in shard_names), rows, region,
-                   shard.astype(np.int64), excluded)
+    region = np.asarray(region_codes, dtype=np.int64)[rows]
+    shard_col = np.asarray(index["shard"])[rows]
+    if shard_col.dtype.kind in "iu":  # already codes
+        shard_codes, shard = np.unique(shard_col, return_inverse=True)
+        shard_names = tuple(str(int(s)) for s in shard_codes)
+    else:
+        names, shard = np.unique(shard_col, return_inverse=True)
+        shard_names = tuple(str(s) for s in names)
+    return Catalog(split, region_names, shard_names, rows, region, shard.astype(np.int64), excluded)
 
 
 def _present(nbytes: np.ndarray) -> np.ndarray:
@@ -148,10 +156,13 @@ def _region_permutation(cat: Catalog, members: np.ndarray, seed: int, region: in
     shards = np.unique(cat.shard[members])
     shards = shards[rng.permutation(len(shards))]
     k = max(1, int(shuffle_shards))
-    by_shard = {int(s): members[cat.shard[members] == s] for s in shards}
+    # group the region's samples by shard once (members are in index order, so sorting by shard is stable)
+    ordered = members[np.argsort(cat.shard[members], kind="stable")]
+    starts = np.searchsorted(cat.shard[ordered], shards, side="left")
+    ends = np.searchsorted(cat.shard[ordered], shards, side="right")
     parts = []
     for b in range(0, len(shards), k):
-        block = np.concatenate([by_shard[int(s)] for s in shards[b:b + k]])
+        block = np.concatenate([ordered[i:j] for i, j in zip(starts[b:b + k], ends[b:b + k])])
         parts.append(block[rng.permutation(len(block))])
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

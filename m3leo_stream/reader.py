@@ -70,24 +70,35 @@ class IndexArrays:
     @classmethod
     def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str]) -> IndexArrays:
         """From a pyarrow table of ``index.parquet`` holding at least the needed columns."""
-        code = {r: i for i, r in enumerate(region_names)}
-        regions = table.column("region").to_numpy(zero_copy_only=False)
-        shards = table.column("shard").to_numpy(zero_copy_only=False)
-        shard_names, shard = np.unique(shards, return_inverse=True)
+        regions = _codes(table.column("region"))
+        unknown = sorted(set(regions[1]) - set(region_names))
+        if unknown:
+            raise ValueError(f"index rows name regions {unknown} that the manifest does not list")
+        remap = np.array([list(region_names).index(r) for r in regions[1]] or [0], dtype=np.int64)
+        shard, shard_names = _codes(table.column("shard"))
         offsets, nbytes = {}, {}
         for m in modalities:
             offsets[m] = _int_col(table, sf.offset_column(m))
             nbytes[m] = _int_col(table, sf.nbytes_column(m))
         return cls(
             key=table.column("key").to_numpy(zero_copy_only=False).astype("S"),
-            region=np.array([code[r] for r in regions], dtype=np.int64),
+            region=remap[regions[0]],
             lon=table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64),
             lat=table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64),
             shard=shard.astype(np.int32),
-            shard_names=tuple(str(s) for s in shard_names),
+            shard_names=tuple(shard_names),
             offsets=offsets,
             nbytes=nbytes,
         )
+
+
+def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
+    """Dictionary-encode a string column in Arrow (fast on millions of rows): (codes, names)."""
+    import pyarrow as pa
+
+    enc = column.dictionary_encode().combine_chunks() if isinstance(column, pa.ChunkedArray) else \
+        column.dictionary_encode()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
 
 
 def _int_col(table: Any, name: str) -> np.ndarray:

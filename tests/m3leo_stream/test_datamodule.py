@@ -144,6 +144,10 @@ def test_elastic_resume_from_two_ranks_to_one(uneven_shards, tmp_path):
     loader.batch_sampler.set_epoch(0)
     loader.load_state_dict(state)
     assert merged + [b["key"] for b in loader] == full
+    # a different global batch would silently shift every later batch: refused, naming what differs
+    other = _dm(uneven_shards, 4, num_workers=1).train_dataloader()
+    with pytest.raises(ValueError, match="global_batch"):
+        other.load_state_dict(state)
 
 
 def test_region_weights_give_exact_quotas_through_the_loader(uneven_shards):

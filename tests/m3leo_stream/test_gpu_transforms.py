@@ -305,7 +305,8 @@ def test_rng_per_rank_and_replay(small_stats):
         assert torch.equal(a[k], a2[k]), k
     assert not torch.equal(a["sar"], c["sar"])
     assert not torch.equal(a["sar"], r0(b, step=4)["sar"])  # a new step draws anew
-    assert not torch.equal(r0.sample_params(8, 3)["box"], _small(small_stats, aug=aug, seed=8).sample_params(8, 3)["box"])
+    other_seed = _small(small_stats, aug=aug, seed=8)
+    assert not torch.equal(r0.sample_params(8, 3)["box"], other_seed.sample_params(8, 3)["box"])
 
 
 def test_modality_dropout_and_metadata(small_stats):
@@ -350,3 +351,27 @@ def test_dihedral_folded_into_the_warp_matches_index_ops(small_stats):
     for k in ("lab", "sar_valid", "lab_valid", "crs", "crs_valid"):
         assert torch.equal(x[k], y[k]), k
     torch.testing.assert_close(x["sar"], y["sar"], atol=1e-5, rtol=0)
+
+
+def test_on_built_shards(small_shards):
+    """Registry and stats.json of a real shard root, samples decoded from its tars: every modality transforms."""
+    from m3leo_stream.shard_root import ShardRoot
+
+    root = ShardRoot(str(small_shards))
+    rows = [r for r in root.read_index().to_pylist() if r["split"] == "train"]
+    names = [n for n in root.modalities if all(r.get(f"{n}_offset") is not None for r in rows[:3])]
+    inputs = [n for n in names if root.modalities[n].kind in ("sar_db", "optical", "coherence", "phase")]
+    targets = [n for n in names if n not in inputs]
+    assert {"s1grd", "s2rgbm", "esawc"} <= set(names)
+    batch = {n: torch.from_numpy(np.stack([root.read_member(r, n) for r in rows[:3]])) for n in names}
+    aug = {"resized_crop": {"p": 0.5}, "modality_dropout": {"p": 0.2}}
+    t = build_device_transforms({"train": aug, "modalities": {"s1grd": {"ratio": True}}}, root.modalities,
+                                root.stats, inputs=inputs, targets=targets, train=True, rank=1)
+    out = t(batch, step=0)
+    for n in inputs:
+        assert out[n].dtype == torch.float32 and out[n].shape == (3, len(t.channels[n]), 448, 448)
+        assert torch.isfinite(out[n]).all() and out[f"{n}_valid"].shape == (3, 1, 448, 448)
+    for n in targets:
+        assert out[f"{n}_valid"].dtype == torch.bool and out[f"{n}_valid"].shape[-1] == out[n].shape[-1]
+        assert torch.isfinite(out[n].float()).all()
+    assert out["esawc"].dtype == torch.int64 and out["esawc"].max() < 11
