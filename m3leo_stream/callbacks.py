@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "SetLoaderEpoch", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
+__all__ = ["LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
            "rgb_s2"]
 
 
@@ -102,21 +102,6 @@ class LoaderMetrics(pl.Callback):
             self._prev = (now, m["wait_s"])
         pl_module.log_dict({f"loader/{k}": v for k, v in m.items()}, on_step=True, on_epoch=False,
                            rank_zero_only=True)
-
-
-class SetLoaderEpoch(pl.Callback):
-    """WORKAROUND (datamodule): Lightning 2.6 calls ``set_epoch`` only on ``loader.sampler`` and
-    ``loader.batch_sampler.sampler`` (lightning.fabric.utilities.data._set_sampler_epoch), never on the batch
-    sampler itself, so the planner's ``PlannedBatchSampler.set_epoch`` was never called and every epoch repeated
-    epoch 0's order. This sets it at the start of every training epoch, before the epoch's iterator is created
-    (idempotent once the DataModule does it itself). The first epoch of a resumed run is handled in
-    ``train.set_resumed_epoch`` (Lightning creates that iterator before any callback hook)."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        bs = getattr(loader, "batch_sampler", None)
-        if bs is not None and callable(getattr(bs, "set_epoch", None)):
-            bs.set_epoch(trainer.current_epoch)
 
 
 class LastCheckpoint(pl.Callback):

@@ -204,13 +204,14 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
 
 
 def set_resumed_epoch(dm, task) -> None:
-    """WORKAROUND (datamodule): make ``dm.train_dataloader()`` start its batch sampler at the trainer's epoch.
+    """Start the train batch sampler at the right epoch when resuming from a checkpoint taken at an epoch's LAST
+    batch.
 
-    Lightning creates the training iterator inside ``FitLoop.setup_data`` right after calling
-    ``train_dataloader()``, before any hook, and never calls ``set_epoch`` on a batch sampler; the sampler is
-    created at epoch 0, so a run resumed in epoch e > 0 would replay epoch 0's order from the restored position.
-    This wraps the DataModule's ``train_dataloader`` (on this instance only) to set the restored epoch (+1 when the
-    checkpoint was taken at an epoch's last batch, see ``tasks.fix_epoch_end_resume``)."""
+    Lightning creates the training iterator inside ``FitLoop.setup_data`` right after ``train_dataloader()``, before
+    any hook. For a mid-epoch checkpoint the loader's own ``load_state_dict`` sets the saved epoch; for an epoch-end
+    checkpoint ``tasks.fix_epoch_end_resume`` drops the finished epoch's loader state (Lightning would otherwise skip
+    the next epoch), so the sampler must be told here that the next epoch (restored epoch + 1) begins. This wraps
+    ``train_dataloader`` of this DataModule instance only."""
     original = dm.train_dataloader
 
     def train_dataloader():
@@ -235,13 +236,11 @@ def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
 def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from m3leo_stream.callbacks import (ImagePanels, KeyRecorder, LastCheckpoint, LoaderMetrics, SetLoaderEpoch,
-                                        TrainingSpeed)
+    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LastCheckpoint, LoaderMetrics, TrainingSpeed
 
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
-    cbs: list[pl.Callback] = [LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0)),
-                              SetLoaderEpoch()]
+    cbs: list[pl.Callback] = [LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0))]
     best = None
     if ck.monitor:
         if ck.mode not in ("min", "max"):
