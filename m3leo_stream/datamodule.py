@@ -127,8 +127,20 @@ class M3LEOLoader(StatefulDataLoader):
                 raise ValueError(f"cannot resume this loader position: the plan differs from the checkpoint's "
                                  f"(saved, now): {diff}. Keep seed, region weights and the global batch "
                                  "(batch_size × world size) unchanged to resume.")
-            sampler.set_epoch(int(meta["epoch"]))
+            epoch = int(meta["epoch"])
+            sampler.set_epoch(epoch)
+            if _batches_yielded(state) >= len(sampler):
+                # a finished epoch (a checkpoint at its last batch): the next epoch starts at its first batch.
+                # Restoring "all yielded" would make Lightning's next epoch yield nothing.
+                sampler.set_epoch(epoch + 1)
+                return
         super().load_state_dict(state)
+
+
+def _batches_yielded(state: Mapping[str, Any]) -> int:
+    """Batches handed to the consumer, from a torchdata state (single- or multi-process layout)."""
+    main = state.get("_snapshot", {}).get("_main_snapshot", state)
+    return int(main.get("_sampler_iter_yielded") or main.get("_num_yielded") or 0)
 
 
 class _MeteredIterator:
@@ -315,7 +327,10 @@ class M3LEODataModule(pl.LightningDataModule):
         fingerprint = {"planner": PLANNER_VERSION, "split": "train", "seed": self.seed, "global_batch": gb,
                        "samples": len(cat), "region_weights": self.region_weights,
                        "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards}
-        sampler = PlannedBatchSampler(plan, rank, world, fingerprint=fingerprint)
+        trainer = getattr(self, "trainer", None)
+        # Lightning creates the iterator before calling set_epoch: start at the trainer's epoch already
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        sampler = PlannedBatchSampler(plan, rank, world, epoch=epoch, fingerprint=fingerprint)
         first = sampler.plan
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:

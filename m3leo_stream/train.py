@@ -203,28 +203,6 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
     return info, t
 
 
-def set_resumed_epoch(dm, task) -> None:
-    """Start the train batch sampler at the right epoch when resuming from a checkpoint taken at an epoch's LAST
-    batch.
-
-    Lightning creates the training iterator inside ``FitLoop.setup_data`` right after ``train_dataloader()``, before
-    any hook. For a mid-epoch checkpoint the loader's own ``load_state_dict`` sets the saved epoch; for an epoch-end
-    checkpoint ``tasks.fix_epoch_end_resume`` drops the finished epoch's loader state (Lightning would otherwise skip
-    the next epoch), so the sampler must be told here that the next epoch (restored epoch + 1) begins. This wraps
-    ``train_dataloader`` of this DataModule instance only."""
-    original = dm.train_dataloader
-
-    def train_dataloader():
-        loader = original()
-        trainer = getattr(dm, "trainer", None)
-        bs = getattr(loader, "batch_sampler", None)
-        if trainer is not None and callable(getattr(bs, "set_epoch", None)):
-            bs.set_epoch(int(trainer.current_epoch) + (1 if getattr(task, "resumed_at_epoch_end", False) else 0))
-        return loader
-
-    dm.train_dataloader = train_dataloader
-
-
 def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     task_cfg = _plain(cfg.task)
     model_cfg = _plain(cfg.model)
@@ -311,7 +289,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = build_task(cfg, info)
     task.channel_names = info["channel_names"]
     task.denormalize = transforms.denormalize
-    set_resumed_epoch(dm, task)
 
     run_id = stable_run_id(ckpt_path, ckpt_dir, so)
     task.run_info["wandb_run_id"] = run_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from m3leo_stream.datamodule import M3LEODataModule
@@ -34,7 +35,8 @@ def _dm(root) -> M3LEODataModule:
     return M3LEODataModule(str(root), inputs=["modisveg"], targets=["esawc"], batch_size=4, num_workers=1, seed=3)
 
 
-def test_lightning_resume_mid_epoch_continues_the_sequence(uneven_shards, tmp_path):
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_lightning_resume_continues_the_sequence(uneven_shards, tmp_path, where):
     full = KeyRecorder()
     _trainer(tmp_path / "full", max_epochs=2).fit(full, datamodule=_dm(uneven_shards))
     per_epoch = len(full.seen) // 2
@@ -47,7 +49,7 @@ def test_lightning_resume_mid_epoch_continues_the_sequence(uneven_shards, tmp_pa
     # a checkpoint written during training mid-way through the second epoch (as on a pre-emption signal); the
     # steps run after it are lost with the job
     first = KeyRecorder()
-    stop = per_epoch + 5
+    stop = per_epoch + 5 if where == "mid_epoch" else per_epoch  # epoch_end: at the first epoch's last batch
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=stop,
                                            save_top_k=-1, filename="mid")
     t1 = _trainer(tmp_path / "a", max_steps=stop + 3, callbacks=[ckpt_cb])
