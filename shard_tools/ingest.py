@@ -37,7 +37,7 @@ from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_moda
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import grid, hub
 from shard_tools.publish import put_atomic
-from shard_tools.rasters import geotiff_bytes
+from shard_tools.rasters import GeoTiffEncoder
 
 log = logging.getLogger(__name__)
 RESAMPLINGS = ("auto", "bilinear", "nearest", "average", "mode")
@@ -287,8 +287,11 @@ def chip_pixels(chip: grid.Chip, m: Modality) -> int:
 
 
 def _is_nodata(a: np.ndarray, nodata: float | None) -> np.ndarray:
-    bad = np.isnan(a) if a.dtype.kind == "f" else np.zeros(a.shape, bool)
-    if nodata is not None and not math.isnan(nodata):
+    has_value = nodata is not None and not math.isnan(nodata)
+    if a.dtype.kind != "f":
+        return a == np.asarray(nodata).astype(a.dtype) if has_value else np.zeros(a.shape, bool)
+    bad = np.isnan(a)
+    if has_value:
         bad |= a == np.asarray(nodata).astype(a.dtype)
     return bad
 
@@ -345,13 +348,15 @@ def index_chip(src, r: RasterSource, bounds: tuple[float, float, float, float], 
     win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
     data = src.read(r.indexes, window=win)
     ri, ci = np.clip(rows - r0, 0, r1 - r0 - 1), np.clip(cols - c0, 0, c1 - c0 - 1)
-    arr = data[:, ri][:, :, ci]
-    valid = np.broadcast_to((ok_r[:, None] & ok_c[None, :])[None], shape).copy()
+    arr = data[:, ri[:, None], ci[None, :]]
     if r.nodata is not None:
-        valid &= ~_is_nodata(arr, r.nodata)
+        valid = ~_is_nodata(arr, r.nodata)
     elif any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in r.indexes):
-        masks = src.read_masks(r.indexes, window=win)[:, ri][:, :, ci]
-        valid &= masks > 0
+        valid = src.read_masks(r.indexes, window=win)[:, ri[:, None], ci[None, :]] > 0
+    else:
+        valid = np.ones(shape, bool)
+    if not (ok_r.all() and ok_c.all()):
+        valid &= (ok_r[:, None] & ok_c[None, :])[None]
     return arr, valid
 
 
@@ -415,8 +420,14 @@ def cut_chip(job: _Job, m: Modality, readers: _Readers) -> tuple[str, np.ndarray
                 cause = f" ({e.__cause__})" if e.__cause__ else ""
                 raise IngestError(f"{r.path}: reading the window of chip {job.chip.identifier} failed: "
                                   f"{e}{cause}") from e
+            fill = m.nodata if m.nodata is not None else 0
+            if len(job.sources) == 1:  # no mosaic: the array itself, nodata where nothing is valid
+                out = arr.astype(m.np_dtype, copy=False)
+                valid = ok
+                if not valid.all():
+                    out[~valid] = fill
+                break
             if out is None:
-                fill = m.nodata if m.nodata is not None else 0
                 out = np.full(arr.shape, fill, dtype=m.np_dtype)
             take = ok & ~valid
             out[take] = arr[take].astype(m.np_dtype)
@@ -521,12 +532,21 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     compress = None if cfg.compress in (None, "none") else cfg.compress
     bar = tqdm(total=len(jobs), unit="chip", desc=f"ingest {m.name}", disable=not cfg.progress)
 
+    encoders: dict[tuple[int, ...], GeoTiffEncoder] = {}
+    enc_lock = threading.Lock()
+
+    def encoder(shape: tuple[int, ...]) -> GeoTiffEncoder:
+        """One per chip shape: GDAL lays out the header once, chips copy it (byte-identical files)."""
+        with enc_lock:
+            if shape not in encoders:
+                encoders[shape] = GeoTiffEncoder(shape, m.np_dtype, DST_CRS, m.nodata, names, compress)
+            return encoders[shape]
+
     def work(job: _Job) -> tuple[str, str]:
         st, arr = cut_chip(job, m, readers)
         if arr is not None:
-            data = geotiff_bytes(arr, job.chip.bounds, DST_CRS, nodata=m.nodata, descriptions=names, compress=compress)
-            with open(os.path.join(staging, f"{job.chip.identifier}.tif"), "wb") as f:
-                f.write(data)
+            _write_staged(os.path.join(staging, f"{job.chip.identifier}.tif"),
+                          encoder(arr.shape).parts(arr, job.chip.bounds))
         return job.chip.identifier, st
 
     try:
@@ -572,6 +592,38 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
              "nodata value)", status["written"], rsrc.aoi, dest_dir, outside, status["all_nodata"],
              status["partial_without_nodata"])
     return summary
+
+
+_LIBC: Any = None
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask Linux to start writing the file out now (``sync_file_range``, no waiting), so the final sync before
+    publishing finds little left to flush; a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _write_staged(path: str, parts: list[Any]) -> None:
+    """Write a chip file's buffers (header, pixels, trailer) to the staging folder."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        _start_writeback(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_tree(folder: str, files: list[str]) -> None:

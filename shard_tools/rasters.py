@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,129 @@ def geotiff_bytes(
             for i, d in enumerate(descriptions or ()):
                 dst.set_band_description(i + 1, d)
         return bytes(mem.getbuffer())
+
+
+class GeoTiffEncoder:
+    """Encodes many chips of one shape, dtype, CRS, nodata and band descriptions into GeoTIFF bytes identical to
+    :func:`geotiff_bytes`, without GDAL per chip: GDAL writes one template, and each chip copies its header with
+    the chip's pixel scale and tie point patched in, followed by the pixels. Uncompressed files only (their layout
+    does not depend on the values); the template is checked at construction against a GDAL encoding of other
+    values and bounds, byte for byte, and :attr:`exact` is False (every chip goes through GDAL) where it differs."""
+
+    TEMPLATE_BOUNDS = (1.2345678901, -2.3456789012, 1.2789012345, -2.3012345678)  # distinctive doubles
+    PIXEL_SCALE, TIEPOINT, STRIP_OFFSETS, STRIP_BYTES, PLANAR, ROWS_PER_STRIP = 33550, 33922, 273, 279, 284, 278
+
+    def __init__(self, shape: tuple[int, int, int], dtype: Any, crs: str = "EPSG:4326",
+                 nodata: float | int | None = None, descriptions: Sequence[str] | None = None,
+                 compress: str | None = None):
+        self.shape, self.dtype, self.crs = tuple(shape), np.dtype(dtype), crs
+        self.nodata, self.descriptions, self.compress = nodata, list(descriptions) if descriptions else None, compress
+        self.exact = False
+        if compress or self.dtype.byteorder == ">":
+            return
+        fill = 1 if nodata != 1 else 2
+        try:
+            self._layout(geotiff_bytes(np.full(self.shape, fill, self.dtype), self.TEMPLATE_BOUNDS, crs, nodata,
+                                       self.descriptions))
+        except (ValueError, struct.error):
+            return
+        self.exact = True
+        probe = np.random.default_rng(0).integers(0, 120, self.shape).astype(self.dtype)
+        probe[probe == (nodata if nodata is not None else 0)] = fill
+        bounds = (6.123456789, -0.98765, 6.1650001, -0.9469)
+        want = geotiff_bytes(probe, bounds, crs, nodata, self.descriptions)
+        self.exact = b"".join(bytes(p) for p in self.parts(probe, bounds)) == want
+
+    def _layout(self, tif: bytes) -> None:
+        if tif[:4] != b"II*\x00":
+            raise ValueError("not a little-endian classic TIFF")
+        (ifd,) = struct.unpack_from("<I", tif, 4)
+        (n,) = struct.unpack_from("<H", tif, ifd)
+        tags: dict[int, tuple[int, int, int]] = {}
+        for i in range(n):
+            tag, typ, count, value = struct.unpack_from("<HHII", tif, ifd + 2 + 12 * i)
+            tags[tag] = (typ, count, ifd + 2 + 12 * i + 8)
+        if struct.unpack_from("<I", tif, ifd + 2 + 12 * n)[0] != 0:
+            raise ValueError("more than one IFD")
+
+        def values(tag: int) -> list[int]:
+            typ, count, at = tags[tag]
+            fmt = {3: "H", 4: "I"}[typ]
+            size = struct.calcsize(fmt) * count
+            at = at if size <= 4 else struct.unpack_from("<I", tif, at)[0]
+            return list(struct.unpack_from(f"<{count}{fmt}", tif, at))
+
+        offsets, sizes = values(self.STRIP_OFFSETS), values(self.STRIP_BYTES)
+        c, h, w = self.shape
+        self.planar = values(self.PLANAR)[0] if self.PLANAR in tags else 1
+        rows = values(self.ROWS_PER_STRIP)[0] if self.ROWS_PER_STRIP in tags else h
+        row_bytes = w * self.dtype.itemsize * (1 if self.planar == 2 else c)
+        true = [min(rows, h - r0) * row_bytes for r0 in range(0, h, rows)] * (c if self.planar == 2 else 1)
+        d0, nbytes = offsets[0], int(np.prod(self.shape)) * self.dtype.itemsize
+        # each strip holds its rows right after the previous strip's (only the last strip may be padded)
+        if len(offsets) != len(true) or sum(true) != nbytes or any(
+                o != d0 + sum(true[:i]) or s < t for i, (o, s, t) in enumerate(zip(offsets, sizes, true))) or \
+                any(s != t for s, t in zip(sizes[:-1], true[:-1])):
+            raise ValueError("strips are not one contiguous block")
+        self.d0, self.d1, self.rows = d0, d0 + nbytes, rows
+        self.template = bytearray(tif[:d0] + tif[self.d1:])
+        # GDAL may leave a superseded copy of the georeferencing beside the final IFD: patch every copy
+        t = self._transform(self.TEMPLATE_BOUNDS)
+        self.patch = {}
+        for key, values_ in (("scale", (t.a, -t.e)), ("origin", (t.c, t.f))):
+            pattern = struct.pack("<2d", *values_)
+            at = [m.start() for m in re.finditer(re.escape(pattern), bytes(self.template))]
+            if not at or any(tags[tag][0] != 12 for tag in (self.PIXEL_SCALE, self.TIEPOINT)):
+                raise ValueError("georeferencing not found in the template")
+            self.patch[key] = at
+
+    def _gdal_special(self, array: np.ndarray) -> bool:
+        """True when some strip is all zero bytes or all nodata: GDAL skips writing such blocks and lays the file
+        out differently, so these chips are encoded by GDAL itself."""
+        c, h, w = self.shape
+        n_strips = -(-h // self.rows)
+
+        def strip_all(flags: np.ndarray) -> bool:  # flags (c, h, n): is some strip flagged everywhere?
+            rows = flags.all(axis=2)
+            if self.planar != 2:
+                rows = rows.all(axis=0, keepdims=True)  # a strip holds these rows of every band
+            padded = np.ones((rows.shape[0], n_strips * self.rows), bool)
+            padded[:, :h] = rows
+            return bool(padded.reshape(rows.shape[0], n_strips, self.rows).all(axis=2).any())
+
+        if strip_all(array.view(np.uint8).reshape(c, h, -1) == 0):
+            return True
+        if self.nodata is None:
+            return False
+        nd = self.nodata
+        return strip_all(np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd)
+
+    def _transform(self, bounds: tuple[float, float, float, float]):
+        from rasterio.transform import from_bounds
+
+        return from_bounds(*bounds, self.shape[2], self.shape[1])
+
+    def parts(self, array: np.ndarray, bounds: tuple[float, float, float, float]) -> list[Any]:
+        """The file as buffers to write one after the other (header, pixels, trailer)."""
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"array {array.shape} {array.dtype}, encoder for {self.shape} {self.dtype}")
+        array = np.ascontiguousarray(array)
+        if not self.exact or self._gdal_special(array):
+            return [geotiff_bytes(array, bounds, self.crs, self.nodata, self.descriptions, self.compress)]
+        t = self._transform(bounds)
+        head = bytearray(self.template)
+        for at in self.patch["scale"]:
+            struct.pack_into("<2d", head, at, t.a, -t.e)
+        for at in self.patch["origin"]:
+            struct.pack_into("<2d", head, at, t.c, t.f)
+        if self.planar == 2 or self.shape[0] == 1:
+            pixels = np.ascontiguousarray(array)
+        else:  # pixel interleaved
+            pixels = np.empty(self.shape[1:] + self.shape[:1], self.dtype)
+            for i in range(self.shape[0]):
+                pixels[:, :, i] = array[i]
+        pixels = memoryview(pixels).cast("B")
+        return [memoryview(head)[: self.d0], pixels, memoryview(head)[self.d0:]]
 
 
 def netcdf_bytes(build) -> bytes:
