@@ -348,11 +348,11 @@ def index_chip(src, r: RasterSource, bounds: tuple[float, float, float, float], 
     win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
     data = src.read(r.indexes, window=win)
     ri, ci = np.clip(rows - r0, 0, r1 - r0 - 1), np.clip(cols - c0, 0, c1 - c0 - 1)
-    arr = data[:, ri[:, None], ci[None, :]]
+    arr = data[:, ri][:, :, ci]  # two 1-D gathers: several times faster than one 2-D fancy index
     if r.nodata is not None:
         valid = ~_is_nodata(arr, r.nodata)
     elif any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in r.indexes):
-        valid = src.read_masks(r.indexes, window=win)[:, ri[:, None], ci[None, :]] > 0
+        valid = src.read_masks(r.indexes, window=win)[:, ri][:, :, ci] > 0
     else:
         valid = np.ones(shape, bool)
     if not (ok_r.all() and ok_c.all()):
@@ -525,6 +525,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
                               f"bounds {_fmt(r.bounds_lonlat)}, grid bounds {_fmt(grid_bounds)}); nothing was written")
     names = _band_names(m, sources)
     dest_dir = join(rsrc.data_dir, folder)
+    t_checked = time.perf_counter()
     staging = tempfile.mkdtemp(prefix=".m3leo-ingest-", dir=rsrc.repo if is_local(fs) else None)
     readers = _Readers(cfg.storage_options)
     status: Counter = Counter()
@@ -560,6 +561,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         if not written:
             raise IngestError(f"no chip of region {rsrc.aoi} got any valid pixel from {cfg.rasters} "
                               f"({len(jobs)} chips overlap their bounds, all nodata); nothing was written")
+        t_cut = time.perf_counter()
         fs.makedirs(dest_dir, exist_ok=True)
         _sync_tree(staging, [os.path.join(staging, f"{i}.tif") for i in written])
         for ident in tqdm(written, unit="file", desc="publish", disable=not cfg.progress, leave=False):
@@ -586,31 +588,15 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         "bands": names, "dtype": m.dtype, "pixels": sorted({chip_pixels(j.chip, m) for j in jobs}),
         "rasters": [{"path": r.path, "crs": r.crs, "dtype": r.dtype, "nodata": r.nodata, "pixel_m": round(r.pixel_m, 3),
                      "resampling": r.resampling, "bands": r.indexes} for r in sources],
-        "seconds": round(dt, 3), "chips_per_s": round(len(jobs) / dt, 2) if dt > 0 else None,
+        "seconds": round(dt, 3),
+        "seconds_by_step": {"checks": round(t_checked - t0, 3), "cut_and_stage": round(t_cut - t_checked, 3),
+                            "sync_and_publish": round(t0 + dt - t_cut, 3)},
+        "chips_per_s": round(len(jobs) / dt, 2) if dt > 0 else None,
     }
     log.info("ingested %d chips of %s into %s (%d outside the footprint, %d all nodata, %d partial without a "
              "nodata value)", status["written"], rsrc.aoi, dest_dir, outside, status["all_nodata"],
              status["partial_without_nodata"])
     return summary
-
-
-_LIBC: Any = None
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask Linux to start writing the file out now (``sync_file_range``, no waiting), so the final sync before
-    publishing finds little left to flush; a no-op elsewhere."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-            _LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def _write_staged(path: str, parts: list[Any]) -> None:
@@ -621,7 +607,6 @@ def _write_staged(path: str, parts: list[Any]) -> None:
             view = memoryview(part).cast("B")
             while view:
                 view = view[os.write(fd, view):]
-        _start_writeback(fd)
     finally:
         os.close(fd)
 

@@ -146,9 +146,9 @@ class GeoTiffEncoder:
 
         if strip_all(array.view(np.uint8).reshape(c, h, -1) == 0):
             return True
-        if self.nodata is None:
-            return False
         nd = self.nodata
+        if nd is None or (self.dtype.kind in "iu" and nd == 0):  # integer nodata 0 is all zero bytes: done above
+            return False
         return strip_all(np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd)
 
     def _transform(self, bounds: tuple[float, float, float, float]):
