@@ -136,20 +136,19 @@ class GeoTiffEncoder:
         c, h, w = self.shape
         n_strips = -(-h // self.rows)
 
-        def strip_all(flags: np.ndarray) -> bool:  # flags (c, h, n): is some strip flagged everywhere?
-            rows = flags.all(axis=2)
+        def strip_all(rows: np.ndarray) -> bool:  # rows (c, h): True where the row is zero / nodata
             if self.planar != 2:
                 rows = rows.all(axis=0, keepdims=True)  # a strip holds these rows of every band
             padded = np.ones((rows.shape[0], n_strips * self.rows), bool)
             padded[:, :h] = rows
             return bool(padded.reshape(rows.shape[0], n_strips, self.rows).all(axis=2).any())
 
-        if strip_all(array.view(np.uint8).reshape(c, h, -1) == 0):
+        if strip_all(~array.view(np.uint8).reshape(c, h, -1).any(axis=2)):
             return True
         nd = self.nodata
         if nd is None or (self.dtype.kind in "iu" and nd == 0):  # integer nodata 0 is all zero bytes: done above
             return False
-        return strip_all(np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd)
+        return strip_all((np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd).all(axis=2))
 
     def _transform(self, bounds: tuple[float, float, float, float]):
         from rasterio.transform import from_bounds
