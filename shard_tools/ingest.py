@@ -546,10 +546,11 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     def work(job: _Job) -> tuple[str, str]:
         st, arr = cut_chip(job, m, readers)
         if arr is not None:
-            _write_staged(os.path.join(staging, f"{job.chip.identifier}.tif"),
-                          encoder(arr.shape).parts(arr, job.chip.bounds))
+            early_sync.staged(_write_staged(os.path.join(staging, f"{job.chip.identifier}.tif"),
+                                            encoder(arr.shape).parts(arr, job.chip.bounds)))
         return job.chip.identifier, st
 
+    early_sync = _EarlySync(staging)
     try:
         results = _map(work, jobs, cfg.workers)
         for ident, st in results:
@@ -561,6 +562,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
         if not written:
             raise IngestError(f"no chip of region {rsrc.aoi} got any valid pixel from {cfg.rasters} "
                               f"({len(jobs)} chips overlap their bounds, all nodata); nothing was written")
+        early_sync.stop()
         t_cut = time.perf_counter()
         fs.makedirs(dest_dir, exist_ok=True)
         _sync_tree(staging, [os.path.join(staging, f"{i}.tif") for i in written])
@@ -577,6 +579,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
             finally:
                 os.close(fd)
     finally:
+        early_sync.stop()
         bar.close()
         readers.close()
         shutil.rmtree(staging, ignore_errors=True)
@@ -599,16 +602,69 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     return summary
 
 
-def _write_staged(path: str, parts: list[Any]) -> None:
-    """Write a chip file's buffers (header, pixels, trailer) to the staging folder."""
+def _write_staged(path: str, parts: list[Any]) -> int:
+    """Write a chip file's buffers (header, pixels, trailer) to the staging folder; returns its size."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    n = 0
     try:
         for part in parts:
             view = memoryview(part).cast("B")
+            n += len(view)
             while view:
                 view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+    return n
+
+
+class _EarlySync:
+    """Flushes the staging folder's file system in the background while chips are still being cut (one ``syncfs``
+    each time another ``every_bytes`` were staged), so that the sync before publishing finds little left to write.
+    Only an optimisation: the final :func:`_sync_tree` still runs after the last chip."""
+
+    def __init__(self, folder: str, every_bytes: int = 64 << 20):
+        self.folder, self.every = folder, every_bytes
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="ingest-early-sync", daemon=True)
+        self.thread.start()
+
+    def staged(self, nbytes: int) -> None:
+        with self.cond:
+            self.pending += nbytes
+            if self.pending >= self.every:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            syncfs = libc.syncfs
+        except (OSError, AttributeError):
+            return
+        while True:
+            with self.cond:
+                while not self.done and self.pending < self.every:
+                    self.cond.wait()
+                if self.done:
+                    return
+                self.pending = 0
+            try:
+                fd = os.open(self.folder, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                syncfs(fd)  # ctypes releases the GIL: the workers keep cutting
+            finally:
+                os.close(fd)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.done = True
+            self.cond.notify()
+        self.thread.join()
 
 
 def _sync_tree(folder: str, files: list[str]) -> None:
