@@ -11,7 +11,9 @@ are left out and counted.
 
 Everything is checked before the first chip is cut (readable rasters, a CRS, the band count and dtype against the
 declared modality, overlap with the grid). Chips are written to a staging folder and published (one atomic rename or
-upload per file) only when all of them succeeded, so an error leaves nothing half-written.
+upload per file) only when all of them succeeded, so an error leaves nothing half-written. Chip files are encoded
+from a GDAL-written template (:class:`shard_tools.rasters.GeoTiffEncoder`, byte-identical to GDAL's encoding) rather
+than through GDAL per chip.
 """
 
 from __future__ import annotations
