@@ -298,6 +298,13 @@ def _is_nodata(a: np.ndarray, nodata: float | None) -> np.ndarray:
     return bad
 
 
+def _is_valid(a: np.ndarray, nodata: float | None) -> np.ndarray:
+    """``~_is_nodata(a, nodata)`` in one pass for integer arrays."""
+    if a.dtype.kind != "f" and nodata is not None and not math.isnan(nodata):
+        return a != np.asarray(nodata).astype(a.dtype)
+    return ~_is_nodata(a, nodata)
+
+
 def _has_nodata(a: np.ndarray, nodata: float | None) -> bool:
     """``_is_nodata(a, nodata).any()`` from one or two reductions (min, max) in the common case, without a mask."""
     if a.size == 0:
@@ -394,13 +401,13 @@ def index_chip(src, r: RasterSource, bounds: tuple[float, float, float, float], 
     ri, ci = np.clip(rows - r0, 0, r1 - r0 - 1), np.clip(cols - c0, 0, c1 - c0 - 1)
     arr = data[:, ri][:, :, ci]  # two 1-D gathers: several times faster than one 2-D fancy index
     if r.nodata is not None:
-        valid = ~_is_nodata(arr, r.nodata)
+        valid = _is_valid(arr, r.nodata)
     elif any(MaskFlags.all_valid not in src.mask_flag_enums[i - 1] for i in r.indexes):
         valid = src.read_masks(r.indexes, window=win)[:, ri][:, :, ci] > 0
     else:
         valid = np.ones(shape, bool)
-    if not (ok_r.all() and ok_c.all()):
-        valid &= (ok_r[:, None] & ok_c[None, :])[None]
+    valid[:, ~ok_r] = False  # chip rows / columns beyond the raster's edge
+    valid[:, :, ~ok_c] = False
     return arr, valid
 
 
