@@ -5,7 +5,7 @@ present, and a synthetic large Cloud-Optimised GeoTIFF generated in a temporary 
 33N at 10 m, GDAL's COG driver: 512×512 deflate tiles, overviews), whose chips need a real reprojection. For each input:
 
 - ingest: ``ingest()`` end to end (checks, warping every chip onto its lon/lat grid, nodata handling, GeoTIFF
-  encoding with the default deflate, staging and atomic publish);
+  encoding (uncompressed, the default), staging and atomic publish);
 - ceiling: the same threads read each chip's window of the source (the chip's bounds transformed into the raster's
   CRS) with ``DatasetReader.read(window=...)`` — no warping, no writing. ``ratio`` = ingest chips/s ÷ ceiling
   chips/s; this is the figure the goal (≥ 0.5) is about.

@@ -670,8 +670,9 @@ def _write_staged(path: str, parts: list[Any]) -> int:
 
 class _EarlySync:
     """Flushes the staging folder's file system in the background while chips are still being cut (one ``syncfs``
-    each time another ``every_bytes`` were staged; 8 MB: a WorldCover run of 99 chips stages 20 MB), so that the sync before publishing finds little left to write.
-    Only an optimisation: the final :func:`_sync_tree` still runs after the last chip."""
+    each time another ``every_bytes`` were staged; 8 MB: a WorldCover run of 99 chips stages 20 MB), so that the sync
+    before publishing finds little left to write. Only an optimisation: the final :func:`_sync_tree` still runs after
+    the last chip."""
 
     def __init__(self, folder: str, every_bytes: int = 8 << 20):
         self.folder, self.every = folder, every_bytes
