@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,225 @@ def geotiff_bytes(
             for i, d in enumerate(descriptions or ()):
                 dst.set_band_description(i + 1, d)
         return bytes(mem.getbuffer())
+
+
+class GeoTiffEncoder:
+    """Encodes many chips of one shape, dtype, CRS, nodata and band descriptions into GeoTIFF bytes identical to
+    :func:`geotiff_bytes`, without GDAL per chip: GDAL writes a template once, and each chip is the template's bytes
+    with the chip's pixel scale and tie point patched in and its pixels in place of the template's strips.
+
+    GDAL skips writing strips that are entirely zero or nodata and appends them when the file is closed, so the
+    layout depends on which strips are such: for integer dtypes one template is made per pattern of zero/nodata
+    strips (a chip at a raster's edge shares its pattern with its row of chips); float chips with such strips, and
+    compressed files, are encoded by GDAL. Every template is checked once, byte for byte, against GDAL's encoding of
+    other values and bounds; where they differ GDAL encodes those chips."""
+
+    TEMPLATE_BOUNDS = (1.2345678901, -2.3456789012, 1.2789012345, -2.3012345678)  # distinctive doubles
+    PROBE_BOUNDS = (6.123456789, -0.98765, 6.1650001, -0.9469)
+    PIXEL_SCALE, TIEPOINT, STRIP_OFFSETS, STRIP_BYTES, PLANAR, ROWS_PER_STRIP = 33550, 33922, 273, 279, 284, 278
+    MAX_LAYOUTS = 64
+
+    def __init__(self, shape: tuple[int, int, int], dtype: Any, crs: str = "EPSG:4326",
+                 nodata: float | int | None = None, descriptions: Sequence[str] | None = None,
+                 compress: str | None = None):
+        import threading
+
+        self.shape, self.dtype, self.crs = tuple(shape), np.dtype(dtype), crs
+        self.nodata, self.descriptions, self.compress = nodata, list(descriptions) if descriptions else None, compress
+        self.fill = 1 if nodata != 1 else 2  # template value: neither zero nor nodata
+        self.layouts: dict[tuple[int, ...], _TiffLayout | None] = {}
+        self.lock = threading.Lock()
+        self.rows = self.planar = 0
+        self.exact = False
+        if compress or self.dtype.byteorder == ">":
+            return
+        try:
+            self._strip_geometry(geotiff_bytes(np.full(self.shape, self.fill, self.dtype), self.TEMPLATE_BOUNDS, crs,
+                                               nodata, self.descriptions))
+        except (ValueError, KeyError, struct.error):
+            return
+        self.exact = self._layout((0,) * self.n_strips) is not None
+
+    # -- strips
+
+    def _strip_geometry(self, tif: bytes) -> None:
+        tags = _tiff_tags(tif)
+        c, h, w = self.shape
+        self.planar = _tag_values(tif, tags, self.PLANAR)[0] if self.PLANAR in tags else 1
+        self.rows = _tag_values(tif, tags, self.ROWS_PER_STRIP)[0] if self.ROWS_PER_STRIP in tags else h
+        self.per_band = -(-h // self.rows)
+        self.n_strips = self.per_band * (c if self.planar == 2 else 1)
+
+    def _states(self, array: np.ndarray) -> tuple[int, ...] | None:
+        """Per strip: 0 plain, 1 all zero bytes, 2 all nodata; None when a float chip has such a strip."""
+        c, h, _ = self.shape
+
+        def per_strip(row_flags: np.ndarray) -> np.ndarray:  # (c, h) → (strips,)
+            if self.planar != 2:
+                row_flags = row_flags.all(axis=0, keepdims=True)  # a strip holds these rows of every band
+            padded = np.ones((row_flags.shape[0], self.per_band * self.rows), bool)
+            padded[:, :h] = row_flags
+            return padded.reshape(row_flags.shape[0], self.per_band, self.rows).all(axis=2).ravel()
+
+        states = per_strip(~array.view(np.uint8).reshape(c, h, -1).any(axis=2)).astype(np.int8)
+        nd = self.nodata
+        if nd is not None and not (self.dtype.kind in "iu" and nd == 0):
+            is_nd = np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd
+            states[per_strip(is_nd.all(axis=2)) & (states == 0)] = 2
+        if self.dtype.kind == "f" and states.any():
+            return None  # NaN payloads and -0.0: GDAL's fill bytes need not be the chip's
+        return tuple(states.tolist())
+
+    def _layout(self, states: tuple[int, ...]) -> _TiffLayout | None:
+        with self.lock:
+            if states in self.layouts:
+                return self.layouts[states]
+            if len(self.layouts) >= self.MAX_LAYOUTS:
+                return None
+            layout = None
+            try:
+                layout = self._make_layout(states)
+            except (ValueError, KeyError, struct.error):
+                pass
+            self.layouts[states] = layout
+            return layout
+
+    def _pattern(self, states: tuple[int, ...], plain: np.ndarray) -> np.ndarray:
+        """``plain`` with the zero / nodata strips of ``states`` set."""
+        a = plain.copy()
+        for k, st in enumerate(states):
+            if st:
+                band, j = divmod(k, self.per_band)
+                rows = slice(j * self.rows, (j + 1) * self.rows)
+                target = a[band, rows] if self.planar == 2 else a[:, rows]
+                target[...] = 0 if st == 1 else self.nodata
+        return a
+
+    def _make_layout(self, states: tuple[int, ...]) -> _TiffLayout | None:
+        tif = geotiff_bytes(self._pattern(states, np.full(self.shape, self.fill, self.dtype)), self.TEMPLATE_BOUNDS,
+                            self.crs, self.nodata, self.descriptions)
+        tags = _tiff_tags(tif)
+        offsets = _tag_values(tif, tags, self.STRIP_OFFSETS)
+        sizes = _tag_values(tif, tags, self.STRIP_BYTES)
+        c, h, w = self.shape
+        row_bytes = w * self.dtype.itemsize * (1 if self.planar == 2 else c)
+        true = [min(self.rows, h - j * self.rows) * row_bytes for j in range(self.per_band)]
+        true *= self.n_strips // self.per_band
+        if len(offsets) != self.n_strips or any(s < t for s, t in zip(sizes, true)):
+            raise ValueError("unexpected strips")
+        if any(tags[t][0] != 12 for t in (self.PIXEL_SCALE, self.TIEPOINT)):
+            raise ValueError("unexpected georeferencing tags")
+        t = _bounds_transform(self.TEMPLATE_BOUNDS, self.shape)
+        patches = []
+        for key, values in (("scale", (t.a, -t.e)), ("origin", (t.c, t.f))):
+            at = [m.start() for m in re.finditer(re.escape(struct.pack("<2d", *values)), tif)]
+            if not at:
+                raise ValueError("georeferencing not found in the template")
+            patches += [(key, p) for p in at]
+        starts = np.concatenate([[0], np.cumsum(true)]).tolist()
+        layout = _TiffLayout(tif, [(offsets[k], starts[k], true[k]) for k in range(self.n_strips)], patches)
+        plain = np.random.default_rng(0).integers(1, 100, self.shape).astype(self.dtype)
+        plain[plain == (self.nodata if self.nodata is not None else 0)] = self.fill
+        probe = self._pattern(states, plain)
+        want = geotiff_bytes(probe, self.PROBE_BOUNDS, self.crs, self.nodata, self.descriptions)
+        got = b"".join(bytes(p) for p in layout.parts(self._pixels(probe), _bounds_transform(self.PROBE_BOUNDS,
+                                                                                              self.shape)))
+        return layout if got == want else None
+
+    def _pixels(self, array: np.ndarray) -> memoryview:
+        """The pixels in the file's order (band after band, or interleaved)."""
+        if self.planar == 2 or self.shape[0] == 1:
+            pixels = np.ascontiguousarray(array)
+        else:
+            pixels = np.empty(self.shape[1:] + self.shape[:1], self.dtype)
+            for i in range(self.shape[0]):
+                pixels[:, :, i] = array[i]
+        return memoryview(pixels).cast("B")
+
+    def parts(self, array: np.ndarray, bounds: tuple[float, float, float, float]) -> list[Any]:
+        """The file as buffers to write one after the other."""
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"array {array.shape} {array.dtype}, encoder for {self.shape} {self.dtype}")
+        layout = None
+        if self.exact:
+            array = np.ascontiguousarray(array)
+            states = self._states(array)
+            layout = self._layout(states) if states is not None else None
+        if layout is None:
+            return [geotiff_bytes(array, bounds, self.crs, self.nodata, self.descriptions, self.compress)]
+        return layout.parts(self._pixels(array), _bounds_transform(bounds, self.shape))
+
+
+class _TiffLayout:
+    """A GDAL-written template cut into the pieces around its strips: chips fill the strips and patch the
+    georeferencing."""
+
+    def __init__(self, tif: bytes, strips: list[tuple[int, int, int]], patches: list[tuple[str, int]]):
+        # strips: (file offset, offset in the pixel buffer, length), merged where both run on
+        runs: list[list[int]] = []
+        for off, start, n in sorted(strips):
+            if runs and runs[-1][0] + runs[-1][2] == off and runs[-1][1] + runs[-1][2] == start:
+                runs[-1][2] += n
+            else:
+                runs.append([off, start, n])
+        self.pieces: list[tuple[bytes, list[tuple[str, int]]]] = []  # template bytes, patches inside them
+        self.order: list[Any] = []  # piece index (int) or (pixel start, length)
+        pos = 0
+        for off, start, n in runs + [[len(tif), 0, 0]]:
+            piece = tif[pos:off]
+            inside = [(k, p - pos) for k, p in patches if pos <= p and p + 16 <= off]
+            self.order.append(len(self.pieces))
+            self.pieces.append((piece, inside))
+            if n:
+                self.order.append((start, n))
+            pos = off + n
+        if sum(len(v) for _, v in self.pieces) != len(patches):
+            raise ValueError("georeferencing overlaps the pixels")
+
+    def parts(self, pixels: memoryview, t) -> list[Any]:
+        values = {"scale": (t.a, -t.e), "origin": (t.c, t.f)}
+        out: list[Any] = []
+        for item in self.order:
+            if isinstance(item, tuple):
+                out.append(pixels[item[0]: item[0] + item[1]])
+                continue
+            piece, inside = self.pieces[item]
+            if inside:
+                piece = bytearray(piece)
+                for key, p in inside:
+                    struct.pack_into("<2d", piece, p, *values[key])
+            if piece:
+                out.append(piece)
+        return out
+
+
+def _bounds_transform(bounds: tuple[float, float, float, float], shape: tuple[int, ...]):
+    from rasterio.transform import from_bounds
+
+    return from_bounds(*bounds, shape[2], shape[1])
+
+
+def _tiff_tags(tif: bytes) -> dict[int, tuple[int, int, int]]:
+    """Tags of a little-endian classic TIFF with one IFD: tag → (type, count, position of the value field)."""
+    if tif[:4] != b"II*\x00":
+        raise ValueError("not a little-endian classic TIFF")
+    (ifd,) = struct.unpack_from("<I", tif, 4)
+    (n,) = struct.unpack_from("<H", tif, ifd)
+    tags = {}
+    for i in range(n):
+        tag, typ, count, _ = struct.unpack_from("<HHII", tif, ifd + 2 + 12 * i)
+        tags[tag] = (typ, count, ifd + 2 + 12 * i + 8)
+    if struct.unpack_from("<I", tif, ifd + 2 + 12 * n)[0] != 0:
+        raise ValueError("more than one IFD")
+    return tags
+
+
+def _tag_values(tif: bytes, tags: dict[int, tuple[int, int, int]], tag: int) -> list[int]:
+    typ, count, at = tags[tag]
+    fmt = {3: "H", 4: "I"}[typ]
+    if struct.calcsize(fmt) * count > 4:
+        (at,) = struct.unpack_from("<I", tif, at)
+    return list(struct.unpack_from(f"<{count}{fmt}", tif, at))
 
 
 def netcdf_bytes(build) -> bytes:
