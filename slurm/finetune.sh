@@ -10,7 +10,8 @@
 # Experiments (configs/experiment/): finetune_esawc_from_mae (the default; model.encoder = the pretrained encoder),
 # seg_esawc_unet, reg_biomass_unet, reg_ghsbuilts_unet. Every #SBATCH default below is overridden by the same flag
 # on the sbatch command line. Environment variables (M3LEO_EXPERIMENT, M3LEO_DATA_ROOT, M3LEO_RUN_DIR,
-# M3LEO_ENCODER, M3LEO_OVERRIDES, PYTHON, NCCL_*, ...) are read by slurm/_launch.sh, which documents them; README "Running on a cluster" has the whole story.
+# M3LEO_ENCODER, M3LEO_OVERRIDES, PYTHON, NCCL_*, ...) are read by slurm/_launch.sh, which documents them;
+# README "Running on a cluster" has the whole story.
 #SBATCH --job-name=m3leo-finetune
 #   nodes x tasks per node = DDP world size; one task per GPU (Lightning: trainer.devices = tasks per node)
 #SBATCH --nodes=1
