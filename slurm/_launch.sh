@@ -18,7 +18,7 @@
 #   M3LEO_GPU_BIND         srun --gpu-bind value when the job has GPUs (default none: every task of a node sees
 #                          all of the node's GPUs and Lightning picks cuda:<local rank>)
 # Added unless given as an override: trainer.num_nodes (the job's nodes), trainer.devices (tasks per node; Lightning
-# requires one task per device) and resume=auto.
+# requires one task per device), resume=auto and trainer.enable_progress_bar=false.
 
 set -euo pipefail
 
@@ -57,6 +57,8 @@ fi
 m3_has trainer.num_nodes || m3_overrides+=("trainer.num_nodes=$nodes")
 m3_has trainer.devices || m3_overrides+=("trainer.devices=$per_node")
 m3_has resume || m3_overrides+=("resume=auto")
+# a progress bar redrawn into a log file is noise; the losses and speeds go to W&B and the log lines
+m3_has trainer.enable_progress_bar || m3_overrides+=("trainer.enable_progress_bar=false")
 m3_overrides+=("${m3_user[@]}")
 
 # ------------------------------------------------------------------ environment of the tasks

@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
+TINY_SHARD_SIZE = "20MB"  # 2 regions x 6 synthetic chips -> 12 shards (train: 4 chips per region)
 
 
 def _conftest():
@@ -81,6 +82,11 @@ def sbatch(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> 
                          text=True, timeout=60)
     assert res.returncode == 0, f"sbatch {' '.join(args)} failed: {res.stderr}"
     return res.stdout.strip().split(";")[0]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """``vm,vmx[1-2]`` -> ``["vm", "vmx1", "vmx2"]``."""
+    return _run("scontrol", "show", "hostnames", nodelist).stdout.split()
 
 
 def job_records(job: str) -> list[dict[str, str]]:

@@ -16,25 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slurm_support as ss  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-SHARD_SIZE = "20MB"  # 2 regions x 6 chips -> 12 shards: 6 per array task
+SHARD_SIZE = ss.TINY_SHARD_SIZE  # as the tiny_shards fixture: 12 shards, 6 per array task
 
 
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory) -> Path:
-    from shard_tools.synth import SynthConfig, synth
-
-    out = tmp_path_factory.mktemp("slurm-synth") / "src"
-    synth(SynthConfig(str(out), ("conus", "europe"), 6, seed=3), workers=1, progress=False)
-    return out
-
-
-def test_array_build_equals_single_build(tmp_path, tiny_src):
-    from shard_tools.build import BuildConfig, build, parse_size
-
+def test_array_build_equals_single_build(tmp_path, tiny_src, tiny_shards):
     ss.require_slurm()
-    single = tmp_path / "single"
-    build(BuildConfig(str(tiny_src), str(single), shard_size=parse_size(SHARD_SIZE), workers=1, progress=False))
-
+    single = tiny_shards
     out = tmp_path / "array"
     res = subprocess.run(
         ["bash", str(ss.REPO / "slurm" / "submit_build.sh"), "--tasks=2", "--log-dir=logs", "--cpus-per-task=1",
