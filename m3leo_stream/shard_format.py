@@ -80,6 +80,27 @@ def npy_header_size(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return len(buf.getvalue())
 
 
+def npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """``(dtype, shape, fortran_order, data_offset)`` of an ``.npy`` header, parsed without pickle."""
+    mv = memoryview(data)
+    if bytes(mv[:6]) != b"\x93NUMPY":
+        raise FormatError("not an .npy member (bad magic)")
+    major = mv[6]
+    hlen_size = 2 if major == 1 else 4
+    hlen = int.from_bytes(mv[8 : 8 + hlen_size], "little")
+    start = 8 + hlen_size + hlen
+    try:
+        header = ast.literal_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
+        dtype = np.dtype(header["descr"])
+        shape = tuple(int(x) for x in header["shape"])
+        fortran = bool(header["fortran_order"])
+    except Exception as e:  # noqa: BLE001 - any malformed header
+        raise FormatError(f"bad .npy header: {e}") from None
+    if dtype.hasobject:
+        raise FormatError("object arrays are not allowed")
+    return dtype, shape, fortran, start
+
+
 def decode_array(data: bytes | memoryview, compressed: bool = False, where: str = "") -> np.ndarray:
     """Parse ``.npy`` (optionally zstd-framed) bytes without pickle, zero-copy where possible."""
     try:
@@ -88,26 +109,15 @@ def decode_array(data: bytes | memoryview, compressed: bool = False, where: str 
 
             data = zstandard.ZstdDecompressor().decompress(data)
         mv = memoryview(data)
-        if bytes(mv[:6]) != b"\x93NUMPY":
-            raise FormatError("not an .npy member (bad magic)")
-        major = mv[6]
-        hlen_size = 2 if major == 1 else 4
-        hlen = int.from_bytes(mv[8 : 8 + hlen_size], "little")
-        start = 8 + hlen_size + hlen
-        header = ast.literal_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
-        dtype = np.dtype(header["descr"])
-        if dtype.hasobject:
-            raise FormatError("object arrays are not allowed")
-        shape = tuple(header["shape"])
+        dtype, shape, fortran, start = npy_header(mv)
         count = int(np.prod(shape)) if shape else 1
         if len(mv) - start != count * dtype.itemsize:
             raise FormatError(f"truncated array: {len(mv) - start} bytes for shape {shape} {dtype}")
         arr = np.frombuffer(mv, dtype=dtype, count=count, offset=start)
-        order = "F" if header["fortran_order"] else "C"
-        return arr.reshape(shape, order=order)
+        return arr.reshape(shape, order="F" if fortran else "C")
     except FormatError as e:
         raise FormatError(f"{where}: {e}" if where else str(e)) from None
-    except Exception as e:  # zstd, header parsing
+    except Exception as e:  # zstd
         raise FormatError(f"{where}: cannot decode member: {e}" if where else f"cannot decode member: {e}") from e
 
 

@@ -114,6 +114,36 @@ def cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(a: argparse.Namespace) -> int:
+    from shard_tools.aoi import default_region, load_aoi, make_grid
+
+    so = parse_storage_options(a.storage_options)
+    geom = load_aoi(a.aoi, so)
+    result = make_grid(geom, a.out, a.region or default_region(a.aoi), a.chip_size_m, a.stripes, a.angle,
+                       a.fractions, so)
+    _print_json(result.summary())
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from shard_tools.ingest import IngestConfig, IngestError, ingest
+
+    cfg = IngestConfig(
+        chips=a.chips, rasters=[r for group in a.raster for r in group], modality=a.modality,
+        modalities_file=a.modalities_file, bands=_csv(",".join(a.bands)) if a.bands else None,
+        resampling=a.resampling, workers=a.workers, region=a.region, folder=a.folder, year=a.year,
+        src_nodata=a.src_nodata, compress=a.compress, storage_options=parse_storage_options(a.storage_options),
+        progress=not a.quiet,
+    )
+    try:
+        summary = ingest(cfg)
+    except IngestError as e:
+        log.error("ingest-raster failed: %s", e)
+        return 1
+    _print_json(summary)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3leo-shards", description="Repack M3LEO chips into region-grouped tar shards.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,10 +182,43 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--folder", action="append", metavar="MODALITY=FOLDER",
                    help="read a modality from this data folder (e.g. gunw=gunw_2020-04-01_2020-06-30)")
     b.add_argument("--gunw-pair-rule", default="longest", help="GUNW date pair: longest, shortest or days=N")
-    b.add_argument("--modalities-yaml", default=None, help="YAML file declaring extra or overriding modalities")
+    b.add_argument("--modalities-yaml", "--modalities-file", dest="modalities_yaml", default=None,
+                   help="YAML file declaring extra or overriding modalities (user rasters ingested with ingest-raster)")
     b.add_argument("--src-storage-options", default=None, help="JSON fsspec options for SRC (default: as OUT)")
     storage(b)
     b.set_defaults(func=cmd_build)
+
+    g = sub.add_parser("grid", help="chip grid (geojson + stripe split csv, hub layout) for an AOI polygon")
+    g.add_argument("--aoi", required=True, help="AOI polygon in lon/lat: a .geojson or .wkt file (or fsspec URL)")
+    g.add_argument("--out", required=True, help="folder to hold the region (what build and ingest-raster read)")
+    g.add_argument("--region", default=None, help="region name, letters and digits (default: the AOI file's stem)")
+    g.add_argument("--chip-size-m", type=float, default=4480.0)
+    g.add_argument("--stripes", type=int, default=60, help="number of geographic split stripes")
+    g.add_argument("--angle", type=int, default=9, help="stripe tilt from the meridian, degrees")
+    g.add_argument("--fractions", default="60-20-20", help="train-val-test proportions of the stripe cycle")
+    storage(g)
+    g.set_defaults(func=cmd_grid)
+
+    ig = sub.add_parser("ingest-raster", help="cut GeoTIFF/COG rasters (any CRS, mosaics) onto a region's chips")
+    ig.add_argument("--chips", required=True, help="folder made by 'grid' (or any hub-layout region with a geojson)")
+    ig.add_argument("--raster", required=True, action="append", nargs="+", metavar="PATH_OR_URL",
+                    help="one or more rasters (local, http(s), s3://, any fsspec URL); several = a mosaic, the "
+                         "first valid pixel wins")
+    ig.add_argument("--modality", required=True, help="registry name, or one declared in --modalities-file")
+    ig.add_argument("--modalities-file", "--modalities-yaml", dest="modalities_file", default=None,
+                    help="YAML declaring user modalities (pass the same file to build)")
+    ig.add_argument("--bands", nargs="+", default=None,
+                    help="bands to take, by GeoTIFF description or 1-based number (default: all)")
+    ig.add_argument("--resampling", default="auto", choices=["auto", "bilinear", "nearest", "average", "mode"])
+    ig.add_argument("--workers", type=int, default=1)
+    ig.add_argument("--region", default=None, help="region to ingest into when --chips holds several")
+    ig.add_argument("--folder", default=None, help="data folder name (default: the modality's, e.g. its name)")
+    ig.add_argument("--year", type=int, default=None, help="year for year-bearing folders (esaworldcover-YYYY ...)")
+    ig.add_argument("--src-nodata", type=float, default=None, help="nodata value of rasters that lack the tag")
+    ig.add_argument("--compress", default="none", choices=["none", "deflate", "zstd", "lzw"],
+                    help="chip GeoTIFF compression (upstream chips are uncompressed)")
+    storage(ig)
+    ig.set_defaults(func=cmd_ingest)
 
     f = sub.add_parser("finalize", help="merge the shares of an array-job build")
     f.add_argument("out")

@@ -1,0 +1,381 @@
+"""Loader throughput next to its ceiling and to the loaders people use today, in one run.
+
+For the same shards (built from ``m3leo-shards synth`` data), the same samples, batch size and worker count:
+  (a) ceiling   — DataLoader workers ``pread`` exactly the member byte ranges the loader reads, no decoding;
+  (b) m3leo     — ``M3LEODataModule.train_dataloader()``;
+  (c) wds       — a plain webdataset pipeline over the same tar shards decoding the same ``.npy`` members;
+  (d) upstream  — one rasterio open + read per chip per modality from the synth hub layout (the upstream way).
+for s1grd alone, s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
+parallel ranged GETs of the same bytes; the time to the first batch for an index of 1M samples in 10k shards; and the
+loader workers' RSS over three epochs. Repeats alternate the methods; medians are reported. All data is in the page
+cache (the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
+
+    python bench/loader.py --chips-per-region 24 --workers 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from m3leo_stream import shard_format as sf  # noqa: E402
+from m3leo_stream.datamodule import M3LEODataModule  # noqa: E402
+from m3leo_stream.modalities import REGISTRY  # noqa: E402
+from m3leo_stream.reader import passthrough  # noqa: E402
+from shard_tools.build import BuildConfig, build  # noqa: E402
+from shard_tools.synth import SynthConfig, synth  # noqa: E402
+
+ALL = list(REGISTRY)
+SETS = {"s1grd": ["s1grd"], "s1grd+s2rgbm+esawc": ["s1grd", "s2rgbm", "esawc"], "all9": ALL}
+
+
+# -- (a) ceiling -----------------------------------------------------------------------------------------------
+class RangeReads(torch.utils.data.Dataset):
+    """pread of given (shard path, offset, nbytes) ranges, handed to the consumer as uint8 tensors (``deliver``)
+    or only counted (nothing leaves the worker: an upper bound no loader can reach)."""
+
+    def __init__(self, ranges: list[list[tuple[str, int, int]]], deliver: bool = True):
+        self.ranges = ranges
+        self.deliver = deliver
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, i: int):
+        out = []
+        for path, off, n in self.ranges[i]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, n, off)
+            finally:
+                os.close(fd)
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.deliver else len(data))
+        return out
+
+
+def _count_ranges(batch) -> tuple[int, int]:
+    return len(batch), sum(int(x.numel()) if isinstance(x, torch.Tensor) else int(x) for s in batch for x in s)
+
+
+# -- (d) upstream ----------------------------------------------------------------------------------------------
+class UpstreamTiffs(torch.utils.data.Dataset):
+    """One rasterio open + full read per chip per modality (GeoTIFFs only; NetCDF modalities are skipped)."""
+
+    def __init__(self, paths: list[dict[str, str]]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        import rasterio
+
+        out = {}
+        for name, path in self.paths[i].items():
+            with rasterio.open(path) as ds:
+                out[name] = torch.from_numpy(ds.read())
+        return out
+
+
+def _collate_list(batch):
+    return batch
+
+
+PASSES = 3
+
+
+def _drain(loader, count_bytes, before_pass=None) -> tuple[int, int, float]:
+    """One untimed warm-up pass (worker start-up), then ``PASSES`` timed passes."""
+    n = nbytes = 0
+    t = 0.0
+    for p in range(PASSES + 1):
+        if before_pass:
+            before_pass(p)
+        if p == 1:
+            t = time.perf_counter()
+        for b in loader:
+            if p:
+                k, nb = count_bytes(b)
+                n += k
+                nbytes += nb
+    return n, nbytes, time.perf_counter() - t
+
+
+def run_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[str], workers: int,
+                deliver: bool = True):
+    ranges = [[(str(root / index["shard"][r]), index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
+               for m in mods] for b in batches for r in b]
+    bs = len(batches[0])
+    dl = torch.utils.data.DataLoader(RangeReads(ranges, deliver), batch_size=bs, num_workers=workers,
+                                     collate_fn=_collate_list, persistent_workers=workers > 0)
+    return _drain(dl, _count_ranges)
+
+
+def run_loader(root: str, mods: list[str], workers: int, batch: int, epoch: int, **kw):
+    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers, seed=0, **kw)
+    dm.setup()
+    loader = dm.train_dataloader()
+    marks = {}
+
+    def before(p: int) -> None:
+        loader.batch_sampler.set_epoch(epoch)  # the same samples every pass, as the other methods read
+        marks[p] = dm.loader_metrics()["bytes"]
+
+    n, _, s = _drain(loader, lambda b: (len(b["key"]), 0), before)
+    return n, int(dm.loader_metrics()["bytes"] - marks[1]), s
+
+
+def run_wds(root: Path, mods: list[str], workers: int, batch: int):
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in (root).glob("*/train/*.tar"))
+    keys = [f"{m}.npy" for m in mods]
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+          .select(lambda sample: all(k in sample for k in keys)).decode(only=keys).to_tuple(*keys).batched(batch, collation_fn=_collate_list))
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    nbytes = PASSES * sum(os.path.getsize(u) for u in urls)
+    n, _, s = _drain(dl, lambda b: (len(b), 0))
+    return n, nbytes, s
+
+
+def run_upstream(src: Path, keys: list[str], mods: list[str], workers: int, batch: int):
+    tif = [m for m in mods if REGISTRY[m].file_ext == "tif"]
+    files = {}
+    for p in glob.glob(str(src / "*" / "*" / "*" / "*.tif")):
+        folder, name = Path(p).parent.name, Path(p).stem
+        m = REGISTRY.for_folder(folder)
+        if m is not None and m.name in tif:
+            files.setdefault(name, {})[m.name] = p
+    paths = [files[k] for k in keys if k in files and len(files[k]) == len(tif)]
+    dl = torch.utils.data.DataLoader(UpstreamTiffs(paths), batch_size=batch, num_workers=workers,
+                                     collate_fn=_collate_list, persistent_workers=workers > 0)
+    nbytes = PASSES * sum(os.path.getsize(p) for d in paths for p in d.values())
+    n, _, s = _drain(dl, lambda b: (len(b), 0))
+    return n, nbytes, s
+
+
+def median_rate(results: list[tuple[int, int, float]]) -> dict[str, float]:
+    return {"samples_per_s": statistics.median(n / s for n, _, s in results),
+            "MB_per_s": statistics.median(b / s / 1e6 for _, b, s in results), "samples": results[0][0]}
+
+
+# -- S3 --------------------------------------------------------------------------------------------------------
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+class S3RangeReads(torch.utils.data.Dataset):
+    """Parallel ranged GETs (s3fs ``cat_ranges``, all ranges of a batch at once) of given ranges."""
+
+    def __init__(self, ranges: list[list[tuple[str, int, int]]]):
+        self.ranges = ranges
+        self._fs = None
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitems__(self, idx: list[int]) -> int:
+        import s3fs
+
+        if self._fs is None:
+            self._fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        rs = [r for i in idx for r in self.ranges[i]]
+        data = self._fs.cat_ranges([p for p, _, _ in rs], [o for _, o, _ in rs], [o + n for _, o, n in rs])
+        return sum(len(d) for d in data)
+
+
+def run_s3_ceiling(url: str, batches, index, mods, workers):
+    prefix = url.split("://", 1)[1]
+    ranges = [[(f"{prefix}/{index['shard'][r]}", index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
+               for m in mods] for b in batches for r in b]
+    bs = len(batches[0])
+    dl = torch.utils.data.DataLoader(S3RangeReads(ranges), batch_size=bs, num_workers=workers,
+                                     collate_fn=passthrough, persistent_workers=workers > 0)
+    return _drain(dl, lambda nbytes: (bs, nbytes))
+
+
+# -- 1M-sample index -------------------------------------------------------------------------------------------
+def big_index(root: Path, out: Path, n: int, shards: int) -> None:
+    """A shard root whose index has ``n`` samples in ``shards`` shards: every shard is a hard link to one real
+    shard and the rows reuse that shard's member ranges (the planner and reader cannot tell)."""
+    t = pq.read_table(root / "index.parquet")
+    d = t.to_pydict()
+    first = d["shard"][0]
+    rows = [i for i, s in enumerate(d["shard"]) if s == first]
+    out.mkdir(parents=True)
+    for name in (sf.MANIFEST, sf.STATS):
+        shutil.copy(root / name, out / name)
+    (out / "s").mkdir()
+    for j in range(shards):
+        os.link(root / first, out / "s" / f"{j:05d}.tar")
+    per = n // shards
+    pick = np.array(rows)[np.arange(n) % len(rows)]
+    cols = {}
+    for c in t.column_names:
+        arr = t.column(c).to_numpy(zero_copy_only=False)
+        cols[c] = arr[pick]
+    cols["key"] = np.array([f"k{i:07d}" for i in range(n)])
+    cols["shard"] = np.array([f"s/{j:05d}.tar" for j in np.arange(n) // per])
+    splits = np.array(["train", "val", "test"])
+    cols["split"] = splits[(np.arange(n) % 10 >= 8).astype(int) + (np.arange(n) % 10 >= 9).astype(int)]
+    pq.write_table(pa.table({c: cols[c] for c in t.column_names}), out / "index.parquet")
+
+
+def time_to_first_batch(root: Path, mods: list[str], workers: int, batch: int) -> float:
+    t = time.perf_counter()
+    dm = M3LEODataModule(str(root), inputs=mods, batch_size=batch, num_workers=workers, persistent_workers=False)
+    dm.setup()
+    next(iter(dm.train_dataloader()))
+    return time.perf_counter() - t
+
+
+def worker_rss(root: str, mods: list[str], workers: int, batch: int, epochs: int) -> list[int]:
+    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers)
+    dm.setup()
+    loader = dm.train_dataloader()
+    out = []
+    for e in range(epochs):
+        loader.batch_sampler.set_epoch(e)
+        for _ in loader:
+            pass
+        total = 0
+        for w in loader._iterator._workers:
+            for line in open(f"/proc/{w.pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        out.append(total)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chips-per-region", type=int, default=24)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=3, help="timed passes per measurement after a warm-up pass")
+    ap.add_argument("--work", default=None, help="keep generated data here (default: a temporary directory)")
+    ap.add_argument("--big-index", type=int, default=1_000_000)
+    ap.add_argument("--big-shards", type=int, default=10_000)
+    ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "loader.json"))
+    args = ap.parse_args()
+    global PASSES
+    PASSES = args.passes
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="m3leo-bench-loader-"))
+    src, shards = work / "src", work / "shards"
+    if not (shards / sf.MANIFEST).exists():
+        synth(SynthConfig(str(src), regions=("conus", "europe"), chips_per_region=args.chips_per_region, seed=0),
+              workers=args.workers, progress=False)
+        build(BuildConfig(str(src), str(shards), shard_size=200_000_000, workers=args.workers, progress=False))
+    index = pq.read_table(shards / "index.parquet").to_pydict()
+    W, B = args.workers, args.batch_size
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "CPU"},
+                     "workers": W, "batch_size": B, "sets": {}}
+
+    for label, mods in SETS.items():
+        dm = M3LEODataModule(str(shards), inputs=mods, batch_size=B, num_workers=0)
+        dm.setup()
+        sampler = dm.train_dataloader().batch_sampler
+        batches = list(sampler)
+        keys = [index["key"][r] for b in batches for r in b]
+        runs: dict[str, list] = {k: [] for k in ("ceiling", "m3leo", "wds", "upstream", "pread_only")}
+        for rep in range(args.repeats):
+            runs["ceiling"].append(run_ceiling(shards, batches, index, mods, W))
+            runs["pread_only"].append(run_ceiling(shards, batches, index, mods, W, deliver=False))
+            runs["m3leo"].append(run_loader(str(shards), mods, W, B, 0))
+            runs["wds"].append(run_wds(shards, mods, W, B))
+            if label != "all9" or rep == 0:
+                runs["upstream"].append(run_upstream(src, keys, mods, W, B))
+        row = {k: median_rate(v) for k, v in runs.items()}
+        m = row["m3leo"]["samples_per_s"]
+        row["ratios"] = {f"m3leo/{k}": m / row[k]["samples_per_s"]
+                         for k in ("ceiling", "wds", "upstream", "pread_only")}
+        results["sets"][label] = row
+        print(f"\n{label}: {len(keys)} samples, {W} workers, batch {B}")
+        for k in ("pread_only", "ceiling", "m3leo", "wds", "upstream"):
+            print(f"  {k:9s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
+        print("  " + "  ".join(f"{k} = {v:.2f}" for k, v in row["ratios"].items()))
+
+    if not args.skip_s3:
+        import s3fs
+
+        proc, endpoint = start_moto()
+        try:
+            fs = s3fs.S3FileSystem()
+            fs.mkdir("bench")
+            fs.put(str(shards), "bench/shards", recursive=True)
+            url = "s3://bench/shards"
+            mods = ["s1grd", "s2rgbm", "esawc"]
+            dm = M3LEODataModule(url, inputs=mods, batch_size=B, num_workers=0)
+            dm.setup()
+            batches = list(dm.train_dataloader().batch_sampler)
+            runs = {"ranged_gets": [], "m3leo": []}
+            for _ in range(args.repeats):
+                runs["ranged_gets"].append(run_s3_ceiling(url, batches, index, mods, W))
+                runs["m3leo"].append(run_loader(url, mods, W, B, 0))
+            row = {k: median_rate(v) for k, v in runs.items()}
+            row["ratio"] = row["m3leo"]["samples_per_s"] / row["ranged_gets"]["samples_per_s"]
+            results["s3"] = {"endpoint": "moto_server on 127.0.0.1", "modalities": mods, **row}
+            print(f"\nS3 (moto on loopback), {'+'.join(mods)}:")
+            for k in ("ranged_gets", "m3leo"):
+                print(f"  {k:11s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
+            print(f"  m3leo/ranged_gets = {row['ratio']:.2f}")
+        finally:
+            proc.terminate()
+
+    big = work / "big"
+    if big.exists():
+        shutil.rmtree(big)
+    big_index(shards, big, args.big_index, args.big_shards)
+    ttfb = time_to_first_batch(big, ["s1grd"], W, B)
+    results["time_to_first_batch"] = {"samples": args.big_index, "shards": args.big_shards, "seconds": ttfb}
+    print(f"\ntime to first batch, index of {args.big_index} samples in {args.big_shards} shards: {ttfb:.2f} s")
+    shutil.rmtree(big)
+
+    rss = worker_rss(str(shards), ["s1grd", "s2rgbm", "esawc"], W, B, 3)
+    results["worker_rss_bytes_per_epoch"] = rss
+    print("worker RSS after epochs 1-3 (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {args.out}")
+    if not args.work:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

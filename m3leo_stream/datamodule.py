@@ -1,0 +1,368 @@
+"""``M3LEODataModule``: planned, resumable, region-mixed loading of a shard root for Lightning.
+
+The main process plans (``planner``), DataLoader workers read and decode (``reader``), the device transforms run
+in ``on_after_batch_transfer``. Train loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in
+checkpoints; because a rank's batch ``k`` is its part of global batch ``k``, that position is the same on every rank
+and a run resumes at any world size that divides the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from . import shard_format as sf
+from .modalities import Registry
+from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
+from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, passthrough
+from .shard_root import ShardRoot
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's part of each global batch of an epoch plan. Lightning calls ``set_epoch``."""
+
+    def __init__(self, plan_for_epoch: Callable[[int], EpochPlan], rank: int, world_size: int, epoch: int = 0,
+                 fingerprint: Mapping[str, Any] | None = None):
+        self._plan_for_epoch = plan_for_epoch
+        self.rank, self.world_size = rank, world_size
+        self.epoch = epoch
+        self.fingerprint = dict(fingerprint or {})  # what a resumed run must share with the saved one
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> PlannedBatchSampler:
+        """Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``; this makes the
+        latter reach the planner."""
+        return self
+
+    @property
+    def plan(self) -> EpochPlan:
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._plan_for_epoch(self.epoch))
+        return self._plan[1]
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self.plan
+        for g in range(plan.num_batches):
+            yield plan.rank_batch(g, self.rank, self.world_size)
+
+
+@dataclass
+class LoaderMetrics:
+    """Cumulative loader figures of this process (all loaders of a DataModule share one)."""
+
+    samples: int = 0
+    bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    substitutions: int = 0
+    wait_s: float = 0.0
+    read_s: float = 0.0
+    first: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.first, 1e-9) if self.first is not None else 0.0
+        return {
+            "samples_per_s": self.samples / elapsed if elapsed else 0.0,
+            "bytes_per_s": self.bytes / elapsed if elapsed else 0.0,
+            "samples": float(self.samples),
+            "bytes": float(self.bytes),
+            "requests": float(self.requests),
+            "retries": float(self.retries),
+            "substitutions": float(self.substitutions),
+            "wait_s": self.wait_s,
+            "worker_read_s": self.read_s,
+        }
+
+
+class M3LEOLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` that strips the workers' I/O counters from batches into ``metrics`` and times how
+    long the consumer waits for each batch."""
+
+    def __init__(self, *args: Any, metrics: LoaderMetrics | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics if metrics is not None else LoaderMetrics()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        it = super().__iter__()
+        return _MeteredIterator(it, self.metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torchdata's state (batches consumed this epoch) plus the epoch and the plan's fingerprint."""
+        state = super().state_dict()
+        sampler = self.batch_sampler
+        if isinstance(sampler, PlannedBatchSampler):
+            state["m3leo"] = {"epoch": sampler.epoch, **sampler.fingerprint}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position. The epoch is set here, before any iterator exists: Lightning creates the train
+        iterator on restart before it calls ``set_epoch``, and the first indices are dispatched at creation."""
+        state = dict(state_dict)
+        meta = state.pop("m3leo", None)
+        sampler = self.batch_sampler
+        if meta is not None and isinstance(sampler, PlannedBatchSampler):
+            saved = {k: v for k, v in meta.items() if k != "epoch"}
+            if saved != sampler.fingerprint:
+                diff = {k: (saved.get(k), sampler.fingerprint.get(k))
+                        for k in set(saved) | set(sampler.fingerprint) if saved.get(k) != sampler.fingerprint.get(k)}
+                raise ValueError(f"cannot resume this loader position: the plan differs from the checkpoint's "
+                                 f"(saved, now): {diff}. Keep seed, region weights and the global batch "
+                                 "(batch_size × world size) unchanged to resume.")
+            sampler.set_epoch(int(meta["epoch"]))
+        super().load_state_dict(state)
+
+
+class _MeteredIterator:
+    def __init__(self, it: Iterator[dict[str, Any]], metrics: LoaderMetrics):
+        self._it, self._m = it, metrics
+
+    def __iter__(self) -> _MeteredIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> dict[str, Any]:
+        t = time.perf_counter()
+        if self._m.first is None:
+            self._m.first = t
+        batch = next(self._it)
+        self._m.wait_s += time.perf_counter() - t
+        io = batch.pop(IO_KEY, None)
+        if io is not None:
+            requests, nbytes, retries, subs, micros = (int(x) for x in io.tolist())
+            self._m.requests += requests
+            self._m.bytes += nbytes
+            self._m.retries += retries
+            self._m.substitutions += subs
+            self._m.read_s += micros / 1e6
+        self._m.samples += int(batch["valid"].sum())
+        return batch
+
+
+class M3LEODataModule(pl.LightningDataModule):
+    """Loaders over a shard root (local directory or fsspec URL) reading only ``inputs`` + ``targets``.
+
+    ``batch_size`` is per device; the global batch is ``batch_size × world size``. ``region_weights`` gives exact
+    per-epoch quotas (``samples_per_epoch`` samples in total, default all samples of the weighted regions).
+    ``transforms`` is the device-transform config (``configs/transforms``); ``None`` leaves batches raw.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        inputs: Sequence[str],
+        targets: Sequence[str] = (),
+        regions: Sequence[str] | None = None,
+        region_weights: Mapping[str, float] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        seed: int = 0,
+        storage_options: Mapping[str, Any] | None = None,
+        transforms: Mapping[str, Any] | None = None,
+        eval_batch_size: int | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_shards: int = 8,
+        on_unreadable: str = "fail",
+        io_threads: int = 8,
+        coalesce_gap: int = 64 * 1024,
+        retry: Mapping[str, float] | None = None,
+        prefetch_factor: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        splits: Mapping[str, str] | None = None,
+    ):
+        super().__init__()
+        self.root = str(root)
+        self.inputs = list(inputs)
+        self.targets = list(targets or [])
+        self.regions = list(regions) if regions is not None else None
+        self.region_weights = dict(region_weights) if region_weights is not None else None
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.storage_options = dict(storage_options or {})
+        self.transforms_config = transforms
+        self.samples_per_epoch = samples_per_epoch
+        self.shuffle_shards = int(shuffle_shards)
+        self.reader_config = ReaderConfig(io_threads=io_threads, coalesce_gap=coalesce_gap,
+                                          on_unreadable=on_unreadable, **({"retry": dict(retry)} if retry else {}))
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.splits = {s: s for s in SPLITS} | dict(splits or {})
+        dup = set(self.inputs) & set(self.targets)
+        if dup:
+            raise ValueError(f"modalities both input and target: {sorted(dup)}")
+        self.metrics = LoaderMetrics()
+        self._shard_root: ShardRoot | None = None
+        self._index: IndexArrays | None = None
+        self._table: dict[str, np.ndarray] | None = None
+        self._catalogs: dict[str, Catalog] = {}
+        self._transforms: dict[bool, Any] = {}
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+    @property
+    def shard_root(self) -> ShardRoot:
+        if self._shard_root is None:
+            self._shard_root = ShardRoot(self.root, self.storage_options)
+        return self._shard_root
+
+    @property
+    def modalities(self) -> Registry:
+        return self.shard_root.modalities
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.shard_root.regions)
+
+    @property
+    def requested(self) -> list[str]:
+        return self.inputs + self.targets
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._index is not None:
+            return
+        root = self.shard_root
+        unknown = [m for m in self.requested if m not in root.modalities]
+        if unknown:
+            raise ValueError(f"{self.root}: modalities {unknown} are not in this shard root "
+                             f"(it has {list(root.modalities)})")
+        columns = ["key", "region", "split", "shard", "lon", "lat"]
+        for m in self.requested:
+            columns += [sf.offset_column(m), sf.nbytes_column(m)]
+        t = time.perf_counter()
+        table = root.read_index(columns=columns)
+        self._index = IndexArrays.from_table(table, self.requested, self.region_names)
+        self._table = {
+            "split": table.column("split").to_numpy(zero_copy_only=False),
+            "shard": self._index.shard,
+            **{sf.nbytes_column(m): self._index.nbytes[m] for m in self.requested},
+        }
+        log.info("%s: index of %d samples read in %.2f s", self.root, table.num_rows, time.perf_counter() - t)
+
+    def catalog(self, split: str) -> Catalog:
+        """Eligible samples of ``split`` (train/val/test, mapped through ``splits``)."""
+        self.setup()
+        if split not in self._catalogs:
+            assert self._table is not None
+            self._catalogs[split] = build_catalog(self._table, self.splits[split], self.region_names,
+                                                  self.requested, self.regions, region_codes=self._index.region)
+        return self._catalogs[split]
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def _dataset(self, cat: Catalog) -> ShardDataset:
+        assert self._index is not None
+        subs = {r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
+        return ShardDataset(self.root, self.storage_options, self._index,
+                            [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
+                            substitutes=subs, config=self.reader_config)
+
+    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler) -> M3LEOLoader:
+        workers = self.num_workers
+        return M3LEOLoader(
+            dataset, batch_sampler=sampler, collate_fn=passthrough, num_workers=workers,
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if workers else None,
+            persistent_workers=self.persistent_workers and workers > 0, metrics=self.metrics,
+        )
+
+    def _check_equal_lengths(self, n: int, split: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            lengths = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(lengths, n)
+            if len(set(lengths)) != 1:
+                raise PlanError(f"{split}: ranks planned different batch counts {lengths}; is every rank reading the "
+                                "same shard root?")
+
+    def train_dataloader(self) -> M3LEOLoader:
+        cat = self.catalog("train")
+        rank, world = self._rank_world()
+        gb = self.batch_size * world
+
+        def plan(epoch: int) -> EpochPlan:
+            return plan_train_epoch(cat, seed=self.seed, epoch=epoch, global_batch=gb,
+                                    region_weights=self.region_weights, samples_per_epoch=self.samples_per_epoch,
+                                    shuffle_shards=self.shuffle_shards)
+
+        fingerprint = {"planner": PLANNER_VERSION, "split": "train", "seed": self.seed, "global_batch": gb,
+                       "samples": len(cat), "region_weights": self.region_weights,
+                       "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards}
+        sampler = PlannedBatchSampler(plan, rank, world, fingerprint=fingerprint)
+        first = sampler.plan
+        left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
+        if left % gb:
+            log.warning("train: %d samples per epoch is not a multiple of the global batch %d; the last %d samples "
+                        "of each epoch's order (a different set every epoch) wait for a later epoch",
+                        left, gb, left % gb)
+        log.info("train: %d eligible samples (%s), %d batches of %d per rank, world size %d", len(cat),
+                 cat.region_counts(), first.num_batches, self.batch_size, world)
+        self._check_equal_lengths(first.num_batches, "train")
+        return self._loader(self._dataset(cat), sampler)
+
+    def _eval_dataloader(self, split: str) -> M3LEOLoader:
+        cat = self.catalog(split)
+        rank, world = self._rank_world()
+        plan = plan_eval(cat, global_batch=self.eval_batch_size * world)
+        sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
+        self._check_equal_lengths(plan.num_batches, split)
+        return self._loader(self._dataset(cat), sampler)
+
+    def val_dataloader(self) -> M3LEOLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> M3LEOLoader:
+        return self._eval_dataloader("test")
+
+    # -- device side -------------------------------------------------------------------------------------------
+    def device_transforms(self, train: bool) -> Any:
+        """The device transforms for training or evaluation (``None`` when no transform config was given)."""
+        if self.transforms_config is None:
+            return None
+        if train not in self._transforms:
+            from .gpu_transforms import build_device_transforms
+
+            rank, _ = self._rank_world()
+            self._transforms[train] = build_device_transforms(
+                self.transforms_config, self.modalities, self.shard_root.stats, inputs=self.inputs,
+                targets=self.targets, train=train, seed=self.seed, rank=rank)
+        return self._transforms[train]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        training = bool(trainer is not None and trainer.training)
+        t = self.device_transforms(train=training)
+        if t is None:
+            return batch
+        return t(batch, step=int(trainer.global_step) if trainer is not None else 0)
+
+    def loader_metrics(self) -> dict[str, float]:
+        """Cumulative samples/s, bytes/s, requests, retries, substitutions and time blocked waiting for data."""
+        return self.metrics.as_dict()

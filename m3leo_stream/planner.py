@@ -1,0 +1,252 @@
+"""The planner: which sample goes into which batch on which rank, as a pure function.
+
+Everything here is deterministic numpy over the shard index; no I/O and no torch. The sample order of an epoch
+depends only on (eligible index rows, seed, epoch, region quotas, block size); a global batch is a contiguous slice
+of that order and rank ``r`` of ``W`` takes the ``r``-th of ``W`` equal parts of it, so any world size dividing the
+global batch sees the same global batches (elastic resume) and every rank has the same number of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import shard_format as sf
+
+log = logging.getLogger(__name__)
+
+PLANNER_VERSION = 1
+PAD_FLAG = np.int64(1) << np.int64(62)
+"""Bit set in a sample reference that is evaluation padding (the low bits still name a real row to read)."""
+
+
+class PlanError(ValueError):
+    """The requested plan is impossible (empty selection, bad weights, batch not divisible by world size)."""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The index rows eligible for one split: every requested member present, region selected.
+
+    ``rows`` are positions in the index table, in index order (shard by shard); ``region`` are codes into
+    ``region_names``; ``shard`` are codes into ``shard_names``.
+    """
+
+    split: str
+    region_names: tuple[str, ...]
+    shard_names: tuple[str, ...]
+    rows: np.ndarray
+    region: np.ndarray
+    shard: np.ndarray
+    excluded: Mapping[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def region_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.region, minlength=len(self.region_names))
+        return {name: int(c) for name, c in zip(self.region_names, counts)}
+
+
+def build_catalog(
+    index: Mapping[str, np.ndarray],
+    split: str,
+    region_names: Sequence[str],
+    modalities: Sequence[str],
+    regions: Sequence[str] | None = None,
+    region_codes: np.ndarray | None = None,
+) -> Catalog:
+    """Select the rows of ``split`` in ``regions`` that carry every member in ``modalities``.
+
+    ``index`` maps column names of ``index.parquet`` to numpy arrays (``split``, ``region``, ``shard`` as strings;
+    ``<modality>_nbytes`` with NaN or a negative value where the member is absent; ``region_codes``, indices into
+    ``region_names`` per row, may be given to spare the string work on big indexes). Rows lacking a member are
+    excluded here, counted per modality and logged, so no worker ever discovers a hole.
+    """
+    region_names = tuple(region_names)
+    if regions is not None:
+        unknown = sorted(set(regions) - set(region_names))
+        if unknown:
+            raise PlanError(f"unknown regions {unknown}; the shard root has {list(region_names)}")
+    split_col = np.asarray(index["split"])
+    code = {name: i for i, name in enumerate(region_names)}
+    if region_codes is None:
+        region_codes = np.array([code[r] for r in np.asarray(index["region"])], dtype=np.int64)
+    keep = split_col == split
+    if regions is not None:
+        keep &= np.isin(region_codes, [code[r] for r in regions])
+    excluded: dict[str, int] = {}
+    for m in modalities:
+        col = sf.nbytes_column(m)
+        if col not in index:
+            raise PlanError(f"modality {m!r} is not in this shard root's index")
+        present = _present(index[col])
+        missing = keep & ~present
+        if missing.any():
+            excluded[m] = int(missing.sum())
+        keep &= present
+    rows = np.flatnonzero(keep).astype(np.int64)
+    if excluded:
+        log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == split).sum()) - len(rows),
+                 ", ".join(f"{m}: {n}" for m, n in excluded.items()))
+    region = np.asarray(region_codes, dtype=np.int64)[rows]
+    shard_col = np.asarray(index["shard"])[rows]
+    if shard_col.dtype.kind in "iu":  # already codes
+        shard_codes, shard = np.unique(shard_col, return_inverse=True)
+        shard_names = tuple(str(int(s)) for s in shard_codes)
+    else:
+        names, shard = np.unique(shard_col, return_inverse=True)
+        shard_names = tuple(str(s) for s in names)
+    return Catalog(split, region_names, shard_names, rows, region, shard.astype(np.int64), excluded)
+
+
+def _present(nbytes: np.ndarray) -> np.ndarray:
+    a = np.asarray(nbytes)
+    if a.dtype.kind == "f":
+        return ~np.isnan(a) & (a >= 0)
+    if a.dtype == object:
+        return np.array([x is not None for x in a], dtype=bool)
+    return a >= 0
+
+
+def region_quotas(counts: Mapping[str, int], weights: Mapping[str, float] | None,
+                  total: int | None = None) -> dict[str, int]:
+    """Samples per region per epoch.
+
+    Without weights every sample is used once (quota = count). With weights, ``total`` (default: all samples of the
+    weighted regions) is apportioned by largest remainder, so quotas are exact integers summing to ``total``.
+    """
+    if weights is None:
+        if total is None:
+            return {r: int(n) for r, n in counts.items()}
+        weights = {r: float(n) for r, n in counts.items()}
+    unknown = sorted(set(weights) - set(counts))
+    if unknown:
+        raise PlanError(f"region_weights name regions without eligible samples or not selected: {unknown}")
+    w = {r: float(weights.get(r, 0.0)) for r in counts}
+    if any(v < 0 or not np.isfinite(v) for v in w.values()) or sum(w.values()) <= 0:
+        raise PlanError(f"region_weights must be finite, non-negative and not all zero: {dict(weights)}")
+    empty = [r for r, v in w.items() if v > 0 and counts[r] == 0]
+    if empty:
+        raise PlanError(f"region_weights give weight to regions with no eligible samples: {empty}")
+    if total is None:
+        total = sum(n for r, n in counts.items() if w[r] > 0)
+    s = sum(w.values())
+    exact = {r: total * v / s for r, v in w.items()}
+    quotas = {r: int(np.floor(x)) for r, x in exact.items()}
+    left = total - sum(quotas.values())
+    order = sorted(exact, key=lambda r: (-(exact[r] - quotas[r]), r))
+    for r in order[:left]:
+        quotas[r] += 1
+    return quotas
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([PLANNER_VERSION, int(seed), *map(int, keys)])))
+
+
+def _region_permutation(cat: Catalog, members: np.ndarray, seed: int, region: int, cycle: int,
+                        shuffle_shards: int) -> np.ndarray:
+    """One pass over a region's samples: shards shuffled, grouped in blocks of ``shuffle_shards``, samples permuted
+    within each block. Positions into ``cat.rows``."""
+    rng = _rng(seed, 1, region, cycle)
+    shards = np.unique(cat.shard[members])
+    shards = shards[rng.permutation(len(shards))]
+    k = max(1, int(shuffle_shards))
+    # group the region's samples by shard once (members are in index order, so sorting by shard is stable)
+    ordered = members[np.argsort(cat.shard[members], kind="stable")]
+    starts = np.searchsorted(cat.shard[ordered], shards, side="left")
+    ends = np.searchsorted(cat.shard[ordered], shards, side="right")
+    parts = []
+    for b in range(0, len(shards), k):
+        block = np.concatenate([ordered[i:j] for i, j in zip(starts[b:b + k], ends[b:b + k])])
+        parts.append(block[rng.permutation(len(block))])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def train_order(cat: Catalog, seed: int, epoch: int, quotas: Mapping[str, int] | None = None,
+                shuffle_shards: int = 8) -> np.ndarray:
+    """The epoch's sample sequence as positions into ``cat.rows``.
+
+    Each region walks its own stream of block-shuffled passes; epoch ``e`` takes the next ``quota`` samples of it,
+    so down-sampled regions rotate through all their samples across epochs and up-sampled ones repeat a sample only
+    after using every other. Regions are interleaved in proportion (sample ``k`` of a region with quota ``q`` lands
+    near ``k/q`` of the epoch).
+    """
+    counts = cat.region_counts()
+    quotas = dict(quotas) if quotas is not None else counts
+    seqs, keys = [], []
+    mix = _rng(seed, 2, epoch)
+    for r, name in enumerate(cat.region_names):
+        q, n = int(quotas.get(name, 0)), counts[name]
+        if q == 0:
+            continue
+        if n == 0:
+            raise PlanError(f"region {name} has a quota of {q} but no eligible samples")
+        members = np.flatnonzero(cat.region == r)
+        start, stop = epoch * q, (epoch + 1) * q
+        passes = [_region_permutation(cat, members, seed, r, c, shuffle_shards)
+                  for c in range(start // n, (stop - 1) // n + 1)]
+        stream = np.concatenate(passes)
+        off = (start // n) * n
+        seqs.append(stream[start - off:stop - off])
+        keys.append((np.arange(q) + mix.random(q)) / q)
+    if not seqs:
+        return np.zeros(0, np.int64)
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    return np.concatenate(seqs)[order]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Batches of one epoch: global batch ``g`` is ``refs[g*G:(g+1)*G]``; rank ``r`` takes its ``r``-th part."""
+
+    refs: np.ndarray  # index rows, with PAD_FLAG set on padding
+    global_batch: int
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.refs) // self.global_batch
+
+    def rank_batch(self, g: int, rank: int, world_size: int) -> list[int]:
+        if self.global_batch % world_size:
+            raise PlanError(f"global batch {self.global_batch} is not divisible by world size {world_size}")
+        b = self.global_batch // world_size
+        start = g * self.global_batch + rank * b
+        return self.refs[start:start + b].tolist()
+
+
+def plan_train_epoch(cat: Catalog, *, seed: int, epoch: int, global_batch: int,
+                     region_weights: Mapping[str, float] | None = None, samples_per_epoch: int | None = None,
+                     shuffle_shards: int = 8) -> EpochPlan:
+    """Training plan: ``floor(E / G)`` full global batches of the epoch's order (the remainder, fewer than one
+    global batch, is left out of this epoch; a different set each epoch)."""
+    if global_batch <= 0:
+        raise PlanError("global batch must be positive")
+    quotas = region_quotas(cat.region_counts(), region_weights, samples_per_epoch)
+    order = train_order(cat, seed, epoch, quotas, shuffle_shards)
+    n = (len(order) // global_batch) * global_batch
+    if n == 0:
+        raise PlanError(f"{cat.split}: {len(order)} samples per epoch, fewer than one global batch of {global_batch}")
+    return EpochPlan(cat.rows[order[:n]], global_batch)
+
+
+def plan_eval(cat: Catalog, *, global_batch: int) -> EpochPlan:
+    """Evaluation plan: every sample once in index order, the last global batch padded with flagged repeats."""
+    if len(cat) == 0:
+        raise PlanError(f"{cat.split}: no eligible samples")
+    n = len(cat)
+    padded = -(-n // global_batch) * global_batch
+    refs = np.concatenate([cat.rows, cat.rows[np.arange(padded - n) % n] | PAD_FLAG])
+    return EpochPlan(refs, global_batch)
+
+
+def is_padding(ref: int) -> bool:
+    return bool(int(ref) & int(PAD_FLAG))
+
+
+def row_of(ref: int) -> int:
+    return int(ref) & ~int(PAD_FLAG)

@@ -1,0 +1,380 @@
+"""The reader: a map-style dataset that turns planned sample references into a batch of raw arrays.
+
+Runs inside DataLoader workers and does I/O and decoding only. For a batch it gathers the byte ranges of the
+requested members from the index, coalesces ranges that are adjacent in a shard into one request, keeps several
+requests in flight on a thread pool, retries transient storage errors with backoff (``storage.with_retries``), and
+decodes ``.npy`` members (no pickle) straight into the batch arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import shard_format as sf
+from .modalities import Modality
+from .planner import PAD_FLAG
+from .storage import IOCounters, RetryPolicy, get_fs, is_local, join, with_retries
+
+log = logging.getLogger(__name__)
+
+IO_KEY = "_io"
+"""Batch key carrying the worker's I/O counters for this batch; the loader pops it before users see the batch."""
+
+
+class UnreadableSample(OSError):
+    """A member stayed unreadable after the retry deadline (or is corrupt)."""
+
+
+@dataclass
+class ReaderConfig:
+    """How members are fetched."""
+
+    io_threads: int = 8  # requests in flight per worker
+    coalesce_gap: int = 64 * 1024  # merge ranges of one shard separated by at most this many bytes
+    max_request: int = 64 * 1024 * 1024  # never merge into requests larger than this
+    on_unreadable: str = "fail"  # or "substitute": a deterministic sample of the same region takes its place
+    max_substitutes: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.on_unreadable not in ("fail", "substitute"):
+            raise ValueError(f"on_unreadable must be 'fail' or 'substitute', not {self.on_unreadable!r}")
+        if isinstance(self.retry, Mapping):
+            self.retry = RetryPolicy(**self.retry)
+
+
+@dataclass(frozen=True)
+class IndexArrays:
+    """The index columns the reader needs, as compact numpy arrays (cheap to send to workers, no refcounts)."""
+
+    key: np.ndarray  # bytes, fixed width
+    region: np.ndarray  # int64 codes
+    lon: np.ndarray
+    lat: np.ndarray
+    shard: np.ndarray  # int32 codes into shard_names
+    shard_names: tuple[str, ...]
+    offsets: Mapping[str, np.ndarray]  # per modality, int64 (-1 where absent)
+    nbytes: Mapping[str, np.ndarray]
+
+    @classmethod
+    def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str]) -> IndexArrays:
+        """From a pyarrow table of ``index.parquet`` holding at least the needed columns."""
+        regions = _codes(table.column("region"))
+        unknown = sorted(set(regions[1]) - set(region_names))
+        if unknown:
+            raise ValueError(f"index rows name regions {unknown} that the manifest does not list")
+        remap = np.array([list(region_names).index(r) for r in regions[1]] or [0], dtype=np.int64)
+        shard, shard_names = _codes(table.column("shard"))
+        offsets, nbytes = {}, {}
+        for m in modalities:
+            offsets[m] = _int_col(table, sf.offset_column(m))
+            nbytes[m] = _int_col(table, sf.nbytes_column(m))
+        return cls(
+            key=table.column("key").to_numpy(zero_copy_only=False).astype("S"),
+            region=remap[regions[0]],
+            lon=table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64),
+            lat=table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64),
+            shard=shard.astype(np.int32),
+            shard_names=tuple(shard_names),
+            offsets=offsets,
+            nbytes=nbytes,
+        )
+
+
+def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
+    """Dictionary-encode a string column in Arrow (fast on millions of rows): (codes, names)."""
+    import pyarrow as pa
+
+    enc = column.dictionary_encode().combine_chunks() if isinstance(column, pa.ChunkedArray) else \
+        column.dictionary_encode()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+
+
+def _int_col(table: Any, name: str) -> np.ndarray:
+    col = table.column(name)
+    return col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+@dataclass
+class _Request:
+    shard: int
+    start: int
+    stop: int
+    parts: list[tuple[int, str, int, int]]  # (batch slot, modality, offset, nbytes)
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Map-style dataset over planned references (index row numbers, padding flagged with ``PAD_FLAG``).
+
+    ``__getitems__`` returns a whole collated batch (dict of tensors), so the DataLoader's ``collate_fn`` must be
+    :func:`passthrough`.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None, index: IndexArrays,
+                 modalities: Sequence[Modality], *, compressed: bool, substitutes: Mapping[int, np.ndarray] | None = None,
+                 config: ReaderConfig | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.index = index
+        self.modalities = list(modalities)
+        self.compressed = compressed
+        self.substitutes = dict(substitutes or {})  # region code -> candidate rows
+        self.config = config or ReaderConfig()
+        self._local: threading.local | None = None
+        self._pid: int | None = None
+
+    # -- per-process resources, created lazily after fork/spawn --------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            # a private filesystem instance: clients (sockets, event loops) must not be shared across processes
+            fs, path = get_fs(self.url, {**self.storage_options, "skip_instance_cache": True})
+            if isinstance(getattr(fs, "retries", None), int):
+                fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
+            self._proc = {
+                "fs": fs, "path": path, "local": is_local(fs),
+                "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
+                "fds": {}, "fd_lock": threading.Lock(), "counters": IOCounters(),
+            }
+        return self._proc
+
+    def __len__(self) -> int:
+        return len(self.index.key)
+
+    def __getitem__(self, ref: int) -> dict[str, Any]:
+        batch = self.__getitems__([ref])
+        return {k: (v[0] if k != IO_KEY else v) for k, v in batch.items()}
+
+    def __getitems__(self, refs: Sequence[int]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        st = self._state()
+        if len(st["fds"]) > 256:  # no read is in flight between batches
+            for fd in st["fds"].values():
+                os.close(fd)
+            st["fds"].clear()
+        counters = IOCounters()
+        refs = np.asarray(refs, dtype=np.int64)
+        valid = (refs & PAD_FLAG) == 0
+        rows = refs & ~PAD_FLAG
+        n = len(rows)
+        shared = torch.utils.data.get_worker_info() is not None
+        tensors = {m.name: _batch_tensor((n, *m.shape), m.np_dtype, shared) for m in self.modalities}
+        out = {name: t.numpy() for name, t in tensors.items()}
+        rows = self._fill(rows, out, st, counters)
+        ix = self.index
+        batch: dict[str, Any] = dict(tensors)
+        batch["key"] = [k.decode() for k in ix.key[rows]]
+        batch["region"] = torch.from_numpy(ix.region[rows].copy())
+        batch["lon"] = torch.from_numpy(ix.lon[rows].copy())
+        batch["lat"] = torch.from_numpy(ix.lat[rows].copy())
+        batch["valid"] = torch.from_numpy(valid.copy())
+        batch[IO_KEY] = torch.tensor([counters.requests, counters.bytes, counters.retries, counters.substitutions,
+                                      int((time.perf_counter() - t0) * 1e6)], dtype=torch.int64)
+        return batch
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _fill(self, rows: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
+              counters: IOCounters) -> np.ndarray:
+        """Read every slot; on final failure substitute (if configured) and retry those slots."""
+        rows = rows.copy()
+        pending = np.arange(len(rows))
+        attempt = 0
+        while len(pending):
+            failed = self._read_slots(rows, pending, out, st, counters)
+            if not failed:
+                break
+            if self.config.on_unreadable != "substitute" or attempt >= self.config.max_substitutes:
+                slot, err = failed[0]
+                raise err
+            attempt += 1
+            for slot, err in failed:
+                old = int(rows[slot])
+                rows[slot] = self._substitute(old, attempt)
+                counters.substitutions += 1
+                log.warning("substituting %s (region %s) with %s after: %s", self.index.key[old].decode(),
+                            int(self.index.region[old]), self.index.key[rows[slot]].decode(), err)
+            pending = np.array([s for s, _ in failed], dtype=np.int64)
+        return rows
+
+    def _substitute(self, row: int, attempt: int) -> int:
+        cands = self.substitutes.get(int(self.index.region[row]))
+        if cands is None or len(cands) == 0:
+            raise UnreadableSample(f"no substitute available for {self.index.key[row].decode()}")
+        h = zlib.crc32(self.index.key[row] + b"/%d" % attempt)
+        pick = int(cands[h % len(cands)])
+        if pick == row and len(cands) > 1:
+            pick = int(cands[(h + 1) % len(cands)])
+        return pick
+
+    def _plan_requests(self, rows: np.ndarray, slots: np.ndarray) -> list[_Request]:
+        ix, cfg = self.index, self.config
+        parts = []
+        for slot in slots:
+            row = int(rows[slot])
+            for m in self.modalities:
+                off, nb = int(ix.offsets[m.name][row]), int(ix.nbytes[m.name][row])
+                if off < 0 or nb < 0:
+                    raise UnreadableSample(f"{ix.shard_names[ix.shard[row]]}: key {ix.key[row].decode()} has no "
+                                           f"{m.name} member (the index and the plan disagree)")
+                parts.append((int(ix.shard[row]), off, nb, int(slot), m.name))
+        parts.sort()
+        requests: list[_Request] = []
+        for shard, off, nb, slot, name in parts:
+            last = requests[-1] if requests else None
+            if (last is not None and last.shard == shard and off - last.stop <= cfg.coalesce_gap
+                    and off + nb - last.start <= cfg.max_request and off >= last.start):
+                last.stop = max(last.stop, off + nb)
+                last.parts.append((slot, name, off, nb))
+            else:
+                requests.append(_Request(shard, off, off + nb, [(slot, name, off, nb)]))
+        return requests
+
+    def _read_slots(self, rows: np.ndarray, slots: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
+                    counters: IOCounters) -> list[tuple[int, Exception]]:
+        requests = self._plan_requests(rows, slots)
+        direct = st["local"] and not self.compressed
+        fetch = self._fetch_into if direct else self._fetch
+        futures = [st["pool"].submit(fetch, req, st, counters, out) for req in requests]
+        failed: dict[int, Exception] = {}
+        mods = {m.name: m for m in self.modalities}
+        for req, fut in zip(requests, futures):
+            try:
+                data = fut.result()
+                if isinstance(data, list):  # read straight into the batch arrays; these headers were wrong
+                    for slot, name, msg in data:
+                        key = self.index.key[int(rows[slot])].decode()
+                        failed.setdefault(slot, UnreadableSample(
+                            f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
+                    continue
+            except Exception as e:  # noqa: BLE001 - reported per slot below
+                for slot, _, _, _ in req.parts:
+                    failed.setdefault(slot, e if isinstance(e, UnreadableSample) else UnreadableSample(str(e)))
+                continue
+            mv = memoryview(data)
+            for slot, name, off, nb in req.parts:
+                if slot in failed:
+                    continue
+                row = int(rows[slot])
+                where = f"{self.index.shard_names[req.shard]} key {self.index.key[row].decode()} member {name}"
+                try:
+                    arr = sf.decode_array(mv[off - req.start:off - req.start + nb], compressed=self.compressed,
+                                          where=where)
+                    m = mods[name]
+                    if arr.shape != m.shape or arr.dtype != m.np_dtype:
+                        raise sf.FormatError(f"{where}: array {arr.shape} {arr.dtype}, registry says {m.shape} "
+                                             f"{m.np_dtype}")
+                    out[name][slot] = arr
+                except sf.FormatError as e:
+                    failed[slot] = UnreadableSample(str(e))
+        return sorted(failed.items())
+
+    def _fetch_into(self, req: _Request, st: dict[str, Any], counters: IOCounters,
+                    out: dict[str, np.ndarray]) -> bytes | list[tuple[int, str, str]]:
+        """Local, uncompressed shards: one ``preadv`` per request scattering each member's array bytes straight
+        into its batch slot (the ``.npy`` headers go to scratch and are checked after). Falls back to ``_fetch``
+        when the member sizes do not match the registry. Returns the members whose header was wrong."""
+        mods = {m.name: m for m in self.modalities}
+        iov: list[Any] = []
+        headers = []
+        pos = req.start
+        for slot, name, off, nb in req.parts:
+            dest = out[name][slot]
+            hlen = nb - dest.nbytes
+            if off < pos or not 0 < hlen <= 65536:
+                return self._fetch(req, st, counters, out)
+            if off > pos:
+                iov.append(bytearray(off - pos))
+            head = bytearray(hlen)
+            iov += [head, memoryview(dest).cast("B")]
+            headers.append((slot, name, head))
+            pos = off + nb
+        name = self.index.shard_names[req.shard]
+        path = join(st["path"], name)
+        fd = self._fd(path, st)
+        want = req.stop - req.start
+        got = os.preadv(fd, iov, req.start)
+        if got != want:
+            return self._fetch(req, st, counters, out)
+        bad = []
+        for slot, mname, head in headers:
+            m = mods[mname]
+            try:
+                dtype, shape, fortran, start = sf.npy_header(head)
+                if start != len(head) or dtype != m.np_dtype or shape != m.shape or fortran:
+                    raise sf.FormatError(f"array {shape} {dtype}, registry says {m.shape} {m.np_dtype}")
+            except sf.FormatError as e:
+                bad.append((slot, mname, str(e)))
+        counters.requests += 1
+        counters.bytes += want
+        return bad
+
+    def _fetch(self, req: _Request, st: dict[str, Any], counters: IOCounters,
+               out: dict[str, np.ndarray] | None = None) -> bytes:
+        name = self.index.shard_names[req.shard]
+        path = join(st["path"], name)
+        nbytes = req.stop - req.start
+        what = f"{join(self.url, name)} bytes {req.start}-{req.stop}"
+        if st["local"]:
+            data = self._pread(path, req.start, nbytes, st)
+        else:
+            def op() -> bytes:
+                data = st["fs"].cat_file(path, start=req.start, end=req.stop)
+                if len(data) != nbytes:
+                    raise ConnectionError(f"short read: {len(data)} of {nbytes} bytes")
+                return data
+            data = with_retries(op, what, self.config.retry, counters)
+        if len(data) != nbytes:
+            raise UnreadableSample(f"{what}: short read ({len(data)} of {nbytes} bytes; truncated shard?)")
+        counters.requests += 1
+        counters.bytes += nbytes
+        return data
+
+    def _fd(self, path: str, st: dict[str, Any]) -> int:
+        with st["fd_lock"]:
+            fds: dict[str, int] = st["fds"]
+            fd = fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise UnreadableSample(f"{path}: cannot open shard: {e}") from e
+                fds[path] = fd
+            return fd
+
+    def _pread(self, path: str, offset: int, nbytes: int, st: dict[str, Any]) -> bytearray:
+        fd = self._fd(path, st)
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k == 0:
+                break
+            got += k
+        return buf if got == nbytes else buf[:got]
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker it lives in shared memory from the start, so handing
+    it to the main process copies nothing (the same trick as torch's ``default_collate``)."""
+    proto = torch.from_numpy(np.empty(0, dtype=dtype))
+    if not shared:
+        return torch.empty(shape, dtype=proto.dtype)
+    numel = int(np.prod(shape))
+    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    return proto.new(storage).resize_(*shape)
+
+
+def passthrough(batch: Any) -> Any:
+    """``collate_fn`` for :class:`ShardDataset`, whose ``__getitems__`` already collates."""
+    return batch

@@ -1,0 +1,400 @@
+"""LightningModules: multi-modal MAE pretraining, segmentation and pixel regression.
+
+Batches arrive transformed (contracts §3): standardised float inputs, int64 class maps with ``ignore_index``, float
+regression targets in physical units with ``<mod>_valid`` masks, ``region`` indices and the ``valid`` row flag
+(False only for evaluation padding). Evaluation metrics are dataset-level and per region (:mod:`metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from m3leo_stream.metrics import RegionConfusion, RegionLossMean, RegionRegression
+from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet, load_encoder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BaseTask", "PretrainTask", "RegressionTask", "SegmentationTask", "build_optimizer"]
+
+
+def build_optimizer(params, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``cfg``: ``name`` (adamw | adam | sgd), ``lr``, ``weight_decay``, ``betas`` / ``momentum``."""
+    name = str(cfg.get("name", "adamw")).lower()
+    lr = float(cfg.get("lr", 1e-4))
+    wd = float(cfg.get("weight_decay", 0.0))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
+    raise ValueError(f"unknown optimizer {name!r} (adamw, adam, sgd)")
+
+
+def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        t = min(1.0, (step - warmup) / span)
+        if kind == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if kind == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - t)
+        raise ValueError(f"unknown scheduler {kind!r} (cosine, linear, constant)")
+    return f
+
+
+class BaseTask(pl.LightningModule):
+    """Optimiser/schedule from config, input selection, and run information stored in checkpoints."""
+
+    def __init__(self, inputs: Sequence[str], region_names: Sequence[str], optimizer: Mapping[str, Any] | None = None,
+                 scheduler: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.inputs = list(inputs)
+        self.region_names = list(region_names)
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-4})
+        self.scheduler_cfg = dict(scheduler or {"name": "constant"})
+        self.run_info: dict[str, Any] = {}  # e.g. wandb_run_id; written into every checkpoint
+        self.denormalize = None  # set by train.py: transforms.denormalize (for image panels)
+        self.channel_names: dict[str, list[str]] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def input_dict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        missing = [m for m in self.inputs if m not in batch]
+        if missing:
+            raise KeyError(f"batch lacks inputs {missing} (keys: {sorted(map(str, batch))})")
+        return {m: batch[m] for m in self.inputs}
+
+    @staticmethod
+    def row_valid(batch: Mapping[str, Any], b: int, device: torch.device) -> torch.Tensor:
+        v = batch.get("valid")
+        if v is None:
+            return torch.ones(b, dtype=torch.bool, device=device)
+        return torch.as_tensor(v, device=device).bool().view(-1)
+
+    @staticmethod
+    def region_of(batch: Mapping[str, Any], b: int, device: torch.device) -> torch.Tensor:
+        r = batch.get("region")
+        if r is None:
+            return torch.zeros(b, dtype=torch.long, device=device)
+        return torch.as_tensor(r, device=device).long().view(-1)
+
+    def batch_size_of(self, batch: Mapping[str, Any]) -> int:
+        return int(batch[self.inputs[0]].shape[0])
+
+    def log_dict_flat(self, prefix: str, values: Mapping[str, float], **kw: Any) -> None:
+        vals = {f"{prefix}/{k}": v for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))}
+        if vals:
+            self.log_dict(vals, **kw)
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = build_optimizer(params, self.optimizer_cfg)
+        kind = str(self.scheduler_cfg.get("name", "constant")).lower()
+        if kind in ("none", "null"):
+            return opt
+        warmup = int(self.scheduler_cfg.get("warmup_steps", 0))
+        total = int(self.scheduler_cfg.get("total_steps") or 0)
+        if not total:
+            try:
+                total = int(self.trainer.estimated_stepping_batches)
+            except Exception:  # noqa: BLE001 - no trainer / infinite loader: fall back to warm-up only
+                total = warmup + 1
+            if not math.isfinite(total) or total <= 0:
+                total = warmup + 1
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(kind, warmup, total, float(self.scheduler_cfg.get("min_lr_ratio", 0.0))))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def extra_checkpoint_info(self) -> dict[str, Any]:
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["m3leo"] = {**self.run_info, **self.extra_checkpoint_info()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("m3leo") or {}
+        for k in ("wandb_run_id",):
+            if k in info and k not in self.run_info:
+                self.run_info[k] = info[k]
+
+    # -- image panels ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors to draw next to the inputs: ``pred`` / ``label`` maps or reconstructions (see callbacks)."""
+        return {}
+
+
+class PretrainTask(BaseTask):
+    """Multi-modal MAE pretraining: reconstruction loss per modality and overall."""
+
+    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], region_names: Sequence[str],
+                 optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
+                 val_mask_seed: int = 1234, **_: Any):
+        super().__init__(list(in_channels), region_names, optimizer, scheduler)
+        self.save_hyperparameters()
+        kw = {k: v for k, v in dict(model).items() if k not in ("name",)}
+        self.model = MultiModalMAE(dict(in_channels), **kw)
+        self.val_mask_seed = int(val_mask_seed)
+        self.val_losses = RegionLossMean(self.model.modalities)
+        self.test_losses = RegionLossMean(self.model.modalities)
+
+    @property
+    def encoder(self):
+        return self.model.encoder
+
+    def extra_checkpoint_info(self) -> dict[str, Any]:
+        return {"encoder_config": self.model.encoder.config}
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        b = self.batch_size_of(batch)
+        logs = {"train/loss": out["loss"].detach()}
+        for m in out["modalities"]:
+            if out[f"weight/{m}"] > 0:
+                logs[f"train/loss/{m}"] = out[f"loss/{m}"].detach()
+        self.log_dict(logs, batch_size=b, prog_bar=False)
+        self.log("loss", out["loss"].detach(), batch_size=b, prog_bar=True, logger=False)
+        return out["loss"]
+
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: RegionLossMean) -> None:
+        dev = batch[self.inputs[0]].device
+        g = torch.Generator(device=dev)
+        g.manual_seed(self.val_mask_seed + batch_idx)  # the same masks every validation: comparable losses
+        out = self.model(batch, generator=g)
+        for m in out["modalities"]:
+            metric.update(m, out[f"sqerr/{m}"], out[f"weight/{m}"])
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_losses)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_losses)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict_flat("val", self.val_losses.compute())
+        self.val_losses.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict_flat("test", self.test_losses.compute())
+        self.test_losses.reset()
+
+    @torch.no_grad()
+    def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        res = {}
+        for m in out["modalities"]:
+            recon, masked = self.model.reconstruct(batch, out, m)
+            res[f"recon/{m}"], res[f"masked/{m}"] = recon, masked
+        return res
+
+
+def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int], out_channels: int):
+    cfg = dict(model)
+    name = cfg.pop("name", "unet")
+    if name == "unet":
+        return UNet(dict(in_channels), out_channels, width=int(cfg.get("width", 32)), depth=int(cfg.get("depth", 4)))
+    if name == "mae_seg":
+        enc_src = cfg.get("encoder")
+        if enc_src:
+            encoder = load_encoder(str(enc_src))
+        elif cfg.get("encoder_config"):
+            encoder = __import__("m3leo_stream.models", fromlist=["MultiModalEncoder"]).MultiModalEncoder(
+                **cfg["encoder_config"])
+        else:
+            raise ValueError("model.encoder (checkpoint path or URL of a pretraining run) is required for mae_seg")
+        want = {m: c for m, c in in_channels.items()}
+        have = encoder.config["in_channels"]
+        bad = {m: (c, have.get(m)) for m, c in want.items() if have.get(m) != c}
+        if bad:
+            raise ValueError(f"encoder from {enc_src} does not fit the inputs: (channels now, at pretraining) {bad}; "
+                             f"use the pretraining run's transforms band selection")
+        return MAESegmentation(encoder, out_channels, int(cfg.get("decoder_channels", 256)),
+                               bool(cfg.get("freeze_encoder", False)))
+    raise ValueError(f"unknown dense model {name!r} (unet, mae_seg)")
+
+
+def _forward_dense(model, inputs: Mapping[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    if isinstance(model, MAESegmentation):
+        return model(inputs, output_size=size[-1])
+    return model(inputs)
+
+
+class SegmentationTask(BaseTask):
+    """Pixel classification with cross-entropy (``ignore_index`` and padding rows excluded).
+
+    Metrics (val/test): ``miou``, ``oa``, ``iou/<class>``, and ``<region>/miou``, ``<region>/oa``."""
+
+    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, num_classes: int,
+                 region_names: Sequence[str], class_names: Sequence[str] | None = None, ignore_index: int = -100,
+                 optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
+                 class_weights: Sequence[float] | None = None, **_: Any):
+        super().__init__(list(in_channels), region_names, optimizer, scheduler)
+        self.save_hyperparameters()
+        self.target = target
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.ignore_index = int(ignore_index)
+        self.model = _build_dense_model(model, in_channels, self.num_classes)
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32)
+                             if class_weights else None, persistent=False)
+        self.val_cm = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
+        self.test_cm = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
+
+    def extra_checkpoint_info(self) -> dict[str, Any]:
+        if isinstance(self.model, MAESegmentation):
+            return {"encoder_config": self.model.encoder.config}
+        return {}
+
+    def logits_and_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        y = batch[self.target]
+        if y.dim() == 4:
+            y = y[:, 0]
+        y = y.long()
+        logits = _forward_dense(self.model, self.input_dict(batch), tuple(y.shape[-2:]))
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        rv = self.row_valid(batch, y.shape[0], y.device)
+        if not bool(rv.all()):
+            y = y.masked_fill(~rv.view(-1, 1, 1), self.ignore_index)
+        return logits, y
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not bool((y != self.ignore_index).any()):
+            return logits.sum() * 0.0  # nothing labelled in this batch: no gradient, no NaN
+        return F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=self.ignore_index)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, y = self.logits_and_target(batch)
+        loss = self.loss(logits, y)
+        self.log("train/loss", loss.detach(), batch_size=y.shape[0], prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], cm: RegionConfusion, stage: str) -> None:
+        logits, y = self.logits_and_target(batch)
+        loss = self.loss(logits, y)
+        n = int((y != self.ignore_index).sum())
+        if n:
+            self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True, on_epoch=True, on_step=False)
+        cm.update(logits.argmax(1), y, self.region_of(batch, y.shape[0], y.device),
+                  self.row_valid(batch, y.shape[0], y.device))
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_cm, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_cm, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict_flat("val", self.val_cm.compute())
+        self.val_cm.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict_flat("test", self.test_cm.compute())
+        self.test_cm.reset()
+
+    @torch.no_grad()
+    def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        logits, y = self.logits_and_target(batch)
+        return {"pred": logits.argmax(1), "label": y}
+
+
+class RegressionTask(BaseTask):
+    """Pixel regression on the target's own (possibly coarse) grid with a masked RMSE loss.
+
+    The network predicts standardised values (``target_mean``/``target_std``, from stats.json) that are mapped back
+    to physical units; a prediction finer than the target grid is area-averaged onto it (mean-preserving). Targets
+    stay floating point (upstream cast them to integers). Metrics: ``rmse``, ``mae``, ``<region>/rmse|mae``."""
+
+    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, out_channels: int,
+                 region_names: Sequence[str], target_mean: Sequence[float] | None = None,
+                 target_std: Sequence[float] | None = None, optimizer: Mapping[str, Any] | None = None,
+                 scheduler: Mapping[str, Any] | None = None, **_: Any):
+        super().__init__(list(in_channels), region_names, optimizer, scheduler)
+        self.save_hyperparameters()
+        self.target = target
+        self.out_channels = int(out_channels)
+        self.model = _build_dense_model(model, in_channels, self.out_channels)
+        mean = torch.tensor(list(target_mean) if target_mean else [0.0] * self.out_channels, dtype=torch.float32)
+        std = torch.tensor(list(target_std) if target_std else [1.0] * self.out_channels, dtype=torch.float32)
+        self.register_buffer("target_mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("target_std", std.clamp(min=1e-6).view(1, -1, 1, 1))
+        self.val_reg = RegionRegression(self.region_names)
+        self.test_reg = RegionRegression(self.region_names)
+
+    def predict_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prediction in physical units, target, weight) on the target's grid."""
+        y = batch[self.target]
+        if not y.is_floating_point():
+            raise TypeError(f"regression target {self.target!r} has dtype {y.dtype}; it must be floating point "
+                            f"(never cast to integers)")
+        if y.dim() == 3:
+            y = y.unsqueeze(1)
+        out = _forward_dense(self.model, self.input_dict(batch), tuple(y.shape[-2:])).float()
+        h, w = y.shape[-2:]
+        if out.shape[-2:] != (h, w):
+            if out.shape[-2] >= h and out.shape[-1] >= w:
+                out = F.adaptive_avg_pool2d(out, (h, w))
+            else:
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        pred = out * self.target_std + self.target_mean
+        valid = batch.get(f"{self.target}_valid")
+        weight = (torch.ones_like(y, dtype=torch.bool) if valid is None else valid.bool().expand_as(y))
+        weight = weight & self.row_valid(batch, y.shape[0], y.device).view(-1, 1, 1, 1)
+        return pred, y, weight
+
+    def loss(self, pred: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()
+        n = w.sum()
+        if n == 0:
+            return pred.sum() * 0.0
+        diff = (pred - y) / self.target_std  # RMSE of standardised values: balanced across channels
+        return torch.sqrt((diff ** 2 * w).sum() / n + 1e-12)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        pred, y, w = self.predict_target(batch)
+        loss = self.loss(pred, y, w)
+        self.log("train/loss", loss.detach(), batch_size=y.shape[0], prog_bar=True)
+        with torch.no_grad():
+            n = w.float().sum().clamp(min=1)
+            self.log("train/rmse", torch.sqrt((((pred - y) ** 2) * w).sum() / n), batch_size=y.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], metric: RegionRegression, stage: str) -> None:
+        pred, y, w = self.predict_target(batch)
+        n = int(w.sum())
+        if n:
+            self.log(f"{stage}/loss", self.loss(pred, y, w), batch_size=n, sync_dist=True, on_epoch=True,
+                     on_step=False)
+        metric.update(pred, y, w, self.region_of(batch, y.shape[0], y.device))
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_reg, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_reg, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict_flat("val", self.val_reg.compute())
+        self.val_reg.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict_flat("test", self.test_reg.compute())
+        self.test_reg.reset()
+
+    @torch.no_grad()
+    def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        pred, y, w = self.predict_target(batch)
+        return {"pred": pred[:, 0], "label": torch.where(w[:, 0], y[:, 0], torch.nan)}

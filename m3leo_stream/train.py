@@ -1,0 +1,351 @@
+"""Training entry point: ``python -m m3leo_stream.train experiment=<name> [hydra overrides]``.
+
+Builds the DataModule (shards → device transforms), the task (MAE pretraining, segmentation, regression), W&B
+logging (offline when no API key is configured; ``WANDB_MODE`` wins), checkpoints (last + best, to any fsspec URL)
+and resumes (``resume=auto``: the latest checkpoint of ``checkpoint.dir``, restoring model, optimiser, scheduler,
+loader position and the W&B run). Under Slurm, Lightning's SLURMEnvironment requeues the job on SIGUSR1.
+Configs: ``configs/`` (README "Training").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("m3leo_stream.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+RUN_ID_FILE = "wandb_run_id.txt"
+_SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|^key$)", re.IGNORECASE)
+
+
+# --- small helpers -----------------------------------------------------------------------------------------------
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def scrub(obj: Any) -> Any:
+    """A copy of ``obj`` with values of secret-looking keys (api keys, secrets, tokens, S3 keys) replaced."""
+    if isinstance(obj, Mapping):
+        return {k: ("***" if _SECRET.search(str(k)) and v is not None else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def _fs(url: str, storage_options: Mapping[str, Any] | None = None):
+    from m3leo_stream.storage import get_fs
+
+    return get_fs(url, dict(storage_options or {}))
+
+
+def _join(a: str, b: str) -> str:
+    return a.rstrip("/") + "/" + b
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def resolve_resume(resume: Any, ckpt_dir: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """``auto`` → ``<ckpt_dir>/last.ckpt`` when it exists, ``null`` → None, anything else → that path/URL."""
+    if resume in (None, "", "null", "none", False):
+        return None
+    if str(resume) != "auto":
+        return str(resume)
+    fs, path = _fs(ckpt_dir, storage_options)
+    last = _join(path, "last.ckpt")
+    try:
+        if fs.exists(last):
+            return _join(ckpt_dir, "last.ckpt")
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def _read_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    fs, path = _fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+def stable_run_id(ckpt_path: str | None, ckpt_dir: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The W&B run id: the resumed checkpoint's (sidecar ``wandb_run_id.txt`` next to it, else the checkpoint
+    itself), else ``slurm-<SLURM_JOB_ID>`` (array jobs: ``slurm-<array job>_<task>``), else a new id."""
+    if ckpt_path:
+        fs, path = _fs(ckpt_dir, storage_options)
+        side = _join(path, RUN_ID_FILE)
+        try:
+            if fs.exists(side):
+                rid = fs.cat_file(side).decode().strip()
+                if rid:
+                    return rid
+        except (FileNotFoundError, OSError):
+            pass
+        info = _read_checkpoint(ckpt_path, storage_options).get("m3leo") or {}
+        if info.get("wandb_run_id"):
+            return str(info["wandb_run_id"])
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def wandb_mode(configured: str | None) -> str:
+    """``WANDB_MODE`` if set; else the configured mode; else online when an API key is configured, else offline."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if configured:
+        return str(configured)
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+def manifest_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What to log about the dataset: version, source, counts per region and split, modalities, shard count."""
+    return {
+        "format_version": manifest.get("format_version"),
+        "created": manifest.get("created"),
+        "source": manifest.get("source"),
+        "regions": manifest.get("regions"),
+        "splits": manifest.get("splits"),
+        "num_samples": manifest.get("num_samples"),
+        "num_shards": len(manifest.get("shards") or []),
+        "bytes": sum(int(s.get("bytes") or 0) for s in manifest.get("shards") or []),
+        "compression": manifest.get("compression"),
+        "modalities": sorted((manifest.get("modalities") or {}).keys()),
+    }
+
+
+# --- building blocks -----------------------------------------------------------------------------------------------
+
+def build_datamodule(cfg: DictConfig):
+    """The M3LEODataModule of ``cfg.data`` with ``cfg.transforms`` as device-transform config."""
+    from m3leo_stream.datamodule import M3LEODataModule
+
+    d = _plain(cfg.data)
+    return M3LEODataModule(
+        root=d["root"], inputs=d["inputs"], targets=d.get("targets") or [], regions=d.get("regions"),
+        region_weights=d.get("region_weights"), batch_size=d["batch_size"], num_workers=d["num_workers"],
+        seed=d.get("seed", cfg.seed), storage_options=d.get("storage_options"), transforms=_plain(cfg.transforms),
+        eval_batch_size=d.get("eval_batch_size"), samples_per_epoch=d.get("samples_per_epoch"),
+        shuffle_shards=d.get("shuffle_shards", 8), on_unreadable=d.get("on_unreadable", "fail"),
+        prefetch_factor=d.get("prefetch_factor", 2),
+    )
+
+
+def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
+    """Channels per input, classes / bands per target, regions — from a transforms instance built here (the
+    DataModule builds its own per rank once the trainer is attached)."""
+    from m3leo_stream.gpu_transforms import build_device_transforms
+
+    dm.setup("fit")
+    t = build_device_transforms(_plain(cfg.transforms), dm.modalities, dm.shard_root.stats, inputs=dm.inputs,
+                                targets=dm.targets, train=False, seed=int(cfg.seed), rank=0)
+    info: dict[str, Any] = {"in_channels": {m: len(t.channels[m]) for m in dm.inputs},
+                            "channel_names": {m: list(t.channels[m]) for m in dm.inputs},
+                            "region_names": list(dm.region_names), "ignore_index": int(t.ignore_index)}
+    if dm.targets:
+        target = dm.targets[0]
+        if len(dm.targets) > 1:
+            log.warning("several targets %s: the task uses the first, %s", dm.targets, target)
+        info["target"] = target
+        mod = dm.modalities[target]
+        if target in t.num_classes:
+            info["num_classes"] = t.num_classes[target]
+            info["class_names"] = t.class_names[target]
+        else:
+            plan = getattr(t, "targets", {}).get(target)
+            bands = list(getattr(plan, "bands", range(len(mod.bands))))
+            st = (dm.shard_root.stats.get(target) or {}).get("global") or {}
+            names = (dm.shard_root.stats.get(target) or {}).get("bands", list(mod.bands))
+            mean, std = [], []
+            for i in bands:
+                j = names.index(mod.bands[i]) if mod.bands[i] in names else i
+                s = float(mod.scale[i])
+                mean.append(float((st.get("mean") or [0.0] * (j + 1))[j] or 0.0) * s)
+                std.append(float((st.get("std") or [1.0] * (j + 1))[j] or 1.0) * s)
+            info.update(out_channels=len(bands), target_bands=[mod.bands[i] for i in bands], target_mean=mean,
+                        target_std=std)
+    return info, t
+
+
+def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
+    task_cfg = _plain(cfg.task)
+    model_cfg = _plain(cfg.model)
+    kw = {k: v for k, v in info.items() if k not in ("channel_names",)}
+    task = hydra.utils.instantiate(task_cfg, model=model_cfg, **kw, _convert_="all", _recursive_=False)
+    return task
+
+
+def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LoaderMetrics, TrainingSpeed
+
+    ck = cfg.checkpoint
+    every = int(cfg.callbacks.log_every_n_steps)
+    last = ModelCheckpoint(dirpath=ck.dir, filename="step{step:08d}", save_last=True, save_top_k=0,
+                           every_n_train_steps=int(ck.every_n_train_steps) or None, auto_insert_metric_name=False)
+    cbs: list[pl.Callback] = [last]
+    best = None
+    if ck.monitor:
+        if ck.mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.mode must be min or max, got {ck.mode!r}")
+        safe = str(ck.monitor).replace("/", "_")
+        best = ModelCheckpoint(dirpath=ck.dir, filename=f"best-{{step:08d}}-{safe}={{{ck.monitor}:.4f}}",
+                               monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
+                               save_last=False, auto_insert_metric_name=False)
+        cbs.append(best)
+    cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
+            ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
+    if cfg.get("record_keys_dir"):
+        cbs.append(KeyRecorder(str(cfg.record_keys_dir)))
+    return cbs, last, best
+
+
+def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
+    w = cfg.logger.get("wandb") if cfg.get("logger") else None
+    if w is None:
+        return False
+    mode = wandb_mode(w.get("mode"))
+    if mode == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = w.get("save_dir") or (str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "wandb-runs")
+    os.makedirs(save_dir, exist_ok=True)
+    logger = WandbLogger(project=w.project, entity=w.get("entity"), name=w.get("name") or cfg.experiment_name,
+                         id=run_id, resume="allow", mode=mode, save_dir=save_dir, tags=list(w.get("tags") or []),
+                         log_model=bool(w.get("log_model", False)))
+    return logger
+
+
+def _slurm_plugins() -> list[Any]:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
+    return []
+
+
+def _write_text(url: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    fs, path = _fs(url, storage_options)
+    parent = path.rsplit("/", 1)[0]
+    try:
+        fs.makedirs(parent, exist_ok=True)
+    except (OSError, NotImplementedError):
+        pass
+    with fs.open(path, "wb") as f:
+        f.write(text.encode())
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and optionally test) the configured experiment; returns where things are (also printed)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pl.seed_everything(int(cfg.seed), workers=True)
+    so = _plain(cfg.data.get("storage_options")) or None
+    ckpt_dir = str(cfg.checkpoint.dir)
+    ckpt_path = resolve_resume(cfg.get("resume"), ckpt_dir, so)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+
+    dm = build_datamodule(cfg)
+    info, transforms = describe_data(cfg, dm)
+    task = build_task(cfg, info)
+    task.channel_names = info["channel_names"]
+    task.denormalize = transforms.denormalize
+
+    run_id = stable_run_id(ckpt_path, ckpt_dir, so)
+    task.run_info["wandb_run_id"] = run_id
+    logger = build_logger(cfg, run_id, dm)
+    callbacks, last_cb, best_cb = build_callbacks(cfg)
+
+    tcfg = _plain(cfg.trainer)
+    tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
+    trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
+                         default_root_dir=str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else None)
+
+    resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
+    if trainer.is_global_zero:
+        _write_text(_join(ckpt_dir, RUN_ID_FILE), run_id + "\n", so)
+        _write_text(_join(str(cfg.run_dir), "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(resolved)), so)
+    if logger:
+        logger.log_hyperparams({**resolved, "dataset": manifest_summary(dm.shard_root.manifest),
+                                "data_info": scrub(dict(info))})
+
+    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    final = _join(ckpt_dir, "last.ckpt")
+    trainer.save_checkpoint(final)  # the exact end state (also when max_steps is not a multiple of the interval)
+
+    results: dict[str, Any] = {"checkpoint": final, "best_checkpoint": best_cb.best_model_path if best_cb else None,
+                               "run_id": run_id, "global_step": int(trainer.global_step)}
+    if cfg.get("save_encoder") and hasattr(task, "encoder"):
+        url = _join(str(cfg.run_dir), "encoder.pt")
+        if trainer.is_global_zero:
+            from m3leo_stream.models import save_encoder
+
+            save_encoder(task.encoder, url, {"channel_names": info["channel_names"], "run_id": run_id})
+        results["encoder"] = url
+    if cfg.get("test_after_fit"):
+        trainer.test(task, datamodule=dm)
+    results["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if logger:
+        exp = logger.experiment
+        results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
+        results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
+        results["wandb_url"] = getattr(exp, "url", None)
+        if trainer.is_global_zero:
+            import wandb
+
+            wandb.finish()
+    if trainer.is_global_zero:
+        print(f"[m3leo] checkpoint: {final}")
+        if results["best_checkpoint"]:
+            print(f"[m3leo] best checkpoint ({cfg.checkpoint.monitor}, {cfg.checkpoint.mode}): "
+                  f"{results['best_checkpoint']}")
+        if results.get("encoder"):
+            print(f"[m3leo] encoder: {results['encoder']}")
+        if logger:
+            where = results.get("wandb_url") or results.get("wandb_dir")
+            print(f"[m3leo] W&B run {run_id} ({results['wandb_mode']}): {where}")
+            if results["wandb_mode"] == "offline":
+                print(f"[m3leo]   upload later with: wandb sync {results.get('wandb_dir')}")
+        print(json.dumps({"m3leo_result": {k: v for k, v in results.items() if k != "metrics"}}))
+    return results
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

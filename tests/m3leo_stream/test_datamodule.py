@@ -1,0 +1,228 @@
+"""The DataModule's loaders for real: worker-count independence, multi-process DDP (gloo) over uneven shards,
+resume mid-epoch and across world sizes, exact quotas, exclusion of incomplete samples, unreadable members."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from m3leo_stream.datamodule import M3LEODataModule
+from m3leo_stream.planner import region_quotas
+from m3leo_stream.reader import UnreadableSample
+
+WORKER = Path(__file__).with_name("ddp_loader_worker.py")
+INPUTS, TARGETS = ["modisveg"], ["esawc"]
+
+
+def _dm(root, batch_size, **kw) -> M3LEODataModule:
+    dm = M3LEODataModule(str(root), inputs=INPUTS, targets=TARGETS, batch_size=batch_size, seed=0, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def train_keys(dm: M3LEODataModule, epochs=(0,), loader=None) -> list[list[list[str]]]:
+    loader = loader or dm.train_dataloader()
+    out = []
+    for e in epochs:
+        loader.batch_sampler.set_epoch(e)
+        out.append([b["key"] for b in loader])
+    return out
+
+
+def split_keys(root: Path, split: str) -> list[str]:
+    t = pq.read_table(root / "index.parquet", columns=["key", "split"]).to_pydict()
+    return [k for k, s in zip(t["key"], t["split"]) if s == split]
+
+
+def run_ranks(root: Path, out: Path, world: int, batch: int, *extra: str, timeout: float = 300) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+               "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root), str(out), "--batch-size", str(batch),
+                                       *extra], env=env, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{world} ranks did not finish within {timeout} s (a hang)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{p.stderr.read()[-3000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_batches_are_raw_arrays_in_registry_shapes_and_independent_of_workers(uneven_shards):
+    dm0 = _dm(uneven_shards, 4, num_workers=0)
+    dm2 = _dm(uneven_shards, 4, num_workers=2)
+    assert train_keys(dm0, (0, 1)) == train_keys(dm2, (0, 1))
+    batch = next(iter(dm2.train_dataloader()))
+    for name in INPUTS + TARGETS:
+        m = dm2.modalities[name]
+        assert batch[name].shape == (4, *m.shape) and batch[name].dtype == getattr(torch, m.dtype)
+    assert batch["region"].dtype == torch.int64 and batch["valid"].all()
+    index = pq.read_table(uneven_shards / "index.parquet").to_pydict()
+    row = index["key"].index(batch["key"][0])
+    assert batch["lon"][0].item() == index["lon"][row] and batch["lat"][0].item() == index["lat"][row]
+    assert dm2.region_names[batch["region"][0]] == index["region"][row]
+    # only the requested members were read: bytes equal the members' sizes
+    m = dm2.loader_metrics()
+    assert m["samples"] > 0 and m["bytes"] > 0 and m["retries"] == 0 and m["wait_s"] > 0
+
+
+@pytest.mark.parametrize("world,batch", [(2, 3), (3, 2)])
+def test_ddp_equal_batches_no_duplicates_exact_eval(uneven_shards, tmp_path, world, batch):
+    records = run_ranks(uneven_shards, tmp_path, world, batch, "--workers", "1")
+    reference = train_keys(_dm(uneven_shards, world * batch, num_workers=0), (0, 1))
+    assert len({tuple(r["lengths"]) for r in records}) == 1
+    for epoch in range(2):
+        per_rank = [r["train"][epoch] for r in records]
+        assert len({len(b) for b in per_rank}) == 1
+        # global batch g is the concatenation of the ranks' parts: the same as one process with the global batch
+        merged = [sum((per_rank[r][g] for r in range(world)), []) for g in range(len(per_rank[0]))]
+        assert merged == reference[epoch]
+        flat = [k for b in merged for k in b]
+        assert len(flat) == len(set(flat))
+        # 93 train samples, global batch 6: 15 full batches, 3 samples wait for a later epoch
+        assert len(flat) == 93 // 6 * 6
+    val = split_keys(uneven_shards, "val")
+    assert len({len(r["val"]) for r in records}) == 1
+    seen = [k for r in records for b in r["val"] for k, ok in b if ok]
+    assert sorted(seen) == sorted(val)
+    padding = [k for r in records for b in r["val"] for k, ok in b if not ok]
+    assert len(padding) == len(records[0]["val"]) * world * batch - len(val)
+
+
+def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards):
+    full = train_keys(_dm(uneven_shards, 4, num_workers=2), (0,))[0]
+    dm = _dm(uneven_shards, 4, num_workers=2)
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(0)
+    first = []
+    for i, b in enumerate(loader):
+        first.append(b["key"])
+        if i == 4:
+            break
+    state = loader.state_dict()
+    del loader
+    dm2 = _dm(uneven_shards, 4, num_workers=2)
+    resumed = dm2.train_dataloader()
+    resumed.batch_sampler.set_epoch(0)
+    resumed.load_state_dict(state)
+    rest = [b["key"] for b in resumed]
+    assert first + rest == full
+
+
+def test_elastic_resume_from_two_ranks_to_one(uneven_shards, tmp_path):
+    records = run_ranks(uneven_shards, tmp_path, 2, 3, "--workers", "1", "--stop-after", "4")
+    full = train_keys(_dm(uneven_shards, 6, num_workers=1), (0,))[0]
+    merged = [records[0]["train"][0][g] + records[1]["train"][0][g] for g in range(4)]
+    assert merged == full[:4]
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    dm = _dm(uneven_shards, 6, num_workers=1)
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(0)
+    loader.load_state_dict(state)
+    assert merged + [b["key"] for b in loader] == full
+    # a different global batch would silently shift every later batch: refused, naming what differs
+    other = _dm(uneven_shards, 4, num_workers=1).train_dataloader()
+    with pytest.raises(ValueError, match="global_batch"):
+        other.load_state_dict(state)
+
+
+def test_region_weights_give_exact_quotas_through_the_loader(uneven_shards):
+    weights = {"conus": 1.0, "europe": 1.0, "pakin": 2.0}
+    dm = _dm(uneven_shards, 4, num_workers=0, region_weights=weights, samples_per_epoch=80)
+    quotas = region_quotas(dm.catalog("train").region_counts(), weights, 80)
+    assert quotas == {"china": 0, "conus": 20, "europe": 20, "pakin": 40}
+    for epoch in range(2):
+        counts = Counter()
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        for b in loader:
+            counts.update(dm.region_names[int(r)] for r in b["region"])
+        assert dict(counts) == {k: v for k, v in quotas.items() if v}
+
+
+def test_samples_missing_a_member_are_excluded_at_planning(small_shards, caplog):
+    dm = M3LEODataModule(str(small_shards), inputs=["s1grd"], targets=["gunw"], batch_size=1, num_workers=0)
+    dm.setup()
+    with caplog.at_level("INFO"):
+        cat = dm.catalog("train")
+    t = pq.read_table(small_shards / "index.parquet", columns=["split", "gunw_nbytes"]).to_pydict()
+    missing = sum(1 for s, n in zip(t["split"], t["gunw_nbytes"]) if s == "train" and n is None)
+    assert missing > 0 and cat.excluded == {"gunw": missing}
+    assert "excluded for missing members" in caplog.text
+    keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert len(keys) == len(cat)
+
+
+def _corrupt_member(root: Path, tmp: Path) -> tuple[Path, str, str]:
+    copy = tmp / "corrupt"
+    shutil.copytree(root, copy)
+    t = pq.read_table(copy / "index.parquet").to_pydict()
+    i = next(i for i, s in enumerate(t["split"]) if s == "train")
+    shard, key = t["shard"][i], t["key"][i]
+    with open(copy / shard, "r+b") as f:
+        f.seek(t["esawc_offset"][i])
+        f.write(b"JUNKJUNK")
+    return copy, shard, key
+
+
+def test_unreadable_member_fails_naming_it_or_is_substituted(uneven_shards, tmp_path):
+    root, shard, key = _corrupt_member(uneven_shards, tmp_path)
+    dm = _dm(root, 4, num_workers=0)
+    with pytest.raises(UnreadableSample) as err:
+        for _ in dm.train_dataloader():
+            pass
+    assert shard in str(err.value) and key in str(err.value) and "esawc" in str(err.value)
+    dm = _dm(root, 4, num_workers=0, on_unreadable="substitute")
+    loader = dm.train_dataloader()
+    keys = [k for b in loader for k in b["key"]]
+    assert key not in keys and len(keys) == len(loader) * 4
+    assert dm.loader_metrics()["substitutions"] == 1
+    # the substitute comes from the same region and is the same on every run
+    dm2 = _dm(root, 4, num_workers=0, on_unreadable="substitute")
+    assert [k for b in dm2.train_dataloader() for k in b["key"]] == keys
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read worker RSS")
+def test_worker_memory_stays_flat_over_epochs(uneven_shards):
+    dm = _dm(uneven_shards, 4, num_workers=1)
+    loader = dm.train_dataloader()
+    rss = []
+    for epoch in range(4):
+        loader.batch_sampler.set_epoch(epoch)
+        it = iter(loader)
+        for _ in it:
+            pass
+        workers = loader._iterator._workers  # persistent workers: the same processes every epoch
+        rss.append(sum(_rss(w.pid) for w in workers))
+    assert rss[-1] <= rss[1] * 1.10 + 8e6, rss

@@ -1,0 +1,92 @@
+"""Models: the multi-modal MAE (masking, per-modality masked loss, encoder save/load), UNet, MAE segmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet, load_encoder, save_encoder
+from m3leo_stream.models.mae import patchify, unpatchify
+
+CH = {"s1grd": 4, "s2rgbm": 3, "gssic": 5}
+
+
+def tiny_mae(**kw):
+    args = dict(size="tiny", dim=32, depth=2, heads=2, patch_size=8, decoder_dim=32, decoder_depth=1,
+                decoder_heads=2)
+    args.update(kw)
+    return MultiModalMAE(CH, **args)
+
+
+def batch(b=2, px=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {m: torch.randn(b, c, px, px, generator=g) for m, c in CH.items()}
+    for m in CH:
+        out[f"{m}_valid"] = torch.ones(b, 1, px, px, dtype=torch.bool)
+    out["gssic"] = torch.randn(b, 5, px // 2, px // 2, generator=g)  # coarser input: resized onto the token grid
+    out["gssic_valid"] = torch.ones(b, 1, px // 2, px // 2, dtype=torch.bool)
+    return out
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(unpatchify(patchify(x, 4), 4, 3), x)
+
+
+def test_mae_masks_ratio_and_losses_per_modality():
+    torch.manual_seed(0)
+    m = tiny_mae()
+    out = m(batch())
+    mask = out["mask"]
+    assert mask.shape == (2, 3 * 16)
+    assert mask.sum(1).tolist() == [36.0, 36.0]  # 75 % of 48 tokens
+    for mod in CH:
+        assert out[f"loss/{mod}"] > 0 and out[f"weight/{mod}"] > 0
+    out["loss"].backward()
+    assert m.encoder.patch_embed["s1grd"].weight.grad is not None
+
+
+def test_mae_dropped_and_invalid_are_excluded():
+    torch.manual_seed(0)
+    m = tiny_mae()
+    b = batch()
+    b["s2rgbm_dropped"] = torch.tensor([True, True])
+    b["s1grd_valid"][:] = False
+    out = m(b)
+    assert out["weight/s2rgbm"] == 0 and out["weight/s1grd"] == 0
+    assert out["weight/gssic"] > 0
+    # every token of a dropped modality is masked (never visible to the encoder)
+    assert out["mask"][:, 16:32].eq(1).all()
+    # the loss is the gssic loss alone
+    assert torch.allclose(out["loss"], out["loss/gssic"])
+
+
+def test_mae_padding_rows_excluded():
+    torch.manual_seed(0)
+    m = tiny_mae()
+    b = batch()
+    b["valid"] = torch.tensor([True, False])
+    w1 = m(b)["weight/s1grd"]
+    b["valid"] = torch.tensor([True, True])
+    w2 = m(b)["weight/s1grd"]
+    assert 0 < w1 < w2
+
+
+def test_encoder_save_load_and_segmentation(tmp_path):
+    torch.manual_seed(0)
+    m = tiny_mae()
+    save_encoder(m.encoder, str(tmp_path / "enc.pt"))
+    enc = load_encoder(str(tmp_path / "enc.pt"))
+    b = batch()
+    m.encoder.eval(), enc.eval()
+    assert torch.allclose(enc(b), m.encoder(b))
+    seg = MAESegmentation(enc, num_classes=11, decoder_channels=32)
+    assert seg(b, output_size=32).shape == (2, 11, 32, 32)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_encoder(str(tmp_path / "missing.pt"))
+
+
+def test_unet_shapes_any_size():
+    u = UNet({"a": 3, "b": 2}, 7, width=4, depth=3)
+    y = u({"a": torch.randn(2, 3, 30, 30), "b": torch.randn(2, 2, 15, 15)})
+    assert y.shape == (2, 7, 30, 30)

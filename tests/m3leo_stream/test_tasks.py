@@ -1,0 +1,123 @@
+"""Tasks and metrics on hand-built transformed batches (contracts §3): per-region metrics, padding exclusion,
+float regression targets, optimisation steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m3leo_stream.metrics import RegionConfusion, RegionRegression
+from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
+
+REGIONS = ["conus", "europe"]
+
+
+def test_region_confusion_hand_built():
+    cm = RegionConfusion(3, REGIONS, ["a", "b", "c"], ignore_index=-100)
+    # sample 0 (conus): 4 pixels, 3 right; sample 1 (europe): all wrong; sample 2: padding (valid False)
+    y = torch.tensor([[[0, 1], [2, -100]], [[0, 0], [1, 1]], [[0, 0], [0, 0]]])
+    p = torch.tensor([[[0, 1], [1, 2]], [[1, 1], [0, 0]], [[0, 0], [0, 0]]])
+    cm.update(p, y, torch.tensor([0, 1, 0]), torch.tensor([True, True, False]))
+    out = cm.compute()
+    # conus: pixels (y,p) = (0,0) (1,1) (2,1); ignore excluded
+    # IoU0 = 1/1, IoU1 = 1/2, IoU2 = 0/1 -> miou 0.5; oa 2/3
+    assert out["conus/oa"] == pytest.approx(2 / 3)
+    assert out["conus/miou"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # europe: (0,1)(0,1)(1,0)(1,0): IoU0 = 0, IoU1 = 0, class 2 absent -> miou 0, oa 0
+    assert out["europe/oa"] == 0 and out["europe/miou"] == 0
+    # overall: 7 pixels, 2 right; IoU0 = 1/(3+3-1)=0.2, IoU1 = 1/(3+4-1)... computed from the summed matrix
+    total = torch.zeros(3, 3, dtype=torch.long)
+    for t, q in [(0, 0), (1, 1), (2, 1), (0, 1), (0, 1), (1, 0), (1, 0)]:
+        total[t, q] += 1
+    ref = RegionConfusion.scores(total)
+    assert out["oa"] == pytest.approx(2 / 7)
+    assert out["miou"] == pytest.approx(float(ref["miou"]))
+    assert out["iou/a"] == pytest.approx(float(ref["iou"][0]))
+
+
+def test_confusion_accumulates_over_batches_not_averaged():
+    cm = RegionConfusion(2, ["r"])
+    cm.update(torch.tensor([[[0]]]), torch.tensor([[[0]]]), torch.tensor([0]))  # 1 pixel, IoU 1
+    y = torch.ones(1, 3, 3, dtype=torch.long)
+    cm.update(torch.zeros_like(y), y, torch.tensor([0]))  # 9 wrong pixels
+    out = cm.compute()
+    assert out["oa"] == pytest.approx(0.1)  # batch average would be 0.5
+
+
+def test_region_regression_hand_built():
+    m = RegionRegression(REGIONS)
+    pred = torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])
+    y = torch.tensor([[[[1.5, 2.0]]], [[[3.0, 4.0]]]])
+    valid = torch.tensor([[[[True, True]]], [[[True, False]]]])
+    m.update(pred, y, valid, torch.tensor([0, 1]))
+    out = m.compute()
+    assert out["conus/rmse"] == pytest.approx(math.sqrt(0.25 / 2))
+    assert out["europe/rmse"] == pytest.approx(3.0) and out["europe/mae"] == pytest.approx(3.0)
+    assert out["rmse"] == pytest.approx(math.sqrt((0.25 + 9) / 3))
+    with pytest.raises(TypeError, match="floating"):
+        m.update(pred, y.long(), valid, torch.tensor([0, 1]))
+
+
+def seg_batch(b=4, px=16, k=3):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, k, (b, px, px), generator=g)
+    y[0, :4] = -100
+    return {"s1grd": torch.randn(b, 2, px, px, generator=g), "s2rgbm": torch.randn(b, 3, px, px, generator=g),
+            "esawc": y, "esawc_valid": (y != -100).unsqueeze(1), "region": torch.tensor([0, 1, 0, 1]),
+            "valid": torch.tensor([True, True, True, False]), "key": [f"k{i}" for i in range(b)]}
+
+
+def test_segmentation_task_metrics_exclude_padding():
+    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2, "s2rgbm": 3}, "esawc", 3, REGIONS,
+                         ["a", "b", "c"])
+    b = seg_batch()
+    logits, y = t.logits_and_target(b)
+    assert (y[3] == -100).all()  # padding row ignored
+    loss = t.loss(logits, y)
+    assert torch.isfinite(loss)
+    t.val_cm.update(logits.argmax(1), y, b["region"], b["valid"])
+    assert int(t.val_cm.cm.sum()) == 3 * 16 * 16 - 4 * 16  # 3 real rows, 64 ignored pixels
+    # a batch with nothing labelled gives a zero loss, not NaN
+    b2 = dict(b, esawc=torch.full_like(b["esawc"], -100))
+    lg, yy = t.logits_and_target(b2)
+    assert t.loss(lg, yy).item() == 0.0
+
+
+def test_regression_keeps_float_targets_and_coarse_grid():
+    t = RegressionTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "biomass", 1, REGIONS,
+                       target_mean=[100.0], target_std=[50.0])
+    y = torch.full((2, 1, 5, 5), 123.75)
+    b = {"s1grd": torch.randn(2, 2, 20, 20), "biomass": y, "biomass_valid": torch.ones(2, 1, 5, 5, dtype=torch.bool),
+         "region": torch.tensor([0, 1]), "valid": torch.tensor([True, True])}
+    pred, target, w = t.predict_target(b)
+    assert pred.shape == (2, 1, 5, 5) and target.dtype == torch.float32
+    assert torch.equal(target, y)  # 123.75 not truncated to 123
+    t.val_reg.update(pred, target, w, b["region"])
+    with torch.no_grad():
+        t.model.head.weight.zero_()
+        t.model.head.bias.fill_((123.75 - 100) / 50)
+    pred, target, w = t.predict_target(b)
+    assert torch.allclose(pred, y)
+    assert t.loss(pred, target, w).item() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(TypeError, match="never cast"):
+        t.predict_target(dict(b, biomass=y.long()))
+
+
+def test_pretrain_task_step_and_checkpoint_info():
+    t = PretrainTask({"size": "tiny", "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "decoder_dim": 32,
+                      "decoder_depth": 1, "decoder_heads": 2}, {"s1grd": 2, "s2rgbm": 3}, REGIONS)
+    b = {"s1grd": torch.randn(2, 2, 16, 16), "s2rgbm": torch.randn(2, 3, 16, 16), "valid": torch.tensor([True, True]),
+         "region": torch.tensor([0, 1])}
+    t._eval_step(b, 0, t.val_losses)
+    out = t.val_losses.compute()
+    assert set(out) == {"loss", "loss/s1grd", "loss/s2rgbm"}
+    t.val_losses.reset()
+    t._eval_step(b, 0, t.val_losses)
+    assert t.val_losses.compute()["loss"] == pytest.approx(out["loss"])  # validation masks are fixed
+    ck: dict = {}
+    t.run_info["wandb_run_id"] = "abc"
+    t.on_save_checkpoint(ck)
+    assert ck["m3leo"]["wandb_run_id"] == "abc" and ck["m3leo"]["encoder_config"]["in_channels"] == {"s1grd": 2,
+                                                                                                     "s2rgbm": 3}
