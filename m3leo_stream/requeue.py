@@ -5,9 +5,12 @@ handler, i.e. in the middle of whatever step is running: the batch being trained
 loader state but its optimizer step is not in the weights, so that batch is skipped after the resume; and in DDP the
 handler's barrier can meet another rank's gradient all-reduce. Here the handler only sets a flag. At the end of each
 training batch the ranks agree (one all-reduce of a bool) whether any of them got the signal; if so every rank saves
-the same step-boundary checkpoint to ``path`` (e.g. ``<checkpoint.dir>/last.ckpt``, which ``resume=auto`` picks up)
-and the trainer stops. After ``trainer.fit`` returns, :meth:`RequeueOnSignal.requeue` asks Slurm to requeue the job
-(global rank 0 only); the requeued job keeps its ``SLURM_JOB_ID`` and resumes from that checkpoint.
+the same step-boundary checkpoint (to ``<path>.requeue``) and the trainer stops. After ``trainer.fit`` returns,
+:meth:`RequeueOnSignal.requeue` moves it to ``path`` (e.g. ``<checkpoint.dir>/last.ckpt``, which ``resume=auto``
+picks up) and asks Slurm to requeue the job (global rank 0 only); the requeued job keeps its ``SLURM_JOB_ID`` and
+resumes from that checkpoint. The move comes after fit on purpose: once ``should_stop`` ends the epoch early,
+Lightning counts that epoch as finished, and a checkpoint written while fit winds down (``ModelCheckpoint``'s
+last, an ``on_train_end`` save) would make the resumed run skip the rest of the epoch.
 
 Use with ``SLURMEnvironment(auto_requeue=False)`` so that Lightning installs no handler of its own for the signal.
 """
@@ -19,9 +22,12 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+
+from m3leo_stream.storage import get_fs
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,13 @@ class RequeueOnSignal(pl.Callback):
     """On ``signum``: finish the current step, save ``path`` on every rank at that step boundary, stop training;
     ``requeue()`` after fit then requeues the Slurm job (rank 0). ``requested`` tells the caller it happened."""
 
-    def __init__(self, path: str, signum: int = signal.SIGUSR1, requeue: bool = True, every_n_steps: int = 1) -> None:
+    def __init__(self, path: str, signum: int = signal.SIGUSR1, requeue: bool = True, every_n_steps: int = 1,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.path = str(path)
+        self.staging = self.path + ".requeue"
+        self.storage_options = dict(storage_options or {})
         self.every_n_steps = int(every_n_steps)  # how often the ranks compare flags (one tiny all-reduce each)
         self.signum = signal.Signals(signum)
         self.do_requeue = requeue
@@ -81,7 +90,7 @@ class RequeueOnSignal(pl.Callback):
             return
         log.warning("got %s: saving a checkpoint at step %d to %s and stopping, to be requeued",
                     self.signum.name, trainer.global_step, self.path)
-        trainer.save_checkpoint(self.path)  # all ranks; rank 0 writes, then a barrier
+        trainer.save_checkpoint(self.staging)  # all ranks; rank 0 writes, then a barrier
         self.requested = True
         trainer.should_stop = True
 
@@ -89,6 +98,9 @@ class RequeueOnSignal(pl.Callback):
         """After fit: requeue this Slurm job (global rank 0) if the signal stopped training. True when requested."""
         if not self.requested:
             return False
+        if trainer.is_global_zero:
+            fs, staging = get_fs(self.staging, self.storage_options)
+            fs.mv(staging, get_fs(self.path, self.storage_options)[1])
         job = slurm_job_id()
         if not (self.do_requeue and trainer.is_global_zero and job):
             if trainer.is_global_zero and not job:

@@ -3,7 +3,8 @@
 Builds the DataModule (shards → device transforms), the task (MAE pretraining, segmentation, regression), W&B
 logging (offline when no API key is configured; ``WANDB_MODE`` wins), checkpoints (last + best, to any fsspec URL)
 and resumes (``resume=auto``: the latest checkpoint of ``checkpoint.dir``, restoring model, optimiser, scheduler,
-loader position and the W&B run). Under Slurm, Lightning's SLURMEnvironment requeues the job on SIGUSR1.
+loader position and the W&B run). On SIGUSR1 (Slurm's warning before the time limit) it checkpoints at the next
+optimizer-step boundary and requeues the job (``m3leo_stream.requeue``); the requeued job resumes from it.
 Configs: ``configs/`` (README "Training").
 """
 
@@ -23,6 +24,8 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from m3leo_stream.requeue import RequeueOnSignal
 
 log = logging.getLogger("m3leo_stream.train")
 
@@ -250,7 +253,9 @@ def _slurm_plugins() -> list[Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if SLURMEnvironment.detect():
-        return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
+        # ranks and rendezvous from Slurm; the requeue on SIGUSR1 is RequeueOnSignal's (at a step boundary), not
+        # Lightning's (which saves inside the signal handler, mid-step)
+        return [SLURMEnvironment(auto_requeue=False)]
     return []
 
 
@@ -287,6 +292,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task.run_info["wandb_run_id"] = run_id
     logger = build_logger(cfg, run_id, dm)
     callbacks, last_cb, best_cb = build_callbacks(cfg)
+    requeue_cb = RequeueOnSignal(_join(ckpt_dir, "last.ckpt"), signal.SIGUSR1, storage_options=so)
+    callbacks.append(requeue_cb)
 
     tcfg = _plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
@@ -302,6 +309,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 "data_info": scrub(dict(info))})
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    if requeue_cb.requeue(trainer):  # stopped by the signal: last.ckpt holds that step; the requeued job goes on
+        return {"checkpoint": requeue_cb.path, "run_id": run_id, "global_step": int(trainer.global_step),
+                "requeued": True}
     final = _join(ckpt_dir, "last.ckpt")
     trainer.save_checkpoint(final)  # the exact end state (also when max_steps is not a multiple of the interval)
 
@@ -319,7 +329,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if logger:
         exp = logger.experiment
-        results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
+        exp_dir = getattr(exp, "dir", None)  # a method on the dummy experiment of ranks > 0
+        results["wandb_dir"] = str(Path(exp_dir).parent) if isinstance(exp_dir, str) else None
         results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
         results["wandb_url"] = getattr(exp, "url", None)
         if trainer.is_global_zero:

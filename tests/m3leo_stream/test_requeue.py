@@ -21,6 +21,7 @@ class Recorder(pl.LightningModule):
         super().__init__()
         self.lin = torch.nn.Linear(1, 1)
         self.seen: list[list[int]] = []
+        self.epochs: list[int] = []
         self.signal_at_batch = signal_at_batch
         self.calls = 0
 
@@ -29,13 +30,24 @@ class Recorder(pl.LightningModule):
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives in the middle of this step
         self.calls += 1
         self.seen.append(batch.tolist())
+        self.epochs.append(self.trainer.current_epoch)
         return self.lin(batch.float()[:, None]).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
-        return StatefulDataLoader(torch.arange(40), batch_size=2, shuffle=False)
+        return StatefulDataLoader(torch.arange(16), batch_size=2, shuffle=False)  # 8 batches per epoch
+
+
+class SaveOnTrainEnd(pl.Callback):
+    """Like a ``save_last``/final-checkpoint callback: writes the same path while fit winds down."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
 
 
 def _trainer(tmp_path, callbacks, max_steps, accumulate=1):
@@ -55,11 +67,14 @@ def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_pa
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     cb = RequeueOnSignal(ckpt)
     first = Recorder(signal_at_batch=5)  # micro-batch 5: with accumulate=2 the middle of optimizer step 2
-    t1 = _trainer(tmp_path / "run", [cb], max_steps, accumulate)
+    # the early stop makes Lightning count the epoch as finished: a save while fit winds down must not win
+    t1 = _trainer(tmp_path / "run", [cb, SaveOnTrainEnd(ckpt)], max_steps, accumulate)
     t1.fit(first)
     assert cb.requested and cb.requeue(t1)  # outside Slurm: nothing to requeue, the caller must not finish
     assert t1.global_step == 6 // accumulate  # stopped after the step that was running when the signal came
-    assert torch.load(ckpt, weights_only=False)["global_step"] == t1.global_step
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == t1.global_step
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # still inside epoch 0
     assert signal.getsignal(signal.SIGUSR1) is not cb._on_signal  # handler removed at teardown
 
     second = Recorder()
@@ -68,6 +83,7 @@ def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_pa
     t2.fit(second, ckpt_path=ckpt)
     assert not cb2.requested and not cb2.requeue(t2)
     assert first.seen + second.seen == full.seen
+    assert first.epochs + second.epochs == full.epochs  # the resumed run is still in the same epoch
     assert len(full.seen) == max_steps * accumulate
 
 
