@@ -9,6 +9,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slurm_support import TINY_SHARD_SIZE as SHARD_SIZE  # noqa: E402
+from slurm_support import require_slurm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A cluster that runs jobs (fails under CI=true, skips elsewhere); list it first so that no data is built
+    for a test that cannot run."""
+    require_slurm()
 
 
 @pytest.fixture(scope="session")

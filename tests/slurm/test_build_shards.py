@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SHARD_SIZE = ss.TINY_SHARD_SIZE  # as the tiny_shards fixture: 12 shards, 6 per array task
 
 
-def test_array_build_equals_single_build(tmp_path, tiny_src, tiny_shards):
-    ss.require_slurm()
+def test_array_build_equals_single_build(slurm, tmp_path, tiny_src, tiny_shards):
     single = tiny_shards
     out = tmp_path / "array"
     res = subprocess.run(

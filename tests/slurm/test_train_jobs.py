@@ -82,9 +82,8 @@ def _checkpoint_step(run: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_shards):
+def uninterrupted(slurm, tmp_path_factory, tiny_shards):
     """The reference: 2 tasks on 1 node, no signal."""
-    ss.require_slurm()
     tmp = tmp_path_factory.mktemp("slurm-train")
     job, run, log = _submit(tmp, tiny_shards, 1, 2, "plain")
     ss.assert_completed(ss.wait_job(job, timeout=240, logs=[log]), job, [log])
@@ -97,7 +96,7 @@ def test_one_node_two_tasks(uninterrupted, tiny_shards):
     assert _checkpoint_step(run) == MAX_STEPS
 
 
-def test_two_nodes_one_task_each(tmp_path, tiny_shards):
+def test_two_nodes_one_task_each(slurm, tmp_path, tiny_shards):
     ss.require_slurm(nodes=2)
     job, run, log = _submit(tmp_path, tiny_shards, 2, 1, "twonode")
     records = ss.wait_job(job, timeout=240, logs=[log])
@@ -109,7 +108,7 @@ def test_two_nodes_one_task_each(tmp_path, tiny_shards):
 
 
 @pytest.mark.parametrize("to", ["tasks", "batch-shell"])
-def test_usr1_checkpoints_requeues_and_resumes_exactly(tmp_path, tiny_shards, uninterrupted, to):
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, tiny_shards, uninterrupted, to):
     """``scancel --signal=USR1`` reaches the tasks; ``scancel --batch --signal=USR1`` only the batch shell, as
     ``sbatch --signal=B:USR1@N`` does, and the script relays it to srun."""
     job, run, log = _submit(tmp_path, tiny_shards, 1, 2, f"requeue-{to}")
