@@ -1,4 +1,4 @@
-"""``sbatch slurm/pretrain.sh`` on a real Slurm cluster, on CPU (gloo DDP, ``experiment=demo``, tiny shards):
+"""``sbatch slurm/pretrain.sh`` (and ``finetune.sh``) on a real Slurm cluster, on CPU (gloo DDP, tiny shards):
 2 tasks on 1 node and 1 task on each of 2 emulated nodes train on disjoint samples and leave a checkpoint; a USR1
 mid-epoch (to the tasks, or to the batch shell only as ``--signal=B:USR1@N`` sends it) checkpoints, requeues and
 resumes, and the keys trained across both runs equal an uninterrupted run's, none twice."""
@@ -144,3 +144,24 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, tiny_sha
     runs = [p.name for p in run.rglob("offline-run-*") if p.is_dir()]
     ids = {re.sub(r"^offline-run-\d{8}_\d{6}-", "", name) for name in runs}
     assert len(runs) == 2 and len(ids) == 1 and job in next(iter(ids)), f"W&B run directories {runs}"
+
+
+def test_finetune_from_environment_variables(slurm, tmp_path, tiny_shards):
+    """finetune.sh with experiment, data root and run directory from M3LEO_* variables: a segmentation experiment
+    (validation, best checkpoint, test after fit) on 2 emulated nodes x 1 task."""
+    ss.require_slurm(nodes=2)
+    run = tmp_path / "ft"
+    (tmp_path / "logs").mkdir()
+    env = ss.job_env(M3LEO_EXPERIMENT="seg_esawc_unet", M3LEO_DATA_ROOT=str(tiny_shards), M3LEO_RUN_DIR=str(run))
+    job = ss.sbatch(["--nodes=2", "--ntasks-per-node=1", *CPU_JOB, str(ss.REPO / "slurm" / "finetune.sh"),
+                     "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.max_steps=4", "data.batch_size=1",
+                     "data.num_workers=1", "transforms.grid.size=64", "model.width=8", "model.depth=2",
+                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.check_val_every_n_epoch=1"],
+                    cwd=tmp_path, env=env)
+    log = tmp_path / "logs" / f"m3leo-finetune-{job}.out"
+    ss.assert_completed(ss.wait_job(job, timeout=240, logs=[log]), job, [log])
+    text = log.read_text(errors="replace")
+    assert "experiment=seg_esawc_unet" in text and f"data.root={tiny_shards}" in text
+    assert "test/miou" in text  # test_after_fit of the fine-tuning experiment ran
+    assert _checkpoint_step(run) == 4
+    assert list((run / "checkpoints").glob("best-*val_miou=*.ckpt"))
