@@ -309,7 +309,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 "data_info": scrub(dict(info))})
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
-    if requeue_cb.requeue(trainer):  # stopped by the signal: last.ckpt holds that step; the requeued job goes on
+    if requeue_cb.requested:  # stopped by the signal: last.ckpt gets that step and the requeued job goes on from it
+        if logger and trainer.is_global_zero:
+            import wandb
+
+            wandb.finish()  # flush this part of the run now: the requeue terminates the job's processes
+        requeue_cb.requeue(trainer)
         return {"checkpoint": requeue_cb.path, "run_id": run_id, "global_step": int(trainer.global_step),
                 "requeued": True}
     final = _join(ckpt_dir, "last.ckpt")

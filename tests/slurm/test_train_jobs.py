@@ -18,6 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slurm_support as ss  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "m3leo_stream"))
+from wandb_reader import offline_runs, read_run  # noqa: E402
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 MAX_STEPS = 40
@@ -30,7 +33,7 @@ def _overrides(root: Path, run: Path) -> list[str]:
     return [
         "experiment=demo", f"data.root={root}", "trainer.accelerator=cpu", "trainer.strategy=ddp",
         f"trainer.max_steps={MAX_STEPS}", "trainer.max_epochs=-1", f"data.batch_size={BATCH}", "data.num_workers=1",
-        "trainer.limit_val_batches=0", "save_encoder=false", f"run_dir={run}", f"record_keys_dir={run / 'keys'}",
+        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=2", "save_encoder=false", f"run_dir={run}", f"record_keys_dir={run / 'keys'}",
     ]
 
 
@@ -140,10 +143,14 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, tiny_sha
     # every sample of the uninterrupted run, in the same order, at the same step; none twice, none skipped
     assert _keys(run) == _keys(uninterrupted[1])
     assert _checkpoint_step(run) == MAX_STEPS
-    # one W&B run: the requeued job logged under the same run id (offline run directories <time>-<id>)
-    runs = [p.name for p in run.rglob("offline-run-*") if p.is_dir()]
-    ids = {re.sub(r"^offline-run-\d{8}_\d{6}-", "", name) for name in runs}
-    assert len(runs) == 2 and len(ids) == 1 and job in next(iter(ids)), f"W&B run directories {runs}"
+    # one W&B run: the requeued job logs under the same run id, its history going on from where the first stopped
+    runs = offline_runs(str(run))
+    assert len(runs) == 2, f"W&B offline runs: {runs}"
+    first, second = (read_run(r) for r in runs)
+    assert first["run_id"] == second["run_id"] and job in first["run_id"], (first["run_id"], second["run_id"])
+    steps = [[row["trainer/global_step"] for row in r["history"] if "trainer/global_step" in row]
+             for r in (first, second)]
+    assert steps[0] and steps[1] and max(steps[0]) <= stopped <= min(steps[1]), (stopped, steps)
 
 
 def test_finetune_from_environment_variables(slurm, tmp_path, tiny_shards):
