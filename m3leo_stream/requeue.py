@@ -71,8 +71,10 @@ class RequeueOnSignal(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._installed:
-            # a late signal (say, a second warning) must not kill the process before it finishes its way out
-            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_IGN)
+            # a late signal (say, one sent while the final checkpoint or the test run is written) must not kill the
+            # process by the default action: ignore it unless someone else had a handler
+            keep = self._previous not in (None, signal.SIG_DFL)
+            signal.signal(self.signum, self._previous if keep else signal.SIG_IGN)
             self._installed = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
