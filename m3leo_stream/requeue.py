@@ -90,6 +90,13 @@ class RequeueOnSignal(pl.Callback):
         # every rank takes part in this reduction at the same point of every step, so the ranks agree on the step
         if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
             return
+        # Not after the last batch of an epoch: Lightning (2.6) restores such a checkpoint as "epoch finished" and
+        # then counts one more, so the resumed run would skip a whole epoch (seen with the M3LEO loader, whose
+        # order depends on the epoch). One step later, inside the next epoch, the resume is exact.
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer.strategy.reduce_boolean_decision(bool(last), all=False):
+            log.info("got %s at the end of an epoch: checkpointing after the next step", self.signum.name)
+            return
         log.warning("got %s: saving a checkpoint at step %d to %s and stopping, to be requeued",
                     self.signum.name, trainer.global_step, self.path)
         trainer.save_checkpoint(self.staging)  # all ranks; rank 0 writes, then a barrier

@@ -56,8 +56,18 @@ def _trainer(tmp_path, callbacks, max_steps, accumulate=1):
                       callbacks=callbacks, accumulate_grad_batches=accumulate, default_root_dir=tmp_path)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, accumulate):
+# (micro-batch that gets the signal, accumulate_grad_batches, step of the checkpoint); 8 batches per epoch
+CASES = [
+    (5, 1, 6),  # mid-epoch: after the step in progress
+    (5, 2, 3),  # micro-batch 5 is the middle of optimizer step 2: after that step, not between micro-batches
+    (7, 1, 9),  # the last batch of epoch 0: not there (the resume would skip an epoch) but after the next step
+    (7, 2, 5),  # the same with accumulation: epoch 0 ends at step 4
+]
+
+
+@pytest.mark.parametrize("signal_at,accumulate,stop_step", CASES)
+def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signal_at,
+                                                                           accumulate, stop_step):
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(k, raising=False)
     max_steps = 12
@@ -66,15 +76,16 @@ def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_pa
 
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     cb = RequeueOnSignal(ckpt)
-    first = Recorder(signal_at_batch=5)  # micro-batch 5: with accumulate=2 the middle of optimizer step 2
+    first = Recorder(signal_at_batch=signal_at)
     # the early stop makes Lightning count the epoch as finished: a save while fit winds down must not win
     t1 = _trainer(tmp_path / "run", [cb, SaveOnTrainEnd(ckpt)], max_steps, accumulate)
     t1.fit(first)
     assert cb.requested and cb.requeue(t1)  # outside Slurm: nothing to requeue, the caller must not finish
-    assert t1.global_step == 6 // accumulate  # stopped after the step that was running when the signal came
+    assert t1.global_step == stop_step
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == t1.global_step
-    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # still inside epoch 0
+    # the epoch the checkpoint is inside of, not yet finished
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == (stop_step - 1) // (8 // accumulate)
     assert signal.getsignal(signal.SIGUSR1) is not cb._on_signal  # handler removed at teardown
 
     second = Recorder()
