@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
+__all__ = ["LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
            "rgb_s2"]
 
 
@@ -102,6 +102,36 @@ class LoaderMetrics(pl.Callback):
             self._prev = (now, m["wait_s"])
         pl_module.log_dict({f"loader/{k}": v for k, v in m.items()}, on_step=True, on_epoch=False,
                            rank_zero_only=True)
+
+
+class LastCheckpoint(pl.Callback):
+    """Write ``path`` (the run's ``last.ckpt``, any fsspec URL) inside the training loop every ``every_n_steps``
+    steps and at the last step (``max_steps``), and at the end of training when fitting stopped otherwise
+    (``max_epochs``: the epoch is then really finished).
+
+    Why not ModelCheckpoint(save_last=True): Lightning 2.6 also writes ``last`` in ``on_train_end`` when it has not
+    saved one yet, i.e. AFTER the loop, and a checkpoint written after the loop records the epoch as finished, so a
+    run stopped by ``max_steps`` mid-epoch and resumed from it would skip the rest of that epoch."""
+
+    def __init__(self, path: str, every_n_steps: int | None = None):
+        self.path = path
+        self.every = int(every_n_steps or 0)
+        self._saved_step = -1
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._saved_step:
+            return
+        if (trainer.max_steps > 0 and step >= trainer.max_steps) or (self.every and step % self.every == 0):
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
 
 
 class KeyRecorder(pl.Callback):

@@ -119,8 +119,9 @@ class RegionRegression(Metric):
 
 
 class RegionLossMean(Metric):
-    """Per-modality reconstruction losses as weighted means over the evaluation set (sum of squared errors over
-    sum of weights), overall and per region is not tracked (losses are per batch, not per sample)."""
+    """Per-modality reconstruction losses as weighted means over the whole evaluation set (sum of squared errors
+    over sum of weights, summed across ranks) and ``loss``, their mean. Not split by region: the MAE's sums are per
+    batch, not per sample."""
 
     full_state_update = False
 

@@ -54,6 +54,25 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     return f
 
 
+def fix_epoch_end_resume(checkpoint: dict[str, Any]) -> bool:
+    """Work around Lightning 2.6 resuming a checkpoint saved in ``on_train_batch_end`` of an epoch's LAST batch.
+
+    Lightning then (correctly) starts the next epoch, but also loads the finished epoch's loader position ("all
+    batches yielded") into the new epoch's StatefulDataLoader, which therefore yields nothing: a whole epoch is
+    silently skipped. Dropping the loader state in exactly that case makes the next epoch start at its first
+    batch. Returns True when the checkpoint was changed (it is changed in place, before loops are restored)."""
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    bp = fit.get("epoch_loop.batch_progress") or {}
+    cur = bp.get("current") or {}
+    at_epoch_end = bool(bp.get("is_last_batch")) and cur.get("completed") == cur.get("processed", 0) - 1
+    state = fit.get("state_dict") or {}
+    if at_epoch_end and state.get("combined_loader"):
+        state["combined_loader"] = []
+        log.info("checkpoint saved at the last batch of an epoch: the next epoch starts at its first batch")
+        return True
+    return False
+
+
 class BaseTask(pl.LightningModule):
     """Optimiser/schedule from config, input selection, and run information stored in checkpoints."""
 
@@ -67,6 +86,7 @@ class BaseTask(pl.LightningModule):
         self.run_info: dict[str, Any] = {}  # e.g. wandb_run_id; written into every checkpoint
         self.denormalize = None  # set by train.py: transforms.denormalize (for image panels)
         self.channel_names: dict[str, list[str]] = {}
+        self.resumed_at_epoch_end = False  # set when loading a checkpoint saved at an epoch's last batch
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def input_dict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -125,6 +145,7 @@ class BaseTask(pl.LightningModule):
         checkpoint["m3leo"] = {**self.run_info, **self.extra_checkpoint_info()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resumed_at_epoch_end = fix_epoch_end_resume(checkpoint)
         info = checkpoint.get("m3leo") or {}
         for k in ("wandb_run_id",):
             if k in info and k not in self.run_info:

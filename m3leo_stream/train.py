@@ -64,19 +64,27 @@ def _is_local(url: str) -> bool:
 
 
 def resolve_resume(resume: Any, ckpt_dir: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """``auto`` → ``<ckpt_dir>/last.ckpt`` when it exists, ``null`` → None, anything else → that path/URL."""
+    """``auto`` → the newest of ``<ckpt_dir>/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` Lightning writes there on a
+    Slurm requeue signal (None when there is none), ``null`` → None, anything else → that path/URL."""
     if resume in (None, "", "null", "none", False):
         return None
     if str(resume) != "auto":
         return str(resume)
     fs, path = _fs(ckpt_dir, storage_options)
-    last = _join(path, "last.ckpt")
     try:
-        if fs.exists(last):
-            return _join(ckpt_dir, "last.ckpt")
-    except FileNotFoundError:
-        pass
-    return None
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    found = [n for n in names if n == "last.ckpt" or re.fullmatch(r"hpc_ckpt_\d+\.ckpt", n)]
+    if not found:
+        return None
+
+    def mtime(name: str) -> float:
+        info = fs.info(_join(path, name))
+        t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+    return _join(ckpt_dir, max(found, key=mtime))
 
 
 def _read_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -198,6 +206,28 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
     return info, t
 
 
+def set_resumed_epoch(dm, task) -> None:
+    """Start the train batch sampler at the right epoch when resuming from a checkpoint taken at an epoch's LAST
+    batch.
+
+    Lightning creates the training iterator inside ``FitLoop.setup_data`` right after ``train_dataloader()``, before
+    any hook. For a mid-epoch checkpoint the loader's own ``load_state_dict`` sets the saved epoch; for an epoch-end
+    checkpoint ``tasks.fix_epoch_end_resume`` drops the finished epoch's loader state (Lightning would otherwise skip
+    the next epoch), so the sampler must be told here that the next epoch (restored epoch + 1) begins. This wraps
+    ``train_dataloader`` of this DataModule instance only."""
+    original = dm.train_dataloader
+
+    def train_dataloader():
+        loader = original()
+        trainer = getattr(dm, "trainer", None)
+        bs = getattr(loader, "batch_sampler", None)
+        if trainer is not None and callable(getattr(bs, "set_epoch", None)):
+            bs.set_epoch(int(trainer.current_epoch) + (1 if getattr(task, "resumed_at_epoch_end", False) else 0))
+        return loader
+
+    dm.train_dataloader = train_dataloader
+
+
 def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     task_cfg = _plain(cfg.task)
     model_cfg = _plain(cfg.model)
@@ -206,16 +236,14 @@ def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     return task
 
 
-def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
+def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LoaderMetrics, TrainingSpeed
+    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LastCheckpoint, LoaderMetrics, TrainingSpeed
 
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
-    last = ModelCheckpoint(dirpath=ck.dir, filename="step{step:08d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=int(ck.every_n_train_steps) or None, auto_insert_metric_name=False)
-    cbs: list[pl.Callback] = [last]
+    cbs: list[pl.Callback] = [LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0))]
     best = None
     if ck.monitor:
         if ck.mode not in ("min", "max"):
@@ -229,16 +257,17 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any, Any]:
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
         cbs.append(KeyRecorder(str(cfg.record_keys_dir)))
-    return cbs, last, best
+    return cbs, best
 
 
 def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
     w = cfg.logger.get("wandb") if cfg.get("logger") else None
-    if w is None:
-        return False
-    mode = wandb_mode(w.get("mode"))
-    if mode == "disabled":
-        return False
+    mode = wandb_mode(w.get("mode")) if w is not None else "disabled"
+    if mode == "disabled":  # still keep metrics: a CSV log in the run directory
+        from lightning.pytorch.loggers import CSVLogger
+
+        local = str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "csv-logs"
+        return CSVLogger(save_dir=local, name="csv", version=run_id)
     from lightning.pytorch.loggers import WandbLogger
 
     save_dir = w.get("save_dir") or (str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "wandb-runs")
@@ -254,7 +283,7 @@ def _slurm_plugins() -> list[Any]:
 
     if SLURMEnvironment.detect():
         # ranks and rendezvous from Slurm; the requeue on SIGUSR1 is RequeueOnSignal's (at a step boundary), not
-        # Lightning's (which saves inside the signal handler, mid-step)
+        # Lightning's (which saves inside the signal handler, mid-step: the batch in flight would be skipped)
         return [SLURMEnvironment(auto_requeue=False)]
     return []
 
@@ -287,18 +316,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = build_task(cfg, info)
     task.channel_names = info["channel_names"]
     task.denormalize = transforms.denormalize
+    set_resumed_epoch(dm, task)
 
     run_id = stable_run_id(ckpt_path, ckpt_dir, so)
     task.run_info["wandb_run_id"] = run_id
     logger = build_logger(cfg, run_id, dm)
-    callbacks, last_cb, best_cb = build_callbacks(cfg)
+    callbacks, best_cb = build_callbacks(cfg)
     requeue_cb = RequeueOnSignal(_join(ckpt_dir, "last.ckpt"), signal.SIGUSR1, storage_options=so)
     callbacks.append(requeue_cb)
 
     tcfg = _plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
-                         default_root_dir=str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else None)
+                         default_root_dir=ckpt_dir)  # (hpc_ckpt_N.ckpt of Lightning's requeue, now off)
 
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
     if trainer.is_global_zero:
@@ -310,7 +340,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     if requeue_cb.requested:  # stopped by the signal: last.ckpt gets that step and the requeued job goes on from it
-        if logger and trainer.is_global_zero:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             import wandb
 
             wandb.finish()  # flush this part of the run now: the requeue terminates the job's processes
@@ -318,7 +350,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"checkpoint": requeue_cb.path, "run_id": run_id, "global_step": int(trainer.global_step),
                 "requeued": True}
     final = _join(ckpt_dir, "last.ckpt")
-    trainer.save_checkpoint(final)  # the exact end state (also when max_steps is not a multiple of the interval)
 
     results: dict[str, Any] = {"checkpoint": final, "best_checkpoint": best_cb.best_model_path if best_cb else None,
                                "run_id": run_id, "global_step": int(trainer.global_step)}
@@ -329,19 +360,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             save_encoder(task.encoder, url, {"channel_names": info["channel_names"], "run_id": run_id})
         results["encoder"] = url
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test_after_fit"):
         trainer.test(task, datamodule=dm)
-    results["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if logger:
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    results["metrics"] = metrics
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         exp = logger.experiment
-        exp_dir = getattr(exp, "dir", None)  # a method on the dummy experiment of ranks > 0
-        results["wandb_dir"] = str(Path(exp_dir).parent) if isinstance(exp_dir, str) else None
+        results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
         results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
         results["wandb_url"] = getattr(exp, "url", None)
-        if trainer.is_global_zero:
-            import wandb
+        import wandb
 
-            wandb.finish()
+        wandb.finish()
     if trainer.is_global_zero:
         print(f"[m3leo] checkpoint: {final}")
         if results["best_checkpoint"]:
@@ -349,11 +382,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   f"{results['best_checkpoint']}")
         if results.get("encoder"):
             print(f"[m3leo] encoder: {results['encoder']}")
-        if logger:
+        if results.get("wandb_mode"):
             where = results.get("wandb_url") or results.get("wandb_dir")
             print(f"[m3leo] W&B run {run_id} ({results['wandb_mode']}): {where}")
             if results["wandb_mode"] == "offline":
                 print(f"[m3leo]   upload later with: wandb sync {results.get('wandb_dir')}")
+        else:
+            print(f"[m3leo] W&B disabled; metrics: {getattr(logger, 'log_dir', None)}")
         print(json.dumps({"m3leo_result": {k: v for k, v in results.items() if k != "metrics"}}))
     return results
 

@@ -121,3 +121,22 @@ def test_pretrain_task_step_and_checkpoint_info():
     t.on_save_checkpoint(ck)
     assert ck["m3leo"]["wandb_run_id"] == "abc" and ck["m3leo"]["encoder_config"]["in_channels"] == {"s1grd": 2,
                                                                                                      "s2rgbm": 3}
+
+
+def test_image_panels_for_segmentation_and_regression():
+    from m3leo_stream.callbacks import ImagePanels
+
+    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2, "s2rgbm": 3}, "esawc", 3, REGIONS)
+    t.channel_names = {"s1grd": ["summer_vv_asc", "summer_vh_asc"], "s2rgbm": ["07_red", "07_green", "07_blue"]}
+    panels = ImagePanels(max_images=2).panels(t, seg_batch())
+    assert set(panels) == {"s1grd", "s2rgbm", "prediction"}
+    cap, img = panels["prediction"][0]
+    assert img.shape == (16, 32, 3) and img.dtype.name == "uint8" and "prediction | label" in cap
+    assert panels["s2rgbm"][0][1].shape == (16, 16, 3)
+    r = RegressionTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "biomass", 1, REGIONS)
+    b = {"s1grd": torch.randn(2, 2, 20, 20), "biomass": torch.rand(2, 1, 5, 5) * 100,
+         "biomass_valid": torch.ones(2, 1, 5, 5, dtype=torch.bool), "region": torch.tensor([0, 1]),
+         "valid": torch.tensor([True, True]), "key": ["a", "b"]}
+    panels = ImagePanels(max_images=1).panels(r, b)
+    assert panels["prediction"][0][1].shape == (5, 10, 3)
+    assert r.training  # panels put the module back in training mode

@@ -1,0 +1,260 @@
+"""End to end: every shipped experiment trains a couple of steps on tiny generated shards (model sizes overridden
+to tiny, structure kept), W&B offline files hold the expected keys and no secrets, resume continues exactly, the
+Hydra command line works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from m3leo_stream.train import CONFIG_DIR, run, scrub, stable_run_id, wandb_mode, resolve_resume
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wandb_reader import offline_runs, read_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_MAE = ["model.size=custom", "model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8",
+            "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2"]
+TINY_UNET = ["model.width=4", "model.depth=2"]
+SMALL_INPUTS = ["+transforms.modalities.s1grd.bands=[summer_*]", "+transforms.modalities.s2rgbm.bands=[07_*]"]
+COMMON = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+          "trainer.log_every_n_steps=1", "data.batch_size=4", "data.num_workers=0", "transforms.grid.size=32",
+          "checkpoint.every_n_train_steps=1"]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides)
+
+
+def run_exp(name: str, root: Path, run_dir: Path, extra: list[str] = (), wandb: str = "disabled") -> dict:
+    tiny = TINY_MAE if name in ("pretrain_mae", "demo") else TINY_UNET if "unet" in name else []
+    inputs = [] if name == "demo" else SMALL_INPUTS
+    over = [f"experiment={name}", f"data.root={root}", f"run_dir={run_dir}", f"logger.wandb.mode={wandb}",
+            *COMMON, *tiny, *inputs, "trainer.max_steps=2", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null",
+            *extra]
+    return run(compose_cfg(over))
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_shards, tmp_path_factory) -> dict:
+    """A tiny pretrain_mae run whose encoder the finetune experiment loads (inputs as in the finetune run)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
+    return run_exp("pretrain_mae", small_shards, run_dir,
+                   ["trainer.precision=32-true", "data.inputs=[s1grd,s2rgbm]"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,keys", [
+    ("pretrain_mae", ["val/loss", "val/loss/s1grd", "val/loss/s2rgbm", "val/loss/gssic"]),
+    ("seg_esawc_unet", ["val/miou", "val/oa", "val/iou/tree_cover", "test/miou"]),
+    ("reg_biomass_unet", ["val/rmse", "val/mae", "test/rmse"]),
+    ("reg_ghsbuilts_unet", ["val/rmse", "val/mae", "test/rmse"]),
+    ("demo", ["val/loss", "train/loss"]),
+])
+def test_experiment_runs(name, keys, small_shards, tmp_path):
+    res = run_exp(name, small_shards, tmp_path / name)
+    assert res["global_step"] == 2
+    assert Path(res["checkpoint"]).is_file()
+    for k in keys:
+        assert k in res["metrics"], f"{name}: {k} missing from {sorted(res['metrics'])}"
+    if name != "demo" and name != "pretrain_mae":
+        regional = [k for k in res["metrics"] if k.startswith(("val/conus/", "val/europe/"))]
+        assert regional, f"{name}: no per-region metrics in {sorted(res['metrics'])}"
+    ck = torch.load(res["checkpoint"], map_location="cpu", weights_only=False)
+    assert ck["m3leo"]["wandb_run_id"] == res["run_id"]
+    assert ck["global_step"] == 2
+    mode = {"pretrain_mae": "min", "seg_esawc_unet": "max"}.get(name)
+    if mode:
+        cfg = compose_cfg([f"experiment={name}", "data.root=x"])
+        assert cfg.checkpoint.mode == mode
+
+
+@pytest.mark.slow
+def test_finetune_from_mae(pretrained, small_shards, tmp_path):
+    enc = pretrained["encoder"]
+    assert Path(enc).is_file()
+    res = run_exp("finetune_esawc_from_mae", small_shards, tmp_path / "ft", TINY_MAE[:0] + [f"model.encoder={enc}",
+                  "model.decoder_channels=16"])
+    assert "val/miou" in res["metrics"] and "test/miou" in res["metrics"]
+    # the encoder weights were loaded: the finetuned checkpoint started from them (checked on a frozen copy)
+    res2 = run_exp("finetune_esawc_from_mae", small_shards, tmp_path / "ft_frozen",
+                   [f"model.encoder={enc}", "model.decoder_channels=16", "model.freeze_encoder=true"])
+    ck = torch.load(res2["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    src = torch.load(enc, map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in src.items():
+        assert torch.equal(ck[f"model.encoder.{k}"], v), k
+    # also loadable straight from the pretraining checkpoint
+    res3 = run_exp("finetune_esawc_from_mae", small_shards, tmp_path / "ft_ckpt",
+                   [f"model.encoder={pretrained['checkpoint']}", "model.decoder_channels=16"])
+    assert res3["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_regression_target_stays_float(small_shards):
+    from m3leo_stream.train import build_datamodule, describe_data
+
+    cfg = compose_cfg(["experiment=reg_biomass_unet", f"data.root={small_shards}", "data.num_workers=0",
+                       *SMALL_INPUTS, "transforms.grid.size=64"])
+    dm = build_datamodule(cfg)
+    info, t = describe_data(cfg, dm)
+    assert info["out_channels"] == 1 and info["target_bands"] == ["agb"]
+    batch = t(next(iter(dm.val_dataloader())), step=0)
+    y = batch["biomass"]
+    assert y.dtype == torch.float32 and y.shape[-1] == 45
+    v = y[batch["biomass_valid"].expand_as(y)]
+    assert (v != v.round()).any(), "biomass values look integer: truncated somewhere"
+
+
+@pytest.mark.slow
+def test_wandb_offline_files_have_metrics_and_no_secrets(small_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "secret-api-key-0123456789")
+    run_dir = tmp_path / "wb"
+    res = run_exp("demo", small_shards, run_dir, [
+        "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.panels_every_n_steps=2",
+        "+data.storage_options.key=AKIAEXAMPLEKEY", "+data.storage_options.secret=secret-s3-value",
+    ], wandb="offline")
+    assert res["wandb_mode"] == "offline"
+    runs = offline_runs(str(run_dir))
+    assert len(runs) == 1
+    deadline = time.monotonic() + 60  # wandb-core may still be flushing the offline file after finish()
+    while True:
+        r = read_run(runs[0])
+        if (r["run_id"] and any("val/loss" in row for row in r["history"])) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r["run_id"] == res["run_id"]
+    keys = set().union(*map(set, r["history"]))
+    expected = {"train/loss", "train/loss/s1grd", "train/loss/s2rgbm", "train/loss/gssic", "val/loss",
+                "val/loss/s1grd", "perf/samples_per_s", "perf/samples_per_s_per_device", "perf/data_wait_frac",
+                "perf/cpu_rss_peak_gb", "lr-AdamW", "loader/samples_per_s", "loader/wait_s"}
+    assert expected <= keys, sorted(expected - keys)
+    assert any(k.startswith("images/s2rgbm") for k in keys) and any(k.startswith("images/s1grd") for k in keys)
+    assert r["config"]["dataset"]["num_samples"] == 20
+    assert r["config"]["data"]["storage_options"]["secret"] == "***"
+    for p in Path(run_dir).rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            for secret in (b"secret-api-key-0123456789", b"secret-s3-value", b"AKIAEXAMPLEKEY"):
+                assert secret not in blob, f"{secret!r} written to {p}"
+
+
+def _keys(d: Path) -> list[str]:
+    return (d / "rank0.tsv").read_text().splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", [3, 4])  # 2 batches per epoch here: 3 = mid-epoch, 4 = at an epoch's last batch
+def test_resume_continues_exactly(small_shards, tmp_path, cut):
+    extra = ["data.num_workers=1", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=100",
+             "checkpoint.monitor=null", "checkpoint.every_n_train_steps=100"]
+    full = run_exp("demo", small_shards, tmp_path / "full",
+                   extra + ["trainer.max_steps=8", f"record_keys_dir={tmp_path / 'keys_full'}"])
+    assert full["global_step"] == 8
+    lines = _keys(tmp_path / "keys_full")
+    by_epoch = {}
+    for ln in lines:
+        by_epoch.setdefault(ln.split("\t")[0], []).append(ln.split("\t")[2])
+    assert len({tuple(v) for v in by_epoch.values()}) > 1, "every epoch has the same order: set_epoch not reaching"
+    a = run_exp("demo", small_shards, tmp_path / "cut",
+                extra + [f"trainer.max_steps={cut}", f"record_keys_dir={tmp_path / 'keys_cut'}"])
+    b = run_exp("demo", small_shards, tmp_path / "cut",
+                extra + ["trainer.max_steps=8", f"record_keys_dir={tmp_path / 'keys_cut'}", "resume=auto"])
+    assert b["global_step"] == 8
+    assert b["run_id"] == a["run_id"]  # the resumed job continues the same W&B run
+    got, want = _keys(tmp_path / "keys_cut"), _keys(tmp_path / "keys_full")
+    assert len(want) == 8 * 4
+    assert got == want
+    # resume=null starts over
+    c = run_exp("demo", small_shards, tmp_path / "cut",
+                extra + ["trainer.max_steps=1", "resume=null"])
+    assert c["global_step"] == 1
+
+
+def test_run_helpers(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("online") == "disabled"
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert stable_run_id(None, str(tmp_path)) == "slurm-4242"
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    (tmp_path / "wandb_run_id.txt").write_text("abc123\n")
+    assert resolve_resume("auto", str(tmp_path)) == f"{tmp_path}/last.ckpt"
+    assert stable_run_id(f"{tmp_path}/last.ckpt", str(tmp_path)) == "abc123"
+    assert resolve_resume("auto", str(tmp_path / "none")) is None
+    assert resolve_resume(None, str(tmp_path)) is None
+    assert scrub({"a": {"api_key": "k", "Secret": "s", "x": [{"token": "t"}]}, "b": 1}) == {
+        "a": {"api_key": "***", "Secret": "***", "x": [{"token": "***"}]}, "b": 1}
+
+
+def test_all_experiments_compose_with_contract_keys():
+    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+        cfg = compose_cfg([f"experiment={f.stem}", "data.root=/x"])
+        assert cfg.experiment_name == f.stem
+        for key in ("data.root", "data.batch_size", "data.num_workers", "data.regions", "data.region_weights",
+                    "data.inputs", "data.targets", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                    "trainer.strategy", "trainer.max_steps", "trainer.max_epochs", "trainer.precision",
+                    "trainer.limit_train_batches", "trainer.limit_val_batches", "run_dir", "checkpoint.dir",
+                    "checkpoint.every_n_train_steps", "checkpoint.monitor", "checkpoint.mode", "resume",
+                    "record_keys_dir", "logger.wandb.mode"):
+            node = cfg
+            for part in key.split("."):
+                assert part in node, f"{f.stem}: no {key}"
+                node = node[part]
+        assert cfg.trainer.use_distributed_sampler is False
+        assert cfg.checkpoint.dir == f"runs/{f.stem}/checkpoints"
+    pre = compose_cfg(["experiment=pretrain_mae", "data.root=/x"])
+    assert (pre.model.size, pre.model.patch_size, pre.model.mask_ratio) == ("base", 16, 0.75)
+    assert list(pre.data.inputs) == ["s1grd", "s2rgbm", "gssic"]
+
+
+@pytest.mark.slow
+def test_command_line(small_shards, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    env.pop("WANDB_API_KEY", None)
+    over = [f"data.root={small_shards}", f"run_dir={tmp_path / 'cli'}", *COMMON, *TINY_MAE, "trainer.max_steps=2",
+            "trainer.limit_val_batches=1", "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
+    p = subprocess.run([sys.executable, "-m", "m3leo_stream.train", "experiment=demo", *over], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[m3leo] checkpoint:" in p.stdout and "[m3leo] W&B run" in p.stdout
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith('{"m3leo_result"')][-1]
+    res = json.loads(line)["m3leo_result"]
+    assert Path(res["checkpoint"]).is_file() and res["wandb_mode"] == "offline"
+    assert not list(tmp_path.glob("*.log")), "hydra wrote log files into the working directory"
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_checkpoints_on_s3_and_resume(small_shards, tmp_path, s3):
+    """checkpoint.dir on S3 (moto on loopback): last + best written there, resume=auto finds them, same run id."""
+    import fsspec
+
+    bucket = s3.new_bucket()
+    ck = f"s3://{bucket}/runs/demo/checkpoints"
+    extra = [f"checkpoint.dir={ck}", "checkpoint.every_n_train_steps=2"]
+    a = run_exp("demo", small_shards, tmp_path / "r", extra)
+    fs = fsspec.filesystem("s3")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(ck, refresh=True))
+    assert "last.ckpt" in names and "wandb_run_id.txt" in names and any(n.startswith("best-") for n in names)
+    b = run_exp("demo", small_shards, tmp_path / "r", extra + ["trainer.max_steps=3"])
+    assert b["global_step"] == 3 and b["run_id"] == a["run_id"]
+    assert b["checkpoint"] == f"{ck}/last.ckpt"
