@@ -3,7 +3,8 @@
 Builds the DataModule (shards → device transforms), the task (MAE pretraining, segmentation, regression), W&B
 logging (offline when no API key is configured; ``WANDB_MODE`` wins), checkpoints (last + best, to any fsspec URL)
 and resumes (``resume=auto``: the latest checkpoint of ``checkpoint.dir``, restoring model, optimiser, scheduler,
-loader position and the W&B run). Under Slurm, Lightning's SLURMEnvironment requeues the job on SIGUSR1.
+loader position and the W&B run). On SIGUSR1 (Slurm's warning before the time limit) it checkpoints at the next
+optimizer-step boundary and requeues the job (``m3leo_stream.requeue``); the requeued job resumes from it.
 Configs: ``configs/`` (README "Training").
 """
 
@@ -23,6 +24,8 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from m3leo_stream.requeue import RequeueOnSignal
 
 log = logging.getLogger("m3leo_stream.train")
 
@@ -257,7 +260,9 @@ def _slurm_plugins() -> list[Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if SLURMEnvironment.detect():
-        return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
+        # ranks and rendezvous from Slurm; the requeue on SIGUSR1 is RequeueOnSignal's (at a step boundary), not
+        # Lightning's (which saves inside the signal handler, mid-step: the batch in flight would be skipped)
+        return [SLURMEnvironment(auto_requeue=False)]
     return []
 
 
@@ -294,11 +299,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task.run_info["wandb_run_id"] = run_id
     logger = build_logger(cfg, run_id, dm)
     callbacks, best_cb = build_callbacks(cfg)
+    requeue_cb = RequeueOnSignal(_join(ckpt_dir, "last.ckpt"), signal.SIGUSR1, storage_options=so)
+    callbacks.append(requeue_cb)
 
     tcfg = _plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
-                         default_root_dir=ckpt_dir)  # where SLURM requeue writes hpc_ckpt_N.ckpt (any fsspec URL)
+                         default_root_dir=ckpt_dir)  # (hpc_ckpt_N.ckpt of Lightning's requeue, now off)
 
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
     if trainer.is_global_zero:
@@ -309,6 +316,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 "data_info": scrub(dict(info))})
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    if requeue_cb.requested:  # stopped by the signal: last.ckpt gets that step and the requeued job goes on from it
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            import wandb
+
+            wandb.finish()  # flush this part of the run now: the requeue terminates the job's processes
+        requeue_cb.requeue(trainer)
+        return {"checkpoint": requeue_cb.path, "run_id": run_id, "global_step": int(trainer.global_step),
+                "requeued": True}
     final = _join(ckpt_dir, "last.ckpt")
 
     results: dict[str, Any] = {"checkpoint": final, "best_checkpoint": best_cb.best_model_path if best_cb else None,

@@ -380,13 +380,18 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
 
 
 def _clean_partials(fs, root: str, shards: Sequence[ShardJob]) -> None:
-    """Remove temporary files a killed build left beside its shards (local roots only)."""
+    """Remove temporary files a killed build left beside ``shards`` (local roots only). Only these shards' own
+    leftovers: other array tasks build the other shards of the same directories at the same time."""
     if not is_local(fs):
         return
-    for d in sorted({os.path.dirname(join(root, s.path)) for s in shards}):
+    mine: dict[str, set[str]] = {}
+    for s in shards:
+        for path in (join(root, s.path), _record_path(root, s.path)):
+            mine.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    for d, names in sorted(mine.items()):
         if os.path.isdir(d):
             for name in os.listdir(d):
-                if ".partial-" in name:
+                if ".partial-" in name and name.split(".partial-", 1)[0] in names:
                     os.remove(os.path.join(d, name))
 
 

@@ -223,3 +223,20 @@ def test_stats_match_numpy_and_recompute(small_shards, tmp_path):
     again = json.loads((root_dir / "stats.json").read_text())
     assert again["s1grd"]["global"] == built["s1grd"]["global"]
     np.testing.assert_allclose(again["gssic"]["global"]["std"], built["gssic"]["global"]["std"], rtol=1e-9)
+
+
+def test_rerun_removes_only_its_own_partial_files(tmp_path, synth_src):
+    """Array tasks build shards of the same directories at once: a task starting (or restarting) must not delete
+    the temporary files of another task's shards in progress, only its own leftovers."""
+    out = tmp_path / "shares"
+    cfg = BuildConfig(str(synth_src), str(out), shard_size=40_000_000, task_index=0, num_tasks=2, progress=False)
+    build(cfg)
+    planned = [s["path"] for s in json.loads((out / "_build" / "plan.json").read_text())["shards"]]
+    mine, theirs = planned[0::2], planned[1::2]
+    assert all((out / p).exists() for p in mine) and not any((out / p).exists() for p in theirs)
+    for p in mine + theirs:
+        (out / p).parent.mkdir(parents=True, exist_ok=True)
+        (out / (p + ".partial-0123abcd")).write_bytes(b"in progress")
+    build(cfg)  # the restart of task 0
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*.partial-*"))
+    assert left == sorted(p + ".partial-0123abcd" for p in theirs)
