@@ -14,9 +14,11 @@ C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype an
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +82,19 @@ def npy_header_size(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return len(buf.getvalue())
 
 
+_AST_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_header_text(text: bytes) -> tuple[Any, tuple[int, ...], bool]:
+    """The header dict's fields. Readers parse headers from several threads, and CPython 3.11's
+    ``ast.literal_eval`` is not safe under concurrent use ("AST constructor recursion depth mismatch"), so parsing
+    is serialised; headers repeat for every sample of a modality, so the cache makes that free."""
+    with _AST_LOCK:
+        header = ast.literal_eval(text.decode("latin1"))
+    return header["descr"], tuple(int(x) for x in header["shape"]), bool(header["fortran_order"])
+
+
 def npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     """``(dtype, shape, fortran_order, data_offset)`` of an ``.npy`` header, parsed without pickle."""
     mv = memoryview(data)
@@ -90,10 +105,8 @@ def npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], boo
     hlen = int.from_bytes(mv[8 : 8 + hlen_size], "little")
     start = 8 + hlen_size + hlen
     try:
-        header = ast.literal_eval(bytes(mv[8 + hlen_size : start]).decode("latin1"))
-        dtype = np.dtype(header["descr"])
-        shape = tuple(int(x) for x in header["shape"])
-        fortran = bool(header["fortran_order"])
+        descr, shape, fortran = _parse_header_text(bytes(mv[8 + hlen_size : start]))
+        dtype = np.dtype(descr)
     except Exception as e:  # noqa: BLE001 - any malformed header
         raise FormatError(f"bad .npy header: {e}") from None
     if dtype.hasobject:
