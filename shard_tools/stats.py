@@ -9,6 +9,7 @@ to within 2**-7 relative (linear within a bucket). The result does not depend on
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,14 +28,52 @@ def _exact_int(dtype: np.dtype) -> bool:
     return dtype.kind in "iu" and dtype.itemsize <= 2
 
 
-def _exact_histogram(flat: np.ndarray, offset: int, nbins: int) -> np.ndarray:
-    """(C, nbins) value counts of a (C, N) 8/16-bit integer array (torch.bincount avoids numpy's int64 copy)."""
-    import torch
+def _add_exact_histogram(hist: np.ndarray, flat: np.ndarray) -> None:
+    """Add the value counts of a (C, N) 8/16-bit integer array to ``hist`` (C, 2**bits), indexed by
+    ``value - dtype.min``.
 
-    t = torch.from_numpy(flat)
-    if flat.dtype != np.uint8:
-        t = t.to(torch.int32) - offset
-    return np.stack([torch.bincount(t[b], minlength=nbins).numpy() for b in range(flat.shape[0])])
+    The bands are counted through their unsigned bit pattern (a zero-copy view): for signed types that index is the
+    wanted one rotated by half the range, so the counts are added in two halves instead of being shifted first.
+    8-bit bands use ``torch.bincount`` (no int64 copy of the input); 16-bit bands ``np.bincount``, which is faster
+    there. Both are single-threaded here: torch's threaded bincount is many times slower on a loaded machine.
+    """
+    bits = 8 * flat.dtype.itemsize
+    nbins = 1 << bits
+    half = nbins // 2
+    signed = flat.dtype.kind == "i"
+    u = np.ascontiguousarray(flat).view(np.uint8 if bits == 8 else np.uint16)
+    if bits == 8:
+        import torch
+
+        with warnings.catch_warnings():  # read-only input (decoded from bytes): bincount only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(u)
+        with _torch_single_thread(torch):
+            counts = [torch.bincount(t[b], minlength=nbins).numpy() for b in range(u.shape[0])]
+    else:
+        counts = (np.bincount(u[b], minlength=nbins) for b in range(u.shape[0]))
+    for b, h in enumerate(counts):
+        if signed:
+            hist[b, :half] += h[half:]
+            hist[b, half:] += h[:half]
+        else:
+            hist[b] += h
+
+
+class _torch_single_thread:
+    """Run a block with one intra-op torch thread (restored afterwards)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def __enter__(self):
+        self.prev = self.torch.get_num_threads()
+        if self.prev != 1:
+            self.torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.prev != 1:
+            self.torch.set_num_threads(self.prev)
 
 
 def _float_keys(values: np.ndarray) -> np.ndarray:
@@ -86,7 +125,7 @@ class ModalityStats:
         self.samples += 1
         self.total += flat.shape[1]
         if self.exact:
-            self.hist += _exact_histogram(flat, self.offset, self.nbins)
+            _add_exact_histogram(self.hist, flat)
             return
         for b in range(c):
             v = flat[b]
