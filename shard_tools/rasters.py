@@ -118,7 +118,7 @@ def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, op
         selection: dict[str, Any] = {}
         if modality.band_select_pattern:
             idx, selection = _select_bands_by_description(modality, descriptions, where, chip, options)
-            array = src.read([i + 1 for i in idx])
+            array = _read_tif_pixels(src, data, idx)
         else:
             if src.count != len(modality.bands):
                 raise ChipDataError(
@@ -129,9 +129,22 @@ def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, op
                 if got != expected:
                     raise ChipDataError(where, chip, f"band descriptions {descriptions} differ from the expected "
                                                      f"order {list(modality.file_band_names)}")
-            array = src.read()
+            array = _read_tif_pixels(src, data, None)
         b = src.bounds
         return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection)
+
+
+def _read_tif_pixels(src, data: bytes | str, idx: list[int] | None) -> np.ndarray:
+    """Bands ``idx`` (0-based; all when None) of an open rasterio dataset: straight from the strips for plain
+    uncompressed files (see :mod:`shard_tools.tiff_raw`), through GDAL otherwise. Both give the same array."""
+    from shard_tools.tiff_raw import read_pixels
+
+    want = (src.count if idx is None else len(idx), src.height, src.width)
+    dtypes = set(src.dtypes) if idx is None else {src.dtypes[i] for i in idx}
+    fast = read_pixels(data, idx) if len(dtypes) == 1 else None
+    if fast is not None and fast.shape == want and fast.dtype == np.dtype(dtypes.pop()):
+        return fast
+    return src.read() if idx is None else src.read([i + 1 for i in idx])
 
 
 def _norm(s: str) -> str:
