@@ -32,32 +32,47 @@ def _add_exact_histogram(hist: np.ndarray, flat: np.ndarray) -> None:
     """Add the value counts of a (C, N) 8/16-bit integer array to ``hist`` (C, 2**bits), indexed by
     ``value - dtype.min``.
 
-    The bands are counted through their unsigned bit pattern (a zero-copy view): for signed types that index is the
-    wanted one rotated by half the range, so the counts are added in two halves instead of being shifted first.
-    8-bit bands use ``torch.bincount`` (no int64 copy of the input); 16-bit bands ``np.bincount``, which is faster
-    there. Both are single-threaded here: torch's threaded bincount is many times slower on a loaded machine.
+    8-bit bands: ``torch.bincount`` on the unsigned bit pattern (a zero-copy view; no int64 copy as numpy makes).
+    16-bit bands whose values span at most 2**15 - 1 (the usual case): ``torch.bincount`` of ``value - min`` in
+    16-bit arithmetic, into a short count vector. Other 16-bit bands: ``np.bincount`` over all 65536 bit patterns.
+    Signed bit patterns index the wanted histogram rotated by half the range, so their counts are added in two
+    halves. torch runs single-threaded here: its threaded bincount is many times slower on a loaded machine.
     """
+    import torch
+
     bits = 8 * flat.dtype.itemsize
     nbins = 1 << bits
     half = nbins // 2
     signed = flat.dtype.kind == "i"
     u = np.ascontiguousarray(flat).view(np.uint8 if bits == 8 else np.uint16)
-    if bits == 8:
-        import torch
-
-        with warnings.catch_warnings():  # read-only input (decoded from bytes): bincount only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(u)
-        with _torch_single_thread(torch):
-            counts = [torch.bincount(t[b], minlength=nbins).numpy() for b in range(u.shape[0])]
-    else:
-        counts = (np.bincount(u[b], minlength=nbins) for b in range(u.shape[0]))
-    for b, h in enumerate(counts):
-        if signed:
-            hist[b, :half] += h[half:]
-            hist[b, half:] += h[:half]
-        else:
-            hist[b] += h
+    with warnings.catch_warnings():  # read-only input (decoded from bytes): bincount only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(u if bits == 8 else u.view(np.int16))
+    with _torch_single_thread(torch):
+        if bits == 8:
+            for b in range(u.shape[0]):
+                h = torch.bincount(t[b], minlength=nbins).numpy()
+                if signed:
+                    hist[b, :half] += h[half:]
+                    hist[b, half:] += h[:half]
+                else:
+                    hist[b] += h
+            return
+        lo, hi = flat.min(axis=1).astype(np.int64), flat.max(axis=1).astype(np.int64)
+        base = -half if signed else 0
+        for b in range(u.shape[0]):
+            if hi[b] - lo[b] < half and (signed or hi[b] < half):
+                # stored value v as int16 (the same bits); v - lo is in [0, hi - lo] and wraps correctly
+                h = torch.bincount(t[b] - torch.tensor(np.int16(lo[b])),
+                                   minlength=int(hi[b] - lo[b]) + 1).numpy()
+                hist[b, lo[b] - base: hi[b] - base + 1] += h
+                continue
+            h = np.bincount(u[b], minlength=nbins)
+            if signed:
+                hist[b, :half] += h[half:]
+                hist[b, half:] += h[:half]
+            else:
+                hist[b] += h
 
 
 class _torch_single_thread:
