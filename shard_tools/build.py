@@ -41,6 +41,7 @@ BUILD_DIR = "_build"
 PLAN = f"{BUILD_DIR}/plan.json"
 JSON_ALLOWANCE = 2048  # upper bound for a sample's json member payload when planning shard sizes
 ERROR_EXAMPLES = 20
+WRITEBACK = 32 * 2**20  # start the disk writing a shard every this many bytes (the fsync at the end waits less)
 
 
 class BuildError(RuntimeError):
@@ -306,7 +307,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     sequential = is_local(src_fs) or any(r.in_parquet for c in shard.chips for r in c.files.values())
     try:
         with open(tmp_path, "wb") as f:
-            writer = ShardWriter(f, task.compress)
+            writer = ShardWriter(f, task.compress, writeback=WRITEBACK)
             for job, contents in _prefetch(reader, shard.chips, sequential):
                 arrays: dict[str, np.ndarray] = {}
                 info: dict[str, Any] = {}
@@ -470,7 +471,8 @@ def _run(tasks: list[ShardTask], workers: int):
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
-        it = iter(tasks)
+        # largest shards first (stable), so that no worker is left with a big shard at the end while others idle
+        it = iter(sorted(tasks, key=lambda t: -len(t.shard.chips)))
         for t in it:
             pending.add(pool.submit(build_shard, t))
             if len(pending) >= workers * 2:
