@@ -277,9 +277,16 @@ def prepare_array(m: Modality, dec_array: np.ndarray, where: str, chip: str) -> 
     if dec_array.shape[1:] != m.shape[1:]:
         method = "nearest" if (m.is_categorical or m.special_values) else "bilinear"
         dec_array = resample(dec_array, m.shape[1:], m.is_categorical or bool(m.special_values), m.nodata, method)
-    if m.is_nodata(dec_array).all():
+    if _all_nodata(m, dec_array):
         raise ChipDataError(where, chip, "all pixels are nodata")
     return dec_array, method
+
+
+def _all_nodata(m: Modality, array: np.ndarray) -> bool:
+    """``m.is_nodata(array).all()``, without the full-size mask when the first pixel already holds data."""
+    if array.size and not m.is_nodata(array.reshape(-1)[:1])[0]:
+        return False
+    return bool(m.is_nodata(array).all())
 
 
 def build_shard(task: ShardTask) -> dict[str, Any]:

@@ -180,6 +180,7 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
         if modality.nc_select_dim:
             select_index, selection = _select_nc_index(grp, modality, where, chip, options)
         layers = []
+        coords: dict[tuple[str, int], list[str]] = {}
         for var in modality.nc_variables:
             if var.name not in grp.variables:
                 raise ChipDataError(where, chip, f"variable {var.name!r} missing (has {sorted(grp.variables)})")
@@ -196,7 +197,10 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
             for dim, values in var.dims:
                 if dim not in dims:
                     raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {dim!r}")
-                coord = _coord_values(grp, dim, arr.shape[dims.index(dim)])
+                ckey = (dim, arr.shape[dims.index(dim)])
+                if ckey not in coords:  # coordinate variables are shared by the layers: read each once
+                    coords[ckey] = _coord_values(grp, dim, ckey[1])
+                coord = coords[ckey]
                 try:
                     pos = [coord.index(str(x)) for x in values]
                 except ValueError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,6 +102,19 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
     return bo, tags
 
 
+_local = threading.local()
+SCRATCH_MAX = 64 << 20  # larger interleaved images get a buffer of their own
+
+
+def _scratch(n: int) -> np.ndarray:
+    if n > SCRATCH_MAX:
+        return np.empty(n, dtype=np.uint8)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _local.buf = np.empty(n, dtype=np.uint8)
+    return buf[:n]
+
+
 def read_pixels(data: bytes | str, indexes: Sequence[int] | None = None) -> np.ndarray | None:
     """The (C, H, W) pixels of the first image of a plain GeoTIFF (``indexes``: 0-based bands to keep), in native
     byte order and C order; ``None`` when the file is not plain uncompressed strips (read it with rasterio)."""
@@ -138,7 +152,9 @@ def _read(src: _Source, indexes: Sequence[int] | None) -> np.ndarray:
         raise _Unsupported
     row_bytes = w * (c if planar == 1 else 1) * dtype.itemsize
     plane_bytes = row_bytes * h
-    buf = np.empty(plane_bytes * planes, dtype=np.uint8)
+    # pixel-interleaved strips land in a per-thread scratch buffer (reused: no fresh pages to fault in per file)
+    # and are de-interleaved into a new array; band-interleaved ones are read into the result directly
+    buf = _scratch(plane_bytes) if planar == 1 else np.empty(plane_bytes * planes, dtype=np.uint8)
     view = memoryview(buf)
     strips = []
     for p in range(planes):
