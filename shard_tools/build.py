@@ -456,7 +456,8 @@ def _worker_context():
     """A fork server: workers start from a clean process (no object-store event loops or sockets inherited from
     the caller, unlike plain fork) with the heavy imports already done (unlike spawn)."""
     ctx = get_context("forkserver")
-    ctx.set_forkserver_preload(["shard_tools.build", "shard_tools.stats", "rasterio", "netCDF4", "torch"])
+    ctx.set_forkserver_preload(["shard_tools.build", "shard_tools.stats", "shard_tools.tiff_raw", "rasterio", "netCDF4",
+                                "torch"])
     return ctx
 
 
