@@ -21,7 +21,8 @@ import numpy as np
 _TYPES = {1: "B", 2: "B", 3: "H", 4: "I", 5: "II", 6: "b", 7: "B", 8: "h", 9: "i", 10: "ii", 11: "f", 12: "d",
           16: "Q", 17: "q", 18: "Q"}
 _SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
-_WANTED = {256, 257, 258, 259, 273, 277, 278, 279, 284, 317, 322, 323, 339}
+_WANTED = {256, 257, 258, 259, 273, 277, 278, 279, 284, 317, 322, 323, 339,
+           33550, 33922, 34264, 34735, 34736, 34737, 42112}  # GeoTIFF tags and GDAL_METADATA
 _KIND = {1: "u", 2: "i", 3: "f"}  # SampleFormat -> numpy kind
 TRANSPOSE_BLOCK = 1 << 18  # bytes of interleaved rows de-interleaved at a time (stays in L2)
 
@@ -88,7 +89,7 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
         tag, typ = struct.unpack(bo + "HH", e[:4])
         if tag not in _WANTED:
             continue
-        if typ not in _TYPES or typ in (5, 10, 11, 12):
+        if typ not in _TYPES or typ in (5, 10, 11):
             raise _Unsupported
         count = struct.unpack(bo + ("Q" if big else "I"), e[4: 4 + (8 if big else 4)])[0]
         nbytes = count * _SIZES[typ]
@@ -98,7 +99,7 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
         else:
             (off,) = struct.unpack(bo + ("Q" if big else "I"), field)
             payload = src.read(off, nbytes)
-        tags[tag] = struct.unpack(f"{bo}{count}{_TYPES[typ]}", payload)
+        tags[tag] = (payload,) if typ == 2 else struct.unpack(f"{bo}{count}{_TYPES[typ]}", payload)
     return bo, tags
 
 
@@ -132,6 +133,11 @@ def read_pixels(data: bytes | str, indexes: Sequence[int] | None = None) -> np.n
 
 def _read(src: _Source, indexes: Sequence[int] | None) -> np.ndarray:
     bo, t = _first_ifd(src)
+    return _pixels(src, bo, t, indexes)
+
+
+def _layout(bo: str, t: dict[int, tuple]) -> tuple[int, int, int, np.dtype, int]:
+    """(width, height, bands, dtype, planar configuration) of a plain uncompressed striped image."""
     one = lambda tag, default=None: (t[tag][0] if tag in t else default)  # noqa: E731
     if one(259, 1) != 1 or one(317, 1) != 1 or 322 in t or 323 in t or 273 not in t or 279 not in t:
         raise _Unsupported  # compressed, predictor, tiled, or no strips
@@ -143,7 +149,12 @@ def _read(src: _Source, indexes: Sequence[int] | None) -> np.ndarray:
     bits_, fmt_ = bits.pop(), fmt.pop()
     if bits_ not in (8, 16, 32, 64) or fmt_ not in _KIND or (fmt_ == 3 and bits_ < 32):
         raise _Unsupported
-    dtype = np.dtype(f"{bo}{_KIND[fmt_]}{bits_ // 8}")
+    return w, h, c, np.dtype(f"{bo}{_KIND[fmt_]}{bits_ // 8}"), planar
+
+
+def _pixels(src: _Source, bo: str, t: dict[int, tuple], indexes: Sequence[int] | None) -> np.ndarray:
+    w, h, c, dtype, planar = _layout(bo, t)
+    one = lambda tag, default=None: (t[tag][0] if tag in t else default)  # noqa: E731
     rps = min(one(278, h) or h, h)
     per_plane = -(-h // rps)
     offsets, counts = t[273], t[279]
@@ -192,3 +203,108 @@ def _read(src: _Source, indexes: Sequence[int] | None) -> np.ndarray:
     if not dtype.isnative:
         out = out.astype(dtype.newbyteorder("="))
     return np.ascontiguousarray(out)
+
+
+# ---------------------------------------------------------------- GeoTIFF metadata of the plainest kind
+
+# GeoKeys of a geographic WGS 84 (EPSG:4326) raster with pixel-is-area, as GDAL writes them; anything else (other
+# keys, other values, a model transformation, non-zero tie-point pixel) is left to rasterio.
+_GEOKEYS_4326 = {1024: 2, 1025: 1, 2048: 4326, 2054: 9102}
+_GEOKEYS_DOUBLE = {2057: 6378137.0, 2059: 298.257223563}
+_GEOKEYS_ANY = {2049}  # the citation text
+
+
+class PlainGeoTiff:
+    """Metadata and pixels of a plain uncompressed, striped GeoTIFF in EPSG:4326 (what the upstream chips are),
+    read without GDAL. :func:`open_plain` returns ``None`` for anything else. The values match rasterio's:
+    ``descriptions`` (None where a band has none), ``bounds`` (left, bottom, right, top), ``crs``."""
+
+    def __init__(self, src: _Source, bo: str, tags: dict[int, tuple]):
+        self._src, self._bo, self._tags = src, bo, tags
+        self.width, self.height, self.count, dt, _ = _layout(bo, tags)
+        self.dtype = dt.newbyteorder("=")
+        self.crs = "EPSG:4326"
+        self.bounds = _bounds(tags, self.width, self.height)
+        self.descriptions = _descriptions(tags, self.count)
+
+    def read(self, indexes: Sequence[int] | None = None) -> np.ndarray | None:
+        try:
+            return _pixels(self._src, self._bo, self._tags, indexes)
+        except (_Unsupported, struct.error, ValueError, OverflowError, MemoryError):
+            return None
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> PlainGeoTiff:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_plain(data: bytes | str) -> PlainGeoTiff | None:
+    try:
+        src = _Source(data)
+    except OSError:
+        return None
+    try:
+        bo, tags = _first_ifd(src)
+        return PlainGeoTiff(src, bo, tags)
+    except (_Unsupported, struct.error, ValueError, OverflowError, MemoryError, UnicodeDecodeError):
+        src.close()
+        return None
+
+
+def _bounds(t: dict[int, tuple], w: int, h: int) -> tuple[float, float, float, float]:
+    if 34264 in t or 33550 not in t or 33922 not in t or 34735 not in t:
+        raise _Unsupported
+    keys = t[34735]
+    if keys[:3] != (1, 1, 0) or len(keys) != 4 + 4 * keys[3]:
+        raise _Unsupported
+    doubles = t.get(34736, ())
+    seen = set()
+    for i in range(keys[3]):
+        key, loc, count, value = keys[4 + 4 * i: 8 + 4 * i]
+        seen.add(key)
+        if key in _GEOKEYS_4326:
+            if loc != 0 or value != _GEOKEYS_4326[key]:
+                raise _Unsupported
+        elif key in _GEOKEYS_DOUBLE:
+            if loc != 34736 or count != 1 or value >= len(doubles) or doubles[value] != _GEOKEYS_DOUBLE[key]:
+                raise _Unsupported
+        elif key not in _GEOKEYS_ANY:
+            raise _Unsupported
+    if not {1024, 2048} <= seen:
+        raise _Unsupported
+    tie, scale = t[33922], t[33550]
+    if len(tie) != 6 or len(scale) < 2 or tie[0] != 0 or tie[1] != 0 or not scale[0] > 0 or not scale[1] > 0:
+        raise _Unsupported
+    # GDAL: geotransform (x0, sx, 0, y0, 0, -sy); rasterio: bounds from the affine transform
+    a, c, e, f = float(scale[0]), float(tie[3]), -float(scale[1]), float(tie[4])
+    return (c, f + e * h, c + a * w, f)
+
+
+def _descriptions(t: dict[int, tuple], count: int) -> list[str | None]:
+    out: list[str | None] = [None] * count
+    if 42112 not in t:
+        return out
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(t[42112][0].rstrip(b"\0").decode("utf-8"))
+    if root.tag != "GDALMetadata":
+        raise _Unsupported
+    for item in root:
+        if item.tag != "Item":
+            raise _Unsupported
+        if item.get("role") != "description":
+            continue
+        sample, text = item.get("sample"), item.text or ""
+        # GDAL unescapes these values once more than XML does ("&amp;amp;" reads as "&"): leave escapes to GDAL
+        if item.get("name") != "DESCRIPTION" or sample is None or len(item) or text != text.strip() or "&" in text:
+            raise _Unsupported
+        b = int(sample)
+        if not 0 <= b < count or item.get("domain"):
+            raise _Unsupported
+        out[b] = text or None
+    return out

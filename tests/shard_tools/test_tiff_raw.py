@@ -10,7 +10,7 @@ from rasterio.transform import from_bounds
 
 from m3leo_stream.modalities import REGISTRY
 from shard_tools.rasters import decode_chip_file
-from shard_tools.tiff_raw import read_pixels
+from shard_tools.tiff_raw import open_plain, read_pixels
 
 BOUNDS = (10.0, 45.0, 10.04, 45.04)
 
@@ -99,3 +99,65 @@ def test_truncated_file_is_still_named(tmp_path):
 
     with pytest.raises(ChipDataError, match="x.tif.*unreadable"):
         decode_chip_file(m, data[: len(data) - 5000], "x.tif", "0123456789abc")
+
+
+def _meta(data: bytes):
+    with MemoryFile(data) as mem, mem.open() as src:
+        b = src.bounds
+        return (b.left, b.bottom, b.right, b.top), src.crs.to_string(), tuple(src.descriptions)
+
+
+@pytest.mark.parametrize("bounds", [BOUNDS, (-99.6740948063404, 34.97, -99.62, 35.01257635644988),
+                                    (179.9, -89.9, 180.0, -89.8)])
+@pytest.mark.parametrize("descriptions", [None, ("VV asc", "", "x", "y", "z"), ("a&b <c>", "", "x", "y", "z")])
+def test_plain_metadata_equals_rasterio(bounds, descriptions):
+    arr = _array("int16")
+    c, h, w = arr.shape
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": c, "dtype": "int16", "crs": "EPSG:4326",
+               "transform": from_bounds(*bounds, w, h), "interleave": "pixel"}
+    with MemoryFile() as mem:
+        with mem.open(**profile) as dst:
+            dst.write(arr)
+            for i, d in enumerate(descriptions or ()):
+                dst.set_band_description(i + 1, d)
+        data = bytes(mem.getbuffer())
+    plain = open_plain(data)
+    if descriptions and "&" in descriptions[0]:  # XML escapes are left to GDAL, which unescapes them twice
+        assert plain is None
+        return
+    assert plain is not None
+    with plain:
+        assert (plain.bounds, plain.crs, tuple(plain.descriptions)) == _meta(data)
+        np.testing.assert_array_equal(plain.read(), arr)
+
+
+def test_other_crs_goes_through_rasterio():
+    arr = _array("uint8", shape=(1, 20, 20))
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=20, height=20, count=1, dtype="uint8", crs="EPSG:32633",
+                      transform=from_bounds(500000, 4000000, 500200, 4000200, 20, 20)) as dst:
+            dst.write(arr)
+        data = bytes(mem.getbuffer())
+    assert open_plain(data) is None
+    dec = decode_chip_file(REGISTRY["esawc"], data, "x.tif", "0123456789abc")
+    assert dec.crs == "EPSG:32633" and dec.bounds == _meta(data)[0]
+    np.testing.assert_array_equal(dec.array, arr)
+
+
+def test_band_selection_by_description_plain_and_gdal_agree():
+    """modisveg picks its year's band by description: the same band, selection and bounds both ways."""
+    m = REGISTRY["modisveg"]
+    arr = _array("uint8", shape=(3, 18, 18))
+    names = [f"Percent_Tree_Cover_{y}" for y in (2018, 2019, 2020)]
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=18, height=18, count=3, dtype="uint8", crs="EPSG:4326",
+                      transform=from_bounds(*BOUNDS, 18, 18), interleave="pixel") as dst:
+            dst.write(arr)
+            for i, d in enumerate(names):
+                dst.set_band_description(i + 1, d)
+        data = bytes(mem.getbuffer())
+    dec = decode_chip_file(m, data, "x.tif", "0123456789abc", {"year": 2019})
+    assert open_plain(data) is not None
+    np.testing.assert_array_equal(dec.array, arr[1:2])
+    assert dec.selection == {"band": "Percent_Tree_Cover_2019", "year": 2019}
+    assert dec.bounds == _meta(data)[0] and dec.crs == "EPSG:4326"
