@@ -51,7 +51,7 @@ class ShardWriter:
         self.sha = hashlib.sha256()
         self.pos = 0
         self.samples = 0
-        self.writeback = writeback if writeback > 0 and hasattr(fileobj, "fileno") else 0
+        self.writeback = writeback if writeback > 0 and _has_fd(fileobj) else 0
         self._flushed = 0
         if self.compress:
             import zstandard
@@ -106,6 +106,14 @@ class ShardWriter:
         self._write(b"\0" * end)
         self.f.flush()
         return self.pos, self.sha.hexdigest()
+
+
+def _has_fd(f: BinaryIO) -> bool:
+    try:
+        f.fileno()
+        return True
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation for in-memory buffers
+        return False
 
 
 def predicted_member_size(payload: int) -> int:
