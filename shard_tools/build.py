@@ -41,6 +41,7 @@ BUILD_DIR = "_build"
 PLAN = f"{BUILD_DIR}/plan.json"
 JSON_ALLOWANCE = 2048  # upper bound for a sample's json member payload when planning shard sizes
 ERROR_EXAMPLES = 20
+WRITEBACK = 32 * 2**20  # start the disk writing a shard every this many bytes (the fsync at the end waits less)
 
 
 class BuildError(RuntimeError):
@@ -276,9 +277,16 @@ def prepare_array(m: Modality, dec_array: np.ndarray, where: str, chip: str) -> 
     if dec_array.shape[1:] != m.shape[1:]:
         method = "nearest" if (m.is_categorical or m.special_values) else "bilinear"
         dec_array = resample(dec_array, m.shape[1:], m.is_categorical or bool(m.special_values), m.nodata, method)
-    if m.is_nodata(dec_array).all():
+    if _all_nodata(m, dec_array):
         raise ChipDataError(where, chip, "all pixels are nodata")
     return dec_array, method
+
+
+def _all_nodata(m: Modality, array: np.ndarray) -> bool:
+    """``m.is_nodata(array).all()``, without the full-size mask when the first pixel already holds data."""
+    if array.size and not m.is_nodata(array.reshape(-1)[:1])[0]:
+        return False
+    return bool(m.is_nodata(array).all())
 
 
 def build_shard(task: ShardTask) -> dict[str, Any]:
@@ -306,7 +314,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     sequential = is_local(src_fs) or any(r.in_parquet for c in shard.chips for r in c.files.values())
     try:
         with open(tmp_path, "wb") as f:
-            writer = ShardWriter(f, task.compress)
+            writer = ShardWriter(f, task.compress, writeback=WRITEBACK)
             for job, contents in _prefetch(reader, shard.chips, sequential):
                 arrays: dict[str, np.ndarray] = {}
                 info: dict[str, Any] = {}
@@ -453,7 +461,8 @@ def _worker_context():
     """A fork server: workers start from a clean process (no object-store event loops or sockets inherited from
     the caller, unlike plain fork) with the heavy imports already done (unlike spawn)."""
     ctx = get_context("forkserver")
-    ctx.set_forkserver_preload(["shard_tools.build", "shard_tools.stats", "rasterio", "netCDF4", "torch"])
+    ctx.set_forkserver_preload(["shard_tools.build", "shard_tools.stats", "shard_tools.tiff_raw", "rasterio", "netCDF4",
+                                "torch"])
     return ctx
 
 
@@ -475,7 +484,8 @@ def _run(tasks: list[ShardTask], workers: int):
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
-        it = iter(tasks)
+        # largest shards first (stable), so that no worker is left with a big shard at the end while others idle
+        it = iter(sorted(tasks, key=lambda t: -len(t.shard.chips)))
         for t in it:
             pending.add(pool.submit(build_shard, t))
             if len(pending) >= workers * 2:

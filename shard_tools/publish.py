@@ -28,6 +28,29 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to disk now, without waiting (Linux
+    ``sync_file_range``). The fsync before publication still makes the file durable; it just finds less left to
+    write, so the disk works while the builder decodes the next chips. A no-op where the call is missing."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            fn = lib.sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            _libc = fn
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 def pipe_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it appears whole or not at all."""
     if is_local(fs):

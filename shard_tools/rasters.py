@@ -332,26 +332,52 @@ def _open_tif(data: bytes | str):
 
 
 def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
+    from shard_tools.tiff_raw import open_plain
+
+    plain = open_plain(data)  # plain uncompressed EPSG:4326 strips: no GDAL at all (same values, see tiff_raw)
+    if plain is not None:
+        with plain:
+            array, selection = _tif_bands(modality, list(plain.descriptions), plain.count, plain.read, where, chip,
+                                          options)
+            if array is not None and array.dtype == plain.dtype:
+                return Decoded(array, plain.bounds, plain.crs, selection)
     stack, src = _open_tif(data)
     with stack:
-        descriptions = list(src.descriptions)
-        selection: dict[str, Any] = {}
-        if modality.band_select_pattern:
-            idx, selection = _select_bands_by_description(modality, descriptions, where, chip, options)
-            array = src.read([i + 1 for i in idx])
-        else:
-            if src.count != len(modality.bands):
-                raise ChipDataError(
-                    where, chip, f"{src.count} bands, but modality {modality.name} has {len(modality.bands)}")
-            if modality.file_band_names and all(descriptions):
-                expected = [_norm(b) for b in modality.file_band_names]
-                got = [_norm(d) for d in descriptions]
-                if got != expected:
-                    raise ChipDataError(where, chip, f"band descriptions {descriptions} differ from the expected "
-                                                     f"order {list(modality.file_band_names)}")
-            array = src.read()
+        array, selection = _tif_bands(modality, list(src.descriptions), src.count,
+                                      lambda idx: _read_tif_pixels(src, data, idx), where, chip, options)
         b = src.bounds
         return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection)
+
+
+def _tif_bands(modality: Modality, descriptions: list[str | None], count: int, read, where: str, chip: str,
+               options: Mapping[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Check the band count and descriptions against the modality, then ``read(0-based indexes or None)``."""
+    selection: dict[str, Any] = {}
+    if modality.band_select_pattern:
+        idx, selection = _select_bands_by_description(modality, descriptions, where, chip, options)
+        return read(idx), selection
+    if count != len(modality.bands):
+        raise ChipDataError(where, chip, f"{count} bands, but modality {modality.name} has {len(modality.bands)}")
+    if modality.file_band_names and all(descriptions):
+        expected = [_norm(b) for b in modality.file_band_names]
+        got = [_norm(d) for d in descriptions]  # type: ignore[arg-type]
+        if got != expected:
+            raise ChipDataError(where, chip, f"band descriptions {descriptions} differ from the expected "
+                                             f"order {list(modality.file_band_names)}")
+    return read(None), selection
+
+
+def _read_tif_pixels(src, data: bytes | str, idx: list[int] | None) -> np.ndarray:
+    """Bands ``idx`` (0-based; all when None) of an open rasterio dataset: straight from the strips for plain
+    uncompressed files (see :mod:`shard_tools.tiff_raw`), through GDAL otherwise. Both give the same array."""
+    from shard_tools.tiff_raw import read_pixels
+
+    want = (src.count if idx is None else len(idx), src.height, src.width)
+    dtypes = set(src.dtypes) if idx is None else {src.dtypes[i] for i in idx}
+    fast = read_pixels(data, idx) if len(dtypes) == 1 else None
+    if fast is not None and fast.shape == want and fast.dtype == np.dtype(dtypes.pop()):
+        return fast
+    return src.read() if idx is None else src.read([i + 1 for i in idx])
 
 
 def _norm(s: str) -> str:
@@ -387,6 +413,7 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
         if modality.nc_select_dim:
             select_index, selection = _select_nc_index(grp, modality, where, chip, options)
         layers = []
+        coords: dict[tuple[str, int], list[str]] = {}
         for var in modality.nc_variables:
             if var.name not in grp.variables:
                 raise ChipDataError(where, chip, f"variable {var.name!r} missing (has {sorted(grp.variables)})")
@@ -403,7 +430,10 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
             for dim, values in var.dims:
                 if dim not in dims:
                     raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {dim!r}")
-                coord = _coord_values(grp, dim, arr.shape[dims.index(dim)])
+                ckey = (dim, arr.shape[dims.index(dim)])
+                if ckey not in coords:  # coordinate variables are shared by the layers: read each once
+                    coords[ckey] = _coord_values(grp, dim, ckey[1])
+                coord = coords[ckey]
                 try:
                     pos = [coord.index(str(x)) for x in values]
                 except ValueError:

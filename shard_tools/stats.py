@@ -9,6 +9,7 @@ to within 2**-7 relative (linear within a bucket). The result does not depend on
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,14 +28,67 @@ def _exact_int(dtype: np.dtype) -> bool:
     return dtype.kind in "iu" and dtype.itemsize <= 2
 
 
-def _exact_histogram(flat: np.ndarray, offset: int, nbins: int) -> np.ndarray:
-    """(C, nbins) value counts of a (C, N) 8/16-bit integer array (torch.bincount avoids numpy's int64 copy)."""
+def _add_exact_histogram(hist: np.ndarray, flat: np.ndarray) -> None:
+    """Add the value counts of a (C, N) 8/16-bit integer array to ``hist`` (C, 2**bits), indexed by
+    ``value - dtype.min``.
+
+    8-bit bands: ``torch.bincount`` on the unsigned bit pattern (a zero-copy view; no int64 copy as numpy makes).
+    16-bit bands whose values span at most 2**15 - 1 (the usual case): ``torch.bincount`` of ``value - min`` in
+    16-bit arithmetic, into a short count vector. Other 16-bit bands: ``np.bincount`` over all 65536 bit patterns.
+    Signed bit patterns index the wanted histogram rotated by half the range, so their counts are added in two
+    halves. torch runs single-threaded here: its threaded bincount is many times slower on a loaded machine.
+    """
     import torch
 
-    t = torch.from_numpy(flat)
-    if flat.dtype != np.uint8:
-        t = t.to(torch.int32) - offset
-    return np.stack([torch.bincount(t[b], minlength=nbins).numpy() for b in range(flat.shape[0])])
+    bits = 8 * flat.dtype.itemsize
+    nbins = 1 << bits
+    half = nbins // 2
+    signed = flat.dtype.kind == "i"
+    u = np.ascontiguousarray(flat).view(np.uint8 if bits == 8 else np.uint16)
+    with warnings.catch_warnings():  # read-only input (decoded from bytes): bincount only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(u if bits == 8 else u.view(np.int16))
+    with _torch_single_thread(torch):
+        if bits == 8:
+            for b in range(u.shape[0]):
+                h = torch.bincount(t[b], minlength=nbins).numpy()
+                if signed:
+                    hist[b, :half] += h[half:]
+                    hist[b, half:] += h[:half]
+                else:
+                    hist[b] += h
+            return
+        lo, hi = flat.min(axis=1).astype(np.int64), flat.max(axis=1).astype(np.int64)
+        base = -half if signed else 0
+        for b in range(u.shape[0]):
+            if hi[b] - lo[b] < half and (signed or hi[b] < half):
+                # stored value v as int16 (the same bits); v - lo is in [0, hi - lo] and wraps correctly
+                h = torch.bincount(t[b] - torch.tensor(np.int16(lo[b])),
+                                   minlength=int(hi[b] - lo[b]) + 1).numpy()
+                hist[b, lo[b] - base: hi[b] - base + 1] += h
+                continue
+            h = np.bincount(u[b], minlength=nbins)
+            if signed:
+                hist[b, :half] += h[half:]
+                hist[b, half:] += h[:half]
+            else:
+                hist[b] += h
+
+
+class _torch_single_thread:
+    """Run a block with one intra-op torch thread (restored afterwards)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def __enter__(self):
+        self.prev = self.torch.get_num_threads()
+        if self.prev != 1:
+            self.torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.prev != 1:
+            self.torch.set_num_threads(self.prev)
 
 
 def _float_keys(values: np.ndarray) -> np.ndarray:
@@ -86,7 +140,7 @@ class ModalityStats:
         self.samples += 1
         self.total += flat.shape[1]
         if self.exact:
-            self.hist += _exact_histogram(flat, self.offset, self.nbins)
+            _add_exact_histogram(self.hist, flat)
             return
         for b in range(c):
             v = flat[b]
@@ -140,6 +194,23 @@ class ModalityStats:
             "max": [x if math.isfinite(x) else None for x in self.vmax.tolist()],
         }
 
+    def merge_state(self, state: Mapping[str, Any]) -> None:
+        """``self.merge(ModalityStats.from_state(self.m, state))`` without building the dense histogram: the same
+        operations in the same order, the sparse counts added in place."""
+        self.samples += int(state["samples"])
+        self.total += np.asarray(state["total"], dtype=np.int64)
+        for b, (idx, counts) in enumerate(state["hist"]):
+            self.hist[b, np.asarray(idx, dtype=np.int64)] += np.asarray(counts, dtype=np.int64)
+        if not self.exact:
+            count = np.asarray(state["count"], dtype=np.int64)
+            mean = np.asarray(state["mean"], dtype=np.float64)
+            m2 = np.asarray(state["m2"], dtype=np.float64)
+            for b in range(len(self.count)):
+                if count[b]:
+                    self._merge_moments(b, int(count[b]), float(mean[b]), float(m2[b]))
+            self.vmin = np.minimum(self.vmin, [np.inf if x is None else x for x in state["min"]])
+            self.vmax = np.maximum(self.vmax, [-np.inf if x is None else x for x in state["max"]])
+
     @classmethod
     def from_state(cls, modality: Modality, state: Mapping[str, Any]) -> ModalityStats:
         s = cls(modality)
@@ -158,13 +229,25 @@ class ModalityStats:
 
     def summary(self) -> dict[str, Any]:
         """The per-band statistics written to ``stats.json``."""
-        c = len(self.m.bands)
         out: dict[str, Any] = {"num_samples": self.samples}
+        hist = self.hist  # the nodata column is zeroed for the summary and restored after (no copy of it all)
+        nd_col = None
+        if self.exact and self._nodata_is_value():
+            nd_col = int(self.m.nodata) - self.offset  # type: ignore[arg-type]
+        saved = hist[:, nd_col].copy() if nd_col is not None else None
+        if nd_col is not None:
+            hist[:, nd_col] = 0
+        try:
+            self._summary_bands(out, hist)
+        finally:
+            if nd_col is not None:
+                hist[:, nd_col] = saved
+        return out
+
+    def _summary_bands(self, out: dict[str, Any], hist: np.ndarray) -> None:
+        c = len(self.m.bands)
         counts, means, stds, mins, maxs, nodata = [], [], [], [], [], []
         pcts: dict[str, list[float | None]] = {_pct_key(p): [] for p in PERCENTILES}
-        hist = self.hist.copy()
-        if self.exact and self._nodata_is_value():
-            hist[:, int(self.m.nodata) - self.offset] = 0  # type: ignore[arg-type]
         for b in range(c):
             if self.exact:
                 n, mean, std, lo, hi = self._int_moments(hist[b])
@@ -180,15 +263,15 @@ class ModalityStats:
             mins.append(lo)
             maxs.append(hi)
             nodata.append(float(1 - n / self.total[b]) if self.total[b] else None)
+            cum = np.cumsum(hist[b]) if n else None
             for p in PERCENTILES:
-                pcts[_pct_key(p)].append(self._percentile(hist[b], n, p, lo, hi))
+                pcts[_pct_key(p)].append(self._percentile(hist[b], n, p, lo, hi, cum))
         out.update(count=counts, mean=means, std=stds, min=mins, max=maxs, percentiles=pcts, nodata_fraction=nodata)
         if self.m.is_categorical:
             total = hist.sum(axis=0)
             out["class_histogram"] = {
                 str(k + self.offset): int(total[k]) for k in np.nonzero(total)[0]
             }
-        return out
 
     def _int_moments(self, h: np.ndarray):
         n = int(h.sum())
@@ -201,12 +284,14 @@ class ModalityStats:
         var = float((w * (vals - mean) ** 2).sum() / n)
         return n, mean, math.sqrt(var), float(vals[0]), float(vals[-1])
 
-    def _percentile(self, h: np.ndarray, n: int, p: float, lo: float | None, hi: float | None) -> float | None:
-        """numpy's 'linear' percentile: exact for integer bands, within one bucket for floats."""
+    def _percentile(self, h: np.ndarray, n: int, p: float, lo: float | None, hi: float | None,
+                    cum: np.ndarray | None = None) -> float | None:
+        """numpy's 'linear' percentile: exact for integer bands, within one bucket for floats. ``cum``: the
+        cumulative sum of ``h`` when the caller has it."""
         if n == 0:
             return None
         rank = p / 100 * (n - 1)
-        cum = np.cumsum(h)
+        cum = np.cumsum(h) if cum is None else cum
 
         def value_at(r: int) -> float:
             k = int(np.searchsorted(cum, r, side="right"))
@@ -240,11 +325,10 @@ class StatsSet:
     def merge_state(self, region: str, states: Mapping[str, Mapping[str, Any]]) -> None:
         scope = self.regions.setdefault(region, {})
         for name, st in states.items():
-            part = ModalityStats.from_state(self.modalities[name], st)
             if name in scope:
-                scope[name].merge(part)
-            else:
-                scope[name] = part
+                scope[name].merge_state(st)
+                continue
+            scope[name] = ModalityStats.from_state(self.modalities[name], st)
 
     def state(self, region: str) -> dict[str, Any]:
         return {name: s.state() for name, s in self.regions.get(region, {}).items()}

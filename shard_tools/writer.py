@@ -42,7 +42,8 @@ def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
 class ShardWriter:
     """Streams samples into a tar file; :meth:`add_sample` returns each member's data offset and size."""
 
-    def __init__(self, fileobj: BinaryIO, compress: str = "none", zstd_level: int = 3):
+    def __init__(self, fileobj: BinaryIO, compress: str = "none", zstd_level: int = 3, writeback: int = 0):
+        """``writeback``: with a real file, start the kernel's write-back every this many bytes (0: never)."""
         if compress not in ("none", "zstd"):
             raise ValueError(f"compress must be 'none' or 'zstd', not {compress!r}")
         self.f = fileobj
@@ -50,6 +51,8 @@ class ShardWriter:
         self.sha = hashlib.sha256()
         self.pos = 0
         self.samples = 0
+        self.writeback = writeback if writeback > 0 and _has_fd(fileobj) else 0
+        self._flushed = 0
         if self.compress:
             import zstandard
 
@@ -88,6 +91,12 @@ class ShardWriter:
             ranges[sf.offset_column(name)] = off
             ranges[sf.nbytes_column(name)] = size
         self.samples += 1
+        if self.writeback and self.pos - self._flushed >= self.writeback:
+            from shard_tools.publish import start_writeback
+
+            self.f.flush()
+            start_writeback(self.f.fileno(), self._flushed, self.pos - self._flushed)
+            self._flushed = self.pos
         return ranges
 
     def close(self) -> tuple[int, str]:
@@ -97,6 +106,14 @@ class ShardWriter:
         self._write(b"\0" * end)
         self.f.flush()
         return self.pos, self.sha.hexdigest()
+
+
+def _has_fd(f: BinaryIO) -> bool:
+    try:
+        f.fileno()
+        return True
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation for in-memory buffers
+        return False
 
 
 def predicted_member_size(payload: int) -> int:
