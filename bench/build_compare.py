@@ -4,7 +4,8 @@ Each round runs, for each checkout, a fresh Python process from that checkout's 
 source twice with ``--workers 2`` and reports the second build (the first starts the worker fork server, as the
 first repeat of ``bench/build.py`` does). Both builds' outputs must be byte-identical (shards, index, stats).
 
-    python bench/build_compare.py --baseline /work/main --chips-per-region 48 --rounds 3
+    git worktree add ../m3leo-baseline <commit>        # the code to compare against
+    python bench/build_compare.py --baseline ../m3leo-baseline --chips-per-region 48 --rounds 3
 """
 
 from __future__ import annotations
