@@ -20,6 +20,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
+from .gpu_transforms import build_device_transforms
 from .modalities import Registry
 from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
 from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, passthrough
@@ -362,8 +363,6 @@ class M3LEODataModule(pl.LightningDataModule):
         if self.transforms_config is None:
             return None
         if train not in self._transforms:
-            from .gpu_transforms import build_device_transforms
-
             rank, _ = self._rank_world()
             self._transforms[train] = build_device_transforms(
                 self.transforms_config, self.modalities, self.shard_root.stats, inputs=self.inputs,
