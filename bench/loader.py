@@ -5,7 +5,7 @@ For the same shards (built from ``m3leo-shards synth`` data), the same samples, 
   (b) m3leo     — ``M3LEODataModule.train_dataloader()``;
   (c) wds       — a plain webdataset pipeline over the same tar shards decoding the same ``.npy`` members;
   (d) upstream  — one rasterio open + read per chip per modality from the synth hub layout (the upstream way).
-for s1grd alone, s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
+for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
 parallel ranged GETs of the same bytes; the time to the first batch for an index of 1M samples in 10k shards; and the
 loader workers' RSS over three epochs. Repeats alternate the methods; medians are reported. All data is in the page
 cache (the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
@@ -44,7 +44,8 @@ from shard_tools.build import BuildConfig, build  # noqa: E402
 from shard_tools.synth import SynthConfig, synth  # noqa: E402
 
 ALL = list(REGISTRY)
-SETS = {"s1grd": ["s1grd"], "s1grd+s2rgbm+esawc": ["s1grd", "s2rgbm", "esawc"], "all9": ALL}
+SETS = {"s1grd": ["s1grd"], "s1grd+esawc (2 of 9)": ["s1grd", "esawc"],
+        "s1grd+s2rgbm+esawc": ["s1grd", "s2rgbm", "esawc"], "all9": ALL}
 
 
 # -- (a) ceiling -----------------------------------------------------------------------------------------------
