@@ -91,101 +91,77 @@ def footprint_wkt(path: Path, shrink: float = 0.0) -> str:
     return f"POLYGON(({w} {s}, {e} {s}, {e} {n}, {w} {n}, {w} {s}))"
 
 
-def ceiling(raster: Path, chips: list[grid.Chip], workers: int) -> float:
-    """Seconds to read every chip's window of ``raster`` (same threads, one dataset per thread)."""
+def _timed_per_thread(raster: Path, work, chips: list[grid.Chip], workers: int, **gdal_env) -> float:
+    """Seconds to run ``work(src, chip)`` over every chip on ``workers`` threads, each thread with its own open
+    dataset of ``raster`` (opening is not timed away: it happens on first use, as in ingest)."""
     import rasterio
-    from rasterio.warp import transform_bounds
-    from rasterio.windows import from_bounds
 
-    local = threading.local()
-    opened: list = []
-    lock = threading.Lock()
+    local, opened, lock = threading.local(), [], threading.Lock()
 
-    def read(c: grid.Chip) -> int:
+    def run(c: grid.Chip):
         src = getattr(local, "src", None)
         if src is None:
             src = local.src = rasterio.open(raster)
             with lock:
                 opened.append(src)
-        b = transform_bounds("EPSG:4326", src.crs, *c.bounds)
-        win = from_bounds(*b, src.transform).round_offsets().round_lengths()
-        win = win.intersection(rasterio.windows.Window(0, 0, src.width, src.height))
-        return int(src.read(window=win).nbytes)
+        return work(src, c)
 
     t0 = time.perf_counter()
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **gdal_env):
         if workers <= 1:
             for c in chips:
-                read(c)
+                run(c)
         else:
             with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(read, chips))
+                list(pool.map(run, chips))
     dt = time.perf_counter() - t0
     for s in opened:
         s.close()
     return dt
 
 
-def _threaded(fn, chips: list[grid.Chip], workers: int) -> float:
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(fn, chips))
-    return time.perf_counter() - t0
-
-
-def read_write(raster: Path, chips: list[grid.Chip], workers: int, out: Path) -> float:
-    """Seconds to read every chip's window (as :func:`ceiling`) and write its bytes to a new file per chip."""
+def _read_window(src, c: grid.Chip):
+    """The chip's window of ``src`` (bounds transformed to the raster's CRS, rounded, clipped), read."""
     import rasterio
     from rasterio.warp import transform_bounds
     from rasterio.windows import from_bounds
 
-    local, opened, lock = threading.local(), [], threading.Lock()
+    b = transform_bounds("EPSG:4326", src.crs, *c.bounds)
+    win = from_bounds(*b, src.transform).round_offsets().round_lengths()
+    win = win.intersection(rasterio.windows.Window(0, 0, src.width, src.height))
+    return src.read(window=win)
+
+
+def ceiling(raster: Path, chips: list[grid.Chip], workers: int) -> float:
+    """Seconds to read every chip's window of ``raster`` (same threads, one dataset per thread)."""
+    return _timed_per_thread(raster, _read_window, chips, workers)
+
+
+def read_write(raster: Path, chips: list[grid.Chip], workers: int, out: Path) -> float:
+    """Seconds to read every chip's window (as :func:`ceiling`) and write its bytes to a new file per chip."""
     out.mkdir(parents=True, exist_ok=True)
 
-    def run(c: grid.Chip) -> None:
-        src = getattr(local, "src", None)
-        if src is None:
-            src = local.src = rasterio.open(raster)
-            with lock:
-                opened.append(src)
-        b = transform_bounds("EPSG:4326", src.crs, *c.bounds)
-        win = from_bounds(*b, src.transform).round_offsets().round_lengths()
-        win = win.intersection(rasterio.windows.Window(0, 0, src.width, src.height))
+    def work(src, c: grid.Chip) -> None:
         with open(out / f"{c.identifier}.bin", "wb") as f:
-            f.write(src.read(window=win).tobytes())
+            f.write(_read_window(src, c).tobytes())
 
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
-        dt = _threaded(run, chips, workers)
-    for s in opened:
-        s.close()
+    dt = _timed_per_thread(raster, work, chips, workers)
     shutil.rmtree(out)
     return dt
 
 
 def gdal_warp(raster: Path, chips: list[grid.Chip], workers: int, px: int, resampling: str) -> float:
     """Seconds to warp every chip with one GDAL ``WarpedVRT`` each (no masks, no checks, nothing written)."""
-    import rasterio
     from rasterio.enums import Resampling
     from rasterio.transform import from_bounds
     from rasterio.vrt import WarpedVRT
 
-    local, opened, lock = threading.local(), [], threading.Lock()
-
-    def run(c: grid.Chip) -> None:
-        src = getattr(local, "src", None)
-        if src is None:
-            src = local.src = rasterio.open(raster)
-            with lock:
-                opened.append(src)
+    def work(src, c: grid.Chip) -> None:
         with WarpedVRT(src, crs="EPSG:4326", transform=from_bounds(*c.bounds, px, px), width=px, height=px,
                        resampling=Resampling[resampling], src_nodata=None, nodata=None) as vrt:
             vrt.read()
 
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", GDAL_NUM_THREADS="1"):
-        dt = _threaded(run, chips, workers)
-    for s in opened:
-        s.close()
-    return dt
+    return _timed_per_thread(raster, work, chips, workers, GDAL_NUM_THREADS="1")
 
 
 def run_case(name: str, raster: Path, hubdir: Path, modality: str, yaml_path: str | None, workers: int,
