@@ -130,6 +130,24 @@ class BaseTask(pl.LightningModule):
             if k in info and k not in self.run_info:
                 self.run_info[k] = info[k]
 
+    # -- evaluation: subclasses set ``val_metric``/``test_metric`` and implement ``_eval_step`` -----------------
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: Any, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_metric, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_metric, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict_flat("val", self.val_metric.compute())
+        self.val_metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict_flat("test", self.test_metric.compute())
+        self.test_metric.reset()
+
     # -- image panels ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -148,8 +166,8 @@ class PretrainTask(BaseTask):
         kw = {k: v for k, v in dict(model).items() if k not in ("name",)}
         self.model = MultiModalMAE(dict(in_channels), **kw)
         self.val_mask_seed = int(val_mask_seed)
-        self.val_losses = RegionLossMean(self.model.modalities)
-        self.test_losses = RegionLossMean(self.model.modalities)
+        self.val_metric = RegionLossMean(self.model.modalities)
+        self.test_metric = RegionLossMean(self.model.modalities)
 
     @property
     def encoder(self):
@@ -169,27 +187,13 @@ class PretrainTask(BaseTask):
         self.log("loss", out["loss"].detach(), batch_size=b, prog_bar=True, logger=False)
         return out["loss"]
 
-    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: RegionLossMean) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: RegionLossMean, stage: str) -> None:
         dev = batch[self.inputs[0]].device
         g = torch.Generator(device=dev)
         g.manual_seed(self.val_mask_seed + batch_idx)  # the same masks every validation: comparable losses
         out = self.model(batch, generator=g)
         for m in out["modalities"]:
             metric.update(m, out[f"sqerr/{m}"], out[f"weight/{m}"])
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_losses)
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.test_losses)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict_flat("val", self.val_losses.compute())
-        self.val_losses.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict_flat("test", self.test_losses.compute())
-        self.test_losses.reset()
 
     @torch.no_grad()
     def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -250,8 +254,8 @@ class SegmentationTask(BaseTask):
         self.model = _build_dense_model(model, in_channels, self.num_classes)
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
-        self.val_cm = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
-        self.test_cm = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
+        self.val_metric = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
+        self.test_metric = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
 
     def extra_checkpoint_info(self) -> dict[str, Any]:
         if isinstance(self.model, MAESegmentation):
@@ -282,7 +286,7 @@ class SegmentationTask(BaseTask):
         self.log("train/loss", loss.detach(), batch_size=y.shape[0], prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: Mapping[str, Any], cm: RegionConfusion, stage: str) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, cm: RegionConfusion, stage: str) -> None:
         logits, y = self.logits_and_target(batch)
         loss = self.loss(logits, y)
         n = int((y != self.ignore_index).sum())
@@ -290,20 +294,6 @@ class SegmentationTask(BaseTask):
             self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True, on_epoch=True, on_step=False)
         cm.update(logits.argmax(1), y, self.region_of(batch, y.shape[0], y.device),
                   self.row_valid(batch, y.shape[0], y.device))
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_cm, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_cm, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict_flat("val", self.val_cm.compute())
-        self.val_cm.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict_flat("test", self.test_cm.compute())
-        self.test_cm.reset()
 
     @torch.no_grad()
     def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -331,8 +321,8 @@ class RegressionTask(BaseTask):
         std = torch.tensor(list(target_std) if target_std else [1.0] * self.out_channels, dtype=torch.float32)
         self.register_buffer("target_mean", mean.view(1, -1, 1, 1))
         self.register_buffer("target_std", std.clamp(min=1e-6).view(1, -1, 1, 1))
-        self.val_reg = RegionRegression(self.region_names)
-        self.test_reg = RegionRegression(self.region_names)
+        self.val_metric = RegionRegression(self.region_names)
+        self.test_metric = RegionRegression(self.region_names)
 
     def predict_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prediction in physical units, target, weight) on the target's grid."""
@@ -372,27 +362,14 @@ class RegressionTask(BaseTask):
             self.log("train/rmse", torch.sqrt((((pred - y) ** 2) * w).sum() / n), batch_size=y.shape[0])
         return loss
 
-    def _eval_step(self, batch: Mapping[str, Any], metric: RegionRegression, stage: str) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: RegionRegression,
+                   stage: str) -> None:
         pred, y, w = self.predict_target(batch)
         n = int(w.sum())
         if n:
             self.log(f"{stage}/loss", self.loss(pred, y, w), batch_size=n, sync_dist=True, on_epoch=True,
                      on_step=False)
         metric.update(pred, y, w, self.region_of(batch, y.shape[0], y.device))
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_reg, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_reg, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict_flat("val", self.val_reg.compute())
-        self.val_reg.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict_flat("test", self.test_reg.compute())
-        self.test_reg.reset()
 
     @torch.no_grad()
     def panel_outputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -77,8 +77,8 @@ def test_segmentation_task_metrics_exclude_padding():
     assert (y[3] == -100).all()  # padding row ignored
     loss = t.loss(logits, y)
     assert torch.isfinite(loss)
-    t.val_cm.update(logits.argmax(1), y, b["region"], b["valid"])
-    assert int(t.val_cm.cm.sum()) == 3 * 16 * 16 - 4 * 16  # 3 real rows, 64 ignored pixels
+    t.val_metric.update(logits.argmax(1), y, b["region"], b["valid"])
+    assert int(t.val_metric.cm.sum()) == 3 * 16 * 16 - 4 * 16  # 3 real rows, 64 ignored pixels
     # a batch with nothing labelled gives a zero loss, not NaN
     b2 = dict(b, esawc=torch.full_like(b["esawc"], -100))
     lg, yy = t.logits_and_target(b2)
@@ -94,7 +94,7 @@ def test_regression_keeps_float_targets_and_coarse_grid():
     pred, target, w = t.predict_target(b)
     assert pred.shape == (2, 1, 5, 5) and target.dtype == torch.float32
     assert torch.equal(target, y)  # 123.75 not truncated to 123
-    t.val_reg.update(pred, target, w, b["region"])
+    t.val_metric.update(pred, target, w, b["region"])
     with torch.no_grad():
         t.model.head.weight.zero_()
         t.model.head.bias.fill_((123.75 - 100) / 50)
@@ -110,12 +110,12 @@ def test_pretrain_task_step_and_checkpoint_info():
                       "decoder_depth": 1, "decoder_heads": 2}, {"s1grd": 2, "s2rgbm": 3}, REGIONS)
     b = {"s1grd": torch.randn(2, 2, 16, 16), "s2rgbm": torch.randn(2, 3, 16, 16), "valid": torch.tensor([True, True]),
          "region": torch.tensor([0, 1])}
-    t._eval_step(b, 0, t.val_losses)
-    out = t.val_losses.compute()
+    t._eval_step(b, 0, t.val_metric, "val")
+    out = t.val_metric.compute()
     assert set(out) == {"loss", "loss/s1grd", "loss/s2rgbm"}
-    t.val_losses.reset()
-    t._eval_step(b, 0, t.val_losses)
-    assert t.val_losses.compute()["loss"] == pytest.approx(out["loss"])  # validation masks are fixed
+    t.val_metric.reset()
+    t._eval_step(b, 0, t.val_metric, "val")
+    assert t.val_metric.compute()["loss"] == pytest.approx(out["loss"])  # validation masks are fixed
     ck: dict = {}
     t.run_info["wandb_run_id"] = "abc"
     t.on_save_checkpoint(ck)
