@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,8 +23,9 @@ from . import shard_format as sf
 from .gpu_transforms import build_device_transforms
 from .modalities import Registry
 from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
-from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, passthrough
+from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, io_from_tensor, passthrough
 from .shard_root import ShardRoot
+from .storage import IOCounters
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,8 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
 class LoaderMetrics:
     """Cumulative loader figures of this process (all loaders of a DataModule share one)."""
 
+    io: IOCounters = field(default_factory=IOCounters)
     samples: int = 0
-    bytes: int = 0
-    requests: int = 0
-    retries: int = 0
-    substitutions: int = 0
     wait_s: float = 0.0
     read_s: float = 0.0
     first: float | None = None
@@ -83,12 +81,12 @@ class LoaderMetrics:
         elapsed = max(time.perf_counter() - self.first, 1e-9) if self.first is not None else 0.0
         return {
             "samples_per_s": self.samples / elapsed if elapsed else 0.0,
-            "bytes_per_s": self.bytes / elapsed if elapsed else 0.0,
+            "bytes_per_s": self.io.bytes / elapsed if elapsed else 0.0,
             "samples": float(self.samples),
-            "bytes": float(self.bytes),
-            "requests": float(self.requests),
-            "retries": float(self.retries),
-            "substitutions": float(self.substitutions),
+            "bytes": float(self.io.bytes),
+            "requests": float(self.io.requests),
+            "retries": float(self.io.retries),
+            "substitutions": float(self.io.substitutions),
             "wait_s": self.wait_s,
             "worker_read_s": self.read_s,
         }
@@ -162,12 +160,9 @@ class _MeteredIterator:
         self._m.wait_s += time.perf_counter() - t
         io = batch.pop(IO_KEY, None)
         if io is not None:
-            requests, nbytes, retries, subs, micros = (int(x) for x in io.tolist())
-            self._m.requests += requests
-            self._m.bytes += nbytes
-            self._m.retries += retries
-            self._m.substitutions += subs
-            self._m.read_s += micros / 1e6
+            counters, seconds = io_from_tensor(io)
+            self._m.io.add(counters)
+            self._m.read_s += seconds
         self._m.samples += int(batch["valid"].sum())
         return batch
 

@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -145,7 +145,7 @@ class ShardDataset(torch.utils.data.Dataset):
             self._proc = {
                 "fs": fs, "path": path, "local": is_local(fs),
                 "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
-                "fds": {}, "fd_lock": threading.Lock(), "counters": IOCounters(),
+                "fds": {}, "fd_lock": threading.Lock(),
             }
         return self._proc
 
@@ -179,8 +179,7 @@ class ShardDataset(torch.utils.data.Dataset):
         batch["lon"] = torch.from_numpy(ix.lon[rows].copy())
         batch["lat"] = torch.from_numpy(ix.lat[rows].copy())
         batch["valid"] = torch.from_numpy(valid.copy())
-        batch[IO_KEY] = torch.tensor([counters.requests, counters.bytes, counters.retries, counters.substitutions,
-                                      int((time.perf_counter() - t0) * 1e6)], dtype=torch.int64)
+        batch[IO_KEY] = io_tensor(counters, time.perf_counter() - t0)
         return batch
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -373,6 +372,20 @@ def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torc
     numel = int(np.prod(shape))
     storage = proto._typed_storage()._new_shared(numel, device="cpu")
     return proto.new(storage).resize_(*shape)
+
+
+_IO_FIELDS = tuple(f.name for f in fields(IOCounters))
+
+
+def io_tensor(counters: IOCounters, seconds: float) -> torch.Tensor:
+    """A batch's I/O counters and read time as a small tensor (it crosses from the worker with the batch)."""
+    return torch.tensor([*(getattr(counters, f) for f in _IO_FIELDS), int(seconds * 1e6)], dtype=torch.int64)
+
+
+def io_from_tensor(t: torch.Tensor) -> tuple[IOCounters, float]:
+    """Inverse of :func:`io_tensor`."""
+    *values, micros = (int(x) for x in t.tolist())
+    return IOCounters(**dict(zip(_IO_FIELDS, values))), micros / 1e6
 
 
 def passthrough(batch: Any) -> Any:

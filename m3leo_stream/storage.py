@@ -12,7 +12,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import fsspec
@@ -122,16 +122,10 @@ class IOCounters:
     retries: int = 0
     failures: int = 0
     substitutions: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "requests": self.requests,
-            "bytes": self.bytes,
-            "retries": self.retries,
-            "failures": self.failures,
-            "substitutions": self.substitutions,
-        }
+    def add(self, other: IOCounters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def with_retries(
