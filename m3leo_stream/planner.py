@@ -32,12 +32,12 @@ class Catalog:
     """The index rows eligible for one split: every requested member present, region selected.
 
     ``rows`` are positions in the index table, in index order (shard by shard); ``region`` are codes into
-    ``region_names``; ``shard`` are codes into ``shard_names``.
+    ``region_names``; ``shard`` number the distinct shards (0..S-1, in the order of the index's shard column,
+    which may hold names or codes).
     """
 
     split: str
     region_names: tuple[str, ...]
-    shard_names: tuple[str, ...]
     rows: np.ndarray
     region: np.ndarray
     shard: np.ndarray
@@ -93,14 +93,8 @@ def build_catalog(
         log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == split).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
     region = np.asarray(region_codes, dtype=np.int64)[rows]
-    shard_col = np.asarray(index["shard"])[rows]
-    if shard_col.dtype.kind in "iu":  # already codes
-        shard_codes, shard = np.unique(shard_col, return_inverse=True)
-        shard_names = tuple(str(int(s)) for s in shard_codes)
-    else:
-        names, shard = np.unique(shard_col, return_inverse=True)
-        shard_names = tuple(str(s) for s in names)
-    return Catalog(split, region_names, shard_names, rows, region, shard.astype(np.int64), excluded)
+    _, shard = np.unique(np.asarray(index["shard"])[rows], return_inverse=True)
+    return Catalog(split, region_names, rows, region, shard.astype(np.int64), excluded)
 
 
 def _present(nbytes: np.ndarray) -> np.ndarray:
