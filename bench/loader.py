@@ -120,10 +120,16 @@ def _drain(loader, count_bytes, before_pass=None) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - t
 
 
+def member_ranges(root: str, batches: list[list[int]], index: dict,
+                  mods: list[str]) -> list[list[tuple[str, int, int]]]:
+    """Per sample of the planned batches: (shard path under ``root``, offset, nbytes) of each requested member."""
+    return [[(f"{root}/{index['shard'][r]}", index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
+             for m in mods] for b in batches for r in b]
+
+
 def run_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[str], workers: int,
                 deliver: bool = True):
-    ranges = [[(str(root / index["shard"][r]), index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
-               for m in mods] for b in batches for r in b]
+    ranges = member_ranges(str(root), batches, index, mods)
     bs = len(batches[0])
     dl = torch.utils.data.DataLoader(RangeReads(ranges, deliver), batch_size=bs, num_workers=workers,
                                      collate_fn=_collate_list, persistent_workers=workers > 0)
@@ -219,8 +225,7 @@ class S3RangeReads(torch.utils.data.Dataset):
 
 def run_s3_ceiling(url: str, batches, index, mods, workers):
     prefix = url.split("://", 1)[1]
-    ranges = [[(f"{prefix}/{index['shard'][r]}", index[sf.offset_column(m)][r], index[sf.nbytes_column(m)][r])
-               for m in mods] for b in batches for r in b]
+    ranges = member_ranges(prefix, batches, index, mods)
     bs = len(batches[0])
     dl = torch.utils.data.DataLoader(S3RangeReads(ranges), batch_size=bs, num_workers=workers,
                                      collate_fn=passthrough, persistent_workers=workers > 0)
