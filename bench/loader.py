@@ -156,7 +156,8 @@ def run_wds(root: Path, mods: list[str], workers: int, batch: int):
     urls = sorted(str(p) for p in (root).glob("*/train/*.tar"))
     keys = [f"{m}.npy" for m in mods]
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-          .select(lambda sample: all(k in sample for k in keys)).decode(only=keys).to_tuple(*keys).batched(batch, collation_fn=_collate_list))
+          .select(lambda sample: all(k in sample for k in keys)).decode(only=keys).to_tuple(*keys)
+          .batched(batch, collation_fn=_collate_list))
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     nbytes = PASSES * sum(os.path.getsize(u) for u in urls)
     n, _, s = _drain(dl, lambda b: (len(b), 0))
