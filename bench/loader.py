@@ -1,8 +1,9 @@
 """Loader throughput next to its ceiling and to the loaders people use today, in one run.
 
 For the same shards (built from ``m3leo-shards synth`` data), the same samples, batch size and worker count:
-  (a) ceiling   — DataLoader workers ``pread`` exactly the member byte ranges the loader reads, no decoding;
-  (b) m3leo     — ``M3LEODataModule.train_dataloader()``;
+  (a) ceiling   — plain ``pread`` of exactly the member byte ranges the loader reads, no decoding, in the loader's
+                  two execution models: W threads of the consuming process, and W DataLoader worker processes;
+  (b) m3leo     — ``M3LEODataModule.train_dataloader()``, default thread mode and ``worker_mode="process"``;
   (c) wds       — a plain webdataset pipeline over the same tar shards decoding the same ``.npy`` members;
   (d) upstream  — one rasterio open + read per chip per modality from the synth hub layout (the upstream way).
 for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,37 @@ class RangeReads(torch.utils.data.Dataset):
         return out
 
 
+class ThreadedRangeReads:
+    """The thread-mode ceiling: ``workers`` threads of this process read batch after batch of ranges (one batch per
+    task, into fresh buffers), handed over in order."""
+
+    def __init__(self, ranges: list[list[tuple[str, int, int]]], batch: int, workers: int, read=None):
+        self.batches = [ranges[i:i + batch] for i in range(0, len(ranges), batch)]
+        self.pool = ThreadPoolExecutor(workers)
+        self.read = read or self._read
+
+    @staticmethod
+    def _read(samples: list[list[tuple[str, int, int]]]) -> list[list[bytes]]:
+        out = []
+        for sample in samples:
+            got = []
+            for path, off, n in sample:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    got.append(os.pread(fd, n, off))
+                finally:
+                    os.close(fd)
+            out.append(got)
+        return out
+
+    def __iter__(self):
+        return self.pool.map(self.read, self.batches)
+
+
+def _count_bytes(batch) -> tuple[int, int]:
+    return len(batch), sum(len(x) for s in batch for x in s)
+
+
 def _count_ranges(batch) -> tuple[int, int]:
     return len(batch), sum(int(x.numel()) if isinstance(x, torch.Tensor) else int(x) for s in batch for x in s)
 
@@ -101,6 +134,7 @@ def _collate_list(batch):
 
 
 PASSES = 3
+METHODS = ("pread_only", "ceiling_workers", "ceiling_threads", "m3leo", "m3leo_process", "wds", "upstream")
 
 
 def _drain(loader, count_bytes, before_pass=None) -> tuple[int, int, float]:
@@ -136,6 +170,11 @@ def run_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[st
     return _drain(dl, _count_ranges)
 
 
+def run_thread_ceiling(root: Path, batches: list[list[int]], index: dict, mods: list[str], workers: int):
+    ranges = member_ranges(str(root), batches, index, mods)
+    return _drain(ThreadedRangeReads(ranges, len(batches[0]), workers), _count_bytes)
+
+
 def run_loader(root: str, mods: list[str], workers: int, batch: int, epoch: int, **kw):
     dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers, seed=0, **kw)
     dm.setup()
@@ -143,7 +182,9 @@ def run_loader(root: str, mods: list[str], workers: int, batch: int, epoch: int,
     marks = {}
 
     def before(p: int) -> None:
-        loader.batch_sampler.set_epoch(epoch)  # the same samples every pass, as the other methods read
+        # consecutive epochs, as in training: the same samples in another order each pass (the thread mode reads
+        # the next epoch's first batches ahead)
+        loader.batch_sampler.set_epoch(epoch + p)
         marks[p] = dm.loader_metrics()["bytes"]
 
     n, _, s = _drain(loader, lambda b: (len(b["key"]), 0), before)
@@ -233,6 +274,22 @@ def run_s3_ceiling(url: str, batches, index, mods, workers):
     return _drain(dl, lambda nbytes: (bs, nbytes))
 
 
+def run_s3_thread_ceiling(url: str, batches, index, mods, workers):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    ranges = member_ranges(url.split("://", 1)[1], batches, index, mods)
+    bs = len(batches[0])
+
+    def read(samples: list[list[tuple[str, int, int]]]) -> list[list[bytes]]:
+        rs = [r for s in samples for r in s]
+        data = fs.cat_ranges([p for p, _, _ in rs], [o for _, o, _ in rs], [o + n for _, o, n in rs])
+        return [data]
+
+    reads = ThreadedRangeReads(ranges, bs, workers, read)
+    return _drain(reads, lambda b: (bs, sum(len(x) for x in b[0])))
+
+
 # -- 1M-sample index -------------------------------------------------------------------------------------------
 def big_index(root: Path, out: Path, n: int, shards: int) -> None:
     """A shard root whose index has ``n`` samples in ``shards`` shards: every shard is a hard link to one real
@@ -268,8 +325,9 @@ def time_to_first_batch(root: Path, mods: list[str], workers: int, batch: int) -
     return time.perf_counter() - t
 
 
-def worker_rss(root: str, mods: list[str], workers: int, batch: int, epochs: int) -> list[int]:
-    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers)
+def reader_rss(root: str, mods: list[str], workers: int, batch: int, epochs: int, mode: str) -> list[int]:
+    """RSS of whatever holds the readers after each epoch: the worker processes, or this process."""
+    dm = M3LEODataModule(root, inputs=mods, batch_size=batch, num_workers=workers, worker_mode=mode)
     dm.setup()
     loader = dm.train_dataloader()
     out = []
@@ -277,9 +335,10 @@ def worker_rss(root: str, mods: list[str], workers: int, batch: int, epochs: int
         loader.batch_sampler.set_epoch(e)
         for _ in loader:
             pass
+        pids = [w.pid for w in loader._iterator._workers] if mode == "process" else [os.getpid()]
         total = 0
-        for w in loader._iterator._workers:
-            for line in open(f"/proc/{w.pid}/status"):
+        for pid in pids:
+            for line in open(f"/proc/{pid}/status"):
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
         out.append(total)
@@ -319,22 +378,29 @@ def main() -> None:
         sampler = dm.train_dataloader().batch_sampler
         batches = list(sampler)
         keys = [index["key"][r] for b in batches for r in b]
-        runs: dict[str, list] = {k: [] for k in ("ceiling", "m3leo", "wds", "upstream", "pread_only")}
+        runs: dict[str, list] = {k: [] for k in METHODS}
         for rep in range(args.repeats):
-            runs["ceiling"].append(run_ceiling(shards, batches, index, mods, W))
             runs["pread_only"].append(run_ceiling(shards, batches, index, mods, W, deliver=False))
+            runs["ceiling_workers"].append(run_ceiling(shards, batches, index, mods, W))
+            runs["ceiling_threads"].append(run_thread_ceiling(shards, batches, index, mods, W))
             runs["m3leo"].append(run_loader(str(shards), mods, W, B, 0))
+            runs["m3leo_process"].append(run_loader(str(shards), mods, W, B, 0, worker_mode="process"))
             runs["wds"].append(run_wds(shards, mods, W, B))
             if label != "all9" or rep == 0:
                 runs["upstream"].append(run_upstream(src, keys, mods, W, B))
         row = {k: median_rate(v) for k, v in runs.items()}
-        m = row["m3leo"]["samples_per_s"]
-        row["ratios"] = {f"m3leo/{k}": m / row[k]["samples_per_s"]
-                         for k in ("ceiling", "wds", "upstream", "pread_only")}
+        rate = {k: v["samples_per_s"] for k, v in row.items()}
+        row["ratios"] = {
+            "m3leo/ceiling_threads": rate["m3leo"] / rate["ceiling_threads"],
+            "m3leo_process/ceiling_workers": rate["m3leo_process"] / rate["ceiling_workers"],
+            "m3leo/wds": rate["m3leo"] / rate["wds"], "m3leo/upstream": rate["m3leo"] / rate["upstream"],
+            "m3leo_process/wds": rate["m3leo_process"] / rate["wds"],
+            "m3leo_process/upstream": rate["m3leo_process"] / rate["upstream"],
+        }
         results["sets"][label] = row
         print(f"\n{label}: {len(keys)} samples, {W} workers, batch {B}")
-        for k in ("pread_only", "ceiling", "m3leo", "wds", "upstream"):
-            print(f"  {k:9s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
+        for k in METHODS:
+            print(f"  {k:16s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
         print("  " + "  ".join(f"{k} = {v:.2f}" for k, v in row["ratios"].items()))
 
     if not args.skip_s3:
@@ -350,17 +416,23 @@ def main() -> None:
             dm = M3LEODataModule(url, inputs=mods, batch_size=B, num_workers=0)
             dm.setup()
             batches = list(dm.train_dataloader().batch_sampler)
-            runs = {"ranged_gets": [], "m3leo": []}
+            s3_methods = ("ranged_gets_workers", "ranged_gets_threads", "m3leo", "m3leo_process")
+            runs = {k: [] for k in s3_methods}
             for _ in range(args.repeats):
-                runs["ranged_gets"].append(run_s3_ceiling(url, batches, index, mods, W))
+                runs["ranged_gets_workers"].append(run_s3_ceiling(url, batches, index, mods, W))
+                runs["ranged_gets_threads"].append(run_s3_thread_ceiling(url, batches, index, mods, W))
                 runs["m3leo"].append(run_loader(url, mods, W, B, 0))
+                runs["m3leo_process"].append(run_loader(url, mods, W, B, 0, worker_mode="process"))
             row = {k: median_rate(v) for k, v in runs.items()}
-            row["ratio"] = row["m3leo"]["samples_per_s"] / row["ranged_gets"]["samples_per_s"]
+            rate = {k: v["samples_per_s"] for k, v in row.items()}
+            best = max(rate["ranged_gets_workers"], rate["ranged_gets_threads"])
+            row["ratios"] = {"m3leo/best_ranged_gets": rate["m3leo"] / best,
+                             "m3leo_process/best_ranged_gets": rate["m3leo_process"] / best}
             results["s3"] = {"endpoint": "moto_server on 127.0.0.1", "modalities": mods, **row}
             print(f"\nS3 (moto on loopback), {'+'.join(mods)}:")
-            for k in ("ranged_gets", "m3leo"):
-                print(f"  {k:11s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
-            print(f"  m3leo/ranged_gets = {row['ratio']:.2f}")
+            for k in s3_methods:
+                print(f"  {k:19s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
+            print("  " + "  ".join(f"{k} = {v:.2f}" for k, v in row["ratios"].items()))
         finally:
             proc.terminate()
 
@@ -373,9 +445,11 @@ def main() -> None:
     print(f"\ntime to first batch, index of {args.big_index} samples in {args.big_shards} shards: {ttfb:.2f} s")
     shutil.rmtree(big)
 
-    rss = worker_rss(str(shards), ["s1grd", "s2rgbm", "esawc"], W, B, 3)
-    results["worker_rss_bytes_per_epoch"] = rss
-    print("worker RSS after epochs 1-3 (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
+    for mode in ("thread", "process"):
+        rss = reader_rss(str(shards), ["s1grd", "s2rgbm", "esawc"], W, B, 3, mode)
+        results.setdefault("reader_rss_bytes_per_epoch", {})[mode] = rss
+        where = "this process (reader threads)" if mode == "thread" else "worker processes"
+        print(f"RSS of {where} after epochs 1-3 (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -1,7 +1,8 @@
 """``M3LEODataModule``: planned, resumable, region-mixed loading of a shard root for Lightning.
 
-The main process plans (``planner``), DataLoader workers read and decode (``reader``), the device transforms run
-in ``on_after_batch_transfer``. Train loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in
+The main process plans (``planner``); the reader (``reader``) reads and decodes on ``num_workers`` threads of the
+training process that read the next planned batches ahead (``readahead``, the default ``worker_mode="thread"``) or in
+DataLoader worker processes (``worker_mode="process"``); the device transforms run in ``on_after_batch_transfer``. Train loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in
 checkpoints; because a rank's batch ``k`` is its part of global batch ``k``, that position is the same on every rank
 and a run resumes at any world size that divides the global batch.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +19,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch.utils.data._utils.pin_memory import pin_memory
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
 from .gpu_transforms import build_device_transforms
 from .modalities import Registry
 from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
+from .readahead import ReadAheadDataset
 from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, io_from_tensor, passthrough
 from .shard_root import ShardRoot
 from .storage import IOCounters
@@ -41,7 +45,8 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
         self.fingerprint = dict(fingerprint or {})  # what a resumed run must share with the saved one
-        self._plan: tuple[int, EpochPlan] | None = None
+        self._plans: dict[int, EpochPlan] = {}  # this epoch's and, once read ahead, the next one's
+        self.position: tuple[int, int] | None = None  # (epoch, batch) last yielded, for read-ahead
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -54,17 +59,29 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     @property
     def plan(self) -> EpochPlan:
-        if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, self._plan_for_epoch(self.epoch))
-        return self._plan[1]
+        return self.plan_for(self.epoch)
+
+    def plan_for(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            for old in [e for e in self._plans if e not in (self.epoch, epoch)]:
+                del self._plans[old]
+            self._plans[epoch] = self._plan_for_epoch(epoch)
+        return self._plans[epoch]
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        plan = self.plan
+        plan, epoch = self.plan, self.epoch
         for g in range(plan.num_batches):
+            self.position = (epoch, g)
             yield plan.rank_batch(g, self.rank, self.world_size)
+
+    def batch_at(self, position: tuple[int, int]) -> list[int] | None:
+        """This rank's batch at (epoch, batch), ``None`` past the epoch's end (for read-ahead)."""
+        epoch, g = position
+        plan = self.plan_for(epoch)
+        return plan.rank_batch(g, self.rank, self.world_size) if 0 <= g < plan.num_batches else None
 
 
 @dataclass
@@ -173,6 +190,9 @@ class M3LEODataModule(pl.LightningDataModule):
     ``batch_size`` is per device; the global batch is ``batch_size × world size``. ``region_weights`` gives exact
     per-epoch quotas (``samples_per_epoch`` samples in total, default all samples of the weighted regions).
     ``transforms`` is the device-transform config (``configs/transforms``); ``None`` leaves batches raw.
+    ``worker_mode="thread"`` (default) reads on ``num_workers`` threads of this process, ``prefetch_factor`` batches
+    per thread ahead; ``"process"`` uses DataLoader worker processes (batches then travel through shared memory).
+    ``num_workers=0`` reads each batch when it is asked for. The batches are the same in every mode.
     """
 
     def __init__(
@@ -198,6 +218,7 @@ class M3LEODataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         splits: Mapping[str, str] | None = None,
+        worker_mode: str = "thread",
     ):
         super().__init__()
         self.root = str(root)
@@ -218,6 +239,9 @@ class M3LEODataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
+        if worker_mode not in ("thread", "process"):
+            raise ValueError(f"worker_mode must be 'thread' or 'process', not {worker_mode!r}")
+        self.worker_mode = worker_mode
         self.splits = {s: s for s in SPLITS} | dict(splits or {})
         dup = set(self.inputs) & set(self.targets)
         if dup:
@@ -294,8 +318,16 @@ class M3LEODataModule(pl.LightningDataModule):
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=self.reader_config)
 
-    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler) -> M3LEOLoader:
+    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool) -> M3LEOLoader:
         workers = self.num_workers
+        if self.worker_mode == "thread" and workers > 0:
+            # Lightning's "does not have many workers" hint counts processes; here the readers are threads
+            warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+            pin = (lambda batch: pin_memory(batch)) if self.pin_memory else None
+            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=workers * self.prefetch_factor,
+                                     pin=pin, next_epoch=train)
+            return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
+                               metrics=self.metrics)
         return M3LEOLoader(
             dataset, batch_sampler=sampler, collate_fn=passthrough, num_workers=workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if workers else None,
@@ -336,7 +368,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("train: %d eligible samples (%s), %d batches of %d per rank, world size %d", len(cat),
                  cat.region_counts(), first.num_batches, self.batch_size, world)
         self._check_equal_lengths(first.num_batches, "train")
-        return self._loader(self._dataset(cat), sampler)
+        return self._loader(self._dataset(cat), sampler, train=True)
 
     def _eval_dataloader(self, split: str) -> M3LEOLoader:
         cat = self.catalog(split)
@@ -344,7 +376,7 @@ class M3LEODataModule(pl.LightningDataModule):
         plan = plan_eval(cat, global_batch=self.eval_batch_size * world)
         sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
         self._check_equal_lengths(plan.num_batches, split)
-        return self._loader(self._dataset(cat), sampler)
+        return self._loader(self._dataset(cat), sampler, train=False)
 
     def val_dataloader(self) -> M3LEOLoader:
         return self._eval_dataloader("val")

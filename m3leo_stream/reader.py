@@ -13,7 +13,8 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -131,23 +132,27 @@ class ShardDataset(torch.utils.data.Dataset):
         self.compressed = compressed
         self.substitutes = dict(substitutes or {})  # region code -> candidate rows
         self.config = config or ReaderConfig()
-        self._local: threading.local | None = None
         self._pid: int | None = None
+        self._state_lock = threading.Lock()
 
     # -- per-process resources, created lazily after fork/spawn --------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            # a private filesystem instance: clients (sockets, event loops) must not be shared across processes
-            fs, path = get_fs(self.url, {**self.storage_options, "skip_instance_cache": True})
-            if isinstance(getattr(fs, "retries", None), int):
-                fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
-            self._proc = {
-                "fs": fs, "path": path, "local": is_local(fs),
-                "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
-                "fds": {}, "fd_lock": threading.Lock(),
-            }
-        return self._proc
+        with self._state_lock:
+            if self._pid != os.getpid():
+                self._proc = self._open_state()
+                self._pid = os.getpid()
+            return self._proc
+
+    def _open_state(self) -> dict[str, Any]:
+        # a private filesystem instance: clients (sockets, event loops) must not be shared across processes
+        fs, path = get_fs(self.url, {**self.storage_options, "skip_instance_cache": True})
+        if isinstance(getattr(fs, "retries", None), int):
+            fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
+        return {
+            "fs": fs, "path": path, "local": is_local(fs),
+            "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
+            "fds": _FdCache(),
+        }
 
     def __len__(self) -> int:
         return len(self.index.key)
@@ -159,10 +164,6 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitems__(self, refs: Sequence[int]) -> dict[str, Any]:
         t0 = time.perf_counter()
         st = self._state()
-        if len(st["fds"]) > 256:  # no read is in flight between batches
-            for fd in st["fds"].values():
-                os.close(fd)
-            st["fds"].clear()
         counters = IOCounters()
         refs = np.asarray(refs, dtype=np.int64)
         valid = (refs & PAD_FLAG) == 0
@@ -300,9 +301,9 @@ class ShardDataset(torch.utils.data.Dataset):
             pos = off + nb
         name = self.index.shard_names[req.shard]
         path = join(st["path"], name)
-        fd = self._fd(path, st)
         want = req.stop - req.start
-        got = os.preadv(fd, iov, req.start)
+        with st["fds"].open(path) as fd:
+            got = os.preadv(fd, iov, req.start)
         if got != want:
             return self._fetch(req, st, counters, out)
         bad = []
@@ -339,28 +340,52 @@ class ShardDataset(torch.utils.data.Dataset):
         counters.bytes += nbytes
         return data
 
-    def _fd(self, path: str, st: dict[str, Any]) -> int:
-        with st["fd_lock"]:
-            fds: dict[str, int] = st["fds"]
-            fd = fds.get(path)
+    def _pread(self, path: str, offset: int, nbytes: int, st: dict[str, Any]) -> bytearray:
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        with st["fds"].open(path) as fd:
+            while got < nbytes:
+                k = os.preadv(fd, [view[got:]], offset + got)
+                if k == 0:
+                    break
+                got += k
+        return buf if got == nbytes else buf[:got]
+
+
+class _FdCache:
+    """Open shard files, shared by the reading threads. Beyond ``keep`` open files the idle ones are closed; a file
+    being read is never closed under its reader."""
+
+    def __init__(self, keep: int = 256):
+        self.keep = keep
+        self._fds: dict[str, int] = {}
+        self._users: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    @contextmanager
+    def open(self, path: str) -> Iterator[int]:
+        with self._lock:
+            fd = self._fds.get(path)
             if fd is None:
+                if len(self._fds) >= self.keep:
+                    for p in [p for p, n in self._users.items() if n == 0]:
+                        os.close(self._fds.pop(p))
+                        del self._users[p]
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
                     raise UnreadableSample(f"{path}: cannot open shard: {e}") from e
-                fds[path] = fd
-            return fd
-
-    def _pread(self, path: str, offset: int, nbytes: int, st: dict[str, Any]) -> bytearray:
-        fd = self._fd(path, st)
-        buf = bytearray(nbytes)
-        view, got = memoryview(buf), 0
-        while got < nbytes:
-            k = os.preadv(fd, [view[got:]], offset + got)
-            if k == 0:
-                break
-            got += k
-        return buf if got == nbytes else buf[:got]
+                self._fds[path] = fd
+                self._users[path] = 0
+            self._users[path] += 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users[path] -= 1
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:

@@ -166,7 +166,7 @@ def build_datamodule(cfg: DictConfig):
         seed=d.get("seed", cfg.seed), storage_options=d.get("storage_options"), transforms=_plain(cfg.transforms),
         eval_batch_size=d.get("eval_batch_size"), samples_per_epoch=d.get("samples_per_epoch"),
         shuffle_shards=d.get("shuffle_shards", 8), on_unreadable=d.get("on_unreadable", "fail"),
-        prefetch_factor=d.get("prefetch_factor", 2),
+        prefetch_factor=d.get("prefetch_factor", 2), worker_mode=d.get("worker_mode", "thread"),
     )
 
 

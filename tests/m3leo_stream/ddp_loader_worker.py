@@ -22,12 +22,13 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--worker-mode", default="thread")
     ap.add_argument("--stop-after", type=int, default=None)
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     dm = M3LEODataModule(args.root, inputs=["modisveg"], targets=["esawc"], batch_size=args.batch_size,
-                         num_workers=args.workers, seed=0)
+                         num_workers=args.workers, seed=0, worker_mode=args.worker_mode)
     dm.setup("fit")
     record: dict = {"train": [], "val": [], "lengths": []}
     loader = dm.train_dataloader()

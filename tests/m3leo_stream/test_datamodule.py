@@ -75,7 +75,12 @@ def run_ranks(root: Path, out: Path, world: int, batch: int, *extra: str, timeou
 def test_batches_are_raw_arrays_in_registry_shapes_and_independent_of_workers(uneven_shards):
     dm0 = _dm(uneven_shards, 4, num_workers=0)
     dm2 = _dm(uneven_shards, 4, num_workers=2)
-    assert train_keys(dm0, (0, 1)) == train_keys(dm2, (0, 1))
+    dmp = _dm(uneven_shards, 4, num_workers=2, worker_mode="process")
+    assert train_keys(dm0, (0, 1)) == train_keys(dm2, (0, 1)) == train_keys(dmp, (0, 1))
+    # the same arrays whether read by threads (read ahead) or by worker processes (through shared memory)
+    for a, b in zip(dm2.train_dataloader(), dmp.train_dataloader()):
+        for name in INPUTS + TARGETS:
+            assert torch.equal(a[name], b[name])
     batch = next(iter(dm2.train_dataloader()))
     for name in INPUTS + TARGETS:
         m = dm2.modalities[name]
@@ -90,9 +95,9 @@ def test_batches_are_raw_arrays_in_registry_shapes_and_independent_of_workers(un
     assert m["samples"] > 0 and m["bytes"] > 0 and m["retries"] == 0 and m["wait_s"] > 0
 
 
-@pytest.mark.parametrize("world,batch", [(2, 3), (3, 2)])
-def test_ddp_equal_batches_no_duplicates_exact_eval(uneven_shards, tmp_path, world, batch):
-    records = run_ranks(uneven_shards, tmp_path, world, batch, "--workers", "1")
+@pytest.mark.parametrize("world,batch,mode", [(2, 3, "thread"), (3, 2, "process")])
+def test_ddp_equal_batches_no_duplicates_exact_eval(uneven_shards, tmp_path, world, batch, mode):
+    records = run_ranks(uneven_shards, tmp_path, world, batch, "--workers", "1", "--worker-mode", mode)
     reference = train_keys(_dm(uneven_shards, world * batch, num_workers=0), (0, 1))
     assert len({tuple(r["lengths"]) for r in records}) == 1
     for epoch in range(2):
@@ -113,9 +118,10 @@ def test_ddp_equal_batches_no_duplicates_exact_eval(uneven_shards, tmp_path, wor
     assert len(padding) == len(records[0]["val"]) * world * batch - len(val)
 
 
-def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards):
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards, mode):
     full = train_keys(_dm(uneven_shards, 4, num_workers=2), (0,))[0]
-    dm = _dm(uneven_shards, 4, num_workers=2)
+    dm = _dm(uneven_shards, 4, num_workers=2, worker_mode=mode)
     loader = dm.train_dataloader()
     loader.batch_sampler.set_epoch(0)
     first = []
@@ -125,7 +131,7 @@ def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards):
             break
     state = loader.state_dict()
     del loader
-    dm2 = _dm(uneven_shards, 4, num_workers=2)
+    dm2 = _dm(uneven_shards, 4, num_workers=2, worker_mode=mode)
     resumed = dm2.train_dataloader()
     resumed.batch_sampler.set_epoch(0)
     resumed.load_state_dict(state)
@@ -191,11 +197,15 @@ def _corrupt_member(root: Path, tmp: Path) -> tuple[Path, str, str]:
 
 def test_unreadable_member_fails_naming_it_or_is_substituted(uneven_shards, tmp_path):
     root, shard, key = _corrupt_member(uneven_shards, tmp_path)
-    dm = _dm(root, 4, num_workers=0)
-    with pytest.raises(UnreadableSample) as err:
-        for _ in dm.train_dataloader():
-            pass
-    assert shard in str(err.value) and key in str(err.value) and "esawc" in str(err.value)
+    bad = next(g for g, b in enumerate(train_keys(_dm(uneven_shards, 4, num_workers=0))[0]) if key in b)
+    for workers in (0, 2):  # read on the spot, or read ahead: the error comes with the batch that holds it
+        dm = _dm(root, 4, num_workers=workers)
+        got = 0
+        with pytest.raises(UnreadableSample) as err:
+            for _ in dm.train_dataloader():
+                got += 1
+        assert got == bad
+        assert shard in str(err.value) and key in str(err.value) and "esawc" in str(err.value)
     dm = _dm(root, 4, num_workers=0, on_unreadable="substitute")
     loader = dm.train_dataloader()
     keys = [k for b in loader for k in b["key"]]
@@ -214,8 +224,9 @@ def _rss(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read worker RSS")
-def test_worker_memory_stays_flat_over_epochs(uneven_shards):
-    dm = _dm(uneven_shards, 4, num_workers=1)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_reader_memory_stays_flat_over_epochs(uneven_shards, mode):
+    dm = _dm(uneven_shards, 4, num_workers=1, worker_mode=mode)
     loader = dm.train_dataloader()
     rss = []
     for epoch in range(4):
@@ -223,6 +234,9 @@ def test_worker_memory_stays_flat_over_epochs(uneven_shards):
         it = iter(loader)
         for _ in it:
             pass
-        workers = loader._iterator._workers  # persistent workers: the same processes every epoch
-        rss.append(sum(_rss(w.pid) for w in workers))
+        if mode == "process":
+            workers = loader._iterator._workers  # persistent workers: the same processes every epoch
+            rss.append(sum(_rss(w.pid) for w in workers))
+        else:
+            rss.append(_rss(os.getpid()))  # the reader threads live in this process
     assert rss[-1] <= rss[1] * 1.10 + 8e6, rss
