@@ -8,10 +8,10 @@ For the same shards (built from ``m3leo-shards synth`` data), the same samples, 
   (d) upstream  — one rasterio open + read per chip per modality from the synth hub layout (the upstream way).
 for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
 parallel ranged GETs of the same bytes; the time to the first batch for an index of 1M samples in 10k shards; and the
-loader workers' RSS over three epochs. Repeats alternate the methods; medians are reported. All data is in the page
+readers' RSS over eight epochs (worker processes, or the training process in thread mode). Repeats alternate the methods; medians are reported. All data is in the page
 cache (the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
 
-    python bench/loader.py --chips-per-region 24 --workers 2 --repeats 3
+    python bench/loader.py --chips-per-region 16 --workers 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def _collate_list(batch):
 
 
 PASSES = 3
+RSS_EPOCHS = 8
 METHODS = ("pread_only", "ceiling_workers", "ceiling_threads", "m3leo", "m3leo_process", "wds", "upstream")
 
 
@@ -351,15 +352,22 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--passes", type=int, default=3, help="timed passes per measurement after a warm-up pass")
+    ap.add_argument("--passes", type=int, default=10, help="timed passes (epochs) per measurement after a warm-up")
     ap.add_argument("--work", default=None, help="keep generated data here (default: a temporary directory)")
     ap.add_argument("--big-index", type=int, default=1_000_000)
     ap.add_argument("--big-shards", type=int, default=10_000)
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--s3-passes", type=int, default=3, help="timed passes per S3 measurement (moto is slow)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "loader.json"))
+    ap.add_argument("--rss-of", choices=("thread", "process"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     global PASSES
     PASSES = args.passes
+    if args.rss_of:
+        rss = reader_rss(str(Path(args.work) / "shards"), ["s1grd", "s2rgbm", "esawc"], args.workers,
+                         args.batch_size, RSS_EPOCHS, args.rss_of)
+        print(json.dumps(rss))
+        return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="m3leo-bench-loader-"))
     src, shards = work / "src", work / "shards"
@@ -416,6 +424,7 @@ def main() -> None:
             dm = M3LEODataModule(url, inputs=mods, batch_size=B, num_workers=0)
             dm.setup()
             batches = list(dm.train_dataloader().batch_sampler)
+            PASSES = args.s3_passes
             s3_methods = ("ranged_gets_workers", "ranged_gets_threads", "m3leo", "m3leo_process")
             runs = {k: [] for k in s3_methods}
             for _ in range(args.repeats):
@@ -445,11 +454,13 @@ def main() -> None:
     print(f"\ntime to first batch, index of {args.big_index} samples in {args.big_shards} shards: {ttfb:.2f} s")
     shutil.rmtree(big)
 
-    for mode in ("thread", "process"):
-        rss = reader_rss(str(shards), ["s1grd", "s2rgbm", "esawc"], W, B, 3, mode)
+    for mode in ("thread", "process"):  # in a fresh process each: nothing else of this run in the figure
+        out = subprocess.run([sys.executable, __file__, "--rss-of", mode, "--work", str(work), "--workers", str(W),
+                              "--batch-size", str(B)], check=True, capture_output=True, text=True).stdout
+        rss = json.loads(out.strip().splitlines()[-1])
         results.setdefault("reader_rss_bytes_per_epoch", {})[mode] = rss
-        where = "this process (reader threads)" if mode == "thread" else "worker processes"
-        print(f"RSS of {where} after epochs 1-3 (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
+        where = "the training process (reader threads)" if mode == "thread" else "the worker processes"
+        print(f"RSS of {where} after epochs 1-{len(rss)} (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

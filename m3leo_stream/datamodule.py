@@ -2,9 +2,10 @@
 
 The main process plans (``planner``); the reader (``reader``) reads and decodes on ``num_workers`` threads of the
 training process that read the next planned batches ahead (``readahead``, the default ``worker_mode="thread"``) or in
-DataLoader worker processes (``worker_mode="process"``); the device transforms run in ``on_after_batch_transfer``. Train loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in
-checkpoints; because a rank's batch ``k`` is its part of global batch ``k``, that position is the same on every rank
-and a run resumes at any world size that divides the global batch.
+DataLoader worker processes (``worker_mode="process"``); the device transforms run in ``on_after_batch_transfer``.
+Train loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in checkpoints; because a rank's
+batch ``k`` is its part of global batch ``k``, that position is the same on every rank and a run resumes at any
+world size that divides the global batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -316,14 +317,18 @@ class M3LEODataModule(pl.LightningDataModule):
         subs = {r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
-                            substitutes=subs, config=self.reader_config)
+                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead))
+
+    @property
+    def _read_ahead(self) -> bool:
+        return self.worker_mode == "thread" and self.num_workers > 0
 
     def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool) -> M3LEOLoader:
         workers = self.num_workers
-        if self.worker_mode == "thread" and workers > 0:
+        if self._read_ahead:
             # Lightning's "does not have many workers" hint counts processes; here the readers are threads
             warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-            pin = (lambda batch: pin_memory(batch)) if self.pin_memory else None
+            pin = pin_memory if self.pin_memory else None
             ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=workers * self.prefetch_factor,
                                      pin=pin, next_epoch=train)
             return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
