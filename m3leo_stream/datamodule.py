@@ -328,7 +328,9 @@ class M3LEODataModule(pl.LightningDataModule):
         if self._read_ahead:
             # Lightning's "does not have many workers" hint counts processes; here the readers are threads
             warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-            pin = pin_memory if self.pin_memory else None
+            pin = pin_memory if self.pin_memory and torch.cuda.is_available() else None
+            if self.pin_memory and pin is None:
+                log.warning("pin_memory=True but CUDA is not available: batches are not pinned")
             ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=workers * self.prefetch_factor,
                                      pin=pin, next_epoch=train)
             return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
