@@ -157,7 +157,9 @@ class ModalityStats:
             self._merge_moments(b, n, mean, m2)
             self.vmin[b] = min(self.vmin[b], float(v64.min()))
             self.vmax[b] = max(self.vmax[b], float(v64.max()))
-            self.hist[b] += np.bincount(_float_keys(v), minlength=self.nbins)
+            keys = _float_keys(v)
+            lo, hi = int(keys.min()), int(keys.max())  # count into a short vector: chips span few buckets
+            self.hist[b, lo:hi + 1] += np.bincount(keys - lo, minlength=hi - lo + 1)
 
     def _merge_moments(self, b: int, n: int, mean: float, m2: float) -> None:
         na = self.count[b]
