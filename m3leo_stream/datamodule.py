@@ -48,6 +48,8 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.fingerprint = dict(fingerprint or {})  # what a resumed run must share with the saved one
         self._plans: dict[int, EpochPlan] = {}  # this epoch's and, once read ahead, the next one's
         self.position: tuple[int, int] | None = None  # (epoch, batch) last yielded, for read-ahead
+        self._start = 0  # first batch of the next iteration
+        self.offset = 0  # first batch of the current iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -72,10 +74,21 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    def start_at(self, batch: int) -> None:
+        """Begin the next iteration at ``batch`` of the epoch (a restored position)."""
+        self._start = int(batch)
+
     def __iter__(self) -> Iterator[list[int]]:
+        # offset is set now, not at the first batch: the loader's state reads it. A restored start holds until a
+        # batch is taken (DataLoader iterators call iter() more than once before their first batch).
         plan, epoch = self.plan, self.epoch
-        for g in range(plan.num_batches):
+        self.offset = self._start
+        return self._batches(plan, epoch, self.offset)
+
+    def _batches(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[list[int]]:
+        for g in range(start, plan.num_batches):
             self.position = (epoch, g)
+            self._start = 0
             yield plan.rank_batch(g, self.rank, self.world_size)
 
     def batch_at(self, position: tuple[int, int]) -> list[int] | None:
@@ -123,11 +136,14 @@ class M3LEOLoader(StatefulDataLoader):
         return _MeteredIterator(it, self.metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        """torchdata's state (batches consumed this epoch) plus the epoch and the plan's fingerprint."""
+        """torchdata's state plus ours: the epoch, the batches of it handed to the consumer, and the plan's
+        fingerprint. Ours alone restores the position, so a run resumes whatever ``num_workers`` or
+        ``worker_mode`` it had or has now."""
         state = super().state_dict()
         sampler = self.batch_sampler
         if isinstance(sampler, PlannedBatchSampler):
-            state["m3leo"] = {"epoch": sampler.epoch, **sampler.fingerprint}
+            state["m3leo"] = {"epoch": sampler.epoch, "batches": sampler.offset + _batches_yielded(state),
+                              **sampler.fingerprint}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -136,22 +152,26 @@ class M3LEOLoader(StatefulDataLoader):
         state = dict(state_dict)
         meta = state.pop("m3leo", None)
         sampler = self.batch_sampler
-        if meta is not None and isinstance(sampler, PlannedBatchSampler):
-            saved = {k: v for k, v in meta.items() if k != "epoch"}
-            if saved != sampler.fingerprint:
-                diff = {k: (saved.get(k), sampler.fingerprint.get(k))
-                        for k in set(saved) | set(sampler.fingerprint) if saved.get(k) != sampler.fingerprint.get(k)}
-                raise ValueError(f"cannot resume this loader position: the plan differs from the checkpoint's "
-                                 f"(saved, now): {diff}. Keep seed, region weights and the global batch "
-                                 "(batch_size × world size) unchanged to resume.")
-            epoch = int(meta["epoch"])
-            sampler.set_epoch(epoch)
-            if _batches_yielded(state) >= len(sampler):
-                # a finished epoch (a checkpoint at its last batch): the next epoch starts at its first batch.
-                # Restoring "all yielded" would make Lightning's next epoch yield nothing.
-                sampler.set_epoch(epoch + 1)
-                return
-        super().load_state_dict(state)
+        if meta is None or not isinstance(sampler, PlannedBatchSampler):
+            super().load_state_dict(state)
+            return
+        saved = {k: v for k, v in meta.items() if k not in ("epoch", "batches")}
+        if saved != sampler.fingerprint:
+            diff = {k: (saved.get(k), sampler.fingerprint.get(k))
+                    for k in set(saved) | set(sampler.fingerprint) if saved.get(k) != sampler.fingerprint.get(k)}
+            raise ValueError(f"cannot resume this loader position: the plan differs from the checkpoint's "
+                             f"(saved, now): {diff}. Keep seed, region weights and the global batch "
+                             "(batch_size × world size) unchanged to resume.")
+        epoch = int(meta["epoch"])
+        batches = int(meta["batches"]) if "batches" in meta else _batches_yielded(state)  # older checkpoints
+        sampler.set_epoch(epoch)
+        if batches >= len(sampler):
+            # a finished epoch (a checkpoint at its last batch): the next epoch starts at its first batch.
+            # Restoring "all yielded" would make Lightning's next epoch yield nothing.
+            sampler.set_epoch(epoch + 1)
+            batches = 0
+        super().load_state_dict({})  # drop any iterator; the next one starts afresh
+        sampler.start_at(batches)
 
 
 def _batches_yielded(state: Mapping[str, Any]) -> int:

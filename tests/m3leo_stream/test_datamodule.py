@@ -118,10 +118,14 @@ def test_ddp_equal_batches_no_duplicates_exact_eval(uneven_shards, tmp_path, wor
     assert len(padding) == len(records[0]["val"]) * world * batch - len(val)
 
 
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards, mode):
+@pytest.mark.parametrize("before,after", [
+    (("thread", 2), ("thread", 2)), (("process", 2), ("process", 2)),
+    # a checkpoint resumes whatever reader set-up the run had or has now
+    (("process", 2), ("thread", 2)), (("thread", 2), ("process", 1)), (("thread", 2), ("thread", 0)),
+])
+def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards, before, after):
     full = train_keys(_dm(uneven_shards, 4, num_workers=2), (0,))[0]
-    dm = _dm(uneven_shards, 4, num_workers=2, worker_mode=mode)
+    dm = _dm(uneven_shards, 4, num_workers=before[1], worker_mode=before[0])
     loader = dm.train_dataloader()
     loader.batch_sampler.set_epoch(0)
     first = []
@@ -131,12 +135,20 @@ def test_resume_mid_epoch_continues_with_the_next_batch(uneven_shards, mode):
             break
     state = loader.state_dict()
     del loader
-    dm2 = _dm(uneven_shards, 4, num_workers=2, worker_mode=mode)
+    dm2 = _dm(uneven_shards, 4, num_workers=after[1], worker_mode=after[0])
     resumed = dm2.train_dataloader()
     resumed.batch_sampler.set_epoch(0)
     resumed.load_state_dict(state)
-    rest = [b["key"] for b in resumed]
+    assert resumed.state_dict()["m3leo"]["batches"] == 5  # a checkpoint before the first resumed batch
+    rest = []
+    for i, b in enumerate(resumed):
+        rest.append(b["key"])
+        if i == 1:
+            assert resumed.state_dict()["m3leo"]["batches"] == 7  # positions stay absolute after a resume
     assert first + rest == full
+    # the next epoch starts at its first batch
+    resumed.batch_sampler.set_epoch(1)
+    assert [b["key"] for b in resumed] == train_keys(_dm(uneven_shards, 4, num_workers=0), (1,))[0]
 
 
 def test_elastic_resume_from_two_ranks_to_one(uneven_shards, tmp_path):
