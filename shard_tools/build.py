@@ -237,8 +237,9 @@ def _source_name(ref: hub.FileRef, src_root: str) -> str:
 
 
 def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, depth: int = 4):
-    """Yield (chip, {modality: bytes, local path or exception}); remote files are read ahead by a few threads, local
-    ones by the kernel (``POSIX_FADV_WILLNEED``) ``depth`` chips ahead."""
+    """Yield (chip, {modality: bytes, local path or exception}); remote files are read ahead by ``depth`` threads,
+    local ones by the kernel (``POSIX_FADV_WILLNEED``) ``LOCAL_READ_AHEAD`` chips ahead."""
+    local_depth = LOCAL_READ_AHEAD
     def read_all(job: ChipJob) -> dict[str, bytes | str | BaseException]:
         out: dict[str, bytes | str | BaseException] = {}
         for name, ref in job.files.items():
@@ -252,7 +253,7 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
         local = is_local(reader.fs)
         for i, job in enumerate(chips):
             if local:  # the kernel reads the files of the chips ahead while this one is decoded
-                for ahead in chips[i + 1 if i == 0 else i + depth: i + depth + 1]:
+                for ahead in chips[i + 1 if i == 0 else i + local_depth: i + local_depth + 1]:
                     for ref in ahead.files.values():
                         if not ref.in_parquet:
                             _will_need(ref.path)
@@ -271,6 +272,9 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
             if nxt is not None:
                 pending.append((nxt, pool.submit(read_all, nxt)))
             yield job, fut.result()
+
+
+LOCAL_READ_AHEAD = 4  # chips of a local source whose files the kernel is asked to read ahead
 
 
 def _will_need(path: str) -> None:
