@@ -6,10 +6,11 @@ For the same shards (built from ``m3leo-shards synth`` data), the same samples, 
   (b) m3leo     — ``M3LEODataModule.train_dataloader()``, default thread mode and ``worker_mode="process"``;
   (c) wds       — a plain webdataset pipeline over the same tar shards decoding the same ``.npy`` members;
   (d) upstream  — one rasterio open + read per chip per modality from the synth hub layout (the upstream way).
-for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback (moto_server): the loader against
-parallel ranged GETs of the same bytes; the time to the first batch for an index of 1M samples in 10k shards; and the
-readers' RSS over eight epochs (worker processes, or the training process in thread mode). Repeats alternate the methods; medians are reported. All data is in the page
-cache (the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
+for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalities. Then S3 on loopback
+(moto_server): the loader against parallel ranged GETs of the same bytes; the time to the first batch for an index of
+1M samples in 10k shards; and the readers' RSS over eight epochs (worker processes, or the training process in thread
+mode), each in a fresh process. Repeats alternate the methods; medians are reported. All data is in the page cache
+(the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
 
     python bench/loader.py --chips-per-region 16 --workers 2 --repeats 3
 """
