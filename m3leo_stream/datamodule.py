@@ -107,6 +107,14 @@ class LoaderMetrics:
     wait_s: float = 0.0
     read_s: float = 0.0
     first: float | None = None
+    read_ahead: int = 0  # thread mode: batches that were read ahead when asked for
+    read_on_the_spot: int = 0  # ... and batches that were not (an epoch's first, a resumed position)
+
+    def count_read_ahead(self, ahead: bool) -> None:
+        if ahead:
+            self.read_ahead += 1
+        else:
+            self.read_on_the_spot += 1
 
     def as_dict(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.first, 1e-9) if self.first is not None else 0.0
@@ -120,6 +128,8 @@ class LoaderMetrics:
             "substitutions": float(self.io.substitutions),
             "wait_s": self.wait_s,
             "worker_read_s": self.read_s,
+            "batches_read_ahead": float(self.read_ahead),
+            "batches_read_on_the_spot": float(self.read_on_the_spot),
         }
 
 
@@ -352,7 +362,7 @@ class M3LEODataModule(pl.LightningDataModule):
             if self.pin_memory and pin is None:
                 log.warning("pin_memory=True but CUDA is not available: batches are not pinned")
             ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=workers * self.prefetch_factor,
-                                     pin=pin, next_epoch=train)
+                                     pin=pin, next_epoch=train, count=self.metrics.count_read_ahead)
             return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
                                metrics=self.metrics)
         return M3LEOLoader(

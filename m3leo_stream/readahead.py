@@ -38,16 +38,18 @@ class ReadAheadDataset(torch.utils.data.Dataset):
     (a resumed position, another epoch than expected) is read on the spot. With ``next_epoch`` the read-ahead runs on
     into the first batches of the following epoch (training: they are read during validation or the epoch's last
     steps). Errors surface when their batch is asked for, exactly as in worker mode. ``pin`` pins each batch in the
-    reader thread (``pin_memory`` for CUDA).
+    reader thread (``pin_memory`` for CUDA); ``count(ahead)`` is told for every batch whether it had been read ahead.
     """
 
     def __init__(self, dataset: Any, sampler: PlannedSampler, threads: int, depth: int,
-                 pin: Callable[[Any], Any] | None = None, next_epoch: bool = False):
+                 pin: Callable[[Any], Any] | None = None, next_epoch: bool = False,
+                 count: Callable[[bool], None] | None = None):
         self.dataset = dataset
         self.sampler = sampler
         self.depth = max(1, int(depth))
         self.pin = pin
         self.next_epoch = next_epoch
+        self.count = count
         self._pool = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="m3leo-readahead")
         self._pending: dict[Position, tuple[tuple[int, ...], Future]] = {}
         self._lock = threading.Lock()
@@ -73,7 +75,10 @@ class ReadAheadDataset(torch.utils.data.Dataset):
                 self._pending.pop(p)[1].cancel()
             if pos is not None:
                 self._top_up(pos)
-        if ahead is not None and ahead[0] == refs:
+        hit = ahead is not None and ahead[0] == refs
+        if self.count is not None:
+            self.count(hit)
+        if hit:
             return ahead[1].result()
         if ahead is not None:
             ahead[1].cancel()

@@ -15,11 +15,11 @@ from m3leo_stream.reader import _FdCache
 INPUTS, TARGETS = ["modisveg"], ["esawc"]
 
 
-def _loader(root, workers: int, prefetch: int = 2):
+def _loader(root, workers: int, prefetch: int = 2, with_dm: bool = False):
     dm = M3LEODataModule(str(root), inputs=INPUTS, targets=TARGETS, batch_size=4, num_workers=workers, seed=0,
                          prefetch_factor=prefetch)
     dm.setup("fit")
-    return dm.train_dataloader()
+    return (dm.train_dataloader(), dm) if with_dm else dm.train_dataloader()
 
 
 def _count_reads(loader) -> list[tuple[int, ...]]:
@@ -38,7 +38,7 @@ def _count_reads(loader) -> list[tuple[int, ...]]:
 
 
 def test_reads_the_planned_batches_ahead_and_each_once(uneven_shards):
-    loader = _loader(uneven_shards, workers=2, prefetch=2)
+    loader, dm = _loader(uneven_shards, workers=2, prefetch=2, with_dm=True)
     reads = _count_reads(loader)
     plan = [list(b) for b in loader.batch_sampler]
     it = iter(loader)
@@ -59,6 +59,9 @@ def test_reads_the_planned_batches_ahead_and_each_once(uneven_shards):
     for _, fut in list(pending.values()):
         fut.result()
     assert len(reads) == len(set(reads)) == 2 * len(plan) + len(pending)  # nothing read twice
+    # only the very first batch was read on the spot; the loader metrics say so
+    m = dm.loader_metrics()
+    assert (m["batches_read_on_the_spot"], m["batches_read_ahead"]) == (1, 2 * len(plan) - 1)
 
 
 def test_a_different_epoch_than_expected_drops_what_was_read_ahead(uneven_shards):
