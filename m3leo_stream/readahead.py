@@ -101,11 +101,3 @@ class ReadAheadDataset(torch.utils.data.Dataset):
             if nxt not in self._pending:
                 self._pending[nxt] = (tuple(want), self._pool.submit(self._read, want))
             cur = nxt
-
-    def close(self) -> None:
-        """Drop batches read ahead and stop the threads (also done when the dataset is garbage-collected)."""
-        with self._lock:
-            for _, fut in self._pending.values():
-                fut.cancel()
-            self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
