@@ -42,7 +42,8 @@ def _cfg(args, batch_size: int):
 
     over = [
         "experiment=pretrain_mae", f"data.root={args.root}", f"data.batch_size={batch_size}",
-        f"data.num_workers={args.workers}", f"transforms.grid.size={args.grid}", f"model.size={args.size}",
+        f"data.num_workers={args.workers}", f"data.worker_mode={args.worker_mode}",
+        f"transforms.grid.size={args.grid}", f"model.size={args.size}",
         f"model.patch_size={args.patch}", f"trainer.precision={args.precision}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
         "trainer.enable_progress_bar=false", "logger.wandb.mode=disabled", "trainer.limit_val_batches=0",
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--batch-size", default="8", help="an integer or 'auto' (largest power of two that fits; GPU)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--worker-mode", default="thread", choices=("thread", "process"))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--run-dir", default="/tmp/m3leo-bench-run")
@@ -190,10 +192,12 @@ def main() -> None:
                                                                 "patch": args.patch},
         "load_avg_1m_at_end": os.getloadavg()[0],
         "grid_px": args.grid, "precision": args.precision, "batch_size": bs, "workers": args.workers,
+        "worker_mode": args.worker_mode,
         "steps_measured": args.steps, "compute_only": compute, "pipeline": pipeline,
         "pipeline_over_compute": pipeline["samples_per_s_per_device"] / compute["samples_per_s_per_device"],
     }
-    print(f"pretrain_mae on {where}: batch {bs}, grid {args.grid}px, {args.precision}, {args.workers} workers")
+    print(f"pretrain_mae on {where}: batch {bs}, grid {args.grid}px, {args.precision}, "
+          f"{args.workers} workers ({args.worker_mode} mode)")
     print(f"{'':>14} {'samples/s/device':>17} {'step s':>8} {'data wait':>10}")
     for name, r in (("compute only", compute), ("pipeline", pipeline)):
         print(f"{name:>14} {r['samples_per_s_per_device']:>17.2f} {r['step_s']:>8.3f} {r['data_wait_frac']:>10.1%}")
