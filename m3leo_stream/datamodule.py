@@ -347,7 +347,13 @@ class M3LEODataModule(pl.LightningDataModule):
         subs = {r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
-                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead))
+                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
+                                                             pooled_batches=self._live_batches))
+
+    @property
+    def _live_batches(self) -> int:
+        """Batches alive at once in thread mode: those read ahead, one read on the spot, two the consumer holds."""
+        return (self.num_workers * self.prefetch_factor if self._read_ahead else 0) + 3
 
     @property
     def _read_ahead(self) -> bool:

@@ -51,6 +51,9 @@ class ReaderConfig:
     # local shards: read a batch's requests on the calling thread (thread mode, where several batches are read
     # at once already; more threads than cores there only contend)
     inline_local: bool = False
+    # batch arrays kept for reuse when read in this process: at most as many as can be alive at once (the batches
+    # read ahead plus those the consumer holds); more are allocated afresh and freed
+    pooled_batches: int = 4
 
     def __post_init__(self) -> None:
         if self.on_unreadable not in ("fail", "substitute"):
@@ -138,7 +141,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.config = config or ReaderConfig()
         self._pid: int | None = None
         self._state_lock = threading.Lock()
-        self._buffers = _BufferPool()
+        self._buffers = _BufferPool(self.config.pooled_batches)
 
     def __getstate__(self) -> dict[str, Any]:
         """For worker processes: per-process resources (locks, pools, files, buffers) are made anew there."""
@@ -149,7 +152,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._state_lock = threading.Lock()
-        self._buffers = _BufferPool()
+        self._buffers = _BufferPool(self.config.pooled_batches)
 
     # -- per-process resources, created lazily after fork/spawn --------------------------------------------------
     def _state(self) -> dict[str, Any]:
