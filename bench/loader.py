@@ -52,6 +52,20 @@ SETS = {"s1grd": ["s1grd"], "s1grd+esawc (2 of 9)": ["s1grd", "esawc"],
 
 
 # -- (a) ceiling -----------------------------------------------------------------------------------------------
+def pread_range(path: str, off: int, n: int) -> bytes:
+    """A plain read of one byte range (open, pread, close)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def get_ranges(fs, rs: list[tuple[str, int, int]]) -> list[bytes]:
+    """Parallel ranged GETs of ``rs`` (s3fs ``cat_ranges``, all at once)."""
+    return fs.cat_ranges([p for p, _, _ in rs], [o for _, o, _ in rs], [o + n for _, o, n in rs])
+
+
 class RangeReads(torch.utils.data.Dataset):
     """pread of given (shard path, offset, nbytes) ranges, handed to the consumer as uint8 tensors (``deliver``)
     or only counted (nothing leaves the worker: an upper bound no loader can reach)."""
@@ -65,12 +79,8 @@ class RangeReads(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         out = []
-        for path, off, n in self.ranges[i]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, n, off)
-            finally:
-                os.close(fd)
+        for r in self.ranges[i]:
+            data = pread_range(*r)
             out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.deliver else len(data))
         return out
 
@@ -86,17 +96,7 @@ class ThreadedRangeReads:
 
     @staticmethod
     def _read(samples: list[list[tuple[str, int, int]]]) -> list[list[bytes]]:
-        out = []
-        for sample in samples:
-            got = []
-            for path, off, n in sample:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    got.append(os.pread(fd, n, off))
-                finally:
-                    os.close(fd)
-            out.append(got)
-        return out
+        return [[pread_range(*r) for r in sample] for sample in samples]
 
     def __iter__(self):
         return self.pool.map(self.read, self.batches)
@@ -262,9 +262,7 @@ class S3RangeReads(torch.utils.data.Dataset):
 
         if self._fs is None:
             self._fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        rs = [r for i in idx for r in self.ranges[i]]
-        data = self._fs.cat_ranges([p for p, _, _ in rs], [o for _, o, _ in rs], [o + n for _, o, n in rs])
-        return sum(len(d) for d in data)
+        return sum(len(d) for d in get_ranges(self._fs, [r for i in idx for r in self.ranges[i]]))
 
 
 def run_s3_ceiling(url: str, batches, index, mods, workers):
@@ -284,9 +282,7 @@ def run_s3_thread_ceiling(url: str, batches, index, mods, workers):
     bs = len(batches[0])
 
     def read(samples: list[list[tuple[str, int, int]]]) -> list[list[bytes]]:
-        rs = [r for s in samples for r in s]
-        data = fs.cat_ranges([p for p, _, _ in rs], [o for _, o, _ in rs], [o + n for _, o, n in rs])
-        return [data]
+        return [get_ranges(fs, [r for s in samples for r in s])]
 
     reads = ThreadedRangeReads(ranges, bs, workers, read)
     return _drain(reads, lambda b: (bs, sum(len(x) for x in b[0])))

@@ -351,9 +351,14 @@ class M3LEODataModule(pl.LightningDataModule):
                                                              pooled_batches=self._live_batches))
 
     @property
+    def _read_ahead_depth(self) -> int:
+        """Batches read ahead in thread mode (none otherwise)."""
+        return self.num_workers * self.prefetch_factor if self._read_ahead else 0
+
+    @property
     def _live_batches(self) -> int:
         """Batches alive at once in thread mode: those read ahead, one read on the spot, two the consumer holds."""
-        return (self.num_workers * self.prefetch_factor if self._read_ahead else 0) + 3
+        return self._read_ahead_depth + 3
 
     @property
     def _read_ahead(self) -> bool:
@@ -367,7 +372,7 @@ class M3LEODataModule(pl.LightningDataModule):
             pin = pin_memory if self.pin_memory and torch.cuda.is_available() else None
             if self.pin_memory and pin is None:
                 log.warning("pin_memory=True but CUDA is not available: batches are not pinned")
-            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=workers * self.prefetch_factor,
+            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=self._read_ahead_depth,
                                      pin=pin, next_epoch=train, count=self.metrics.count_read_ahead)
             return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
                                metrics=self.metrics)

@@ -429,7 +429,7 @@ class _BufferPool:
     it spares the page faults of fresh memory, which cost about as much as reading page-cached bytes into it.
     """
 
-    def __init__(self, keep: int = 16):
+    def __init__(self, keep: int):
         self.keep = keep
         self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
         self._lock = threading.Lock()

@@ -239,7 +239,6 @@ def _source_name(ref: hub.FileRef, src_root: str) -> str:
 def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, depth: int = 4):
     """Yield (chip, {modality: bytes, local path or exception}); remote files are read ahead by ``depth`` threads,
     local ones by the kernel (``POSIX_FADV_WILLNEED``) ``LOCAL_READ_AHEAD`` chips ahead."""
-    local_depth = LOCAL_READ_AHEAD
     def read_all(job: ChipJob) -> dict[str, bytes | str | BaseException]:
         out: dict[str, bytes | str | BaseException] = {}
         for name, ref in job.files.items():
@@ -253,7 +252,8 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
         local = is_local(reader.fs)
         for i, job in enumerate(chips):
             if local:  # the kernel reads the files of the chips ahead while this one is decoded
-                for ahead in chips[i + 1 if i == 0 else i + local_depth: i + local_depth + 1]:
+                # at the first chip the next LOCAL_READ_AHEAD, then one more each chip
+                for ahead in chips[i + 1 if i == 0 else i + LOCAL_READ_AHEAD: i + LOCAL_READ_AHEAD + 1]:
                     for ref in ahead.files.values():
                         if not ref.in_parquet:
                             _will_need(ref.path)
