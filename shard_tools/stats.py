@@ -99,15 +99,15 @@ def _float_keys(values: np.ndarray) -> np.ndarray:
     return (ordered >> 16).astype(np.int64)
 
 
-def _bucket_edges(key: int) -> tuple[float, float]:
-    """Value range [lo, hi] of a float bucket key."""
-    def decode(ordered: int) -> float:
-        bits = ordered & 0xFFFFFFFF
-        raw = (bits & 0x7FFFFFFF) if bits & 0x80000000 else (~bits & 0xFFFFFFFF)
-        return float(np.array([raw], dtype=np.uint32).view(np.float32)[0])
+def _bucket_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Value ranges [lo, hi] of float bucket keys (float64 arrays)."""
+    def decode(ordered: np.ndarray) -> np.ndarray:
+        raw = np.where(ordered & np.uint32(0x80000000), ordered & np.uint32(0x7FFFFFFF), ~ordered)
+        return raw.view(np.float32).astype(np.float64)
 
-    a, b = decode(key << 16), decode((key << 16) | 0xFFFF)
-    return (min(a, b), max(a, b))
+    k = np.asarray(keys).astype(np.uint32) << np.uint32(16)
+    a, b = decode(k), decode(k | np.uint32(0xFFFF))
+    return np.where(b < a, b, a), np.where(b > a, b, a)
 
 
 class ModalityStats:
@@ -251,8 +251,9 @@ class ModalityStats:
         counts, means, stds, mins, maxs, nodata = [], [], [], [], [], []
         pcts: dict[str, list[float | None]] = {_pct_key(p): [] for p in PERCENTILES}
         for b in range(c):
+            nz = np.flatnonzero(hist[b])
             if self.exact:
-                n, mean, std, lo, hi = self._int_moments(hist[b])
+                n, mean, std, lo, hi = self._int_moments(hist[b], nz)
             else:
                 n = int(self.count[b])
                 mean = float(self.mean[b]) if n else None
@@ -265,9 +266,9 @@ class ModalityStats:
             mins.append(lo)
             maxs.append(hi)
             nodata.append(float(1 - n / self.total[b]) if self.total[b] else None)
-            cum = np.cumsum(hist[b]) if n else None
-            for p in PERCENTILES:
-                pcts[_pct_key(p)].append(self._percentile(hist[b], n, p, lo, hi, cum))
+            values = self._percentiles(hist[b], nz, n, lo, hi) if n else [None] * len(PERCENTILES)
+            for p, v in zip(PERCENTILES, values):
+                pcts[_pct_key(p)].append(v)
         out.update(count=counts, mean=means, std=stds, min=mins, max=maxs, percentiles=pcts, nodata_fraction=nodata)
         if self.m.is_categorical:
             total = hist.sum(axis=0)
@@ -275,40 +276,44 @@ class ModalityStats:
                 str(k + self.offset): int(total[k]) for k in np.nonzero(total)[0]
             }
 
-    def _int_moments(self, h: np.ndarray):
+    def _int_moments(self, h: np.ndarray, nz: np.ndarray):
+        """(count, mean, std, min, max) of an exact histogram ``h`` whose non-empty bins are ``nz``."""
         n = int(h.sum())
         if n == 0:
             return 0, None, None, None, None
-        nz = np.nonzero(h)[0]
         vals = (nz + self.offset).astype(np.float64)
         w = h[nz].astype(np.float64)
         mean = float((vals * w).sum() / n)
         var = float((w * (vals - mean) ** 2).sum() / n)
         return n, mean, math.sqrt(var), float(vals[0]), float(vals[-1])
 
-    def _percentile(self, h: np.ndarray, n: int, p: float, lo: float | None, hi: float | None,
-                    cum: np.ndarray | None = None) -> float | None:
-        """numpy's 'linear' percentile: exact for integer bands, within one bucket for floats. ``cum``: the
-        cumulative sum of ``h`` when the caller has it."""
-        if n == 0:
-            return None
-        rank = p / 100 * (n - 1)
-        cum = np.cumsum(h) if cum is None else cum
+    def _percentiles(self, h: np.ndarray, nz: np.ndarray, n: int, lo: float | None,
+                     hi: float | None) -> list[float]:
+        """numpy's 'linear' percentiles (:data:`PERCENTILES`) of a band with ``n > 0`` valid values in the
+        non-empty bins ``nz`` of ``h``: exact for integer bands, within one bucket for floats. Only the span of
+        non-empty bins is summed."""
+        first = int(nz[0])
+        span = h[first: int(nz[-1]) + 1]
+        cum = np.cumsum(span)
+        rank = np.asarray(PERCENTILES, dtype=np.float64) / 100 * (n - 1)
+        r0 = np.floor(rank).astype(np.int64)
+        r1 = np.minimum(r0 + 1, n - 1)
 
-        def value_at(r: int) -> float:
-            k = int(np.searchsorted(cum, r, side="right"))
+        def value_at(r: np.ndarray) -> np.ndarray:
+            i = np.searchsorted(cum, r, side="right")  # bin first + i holds the value of rank r
             if self.exact:
-                return float(k + self.offset)
-            below = cum[k - 1] if k > 0 else 0
-            a, b = _bucket_edges(k)
-            frac = (r - below + 0.5) / h[k]
-            v = a + (b - a) * frac
-            return float(min(max(v, lo if lo is not None else v), hi if hi is not None else v))
+                return (i + first + self.offset).astype(np.float64)
+            below = np.where(i > 0, cum[np.maximum(i - 1, 0)], 0)
+            a, b = _bucket_edges(i + first)
+            v = a + (b - a) * ((r - below + 0.5) / span[i])
+            if lo is not None:
+                v = np.where(lo > v, lo, v)
+            if hi is not None:
+                v = np.where(hi < v, hi, v)
+            return v
 
-        r0 = int(math.floor(rank))
-        r1 = min(r0 + 1, n - 1)
         v0, v1 = value_at(r0), value_at(r1)
-        return v0 + (v1 - v0) * (rank - r0)
+        return (v0 + (v1 - v0) * (rank - r0)).tolist()
 
 
 class StatsSet:

@@ -32,3 +32,55 @@ def test_histogram_paths_equal_bincount(dtype):
         _add_exact_histogram(hist, a[:, ::-1])  # non-contiguous input, accumulated
         want = 2 * np.stack([np.bincount(b.astype(np.int64) - info.min, minlength=hist.shape[1]) for b in a])
         np.testing.assert_array_equal(hist, want, err_msg=f"{a.dtype} {a.min()}..{a.max()}")
+
+
+@pytest.mark.parametrize("name", ["s1grd", "esawc", "gssic", "biomass"])
+def test_summary_matches_numpy_over_valid_pixels(name):
+    """count/mean/std/min/max and every percentile against numpy over the valid pixels of several chips: exact for
+    integer bands, within one float bucket (2**-7 relative) for float bands; a band with no valid pixel has
+    None."""
+    from m3leo_stream.modalities import REGISTRY
+    from shard_tools.stats import PERCENTILES, ModalityStats, _pct_key
+
+    m = REGISTRY[name]
+    rng = np.random.default_rng(1)
+    c, h, w = len(m.bands), 20, 30
+    chips = []
+    for i in range(3):
+        if m.np_dtype.kind == "f":
+            a = rng.normal(5.0, 3.0, size=(c, h, w)).astype(m.np_dtype)
+            a[:, ::5, ::3] = np.nan
+        else:
+            info = np.iinfo(m.np_dtype)
+            a = rng.integers(max(info.min + 1, -300), min(info.max, 200), size=(c, h, w), endpoint=True,
+                             dtype=m.np_dtype)
+            if m.nodata is not None:
+                a[:, ::4, ::7] = m.nodata
+        if c > 1 and i == 0:  # one band fully invalid in one chip, fully valid in the others
+            a[-1] = m.nodata if m.nodata is not None and m.np_dtype.kind != "f" else np.nan
+        chips.append(a)
+    st = ModalityStats(m)
+    for a in chips:
+        st.add(a)
+    out = st.summary()
+    both = np.concatenate([a.reshape(c, -1) for a in chips], axis=1)
+    for b in range(c):
+        v = both[b]
+        v = v[~m.is_nodata(v)].astype(np.float64)
+        assert out["count"][b] == v.size
+        assert out["mean"][b] == pytest.approx(v.mean(), rel=1e-12)
+        assert out["std"][b] == pytest.approx(v.std(), rel=1e-9)
+        assert out["min"][b] == v.min() and out["max"][b] == v.max()
+        for p in PERCENTILES:
+            want = np.percentile(v, p)
+            got = out["percentiles"][_pct_key(p)][b]
+            if m.np_dtype.kind == "f":
+                assert got == pytest.approx(want, rel=2 ** -7, abs=1e-6), (b, p)
+            else:
+                assert got == want, (b, p)
+    empty = ModalityStats(m)
+    empty.add(np.full((c, 2, 2), np.nan if m.np_dtype.kind == "f" else m.nodata, dtype=m.np_dtype))
+    if m.nodata is not None or m.np_dtype.kind == "f":
+        e = empty.summary()
+        assert e["count"] == [0] * c and e["mean"] == [None] * c
+        assert all(e["percentiles"][_pct_key(p)] == [None] * c for p in PERCENTILES)
