@@ -238,7 +238,7 @@ def _source_name(ref: hub.FileRef, src_root: str) -> str:
 
 def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, depth: int = 4):
     """Yield (chip, {modality: bytes, local path or exception}); remote files are read ahead by ``depth`` threads,
-    local ones by the kernel (``POSIX_FADV_WILLNEED``) ``LOCAL_READ_AHEAD`` chips ahead."""
+    local ones by the kernel (``POSIX_FADV_WILLNEED``, asked from a thread) ``LOCAL_READ_AHEAD`` chips ahead."""
     def read_all(job: ChipJob) -> dict[str, bytes | str | BaseException]:
         out: dict[str, bytes | str | BaseException] = {}
         for name, ref in job.files.items():
@@ -249,15 +249,15 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
         return out
 
     if sequential:
-        local = is_local(reader.fs)
-        for i, job in enumerate(chips):
-            if local:  # the kernel reads the files of the chips ahead while this one is decoded
-                # at the first chip the next LOCAL_READ_AHEAD, then one more each chip
-                for ahead in chips[i + 1 if i == 0 else i + LOCAL_READ_AHEAD: i + LOCAL_READ_AHEAD + 1]:
-                    for ref in ahead.files.values():
-                        if not ref.in_parquet:
-                            _will_need(ref.path)
-            yield job, read_all(job)
+        ahead = KernelReadAhead() if is_local(reader.fs) else None
+        try:
+            for i, job in enumerate(chips):
+                if ahead is not None:  # at the first chip this and the next LOCAL_READ_AHEAD, then one more each
+                    ahead.advise(chips[0 if i == 0 else i + LOCAL_READ_AHEAD: i + LOCAL_READ_AHEAD + 1])
+                yield job, read_all(job)
+        finally:
+            if ahead is not None:
+                ahead.close()
         return
     with ThreadPoolExecutor(depth) as pool:
         pending: deque = deque()
@@ -277,18 +277,38 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
 LOCAL_READ_AHEAD = 4  # chips of a local source whose files the kernel is asked to read ahead
 
 
-def _will_need(path: str) -> None:
-    """Ask the kernel to start reading a local file into the page cache (a no-op where it is cached already)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # reported when the file is read
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+class KernelReadAhead:
+    """Asks the kernel to start reading local source files into the page cache (``POSIX_FADV_WILLNEED``), in
+    order, from one thread: submitting the reads can block on a busy disk, and the caller is meanwhile decoding."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="m3leo-readahead") \
+            if hasattr(os, "posix_fadvise") else None
+
+    def advise(self, chips: Sequence[ChipJob]) -> None:
+        paths = [ref.path for job in chips for ref in job.files.values() if not ref.in_parquet]
+        if self._pool is not None and paths:
+            self._pool.submit(_will_need, paths)
+
+    def close(self) -> None:
+        """Drop the requests not yet made (they are only hints) and let the thread end."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _will_need(paths: Sequence[str]) -> None:
+    """Ask the kernel to start reading local files into the page cache (a no-op where they are cached already)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # reported when the file is read
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def prepare_array(m: Modality, dec_array: np.ndarray, where: str, chip: str) -> tuple[np.ndarray, str | None]:
@@ -338,8 +358,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     # parquet row groups are cached by the reader (not thread-safe); local files need no read-ahead
     sequential = is_local(src_fs) or any(r.in_parquet for c in shard.chips for r in c.files.values())
     try:
-        with open(tmp_path, "wb") as f:
-            writer = ShardWriter(f, task.compress, writeback=WRITEBACK)
+        with open(tmp_path, "wb") as f, ShardWriter(f, task.compress, writeback=WRITEBACK, background=True) as writer:
             for job, contents in _prefetch(reader, shard.chips, sequential):
                 arrays: dict[str, np.ndarray] = {}
                 info: dict[str, Any] = {}
@@ -506,13 +525,21 @@ def _run(tasks: list[ShardTask], workers: int):
         for t in tasks:
             yield build_shard(t)
         return
+    # a local source's first chips of each queued shard are read ahead while the workers finish their shards
+    ahead = KernelReadAhead() if is_local(get_fs(tasks[0].src, tasks[0].src_options)[0]) else None
+
+    def submit(t: ShardTask):
+        if ahead is not None:
+            ahead.advise(t.shard.chips[:LOCAL_READ_AHEAD + 1])
+        return pool.submit(build_shard, t)
+
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
         # largest shards first (stable), so that no worker is left with a big shard at the end while others idle
         it = iter(sorted(tasks, key=lambda t: -len(t.shard.chips)))
         for t in it:
-            pending.add(pool.submit(build_shard, t))
+            pending.add(submit(t))
             if len(pending) >= workers * 2:
                 break
         try:
@@ -522,12 +549,15 @@ def _run(tasks: list[ShardTask], workers: int):
                     result = fut.result()
                     nxt = next(it, None)
                     if nxt is not None:
-                        pending.add(pool.submit(build_shard, nxt))
+                        pending.add(submit(nxt))
                     yield result
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
+        finally:
+            if ahead is not None:
+                ahead.close()
 
 
 # ------------------------------------------------------------------ finalize
