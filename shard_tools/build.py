@@ -249,7 +249,7 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
         return out
 
     if sequential:
-        ahead = KernelReadAhead() if is_local(reader.fs) else None
+        ahead = _KernelReadAhead() if is_local(reader.fs) else None
         try:
             for i, job in enumerate(chips):
                 if ahead is not None:  # at the first chip this and the next LOCAL_READ_AHEAD, then one more each
@@ -277,12 +277,12 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
 LOCAL_READ_AHEAD = 4  # chips of a local source whose files the kernel is asked to read ahead
 
 
-class KernelReadAhead:
+class _KernelReadAhead:
     """Asks the kernel to start reading local source files into the page cache (``POSIX_FADV_WILLNEED``), in
     order, from one thread: submitting the reads can block on a busy disk, and the caller is meanwhile decoding."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="m3leo-readahead") \
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="m3leo-fadvise") \
             if hasattr(os, "posix_fadvise") else None
 
     def advise(self, chips: Sequence[ChipJob]) -> None:
@@ -525,21 +525,13 @@ def _run(tasks: list[ShardTask], workers: int):
         for t in tasks:
             yield build_shard(t)
         return
-    # a local source's first chips of each queued shard are read ahead while the workers finish their shards
-    ahead = KernelReadAhead() if is_local(get_fs(tasks[0].src, tasks[0].src_options)[0]) else None
-
-    def submit(t: ShardTask):
-        if ahead is not None:
-            ahead.advise(t.shard.chips[:LOCAL_READ_AHEAD + 1])
-        return pool.submit(build_shard, t)
-
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
         # largest shards first (stable), so that no worker is left with a big shard at the end while others idle
         it = iter(sorted(tasks, key=lambda t: -len(t.shard.chips)))
         for t in it:
-            pending.add(submit(t))
+            pending.add(pool.submit(build_shard, t))
             if len(pending) >= workers * 2:
                 break
         try:
@@ -549,15 +541,12 @@ def _run(tasks: list[ShardTask], workers: int):
                     result = fut.result()
                     nxt = next(it, None)
                     if nxt is not None:
-                        pending.add(submit(nxt))
+                        pending.add(pool.submit(build_shard, nxt))
                     yield result
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
-        finally:
-            if ahead is not None:
-                ahead.close()
 
 
 # ------------------------------------------------------------------ finalize
