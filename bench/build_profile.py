@@ -81,7 +81,7 @@ def _instrument() -> None:
         return "GeoTIFF decode, S1 + S2" if m.name in ("s1grd", "s2rgbm") else "small GeoTIFFs"
 
     _timed(build_mod, "decode_chip_file", key=decode_part)
-    _timed(build_mod, "prepare_array", "resampling, nodata check")
+    _timed(build_mod, "to_stored", "encoding, resampling, nodata check")
     _timed(stats.StatsSet, "add", "statistics (train chips)")
     _timed(build_mod, "finalize", "finalize (index, stats, manifest)")
     _timed(build_mod, "make_plan", "planning")

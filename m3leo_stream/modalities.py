@@ -46,6 +46,46 @@ class NcVariable:
 
 
 @dataclass(frozen=True)
+class SourceEncoding:
+    """One way the release's exporters wrote a modality's files, and how it maps onto what is stored.
+
+    ``stored = view(source) × gain + offset`` (rounded for integer stored dtypes; the range is checked). Source
+    pixels that hold ``nodata`` (and NaN, and whatever the file's own nodata tag and mask mark) become the modality's
+    stored nodata. ``evidence`` cites the exporter code the encoding is read from.
+    """
+
+    name: str
+    dtype: str
+    view: str | None = None  # reinterpret the bits as this dtype first (undoes a two's-complement wrap)
+    gain: float = 1.0
+    offset: float = 0.0
+    nodata: float | int | None = None  # the source value that means no data (besides the file's tag and mask)
+    description: str = ""
+    evidence: str = ""
+
+    def __post_init__(self) -> None:
+        np.dtype(self.dtype)
+        if self.view is not None and np.dtype(self.view).itemsize != np.dtype(self.dtype).itemsize:
+            raise ValueError(f"encoding {self.name!r}: view {self.view} has another item size than {self.dtype}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.view is None and self.gain == 1.0 and self.offset == 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["nodata"] = _json_number(self.nodata)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SourceEncoding:
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if kw.get("nodata") == "nan":
+            kw["nodata"] = float("nan")
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class Modality:
     """A modality of the registry.
 
@@ -74,6 +114,7 @@ class Modality:
     nc_group: str | None = None
     nc_variables: tuple[NcVariable, ...] = ()
     nc_select_dim: str | None = None  # a dimension chosen at build time (GUNW date pairs)
+    encodings: tuple[SourceEncoding, ...] = ()  # accepted source encodings besides the stored dtype as is
     unverified: tuple[str, ...] = ()
     user_declared: bool = False
 
@@ -143,6 +184,23 @@ class Modality:
     def match_folder(self, folder: str) -> re.Match[str] | None:
         return re.fullmatch(self.folder_pattern, folder)
 
+    def encoding_for(self, dtype: Any) -> SourceEncoding | None:
+        """How a source file of ``dtype`` maps onto what is stored: a declared encoding of that dtype, else the
+        stored dtype as is (or a lossless cast to it) with the stored nodata; None when nothing maps it."""
+        dt = np.dtype(dtype)
+        for enc in self.encodings:
+            if np.dtype(enc.dtype) == dt:
+                return enc
+        if dt == self.np_dtype:
+            return SourceEncoding("as stored", self.dtype, nodata=self.nodata)
+        if np.can_cast(dt, self.np_dtype, "safe"):
+            return SourceEncoding(f"lossless cast {dt.name} to {self.dtype}", dt.name, nodata=self.nodata)
+        return None
+
+    def accepted_dtypes(self) -> list[str]:
+        """Source dtypes a build maps exactly (declared encodings first, then the stored dtype)."""
+        return list(dict.fromkeys([e.dtype for e in self.encodings] + [self.dtype]))
+
     def is_nodata(self, array: np.ndarray) -> np.ndarray:
         """Boolean mask of nodata pixels (the nodata value, and NaN for float arrays)."""
         mask = np.zeros(array.shape, dtype=bool)
@@ -160,6 +218,7 @@ class Modality:
             for v in self.nc_variables
         ]
         d["special_values"] = {str(k): v for k, v in self.special_values.items()}
+        d["encodings"] = [e.to_json() for e in self.encodings]
         d["nodata"] = _json_number(self.nodata)
         d["shape"] = list(self.shape)
         d["canonical_px"] = self.canonical_px
@@ -184,6 +243,8 @@ class Modality:
                 NcVariable(v["name"], tuple((k, tuple(vals)) for k, vals in v.get("dims", ())), v.get("band_name"))
                 for v in kw["nc_variables"] or ()
             )
+        if "encodings" in kw:
+            kw["encodings"] = tuple(SourceEncoding.from_json(e) for e in kw["encodings"] or ())
         if kw.get("nodata") == "nan":
             kw["nodata"] = float("nan")
         kw["resolution_m"] = float(kw["resolution_m"])
@@ -221,7 +282,8 @@ _GSSIC_BANDS = tuple(b for v in _GSSIC_VARS for b in v.band_names())
 def _gssic_band_kinds() -> tuple[str, ...]:
     kinds = []
     for b in _GSSIC_BANDS:
-        kinds.append("coherence" if b.startswith("coherence") else "continuous")
+        kinds.append("coherence" if b.startswith("coherence") else
+                     "categorical" if b == "geometry_lsmap" else "continuous")
     return tuple(kinds)
 
 
@@ -232,9 +294,40 @@ def _gssic_units() -> tuple[str, ...]:
             units.append("1")
         elif b.startswith("geometry_inc"):
             units.append("deg")
+        elif b == "geometry_lsmap":
+            units.append("flag code")
         else:
-            units.append("")
+            units.append("DN")
     return tuple(units)
+
+
+# Evidence for the encodings below: the code that made the release.
+_GEETILES_2023 = ("rramosp/geetiles@7beae01 geetiles/gee.py GEETile.get_tile: rasterio.mask.mask then "
+                  "out_image.astype(dataset_definition.get_dtype())")
+_S1_UINT16 = SourceEncoding(
+    "geetiles-2023-uint16", "uint16", view="int16", gain=100.0, nodata=0,
+    description="float dB seasonal means cast to uint16: negative dB wrap (-15.7 -> 65521; read as int16 -> -15, "
+    "truncated toward zero), NaN and masked pixels -> 0, a season/orbit without acquisitions -> an all-zero band. "
+    "0 is nodata, so genuine values in (-1, 1) dB are lost with it.",
+    evidence=f"{_GEETILES_2023}; defs/s1grd.py get_dtype() 'uint16'; spaceml-org/M3LEO src/fdlsar/io/io.py "
+    "load_s1grd astype(np.int16)",
+)
+_S1_INT16 = SourceEncoding(
+    "int16 dB", "int16", gain=100.0, nodata=0,
+    description="whole dB as int16 (the uint16 files read as upstream's loader does); 0 is nodata as there.",
+    evidence="spaceml-org/M3LEO src/fdlsar/io/io.py load_s1grd astype(np.int16)",
+)
+_S1_UINT8 = SourceEncoding(
+    "geetiles-2024-uint8", "uint8", gain=100.0 * 30.0 / 255.0, offset=-3000.0,
+    description="dB rescaled from [-30, 0] to uint8 (DN = 255 (dB + 30) / 30, truncated; dB = DN * 30/255 - 30), "
+    "nodata in the GDAL mask. Values outside [-30, 0] dB wrapped in the exporter and cannot be recovered.",
+    evidence="rramosp/geetiles@f9df96a ('fixed s1grd typing') defs/s1grd.py post_process_tilefile",
+)
+_S1_FLOAT32 = SourceEncoding(
+    "float32 dB", "float32", gain=100.0, nodata=float("nan"),
+    description="float dB (the exporter's values before its cast); NaN is nodata. Stored to 0.01 dB.",
+    evidence="rramosp/geetiles@f9df96a defs/s1grd.py get_dtype() 'float32' before post_process_tilefile",
+)
 
 
 _GUNW_VARS = (NcVariable("amplitude"), NcVariable("coherence"), NcVariable("unwrappedPhase"))
@@ -254,11 +347,13 @@ BUILTIN: tuple[Modality, ...] = (
         dtype="int16",
         kind="sar_db",
         units=("dB",) * 16,
+        scale=(0.01,) * 16,
         nodata=-32768,
         resolution_m=10.0,
-        description="Sentinel-1 GRD seasonal median backscatter (sigma0, dB), ascending and descending orbits.",
-        source="Google Earth Engine COPERNICUS/S1_GRD, seasonal medians (M3LEO s1grd-YYYY)",
-        unverified=("storage scale of the int16 dB values (assumed 1 dB per unit)", "nodata value (assumed -32768)"),
+        encodings=(_S1_UINT16, _S1_INT16, _S1_UINT8, _S1_FLOAT32),
+        description="Sentinel-1 GRD seasonal backscatter (sigma0, dB; 2023 exports: means truncated to whole dB), "
+        "ascending and descending orbits; stored in 0.01 dB.",
+        source="Google Earth Engine COPERNICUS/S1_GRD, seasonal means (M3LEO s1grd-YYYY, rramosp/geetiles)",
     ),
     Modality(
         name="s2rgbm",
@@ -268,13 +363,19 @@ BUILTIN: tuple[Modality, ...] = (
         file_band_names=_S2_BANDS,
         dtype="uint8",
         kind="optical",
-        units=("DN (0-255)",) * 36,
-        scale=(1 / 255,) * 36,
-        nodata=None,
+        units=("reflectance",) * 36,
+        scale=(0.3 / 255,) * 36,
+        nodata=0,
         resolution_m=10.0,
-        description="Sentinel-2 L2A harmonized monthly cloudless median RGB, month-major (01_red, 01_green, ...).",
+        encodings=(SourceEncoding(
+            "geetiles-2023-uint8", "uint8", nodata=0,
+            description="cloud-masked monthly medians through .visualize(min=0, max=0.3): DN = 255 clip(rho / 0.3); "
+            "masked pixels and months without a clear scene are 0.",
+            evidence="rramosp/geetiles@7beae01 defs/s2rgbm.py get_gee_image (maskS2clouds, median, visualize)",
+        ),),
+        description="Sentinel-2 L2A harmonized monthly cloud-masked median RGB, month-major (01_red, 01_green, ...); "
+        "surface reflectance = DN x 0.3/255 (saturates at 0.3); 0 = no clear scene.",
         source="Google Earth Engine COPERNICUS/S2_SR_HARMONIZED, monthly medians (M3LEO s2rgbm-YYYY)",
-        unverified=("whether 0 marks missing months (treated as a valid value)",),
     ),
     Modality(
         name="gssic",
@@ -288,15 +389,25 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=float("nan"),
         resolution_m=90.0,
         nc_variables=_GSSIC_VARS,
-        description="Global Seasonal Sentinel-1 Interferometric Coherence and Backscatter: seasonal amplitude, "
-        "coherence at 12/24/36/48-day baselines, coherence decay model (rho, tau, rmse), incidence angle "
-        "and layover/shadow map.",
-        source="ASF GSSIC (Kellndorfer et al.), Dec 2019 - Nov 2020 seasons",
-        unverified=("coherence scale (assumed 0-1 floats; set scale 0.01 for 0-100 bytes)", "amplitude units"),
+        scale=tuple(0.01 if b.startswith("coherence") else 1.0 for b in _GSSIC_BANDS),
+        encodings=(SourceEncoding(
+            "sartiles-gssic", "float32", nodata=float("nan"),
+            description="the GSSIC tiles' values as float with NaN for no data: coherence DN = gamma x 100 (0-100), "
+            "amplitude and decay-model DN, incidence angle, layover/shadow flag codes; file season order summer, "
+            "fall, winter, spring (selected by name).",
+            evidence="rramosp/sartiles sartiles/gssic.py GSSICTile.get_chip (band_data of the tiles, xr.Dataset "
+            "amplitude/coherence/decaymodel/geometry, to_netcdf); season_names",
+        ),),
+        description="Global Seasonal Sentinel-1 Interferometric Coherence and Backscatter: seasonal amplitude (DN), "
+        "coherence at 12/24/36/48-day baselines (gamma = DN / 100), coherence decay model (rho, tau, rmse; DN), "
+        "incidence angle and layover/shadow flags (categorical, resampled nearest).",
+        source="ASF GSSIC (Kellndorfer et al.), Dec 2019 - Nov 2020 seasons, chipped by rramosp/sartiles",
+        unverified=("amplitude DN to backscatter conversion (stored as DN)",
+                    "decay-model parameter scaling (stored as DN)", "lsmap code meanings"),
     ),
     Modality(
         name="gunw",
-        folder_pattern=r"gunw_(?P<start>\d{4}-\d{2}-\d{2})_(?P<end>\d{4}-\d{2}-\d{2})",
+        folder_pattern=r"gunw(?:48)?[-_](?:\d{4}-\d{2}-\d{2}_\d{4}-\d{2}-\d{2}|\d{4}-\d{2}|\d{8}_\d{8})",
         file_ext="nc",
         bands=("amplitude", "coherence", "unwrappedPhase"),
         band_kinds=("continuous", "coherence", "phase"),
@@ -310,7 +421,8 @@ BUILTIN: tuple[Modality, ...] = (
         nc_select_dim="datepair",
         description="ARIA Sentinel-1 geocoded unwrapped interferogram: amplitude, coherence and unwrapped phase of "
         "one date pair per chip, chosen at build time (the choice is recorded in each sample's json).",
-        source="ASF ARIA S1 GUNW, one window per folder gunw_<start>_<end>",
+        source="ASF ARIA S1 GUNW chipped by rramosp/sartiles, one window per folder (gunw_<start>_<end>, "
+        "gunw-<start>_<end>, gunw-YYYY-MM, gunw48-YYYY-MM)",
         unverified=("whether connectedComponents is present in M3LEO files (not stored)",),
     ),
     Modality(
@@ -339,9 +451,11 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=float("nan"),
         resolution_m=100.0,
         nc_variables=(NcVariable("agb"), NcVariable("agb_se")),
+        encodings=(SourceEncoding("float64", "float64", nodata=float("nan"),
+                                  description="float64 Mg/ha, NaN no data; stored as float32 (24-bit mantissa)"),),
         description="Above-ground biomass and its standard error.",
         source="ESA CCI Biomass",
-        unverified=("units (CCI convention Mg/ha assumed)",),
+        unverified=("units (CCI convention Mg/ha assumed)", "source dtype (float32 and float64 accepted)"),
     ),
     Modality(
         name="ghsbuilts",
@@ -353,9 +467,16 @@ BUILTIN: tuple[Modality, ...] = (
         kind="continuous",
         nodata=float("nan"),
         resolution_m=100.0,
+        encodings=(
+            SourceEncoding("uint16 with 65535 fill", "uint16", nodata=65535,
+                           description="m2 per cell as uint16, 65535 no data"),
+            SourceEncoding("float64", "float64", nodata=float("nan"),
+                           description="float64, NaN no data; stored as float32"),
+        ),
         description="Built-up surface per 100 m cell.",
         source="JRC GHSL GHS-BUILT-S",
-        unverified=("semantics (m2 of built-up surface per cell, GHS-BUILT-S convention)", "source dtype"),
+        unverified=("semantics (m2 of built-up surface per cell, GHS-BUILT-S convention)",
+                    "source dtype (float32, float64 and uint16 with 65535 fill accepted)"),
     ),
     Modality(
         name="modisveg",
@@ -377,15 +498,24 @@ BUILTIN: tuple[Modality, ...] = (
         name="srtmdem",
         folder_pattern=r"s(?:rt|tr)mdem",
         file_ext="tif",
-        bands=("elevation",),
-        units=("m",),
+        bands=("elevation", "slope"),
+        file_band_names=("elevation", "slope"),
+        units=("m", "deg"),
         dtype="int16",
         kind="continuous",
         nodata=-32768,
-        resolution_m=89.6,
-        description="SRTM elevation.",
-        source="SRTM (CGIAR SRTM90 V4 per the upstream README)",
-        unverified=("native resolution (README says both 90 m and 30 m)",),
+        resolution_m=10.0,
+        encodings=(
+            SourceEncoding(
+                "geetiles-2023-uint16", "uint16", view="int16",
+                description="SRTM90 elevation (m) and ee.Terrain.slope (deg) exported on the 10 m chip grid and "
+                "cast to uint16: elevations below sea level wrap (read as int16), slope truncated to whole degrees; "
+                "0 is sea level, not nodata.",
+                evidence=f"{_GEETILES_2023}; defs/strmdem.py (CGIAR/SRTM90_V4 + ee.Terrain.slope, 'uint16')",
+            ),
+        ),
+        description="SRTM elevation (m) and slope (deg) on the 10 m chip grid (SRTM90 resampled by Earth Engine).",
+        source="CGIAR SRTM90 V4 via Google Earth Engine (folders srtmdem and strmdem)",
     ),
 )
 

@@ -32,7 +32,8 @@ from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import hub
 from shard_tools.grid import Chip
 from shard_tools.publish import pipe_atomic, put_atomic
-from shard_tools.rasters import ChipDataError, decode_chip_file, resample
+from shard_tools.encoding import EmptyMember, to_stored
+from shard_tools.rasters import ChipDataError, decode_chip_file
 from shard_tools.stats import StatsSet
 from shard_tools.writer import ShardWriter, predicted_member_size
 
@@ -311,29 +312,6 @@ def _will_need(paths: Sequence[str]) -> None:
             os.close(fd)
 
 
-def prepare_array(m: Modality, dec_array: np.ndarray, where: str, chip: str) -> tuple[np.ndarray, str | None]:
-    """Cast to the registry dtype (only when lossless) and resample onto the canonical grid."""
-    if dec_array.dtype != m.np_dtype:
-        if not np.can_cast(dec_array.dtype, m.np_dtype, "safe"):
-            raise ChipDataError(where, chip, f"dtype {dec_array.dtype} cannot be stored as {m.dtype} "
-                                             f"(modality {m.name}) without loss")
-        dec_array = dec_array.astype(m.np_dtype)
-    method = None
-    if dec_array.shape[1:] != m.shape[1:]:
-        method = "nearest" if (m.is_categorical or m.special_values) else "bilinear"
-        dec_array = resample(dec_array, m.shape[1:], m.is_categorical or bool(m.special_values), m.nodata, method)
-    if _all_nodata(m, dec_array):
-        raise ChipDataError(where, chip, "all pixels are nodata")
-    return dec_array, method
-
-
-def _all_nodata(m: Modality, array: np.ndarray) -> bool:
-    """``m.is_nodata(array).all()``, without the full-size mask when the first pixel already holds data."""
-    if array.size and not m.is_nodata(array.reshape(-1)[:1])[0]:
-        return False
-    return bool(m.is_nodata(array).all())
-
-
 def build_shard(task: ShardTask) -> dict[str, Any]:
     """Build, publish and record one shard. Raises :class:`BuildError` on invalid data with ``on_error=fail``."""
     shard = task.shard
@@ -347,7 +325,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         rows[sf.offset_column(m.name)] = []
         rows[sf.nbytes_column(m.name)] = []
     errors: list[str] = []
-    skipped_chips = skipped_members = 0
+    empty: list[str] = []
+    skipped_chips = skipped_members = empty_members = 0
     dest = join(out_root, shard.path)
     if is_local(out_fs):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -374,7 +353,12 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                             raise ChipDataError(where, job.key, f"unreadable: {data}")
                         dec = decode_chip_file(mods[name], data, where, job.key,
                                                {"year": task.year, "pair_rule": task.gunw_pair_rule})
-                        array, method = prepare_array(mods[name], dec.array, where, job.key)
+                        member = to_stored(mods[name], dec, where, job.key)
+                    except EmptyMember as e:
+                        empty_members += 1
+                        if len(empty) < ERROR_EXAMPLES:
+                            empty.append(str(e))
+                        continue
                     except ChipDataError as e:
                         if task.on_error == "fail":
                             raise BuildError(str(e)) from e
@@ -382,13 +366,16 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                         if len(errors) < ERROR_EXAMPLES:
                             errors.append(str(e))
                         continue
-                    arrays[name] = array
+                    arrays[name] = member.array
                     if bounds is None and dec.bounds is not None and (dec.crs or "").upper() == "EPSG:4326":
                         bounds = tuple(float(x) for x in dec.bounds)
                     info[name] = {
                         "source": where, "folder": ref.folder, "original_shape": list(dec.array.shape),
-                        "source_dtype": dec.array.dtype.name, "resampling": method, "selection": dec.selection,
+                        "source_dtype": dec.array.dtype.name, "encoding": member.encoding.name,
+                        "resampling": member.resampling, "selection": dec.selection,
                     }
+                    if member.missing_bands:
+                        info[name]["missing_bands"] = member.missing_bands
                 if not arrays:
                     skipped_chips += 1
                     if len(errors) < ERROR_EXAMPLES:
@@ -423,9 +410,11 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         "path": shard.path, "region": shard.region, "split": shard.split, "bytes": nbytes, "sha256": sha,
         "num_samples": writer.samples, "rows": rows, "stats": stats.state(shard.region) if stats else None,
         "errors": errors, "skipped_chips": skipped_chips, "skipped_members": skipped_members,
+        "empty_members": empty_members, "empty_examples": empty,
     }
     pipe_atomic(out_fs, _record_path(out_root, shard.path), json.dumps(record, allow_nan=False).encode())
-    return {k: record[k] for k in ("path", "bytes", "num_samples", "skipped_chips", "skipped_members", "errors")}
+    return {k: record[k] for k in ("path", "bytes", "num_samples", "skipped_chips", "skipped_members",
+                                   "empty_members", "errors")}
 
 
 # ------------------------------------------------------------------ driver
@@ -484,6 +473,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             totals["bytes"] += result["bytes"]
             totals["skipped_chips"] += result["skipped_chips"]
             totals["skipped_members"] += result["skipped_members"]
+            totals["empty_members"] += result["empty_members"]
             errors += result["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
             bar.update(len(next(s.chips for s in todo if s.path == result["path"])))
     finally:
@@ -493,6 +483,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         "shards_built": totals["shards"], "shards_already_published": len(mine) - len(todo),
         "chips": totals["chips"], "bytes": totals["bytes"],
         "skipped_chips": totals["skipped_chips"] + len(plan.invalid), "skipped_members": totals["skipped_members"],
+        "empty_members": totals["empty_members"],
         "errors": errors + list(plan.invalid.values())[:ERROR_EXAMPLES],
         "discrepancies": plan.discrepancies.to_json(),
     }
@@ -601,12 +592,15 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
             stats.merge_state(r["region"], r["stats"])
     pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
     errors: list[str] = []
+    empty: list[str] = []
     counts: Counter = Counter()
     per_split: dict[str, Counter] = {}
     for r in records:
         errors += r["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
+        empty += r.get("empty_examples", [])[: max(0, ERROR_EXAMPLES - len(empty))]
         counts["skipped_chips"] += r["skipped_chips"]
         counts["skipped_members"] += r["skipped_members"]
+        counts["empty_members"] += r.get("empty_members", 0)
         per_split.setdefault(r["region"], Counter())[r["split"]] += r["num_samples"]
     members = {m.name: table.num_rows - table.column(sf.offset_column(m.name)).null_count for m in modalities}
     manifest = {
@@ -626,6 +620,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         "discrepancies": plan["discrepancies"],
         "skipped": {"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
                     "examples": (list(plan["invalid"].values()) + errors)[:ERROR_EXAMPLES]},
+        "empty_members": {"count": counts["empty_members"], "examples": empty},
     }
     pipe_atomic(fs, join(root, sf.MANIFEST), json.dumps(manifest, indent=1, allow_nan=False).encode())
     log.info("finalized %s: %d samples in %d shards", out, table.num_rows, len(records))

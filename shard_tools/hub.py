@@ -28,6 +28,8 @@ from shard_tools import grid
 log = logging.getLogger(__name__)
 SPLIT_VALUES = ("train", "val", "test")
 EXAMPLES = 5
+SKIPPED_EXT = "skipped"
+"""``<identifier>.skipped``: a text file sartiles leaves where it could not make a chip (the reason inside)."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,9 @@ def _list_folder(fs, path: str, folder: str, m: Modality, disc: Discrepancies, a
     for e in sorted(entries, key=lambda e: e["name"]):
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
         stem, _, ext = name.rpartition(".")
+        if ext == SKIPPED_EXT and stem:
+            disc.add("exporter_skipped_chips", f"{aoi}/{folder}/{name}")
+            continue
         if ext != m.file_ext or not stem:
             disc.add("unexpected_files", f"{aoi}/{folder}/{name}")
             continue
@@ -272,6 +277,9 @@ def _index_parquet(fs, path: str, folder: str, m: Modality, disc: Discrepancies,
             for row, p in enumerate(paths):
                 name = str(p).rsplit("/", 1)[-1]
                 stem, _, ext = name.rpartition(".")
+                if ext == SKIPPED_EXT and stem:
+                    disc.add("exporter_skipped_chips", f"{aoi}/{folder}/{name} in {path}")
+                    continue
                 if ext != m.file_ext or not stem:
                     disc.add("unexpected_files", f"{aoi}/{folder}/{name} in {path}")
                     continue

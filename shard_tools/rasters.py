@@ -299,6 +299,8 @@ class Decoded:
     bounds: tuple[float, float, float, float] | None = None
     crs: str | None = None
     selection: dict[str, Any] = field(default_factory=dict)
+    nodata: float | int | None = None  # the file's own nodata tag (GeoTIFF GDAL_NODATA, NetCDF _FillValue)
+    valid: np.ndarray | None = None  # (C, H, W) bool from the file's mask band; None when the file has none
 
 
 def decode_chip_file(
@@ -340,13 +342,37 @@ def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, op
             array, selection = _tif_bands(modality, list(plain.descriptions), plain.count, plain.read, where, chip,
                                           options)
             if array is not None and array.dtype == plain.dtype:
-                return Decoded(array, plain.bounds, plain.crs, selection)
+                return Decoded(array, plain.bounds, plain.crs, selection, _tag(plain.nodata, array.dtype))
     stack, src = _open_tif(data)
     with stack:
+        picked: list[list[int] | None] = []
         array, selection = _tif_bands(modality, list(src.descriptions), src.count,
-                                      lambda idx: _read_tif_pixels(src, data, idx), where, chip, options)
+                                      lambda idx: picked.append(idx) or _read_tif_pixels(src, data, idx), where,
+                                      chip, options)
         b = src.bounds
-        return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection)
+        return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection,
+                       _tag(src.nodata, array.dtype), _tif_mask(src, picked[0] if picked else None))
+
+
+def _tag(value: float | None, dtype: np.dtype) -> float | int | None:
+    """A nodata tag as a number of the array's kind (tags are stored as text and read as floats)."""
+    if value is None:
+        return None
+    if dtype.kind in "iu" and float(value).is_integer():
+        return int(value)
+    return float(value)
+
+
+def _tif_mask(src, idx: list[int] | None) -> np.ndarray | None:
+    """Valid pixels from a GDAL mask band (internal or per band), or None when the file has none: a nodata tag is
+    handled as a value, and an all-valid mask is no mask."""
+    from rasterio.enums import MaskFlags
+
+    bands = list(range(src.count)) if idx is None else list(idx)
+    if not any(MaskFlags.per_dataset in src.mask_flag_enums[i] or MaskFlags.alpha in src.mask_flag_enums[i]
+               for i in bands):
+        return None
+    return src.read_masks([i + 1 for i in bands]) != 0
 
 
 def _tif_bands(modality: Modality, descriptions: list[str | None], count: int, read, where: str, chip: str,
@@ -413,6 +439,7 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
         if modality.nc_select_dim:
             select_index, selection = _select_nc_index(grp, modality, where, chip, options)
         layers = []
+        fills: set[float | int] = set()
         coords: dict[tuple[str, int], list[str]] = {}
         for var in modality.nc_variables:
             if var.name not in grp.variables:
@@ -451,6 +478,8 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
             arr = arr.reshape((-1, *arr.shape[-2:]))
             if fill is not None and arr.dtype.kind == "f":
                 arr = np.where(arr == fill, np.nan, arr)
+            elif fill is not None:
+                fills.add(int(np.asarray(fill).item()))
             layers.append(arr)
         shapes = {a.shape[1:] for a in layers}
         if len(shapes) != 1:
@@ -460,7 +489,9 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
             raise ChipDataError(where, chip, f"{array.shape[0]} layers, but modality {modality.name} has "
                                              f"{len(modality.bands)} bands")
         bounds = _nc_bounds(grp if "x" in grp.variables or "lon" in grp.variables else ds)
-        return Decoded(array, bounds, "EPSG:4326" if bounds else None, selection)
+        if len(fills) > 1:
+            raise ChipDataError(where, chip, f"variables have different fill values {sorted(fills)}")
+        return Decoded(array, bounds, "EPSG:4326" if bounds else None, selection, fills.pop() if fills else None)
 
 
 def _band_dims(var) -> set[str]:

@@ -22,7 +22,7 @@ _TYPES = {1: "B", 2: "B", 3: "H", 4: "I", 5: "II", 6: "b", 7: "B", 8: "h", 9: "i
           16: "Q", 17: "q", 18: "Q"}
 _SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
 _WANTED = {256, 257, 258, 259, 273, 277, 278, 279, 284, 317, 322, 323, 339,
-           33550, 33922, 34264, 34735, 34736, 34737, 42112}  # GeoTIFF tags and GDAL_METADATA
+           33550, 33922, 34264, 34735, 34736, 34737, 42112, 42113}  # GeoTIFF tags, GDAL_METADATA, GDAL_NODATA
 _KIND = {1: "u", 2: "i", 3: "f"}  # SampleFormat -> numpy kind
 TRANSPOSE_BLOCK = 1 << 18  # bytes of interleaved rows de-interleaved at a time (stays in L2)
 
@@ -82,7 +82,9 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
         raise _Unsupported
     csize = struct.calcsize(count_fmt)
     (n,) = struct.unpack(bo + count_fmt, src.read(ifd, csize))
-    raw = src.read(ifd + csize, n * entry_size)
+    raw = src.read(ifd + csize, n * entry_size + value_room)
+    if any(raw[n * entry_size:]):
+        raise _Unsupported  # a second IFD: an internal mask or overviews, which GDAL reads
     tags: dict[int, tuple[int, ...]] = {}
     for i in range(n):
         e = raw[i * entry_size: (i + 1) * entry_size]
@@ -226,6 +228,7 @@ class PlainGeoTiff:
         self.crs = "EPSG:4326"
         self.bounds = _bounds(tags, self.width, self.height)
         self.descriptions = _descriptions(tags, self.count)
+        self.nodata = _nodata(tags, self.dtype)
 
     def read(self, indexes: Sequence[int] | None = None) -> np.ndarray | None:
         try:
@@ -283,6 +286,17 @@ def _bounds(t: dict[int, tuple], w: int, h: int) -> tuple[float, float, float, f
     # GDAL: geotransform (x0, sx, 0, y0, 0, -sy); rasterio: bounds from the affine transform
     a, c, e, f = float(scale[0]), float(tie[3]), -float(scale[1]), float(tie[4])
     return (c, f + e * h, c + a * w, f)
+
+
+def _nodata(t: dict[int, tuple], dtype: np.dtype) -> float | int | None:
+    """The GDAL_NODATA tag as rasterio reports it (a float; None when absent)."""
+    if 42113 not in t:
+        return None
+    text = t[42113][0].rstrip(b"\0").decode("ascii").strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise _Unsupported from None
 
 
 def _descriptions(t: dict[int, tuple], count: int) -> list[str | None]:

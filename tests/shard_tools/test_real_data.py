@@ -10,8 +10,8 @@ import rasterio
 
 from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import Modality
-from shard_tools.build import prepare_array
-from shard_tools.rasters import decode_chip_file
+from shard_tools.encoding import to_stored
+from shard_tools.rasters import Decoded, decode_chip_file
 from shard_tools.writer import ShardWriter
 
 
@@ -29,8 +29,9 @@ def test_real_s1_s2_chip_round_trip_through_the_writer(real_data, tmp_path):
             m = _modality(name, src, kind)
             direct = src.read()
         dec = decode_chip_file(m, path.read_bytes(), str(path), "spain")
-        arr, method = prepare_array(m, dec.array, str(path), "spain")
-        assert method is None  # the file is already on this modality's grid
+        member = to_stored(m, dec, str(path), "spain")
+        arr = member.array
+        assert member.resampling is None  # the file is already on this modality's grid
         np.testing.assert_array_equal(arr, direct)
         arrays[name], mods[name] = arr, m
     assert arrays["s1"].dtype == np.float32 and arrays["s1"].shape[0] == 2
@@ -54,6 +55,7 @@ def test_real_worldcover_resampling_never_invents_codes(real_data):
     path = real_data / "esa_worldcover" / "DERIVED_SaoTome_WorldCover_v200_2021_crop.tif"
     with rasterio.open(path) as src:
         window = src.read(window=rasterio.windows.Window(0, 0, 500, 480))
-    arr, method = prepare_array(REGISTRY["esawc"], window, str(path), "saotome")
-    assert method == "nearest" and arr.shape == (1, 448, 448)
+    member = to_stored(REGISTRY["esawc"], Decoded(window), str(path), "saotome")
+    arr = member.array
+    assert member.resampling == "nearest" and arr.shape == (1, 448, 448)
     assert set(np.unique(arr)) <= set(np.unique(window))
