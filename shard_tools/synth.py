@@ -1,5 +1,11 @@
 """``m3leo-shards synth``: M3LEO-shaped data in the exact upstream hub layout, for tests, the demo and benchmarks.
 
+Files are encoded as the release's exporters wrote them (see each modality's ``encodings`` in the registry):
+Sentinel-1 dB cast to uint16 (negative values wrapped, no acquisition = 0, whole seasons/orbits missing),
+Sentinel-2 uint8 with zero months and masked pixels, 2-band uint16 SRTM (elevation, slope) on the 10 m grid under
+both folder spellings, GSSIC coherence as DN (0-100) with NaN and seasons in the file's order, and the
+``<identifier>.skipped`` files sartiles leaves for chips it could not make.
+
 Per region it writes ``<out>/<aoi>/`` as a hub repository would look once downloaded::
 
     <aoi>_partitions_aschips_<hash>.geojson
@@ -47,6 +53,24 @@ FOLDERS = {
 }
 # Share of chips lacking each modality (upstream minisets lack GUNW for ~20 % of chips, GSSIC for a few).
 MISSING = {"gunw": 0.2, "gssic": 0.04, "biomass": 0.02, "srtmdem": 0.02}
+SKIPPED = ("gssic", "gunw")  # missing chips of these leave a sartiles ``.skipped`` file instead
+STRM_REGIONS = ("europe", "middleeast", "china")  # regions whose SRTM folder has the other spelling
+GSSIC_SEASONS = ("summer", "fall", "winter", "spring")  # sartiles GSSICTile.season_names: the file's order
+
+
+def folder_for(name: str, region: str) -> str:
+    """The dataset folder of a modality in a region (the SRTM folder is spelled both ways in the release)."""
+    if name == "srtmdem" and region in STRM_REGIONS:
+        return "strmdem"
+    return FOLDERS[name]
+
+
+def geetiles_cast(values: np.ndarray, dtype: str) -> np.ndarray:
+    """What geetiles' ``out_image.astype(dtype)`` does to float values on x86: truncate toward zero, wrap modulo
+    2**bits, NaN to 0 (done explicitly here, so the bytes do not depend on the platform)."""
+    bits = np.dtype(dtype).itemsize * 8
+    t = np.where(np.isnan(values), 0, np.trunc(np.nan_to_num(values))).astype(np.int64)
+    return (t & ((1 << bits) - 1)).astype(dtype)
 
 # WorldCover classes used by the generator, with typical S1 VV dB, S2 RGB and biomass.
 CLASS_TABLE = {
@@ -154,10 +178,13 @@ class ChipSynth:
         nodata = m.nodata
         if isinstance(nodata, float) and math.isnan(nodata) and array.dtype.kind != "f":
             nodata = None
+        if m.encoding_for(array.dtype) in m.encodings:
+            nodata = None  # an exporter encoding: geetiles writes no nodata tag (nodata is a value of the encoding)
         return geotiff_bytes(array, self.chip.bounds, nodata=nodata, descriptions=descriptions or m.file_band_names)
 
-    def _s1grd(self, m: Modality) -> bytes:
-        rng = self.rng(m.name)
+    def s1_db(self) -> np.ndarray:
+        """The float dB seasonal means geetiles casts (NaN where a season/orbit has no acquisition)."""
+        rng = self.rng("s1grd")
         vv = _lookup(self.lc, 0)
         out = np.empty((16, 448, 448), dtype=np.float32)
         i = 0
@@ -168,10 +195,16 @@ class ChipSynth:
                     out[i] = vv + pol_offset + wet + orbit
                     i += 1
         out += rng.normal(0, 1.8, out.shape).astype(np.float32)
-        arr = np.clip(np.rint(out), -50, 30).astype(np.int16)
+        np.clip(out, -50, 30, out=out)
         if rng.random() < 0.15:  # a no-coverage strip at the chip edge, as at swath borders
-            arr[:, :, : rng.integers(8, 40)] = m.nodata
-        return self._tif(m, arr)
+            out[:, :, : rng.integers(8, 40)] = np.nan
+        if rng.random() < 0.3:  # a season/orbit without acquisitions: its VV and VH bands
+            season, orbit = int(rng.integers(4)), int(rng.integers(2))
+            out[[4 * season + orbit, 4 * season + 2 + orbit]] = np.nan
+        return out
+
+    def _s1grd(self, m: Modality) -> bytes:
+        return self._tif(m, geetiles_cast(self.s1_db(), "uint16"))
 
     def _s2rgbm(self, m: Modality) -> bytes:
         rng = self.rng(m.name)
@@ -185,7 +218,14 @@ class ChipSynth:
             for c in range(3):
                 out[3 * month + c] = base[..., c] * (green if c == 1 else 1.0)
         out += rng.normal(0, 6.0, out.shape).astype(np.float32)
-        return self._tif(m, np.clip(np.rint(out), 0, 255).astype(np.uint8))
+        dn = np.clip(np.rint(out), 1, 255).astype(np.uint8)
+        for month in range(12):
+            if rng.random() < 0.1:  # no clear scene this month
+                dn[3 * month: 3 * month + 3] = 0
+            elif rng.random() < 0.3:  # a masked cloud
+                cloud = smooth_field(rng, (448, 448), 3) > 0.6
+                dn[3 * month: 3 * month + 3, cloud] = 0
+        return self._tif(m, dn)
 
     def _esawc(self, m: Modality) -> bytes:
         rng = self.rng(m.name)
@@ -216,11 +256,18 @@ class ChipSynth:
             names.append(f"Percent_Tree_Cover_{year}")
         return self._tif(m, np.stack(bands), names)
 
+    def srtm_values(self) -> np.ndarray:
+        """Float elevation (m) and slope (deg) before geetiles' uint16 cast; some chips lie below sea level."""
+        rng = self.rng("srtmdem")
+        low = rng.random() < 0.2
+        base = (-30.0 if low else 300 + 800 * (0.5 + 0.5 * math.sin(self.chip.lon))) \
+            + (20 if low else 150) * smooth_field(rng, (448, 448), 3)
+        gy, gx = np.gradient(base, 10.0)
+        slope = np.degrees(np.arctan(np.hypot(gx, gy)))
+        return np.stack([base, slope]).astype(np.float32)
+
     def _srtmdem(self, m: Modality) -> bytes:
-        shape = native_shape(m, self.chip.lat)
-        rng = self.rng(m.name)
-        base = 300 + 800 * (0.5 + 0.5 * math.sin(self.chip.lon)) + 150 * smooth_field(rng, shape, 3)
-        return self._tif(m, np.rint(base).astype(np.int16)[None])
+        return self._tif(m, geetiles_cast(self.srtm_values(), "uint16"))
 
     def _nc_coords(self, ds, shape: tuple[int, int]) -> None:
         w, s, e, n = self.chip.bounds
@@ -246,7 +293,7 @@ class ChipSynth:
 
         def build(ds):
             self._nc_coords(ds, shape)
-            self._string_coord(ds, "season", SEASONS)
+            self._string_coord(ds, "season", GSSIC_SEASONS)
             self._string_coord(ds, "polarimetry", ("vv", "vh"))
             self._string_coord(ds, "deltadays", (12, 24, 36, 48))
             self._string_coord(ds, "param", ("rho", "tau", "rmse"))
@@ -255,17 +302,20 @@ class ChipSynth:
             coh = ds.createVariable("coherence", "f4", ("season", "deltadays", "y", "x"), fill_value=np.nan)
             dec = ds.createVariable("decaymodel", "f4", ("season", "param", "y", "x"), fill_value=np.nan)
             geo = ds.createVariable("geometry", "f4", ("feature", "y", "x"), fill_value=np.nan)
-            a = np.stack([np.stack([vv + s, vv - 6.5 + s]) for s in (1.0, 0.5, -0.5, 0.0)])
-            amp[:] = (a + rng.normal(0, 0.7, a.shape)).astype(np.float32)
+            db = {"summer": -0.5, "fall": 0.0, "winter": 1.0, "spring": 0.5}
+            a = np.stack([np.stack([vv + db[s], vv - 6.5 + db[s]]) for s in GSSIC_SEASONS])
+            a = 10 ** ((a + rng.normal(0, 0.7, a.shape)) / 20) * 10000  # amplitude DN in the thousands
+            amp[:] = np.rint(a).astype(np.float32)
             rho = np.clip(0.25 + 0.5 * (lc == 50) + 0.2 * (lc == 60) + 0.05 * smooth_field(rng, shape), 0, 1)
-            c = np.stack([np.stack([rho * math.exp(-d / 40) for d in (12, 24, 36, 48)]) for _ in SEASONS])
-            c = np.clip(c + rng.normal(0, 0.03, c.shape), 0, 1)
+            c = np.stack([np.stack([rho * math.exp(-d / 40) for d in (12, 24, 36, 48)]) for _ in GSSIC_SEASONS])
+            c = np.rint(np.clip(c + rng.normal(0, 0.03, c.shape), 0, 1) * 100)  # DN = gamma x 100
             c[:, :, water] = np.nan
             coh[:] = c.astype(np.float32)
             tau = 10 + 30 * (lc == 50) + 5 * smooth_field(rng, shape)
-            dec[:] = np.stack([np.stack([rho, tau, np.full(shape, 0.05)]) for _ in SEASONS]).astype(np.float32)
+            dec[:] = np.stack([np.stack([rho, tau, np.full(shape, 0.05)]) for _ in GSSIC_SEASONS]).astype(np.float32)
             inc = 30 + 15 * np.linspace(0, 1, shape[1])[None, :].repeat(shape[0], 0)
-            geo[:] = np.stack([inc, np.ones(shape)]).astype(np.float32)
+            lsmap = np.where(smooth_field(rng, shape, 3) > 0.8, 2.0, 1.0)  # layover/shadow flag codes
+            geo[:] = np.stack([inc, lsmap]).astype(np.float32)
 
         return netcdf_bytes(build)
 
@@ -356,9 +406,12 @@ def _chip_files(args: tuple[int, str, grid.Chip, tuple[str, ...]]) -> list[tuple
     synth = ChipSynth(seed, region, chip)
     out = []
     for name in modalities:
+        folder = folder_for(name, region)
         if synth.present(name):
             m = REGISTRY[name]
-            out.append((f"{FOLDERS[name]}/{chip.identifier}.{m.file_ext}", synth.file_bytes(m)))
+            out.append((f"{folder}/{chip.identifier}.{m.file_ext}", synth.file_bytes(m)))
+        elif name in SKIPPED:
+            out.append((f"{folder}/{chip.identifier}.skipped", b"COULD_NOT_GET_CHIP no granule covers the chip\n"))
     return out
 
 

@@ -52,29 +52,79 @@ def test_every_chip_once_in_its_region_and_split(small_shards, synth_src):
         root.regions.index(p.split("/")[0]), ["train", "val", "test"].index(p.split("/")[1]), p))
 
 
-def test_arrays_equal_source_pixels(small_shards, synth_src):
+def _exporter_physical(name: str, raw: np.ndarray) -> np.ndarray:
+    """The exporter's values in physical units, NaN where it wrote no data, decoded as its own code reads them
+    (stated here independently of the registry): geetiles' uint16 S1 read as int16 dB (0 = no data, as NaN became
+    0), S2 DN x 0.3/255 (0 = masked), SRTM uint16 read as int16 m / deg, WorldCover codes (0 = no data)."""
+    if name == "s1grd":
+        v = raw.view(np.int16).astype(np.float64)
+        return np.where(raw == 0, np.nan, v)
+    if name == "s2rgbm":
+        return np.where(raw == 0, np.nan, raw * 0.3 / 255)
+    if name == "srtmdem":
+        return raw.view(np.int16).astype(np.float64)
+    return np.where(raw == 0, np.nan, raw.astype(np.float64))
+
+
+def _stored_physical(entry, stored: np.ndarray) -> np.ndarray:
+    """A stored member decoded with only its manifest entry: dtype, per-band scale, nodata."""
+    assert stored.dtype == np.dtype(entry["dtype"]) and list(stored.shape) == entry["shape"]
+    v = stored.astype(np.float64) * np.asarray(entry["scale"], np.float64)[:, None, None]
+    nd = entry["nodata"]
+    bad = np.isnan(stored) if stored.dtype.kind == "f" else np.zeros(stored.shape, bool)
+    if nd is not None and nd != "nan":
+        bad |= stored == nd
+    return np.where(bad, np.nan, v)
+
+
+def test_stored_members_decode_to_the_exporters_values(small_shards, synth_src):
     root = ShardRoot(str(small_shards))
     rows = root.read_index().to_pylist()
-    checked = 0
-    for r in rows[:6]:
-        for name, folder in (("s1grd", "s1grd-2020"), ("s2rgbm", "s2rgbm-2020"), ("esawc", "esaworldcover-2020")):
+    entries = root.manifest["modalities"]
+    checked = {"s1grd": 0, "s2rgbm": 0, "esawc": 0, "srtmdem": 0}
+    missing_seen = 0
+    for r in rows:
+        meta = root.read_member(r, sf.JSON_MEMBER)
+        for name in checked:
+            if r[f"{name}_offset"] is None:
+                continue
+            folder = meta["modalities"][name]["folder"]
             src = glob.glob(str(synth_src / r["region"] / "*_partitions_aschips_*" / folder / f"{r['key']}.tif"))
             assert len(src) == 1
             with rasterio.open(src[0]) as f:
-                expected = f.read()
-            got = root.read_member(r, name)
-            assert got.dtype == expected.dtype == REGISTRY[name].np_dtype
-            np.testing.assert_array_equal(got, expected)
-            checked += 1
-        meta = root.read_member(r, sf.JSON_MEMBER)
-        assert meta["key"] == r["key"] and meta["region"] == r["region"]
-        # coarse products are resampled onto the canonical grid; the original shape is recorded
-        g = root.read_member(r, "gssic")
-        assert g.shape == REGISTRY["gssic"].shape
-        assert meta["modalities"]["gssic"]["original_shape"][0] == 38
-        assert meta["modalities"]["gssic"]["original_shape"][2] > 50
-        assert meta["modalities"]["gssic"]["resampling"] == "bilinear"
-    assert checked == 18
+                raw = f.read()
+            want = _exporter_physical(name, raw)
+            got = _stored_physical(entries[name], root.read_member(r, name))
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=0, atol=1e-9)
+            # bands the exporter left empty are named in the sample's json
+            empty = [b for b, e in zip(entries[name]["bands"], np.isnan(want).all(axis=(1, 2))) if e]
+            assert meta["modalities"][name].get("missing_bands", []) == empty
+            missing_seen += bool(empty)
+            checked[name] += 1
+        if r["gssic_offset"] is not None:
+            g = _stored_physical(entries["gssic"], root.read_member(r, "gssic"))
+            coh = [i for i, b in enumerate(entries["gssic"]["bands"]) if b.startswith("coherence")]
+            c = g[coh]
+            assert np.nanmax(c) <= 1.0 and np.nanmin(c) >= 0.0 and np.isnan(c).any()  # gamma, water is NaN
+            assert meta["modalities"]["gssic"]["original_shape"][0] == 38
+            assert meta["modalities"]["gssic"]["original_shape"][2] > 50
+            assert meta["modalities"]["gssic"]["resampling"] == "bilinear+nearest"
+            lsmap = g[entries["gssic"]["bands"].index("geometry_lsmap")]
+            assert set(np.unique(lsmap[~np.isnan(lsmap)])) <= {1.0, 2.0}  # flag codes, never blended
+    assert min(checked.values()) >= 5 and missing_seen >= 1, (checked, missing_seen)
+    assert {"srtmdem", "strmdem"} == {f for fs in root.manifest["source_folders"].values() for m, f in fs.items()
+                                      if m == "srtmdem"}
+
+
+def test_stats_count_valid_pixels_only(small_shards):
+    stats = json.loads((small_shards / "stats.json").read_text())
+    for name in ("s1grd", "s2rgbm"):
+        g = stats[name]["global"]
+        assert min(g["min"]) > {"s1grd": -32768, "s2rgbm": 0}[name], name  # nodata never counted as a value
+        assert max(g["nodata_fraction"]) > 0  # and the missing pixels are there
+    assert max(stats["gssic"]["global"]["max"][i] for i, b in enumerate(stats["gssic"]["bands"])
+               if b.startswith("coherence")) <= 100  # stored DN; gamma = DN x 0.01
 
 
 def test_plain_webdataset_reads_one_sample_per_chip(small_shards):
