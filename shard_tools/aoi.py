@@ -1,8 +1,11 @@
 """Chip grids for a user's area of interest: M3LEO's 4480 m chips covering an AOI polygon, written in the hub
 layout (chip geojson, split csv from geographic stripes, data folder) that ``build`` and ``ingest-raster`` read.
 
-The grid is the global one of :mod:`shard_tools.grid` (rows anchored at the equator, columns at 0° longitude, square
-in metres), so two AOIs that overlap share the chips and identifiers of their overlap.
+The default grid (``layout="global"``) is the global one of :mod:`shard_tools.grid` (rows anchored at the equator,
+columns at 0° longitude, square in metres, covering the AOI), so two AOIs that overlap share the chips and identifiers
+of their overlap. ``layout="upstream"`` is ``geet grid``'s (:func:`shard_tools.grid.upstream_grid`): anchored at the
+AOI's UTM envelope, chips 1 m short of the pitch, the AOI's east and north edges not covered. Either way identifiers
+and the grid hash are computed as geetiles computes them (``utils.get_region_hash``, ``utils.get_regionlist_hash``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def read_aoi(text: str, where: str = "AOI"):
                 geoms = [shape(doc)]
             if not geoms:
                 raise ValueError("no geometry")
-            geom = unary_union(geoms)
+            geom = geoms[0] if len(geoms) == 1 else unary_union(geoms)  # one polygon stays as written
         else:
             geom = shapely.from_wkt(t)
     except Exception as e:  # json, shapely and key errors all mean the same to the user
@@ -109,9 +112,9 @@ def chips_for_aoi(geom, region: str, size_m: float = CHIP_SIZE_M) -> list[grid.C
     return chips
 
 
-def grid_hash(region: str, chips: list[grid.Chip], size_m: float) -> str:
-    """Hash of the chip set (same form as upstream's grid hashes): equal grids get equal hashes."""
-    return grid.get_hash(f"{region}:{size_m:g}:" + ",".join(sorted(c.identifier for c in chips)))
+def grid_hash(chips: list[grid.Chip]) -> str:
+    """Upstream's grid hash of the chips in the order they are written (geetiles ``utils.get_regionlist_hash``)."""
+    return grid.regionlist_hash(c.identifier for c in chips)
 
 
 def make_grid(
@@ -123,8 +126,11 @@ def make_grid(
     angle: int = 9,
     fractions: str = "60-20-20",
     storage_options: dict[str, Any] | None = None,
+    layout: str = "global",
 ) -> GridResult:
-    """Write the chip geojson, the split csv and an empty data folder for ``aoi_geom`` under ``out``."""
+    """Write the chip geojson, the split csv and an empty data folder for ``aoi_geom`` under ``out``.
+
+    ``layout``: ``"global"`` (chips sorted by identifier) or ``"upstream"`` (``geet grid``'s chips and order)."""
     if not grid.REGION_RE.fullmatch(f"{region}_partitions_aschips_0") or "_" in region:
         raise ValueError(f"region {region!r}: use lowercase letters and digits only (it becomes part of hub names)")
     if stripes < 1:
@@ -134,7 +140,13 @@ def make_grid(
     if not 100 <= size_m <= 100_000:
         raise ValueError(f"--chip-size-m {size_m}: expected metres between 100 and 100000")
     frac = grid.parse_fractions(fractions)
-    chips = chips_for_aoi(aoi_geom, region, size_m)
+    if layout == "global":
+        chips = chips_for_aoi(aoi_geom, region, size_m)
+        chips.sort(key=lambda c: c.identifier)
+    elif layout == "upstream":
+        chips = grid.upstream_grid(aoi_geom, size_m, max_chips=MAX_CHIPS)
+    else:
+        raise ValueError(f"layout {layout!r}: expected 'global' or 'upstream'")
     if not chips:
         raise ValueError("the AOI covers no chip")
     idents = [c.identifier for c in chips]
@@ -143,7 +155,7 @@ def make_grid(
     lon = np.array([c.lon for c in chips])
     lat = np.array([c.lat for c in chips])
     splits = grid.stripe_splits(lon, lat, angle, stripes, frac)
-    ghash = grid_hash(region, chips, size_m)
+    ghash = grid_hash(chips)
     fs, root = get_fs(out, storage_options)
     stem = grid.region_stem(region, ghash)
     geojson = join(root, f"{stem}.geojson")
@@ -154,9 +166,8 @@ def make_grid(
     if existing:
         raise ValueError(f"{out} already holds region {region!r} with another grid ({existing[0]}); "
                          "use another --region or --out")
-    order = sorted(range(len(chips)), key=lambda i: chips[i].identifier)
-    pipe_atomic(fs, geojson, grid.geojson_bytes(chips[i] for i in order))
-    pipe_atomic(fs, csv, grid.split_csv_bytes((chips[i].identifier, splits[i]) for i in order))
+    pipe_atomic(fs, geojson, grid.geojson_bytes(chips))
+    pipe_atomic(fs, csv, grid.split_csv_bytes((c.identifier, s) for c, s in zip(chips, splits)))
     fs.makedirs(data_dir, exist_ok=True)
     log.info("grid %s: %d chips (%s) → %s", region, len(chips), ", ".join(
         f"{s} {splits.count(s)}" for s in ("train", "val", "test")), out)
