@@ -253,6 +253,8 @@ def _invalid_values(m: Modality, keep_special: bool) -> list[float]:
 def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPlan:
     over = cfg["modalities"].get(m.name) or {}
     bands = _select_bands(m, over.get("bands"))
+    if over.get("bands") is None and m.kind != "categorical":
+        bands = [i for i in bands if m.band_kinds[i] != "categorical"]  # flag layers are not standardised
     n = len(bands)
     names = [m.bands[i] for i in bands]
     kinds = [m.band_kinds[i] for i in bands]

@@ -191,7 +191,7 @@ def test_lut_remap():
 def test_normalisation_inverts_and_standardises():
     g = torch.Generator().manual_seed(1)
     s1 = torch.randint(-35, 8, (3, 16, 448, 448), generator=g).to(torch.int16)
-    s2 = torch.randint(0, 256, (3, 36, 448, 448), generator=g).to(torch.uint8)
+    s2 = torch.randint(1, 256, (3, 36, 448, 448), generator=g).to(torch.uint8)  # 0 is S2 nodata
     stats = _stats(REGISTRY, {"s1grd": s1.numpy(), "s2rgbm": s2.numpy()})
     cfg = {"kinds": {"sar_db": {"clip": None}}}
     t = build_device_transforms(cfg, REGISTRY, stats, inputs=["s1grd", "s2rgbm"], targets=[], train=False)
@@ -207,7 +207,9 @@ def test_normalisation_inverts_and_standardises():
     lo = torch.tensor(stats["s1grd"]["global"]["percentiles"]["1"]).view(1, -1, 1, 1)
     hi = torch.tensor(stats["s1grd"]["global"]["percentiles"]["99"]).view(1, -1, 1, 1)
     back = t.denormalize("s1grd", t({"s1grd": s1})["s1grd"])
-    torch.testing.assert_close(back, torch.minimum(torch.maximum(s1.float(), lo), hi), atol=1e-4, rtol=1e-5)
+    sc = REGISTRY["s1grd"].scale[0]  # percentiles are stored units; clips and denormalize are physical (dB)
+    torch.testing.assert_close(back, torch.minimum(torch.maximum(s1.float() * sc, lo * sc), hi * sc), atol=1e-4,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("clip", [{"*_vv_*": [0, 20]}, {"vv": [0, 20]}])  # fnmatch pattern or band-name token
@@ -228,7 +230,8 @@ def test_band_selection_and_ratio(small_stats, clip):
     assert t.channels["s1grd"] == ["winter_vv_asc", "summer_vv_asc", "summer_vv_des", "summer_vh_asc",
                                    "summer_vh_des"]
     x = torch.arange(16, dtype=torch.int16).view(1, 16, 1, 1).expand(1, 16, 448, 448)
-    assert t({"s1grd": x})["s1grd"][0, :, 0, 0].tolist() == [0.0, 8.0, 9.0, 10.0, 11.0]
+    got = t({"s1grd": x})["s1grd"][0, :, 0, 0].tolist()  # physical dB: stored 0.01 dB units
+    assert got == pytest.approx([0.0, 0.08, 0.09, 0.10, 0.11], abs=1e-6)
 
 
 def test_missing_stats_and_unknown_band_are_named(small_stats):
@@ -267,7 +270,7 @@ def test_no_nan_reaches_the_output():
             if torch.is_tensor(v) and v.is_floating_point():
                 assert torch.isfinite(v).all(), k
         assert out["gunw"].shape[1] == len(t.channels["gunw"]) == (4 if mode == "sincos" else 3)
-        assert out["biomass"].shape == (2, 2, 45, 45) and out["gssic"].shape == (2, 38, 50, 50)
+        assert out["biomass"].shape == (2, 2, 45, 45) and out["gssic"].shape == (2, 37, 50, 50)  # no lsmap flags
         assert 0.1 < out["biomass_valid"].float().mean() < 0.9 and out["biomass"][~out["biomass_valid"].expand(
             -1, 2, -1, -1)].eq(0).all()
 

@@ -12,7 +12,7 @@ from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_moda
 DESIGN = {  # modality: (bands, canonical px, dtype)
     "s1grd": (16, 448, "int16"), "s2rgbm": (36, 448, "uint8"), "gssic": (38, 50, "float32"),
     "gunw": (3, 50, "float32"), "esawc": (1, 448, "uint8"), "biomass": (2, 45, "float32"),
-    "ghsbuilts": (1, 45, "float32"), "modisveg": (1, 18, "uint8"), "srtmdem": (1, 50, "int16"),
+    "ghsbuilts": (1, 45, "float32"), "modisveg": (1, 18, "uint8"), "srtmdem": (2, 448, "int16"),
 }
 
 
@@ -43,7 +43,9 @@ def test_folder_patterns_match_upstream_names():
                          ("ghs-built-S-2020", "ghsbuilts"), ("modis44b006veg", "modisveg"),
                          ("srtmdem", "srtmdem"), ("strmdem", "srtmdem")):
         assert REGISTRY.for_folder(folder).name == name
-    assert REGISTRY.for_folder("gunw-2020-01") is None  # another product, not silently taken
+    for folder in ("gunw-2020-01-01_2020-03-31", "gunw-2020-01", "gunw48-2020-01"):  # spellings of the release
+        assert REGISTRY.for_folder(folder).name == "gunw", folder
+    assert REGISTRY.for_folder("s2srm-2020") is None  # the multispectral product: not silently taken as s2rgbm
 
 
 def test_nodata_masks():
@@ -61,6 +63,26 @@ def test_manifest_round_trip():
         assert a.bands == b.bands and a.dtype == b.dtype and a.canonical_px == b.canonical_px
         assert (a.nodata == b.nodata) or (math.isnan(a.nodata) and math.isnan(b.nodata))
         assert a.nc_variables == b.nc_variables and a.special_values == b.special_values
+        assert [e.to_json() for e in a.encodings] == [e.to_json() for e in b.encodings]
+
+
+def test_source_encodings_follow_the_exporters():
+    s1 = REGISTRY["s1grd"]
+    enc = s1.encoding_for("uint16")
+    assert enc.name == "geetiles-2023-uint16" and enc.view == "int16" and enc.nodata == 0
+    wrapped = np.array([65521, 0, 3], np.uint16)  # -15 dB, no data, +3 dB
+    assert (wrapped.view(enc.view) * enc.gain * s1.scale[0]).tolist() == [-15.0, 0.0, 3.0]
+    u8 = s1.encoding_for("uint8")
+    assert (255 * u8.gain + u8.offset) * s1.scale[0] == pytest.approx(0.0)  # DN 255 -> 0 dB, DN 0 -> -30 dB
+    assert u8.offset * s1.scale[0] == pytest.approx(-30.0)
+    assert REGISTRY["s2rgbm"].scale[0] * 255 == pytest.approx(0.3) and REGISTRY["s2rgbm"].nodata == 0
+    g = REGISTRY["gssic"]
+    coh = g.bands.index("coherence_winter_12")
+    assert g.scale[coh] == 0.01 and g.band_kinds[g.bands.index("geometry_lsmap")] == "categorical"
+    assert REGISTRY["srtmdem"].encoding_for("uint16").view == "int16"
+    assert REGISTRY["esawc"].encoding_for("uint8").name == "as stored"
+    assert REGISTRY["esawc"].encoding_for("float32") is None  # nothing maps a float onto class codes
+    assert REGISTRY["ghsbuilts"].encoding_for("uint16").nodata == 65535
 
 
 def test_inconsistent_declarations_are_rejected():

@@ -74,7 +74,7 @@ def test_discrepancies_are_counted_not_fatal(src, tmp_path):
     assert verify(str(out), progress=False)[0] == []
 
 
-@pytest.mark.parametrize("case", ["truncated", "band_count", "dtype", "all_nodata", "nc_variable"])
+@pytest.mark.parametrize("case", ["truncated", "band_count", "dtype", "nodata_tag_is_a_class", "nc_variable"])
 def test_invalid_chip_data_fails_clearly_then_skips(case, src, tmp_path, caplog):
     if case == "truncated":
         bad = _first(src, "esaworldcover-2020")
@@ -88,10 +88,10 @@ def test_invalid_chip_data_fails_clearly_then_skips(case, src, tmp_path, caplog)
         bad = _first(src, "esaworldcover-2020")
         bad.write_bytes(geotiff_bytes(np.full((1, 448, 448), 10.5, np.float32), (0, 0, 0.04, 0.04)))
         expect = "dtype float32 cannot be stored as uint8"
-    elif case == "all_nodata":
+    elif case == "nodata_tag_is_a_class":
         bad = _first(src, "esaworldcover-2020")
-        bad.write_bytes(geotiff_bytes(np.zeros((1, 448, 448), np.uint8), (0, 0, 0.04, 0.04), nodata=0))
-        expect = "all pixels are nodata"
+        bad.write_bytes(geotiff_bytes(np.full((1, 448, 448), 10, np.uint8), (0, 0, 0.04, 0.04), nodata=10))
+        expect = "nodata tag 10 is class code 10 of esawc"
     else:
         import netCDF4
 
@@ -119,6 +119,20 @@ def test_invalid_chip_data_fails_clearly_then_skips(case, src, tmp_path, caplog)
     mod = "biomass" if case == "nc_variable" else "esawc"
     assert row[f"{mod}_offset"] is None  # the member is left out, the chip stays
     assert verify(str(out2), progress=False)[0] == []
+
+
+def test_all_nodata_member_is_left_out_and_counted(src, tmp_path):
+    bad = _first(src, "esaworldcover-2020")
+    bad.write_bytes(geotiff_bytes(np.zeros((1, 448, 448), np.uint8), (0, 0, 0.04, 0.04), nodata=0))
+    out = tmp_path / "out"
+    summary = build(BuildConfig(str(src), str(out), progress=False))  # on_error=fail: not an error
+    assert summary["empty_members"] == 1 and summary["skipped_members"] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["empty_members"]["count"] == 1
+    assert bad.stem in manifest["empty_members"]["examples"][0] and "all pixels are nodata" in \
+        manifest["empty_members"]["examples"][0]
+    row = next(r for r in pq.read_table(out / "index.parquet").to_pylist() if r["key"] == bad.stem)
+    assert row["esawc_offset"] is None and row["biomass_offset"] is not None
 
 
 def test_duplicate_identifiers_fail_before_writing(src, tmp_path):
@@ -201,8 +215,9 @@ def test_verify_names_corruption(src, tmp_path):
     assert any(rows[0]["shard"] in p and "sha256" in p for p in problems)
     t = pq.read_table(out / "index.parquet")
     offs = t.column("srtmdem_offset").to_pylist()
-    offs[1] += 512
+    i = next(k for k in range(1, len(offs)) if offs[k] is not None)
+    offs[i] += 512
     pq.write_table(t.set_column(t.column_names.index("srtmdem_offset"), "srtmdem_offset", pa.array(offs, pa.int64())),
                    out / "index.parquet")
     problems, _ = verify(str(out), progress=False)
-    assert any(f"{rows[1]['key']}.srtmdem.npy" in p and "index range" in p for p in problems)
+    assert any(f"{rows[i]['key']}.srtmdem.npy" in p and "index range" in p for p in problems)

@@ -79,6 +79,13 @@ USER_YAML = textwrap.dedent("""\
         kind: continuous
         nodata: nan
         resolution_m: 40
+      - name: dem
+        bands: [elevation]
+        units: [m]
+        dtype: int16
+        kind: continuous
+        nodata: -32768
+        resolution_m: 89.6
     """)
 
 
@@ -537,19 +544,20 @@ def test_real_globbiomass_upsampled_onto_chips(real_data, tmp_path, user_yaml):
         assert not (v == 0).any()  # source nodata 0 became NaN, never a value
 
 
-def test_real_rome_dem_in_compound_crs_lands_on_its_chips(real_data, tmp_path):
+def test_real_rome_dem_in_compound_crs_lands_on_its_chips(real_data, tmp_path, user_yaml):
     path = real_data / DEM
     with rasterio.open(path) as src:
         assert src.crs.to_epsg() == 9707
     res = raster_grid(path, tmp_path / "hub", "rome")
-    s = ingest(IngestConfig(str(tmp_path / "hub"), [str(path)], "srtmdem", progress=False))
+    # a 1-band DEM at ~90 m (the release's srtmdem is elevation + slope on the 10 m grid)
+    s = ingest(IngestConfig(str(tmp_path / "hub"), [str(path)], "dem", modalities_file=user_yaml, progress=False))
     assert s["rasters"][0]["crs"] == "EPSG:9707" and s["rasters"][0]["resampling"] == "average"
     assert s["chips_written"] == len(res.chips) >= 4 and s["pixels"] == [50]
     chips = {c.identifier: c for c in res.chips}
     with rasterio.open(path) as src:
         full = src.read(1).astype(float)
         t = src.transform
-    for ident, p in chip_files(res, "srtmdem").items():
+    for ident, p in chip_files(res, "dem").items():
         arr, meta = read_chip(p)
         assert arr.dtype == np.int16 and meta["nodata"] == -32768
         valid = arr != -32768

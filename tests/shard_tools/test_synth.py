@@ -31,12 +31,26 @@ def test_hub_layout_names_and_contents(synth_src):
                        "modis44b006veg", "s1grd-2020", "s2rgbm-2020", "srtmdem"]
     chip = grid.read_geojson_chips((repo / f"{stem}.geojson").read_bytes())[ids[0]]
     with rasterio.open(repo / stem / "s1grd-2020" / f"{ids[0]}.tif") as f:
-        assert f.crs.to_epsg() == 4326 and f.count == 16 and f.dtypes[0] == "int16"
+        # geetiles' encoding: float dB cast to uint16 (negative values wrap), no nodata tag
+        assert f.crs.to_epsg() == 4326 and f.count == 16 and f.dtypes[0] == "uint16" and f.nodata is None
         assert np.allclose(tuple(f.bounds), chip.bounds)
         assert f.descriptions[:2] == ("winter_vvasc", "winter_vvdes")
-        assert -40 <= f.read(1).mean() <= 5
-    gunw = {p.stem for p in (repo / stem / "gunw_2020-01-01_2020-03-31").iterdir()}
-    assert len(gunw) < len(ids)  # some chips lack GUNW, as upstream
+        db = f.read(1).view(np.int16)
+        assert (f.read(1) > 60000).mean() > 0.5 and -40 <= db[db != 0].mean() <= 5
+    with rasterio.open(repo / stem / "srtmdem" / f"{ids[0]}.tif") as f:
+        assert f.count == 2 and f.dtypes[0] == "uint16" and (f.height, f.width) == (448, 448)
+        assert f.descriptions == ("elevation", "slope")
+    import netCDF4
+
+    with netCDF4.Dataset(repo / stem / "gssic" / f"{ids[0]}.nc") as ds:
+        assert list(ds["season"][:]) == ["summer", "fall", "winter", "spring"]  # sartiles' order
+        coh = np.asarray(ds["coherence"][:].filled(np.nan))
+        assert np.nanmax(coh) > 1 and np.nanmax(coh) <= 100 and np.isnan(coh).any()  # DN = gamma x 100
+    gunw_dir = repo / stem / "gunw_2020-01-01_2020-03-31"
+    gunw = {p.stem for p in gunw_dir.glob("*.nc")}
+    skipped = {p.stem for p in gunw_dir.glob("*.skipped")}
+    assert len(gunw) < len(ids) and gunw | skipped == set(ids) and not gunw & skipped  # sartiles' markers
+    assert (synth_src / "europe" / "europe_partitions_aschips_2f8bd3f01ddd5" / "strmdem").is_dir()  # other spelling
 
 
 def test_parquet_release_layout(tmp_path):
