@@ -68,6 +68,25 @@ def cmd_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(a: argparse.Namespace) -> int:
+    from shard_tools.probe import ProbeConfig, build_would_fail, format_table, probe
+
+    if a.per_folder < 1:
+        raise ValueError("--per-folder must be at least 1")
+    cfg = ProbeConfig(src=a.src, per_folder=a.per_folder, regions=_csv(a.regions), modalities_yaml=a.modalities_yaml,
+                      year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, on_error=a.on_error,
+                      storage_options=parse_storage_options(a.storage_options))
+    reports = probe(cfg)
+    fail = build_would_fail(reports, a.on_error)
+    if a.json:
+        _print_json({"src": a.src, "build_would_fail": fail, "folders": [r.to_json() for r in reports]})
+    else:
+        sys.stdout.write(format_table(reports) + "\n")
+        sys.stdout.write(("a build with these arguments would FAIL (see 'will fail' above)\n" if fail else
+                          "a build with these arguments would succeed on the sampled files\n"))
+    return 1 if fail else 0
+
+
 def cmd_finalize(a: argparse.Namespace) -> int:
     from shard_tools.build import BuildError, finalize
 
@@ -187,6 +206,20 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--src-storage-options", default=None, help="JSON fsspec options for SRC (default: as OUT)")
     storage(b)
     b.set_defaults(func=cmd_build)
+
+    pr = sub.add_parser("probe", help="sample a source's files and say what build would do with each folder")
+    pr.add_argument("src", help="local directory or fsspec URL (hf://datasets/..., s3://...) holding regions")
+    pr.add_argument("--per-folder", type=int, default=5, help="files sampled per dataset folder and region")
+    pr.add_argument("--json", action="store_true", help="print the reports as JSON")
+    pr.add_argument("--regions", default=None)
+    pr.add_argument("--year", type=int, default=2020, help="as for build: which year-bearing folder is read")
+    pr.add_argument("--folder", action="append", metavar="MODALITY=FOLDER", help="as for build")
+    pr.add_argument("--gunw-pair-rule", default="longest")
+    pr.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                    help="as for build: with skip, bad files do not make the exit code non-zero")
+    pr.add_argument("--modalities-yaml", "--modalities-file", dest="modalities_yaml", default=None)
+    storage(pr)
+    pr.set_defaults(func=cmd_probe)
 
     g = sub.add_parser("grid", help="chip grid (geojson + stripe split csv, hub layout) for an AOI polygon")
     g.add_argument("--aoi", required=True, help="AOI polygon in lon/lat: a .geojson or .wkt file (or fsspec URL)")

@@ -63,6 +63,17 @@ def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, c
     return bad if bad is not None and bad.any() else None
 
 
+def _same(a: float | int | None, b: float | int | None) -> bool:
+    return a == b or (_is_nan(a) and _is_nan(b))
+
+
+def _as_stored(m: Modality, enc: SourceEncoding, dec: Decoded) -> bool:
+    """The file holds stored values with the stored nodata already: nothing to map (no copy, no mask pass)."""
+    return (enc.is_identity and dec.array.dtype == m.np_dtype and _same(enc.nodata, m.nodata)
+            and (dec.nodata is None or _same(dec.nodata, m.nodata)) and dec.valid is None
+            and (dec.array.dtype.kind != "f" or _is_nan(m.nodata)))
+
+
 def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarray | None, where: str,
            chip: str) -> np.ndarray:
     """The source values in stored units and dtype; invalid pixels are not checked (they are overwritten)."""
@@ -85,6 +96,8 @@ def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarra
             lo, hi = (float(check.min()) - enc.offset) / enc.gain, (float(check.max()) - enc.offset) / enc.gain
             raise ChipDataError(where, chip, f"values {lo:g}..{hi:g} do not fit {m.name}'s stored {out} under "
                                              f"encoding {enc.name!r}: the file is not in that encoding")
+        if invalid is not None:
+            f[invalid] = 0  # overwritten with the stored nodata by the caller; NaN has no integer value
     return f.astype(out)
 
 
@@ -114,7 +127,7 @@ def to_stored(m: Modality, dec: Decoded, where: str, chip: str) -> Stored:
         raise ChipDataError(where, chip, f"dtype {src.dtype} cannot be stored as {m.dtype} (modality {m.name}) "
                                          f"without loss; known source encodings: {', '.join(m.accepted_dtypes())} "
                                          "(declare another under 'encodings:' in a modalities YAML)")
-    invalid = source_invalid(m, enc, dec, where, chip)
+    invalid = None if _as_stored(m, enc, dec) else source_invalid(m, enc, dec, where, chip)
     array = _apply(m, enc, src, invalid, where, chip)
     n_invalid = 0
     nd = m.nodata
