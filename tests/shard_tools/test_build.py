@@ -119,6 +119,14 @@ def test_stored_members_decode_to_the_exporters_values(small_shards, synth_src):
 
 def test_stats_count_valid_pixels_only(small_shards):
     stats = json.loads((small_shards / "stats.json").read_text())
+    root = ShardRoot(str(small_shards))
+    train = [r for r in root.read_index().to_pylist() if r["split"] == "train"]
+    for name, nd in (("s1grd", -32768), ("s2rgbm", 0), ("srtmdem", -32768)):
+        count = np.zeros(len(stats[name]["bands"]), np.int64)
+        for r in train:
+            if r[f"{name}_offset"] is not None:
+                count += (root.read_member(r, name) != nd).sum(axis=(1, 2))
+        assert stats[name]["global"]["count"] == count.tolist(), name
     for name in ("s1grd", "s2rgbm"):
         g = stats[name]["global"]
         assert min(g["min"]) > {"s1grd": -32768, "s2rgbm": 0}[name], name  # nodata never counted as a value
