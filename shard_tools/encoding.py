@@ -74,17 +74,37 @@ def _as_stored(m: Modality, enc: SourceEncoding, dec: Decoded) -> bool:
             and (dec.array.dtype.kind != "f" or _is_nan(m.nodata)))
 
 
+def _out_of_range(m: Modality, enc: SourceEncoding, lo: float, hi: float, where: str, chip: str) -> ChipDataError:
+    return ChipDataError(where, chip, f"values {(lo - enc.offset) / enc.gain:g}..{(hi - enc.offset) / enc.gain:g} do "
+                                      f"not fit {m.name}'s stored {m.dtype} under encoding {enc.name!r}: the file is "
+                                      "not in that encoding")
+
+
 def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarray | None, where: str,
-           chip: str) -> np.ndarray:
-    """The source values in stored units and dtype; invalid pixels are not checked (they are overwritten)."""
+           chip: str) -> tuple[np.ndarray, bool]:
+    """The source values in stored units and dtype, and whether a valid value can equal the stored nodata; invalid
+    pixels are not checked (they are overwritten)."""
     out = m.np_dtype
     values = src.view(enc.view) if enc.view else src
     if enc.is_identity:
         if values.dtype == out:
-            return values
+            return values, True
         if out.kind in "iu" and not np.can_cast(values.dtype, out, "safe"):
             raise ChipDataError(where, chip, f"encoding {enc.name!r} of {m.name}: {values.dtype} to {out} is lossy")
-        return values.astype(out)
+        return values.astype(out), True
+    info = np.iinfo(out) if out.kind in "iu" else None
+    if info is not None and values.dtype.kind in "iu" and float(enc.gain).is_integer() \
+            and float(enc.offset).is_integer():
+        # integer to integer (geetiles' wrapped uint16 dB): exact in the stored dtype once the range is known
+        lo, hi = int(values.min()) * int(enc.gain) + int(enc.offset), int(values.max()) * int(enc.gain) + int(enc.offset)
+        lo, hi = min(lo, hi), max(lo, hi)
+        if lo >= info.min and hi <= info.max:
+            a = values.astype(out)
+            a *= out.type(enc.gain)
+            if enc.offset:
+                a += out.type(enc.offset)
+            nd = m.nodata
+            return a, nd is not None and not _is_nan(nd) and lo <= nd <= hi
     f = values.astype(np.float64)
     f *= enc.gain
     f += enc.offset
@@ -93,12 +113,10 @@ def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarra
         info = np.iinfo(out)
         check = f if invalid is None else f[~invalid]
         if check.size and (check.min() < info.min or check.max() > info.max):
-            lo, hi = (float(check.min()) - enc.offset) / enc.gain, (float(check.max()) - enc.offset) / enc.gain
-            raise ChipDataError(where, chip, f"values {lo:g}..{hi:g} do not fit {m.name}'s stored {out} under "
-                                             f"encoding {enc.name!r}: the file is not in that encoding")
+            raise _out_of_range(m, enc, float(check.min()), float(check.max()), where, chip)
         if invalid is not None:
             f[invalid] = 0  # overwritten with the stored nodata by the caller; NaN has no integer value
-    return f.astype(out)
+    return f.astype(out), True
 
 
 def _resample_bands(m: Modality, array: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -128,7 +146,7 @@ def to_stored(m: Modality, dec: Decoded, where: str, chip: str) -> Stored:
                                          f"without loss; known source encodings: {', '.join(m.accepted_dtypes())} "
                                          "(declare another under 'encodings:' in a modalities YAML)")
     invalid = None if _as_stored(m, enc, dec) else source_invalid(m, enc, dec, where, chip)
-    array = _apply(m, enc, src, invalid, where, chip)
+    array, may_clash = _apply(m, enc, src, invalid, where, chip)
     n_invalid = 0
     nd = m.nodata
     if invalid is not None:
@@ -136,10 +154,10 @@ def to_stored(m: Modality, dec: Decoded, where: str, chip: str) -> Stored:
         if nd is None:
             raise ChipDataError(where, chip, f"{n_invalid} pixels are nodata in the file, but modality {m.name} "
                                              "has no nodata value to store them as")
-        if array is src or np.shares_memory(array, src):
+        if np.may_share_memory(array, src):
             array = array.copy()
         array[invalid] = nd
-    if nd is not None and not _is_nan(nd) and not (enc.is_identity and enc.nodata == nd):
+    if may_clash and nd is not None and not _is_nan(nd) and not (enc.is_identity and enc.nodata == nd):
         clash = array == nd
         if invalid is not None:
             clash &= ~invalid
