@@ -11,6 +11,16 @@ Cold: the same pair again with the page cache dropped before each (root only; ``
 source is read from the disk — the build's real situation, where a source far larger than memory is read once.
 
     python bench/build.py --chips-per-region 48 --workers 2 --repeats 3
+
+Parquet (``--parquet``): bytes the build reads from a 2-modality parquet release (synthesized with ``m3leo-shards
+synth --parquet``; s1grd + s2rgbm) next to the bytes stored in its parquet files; the goal is at most 1.10 times. The
+build runs in this process (one worker) so that the source reader's byte counter (``hub.READ_TOTALS``: bytes taken
+from the files, footers and listing included) is this process's. Also reported: the floor, the ``content`` column
+chunks of every row group once per shard that needs rows of it. Synth parquet files hold consecutive grid chips, of
+all three splits, so with more than one row per group the floor itself lies above the stored bytes (a row group
+with rows of the train and the val split is read by both shards).
+
+    python bench/build.py --parquet --chips-per-region 16 --rows-per-group 1,4
 """
 
 from __future__ import annotations
@@ -30,8 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shard_tools.build import BuildConfig, build, parse_size  # noqa: E402
-from shard_tools.synth import SynthConfig, synth  # noqa: E402
+from shard_tools import hub
+from shard_tools.build import BuildConfig, build, make_plan, parse_size
+from shard_tools.synth import SynthConfig, synth
 
 
 def _files(root: Path) -> list[Path]:
@@ -44,7 +55,7 @@ def _ceiling_worker(args: tuple[list[str], int, int, str, bool]) -> int:
     read = 0
     written = 0
     part = 0
-    f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")
+    f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")  # noqa: SIM115 - replaced as parts fill
     for p in paths:
         with open(p, "rb") as src:
             data = src.read()
@@ -63,7 +74,7 @@ def _ceiling_worker(args: tuple[list[str], int, int, str, bool]) -> int:
                 os.fsync(f.fileno())
                 f.close()
                 part += 1
-                f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")
+                f = open(os.path.join(out_dir, f"part-{os.getpid()}-{part}"), "wb")  # noqa: SIM115
     while written < out_bytes:  # output larger than input (headers, padding)
         n = min(1 << 24, out_bytes - written)
         f.write(b"\0" * n)
@@ -97,10 +108,63 @@ def drop_caches() -> bool:
     return True
 
 
+def _parquet_floor(src: Path, shard_size: int) -> int:
+    """Bytes of the ``content`` column chunks of every row group once per shard that needs rows of it."""
+    import pyarrow.parquet as pq
+
+    chunk = {}
+    for p in _files(src):
+        if p.name.endswith(".parquet"):
+            md = pq.ParquetFile(p).metadata
+            col = md.schema.to_arrow_schema().get_field_index("content")
+            for rg in range(md.num_row_groups):
+                chunk[(str(p), rg)] = md.row_group(rg).column(col).total_compressed_size
+    plan = make_plan(BuildConfig(str(src), "unused", shard_size=shard_size, progress=False))
+    groups = {(s.path, ref.path, ref.row_group) for s in plan.shards for c in s.chips for ref in c.files.values()}
+    return sum(chunk[(path, rg)] for _, path, rg in groups)
+
+
+def parquet_main(a: argparse.Namespace, work: Path) -> dict:
+    """Bytes read from a parquet release by a build, against the bytes stored in it."""
+    regions = tuple(a.regions.split(","))
+    modalities = tuple(a.parquet_modalities.split(","))
+    shard_size = parse_size(a.shard_size)
+    layouts = []
+    for rpg in (int(x) for x in a.rows_per_group.split(",")):
+        src = work / f"src-parquet-rpg{rpg}"
+        if not src.exists():
+            synth(SynthConfig(str(src), regions, a.chips_per_region, seed=0, modalities=modalities, parquet=True,
+                              rows_per_group=rpg), workers=a.workers, progress=False)
+        parquet = [p for p in _files(src) if p.name.endswith(".parquet")]
+        stored = sum(p.stat().st_size for p in parquet)
+        floor = _parquet_floor(src, shard_size)
+        out = work / f"out-parquet-rpg{rpg}"
+        shutil.rmtree(out, ignore_errors=True)
+        hub.READ_TOTALS.reset()
+        t = time.perf_counter()
+        build(BuildConfig(str(src), str(out), shard_size=shard_size, workers=1, compress=a.compress,
+                          progress=False))
+        dt = time.perf_counter() - t
+        stats = hub.READ_TOTALS.to_json()
+        shutil.rmtree(out)
+        read = stats["parquet_bytes"] + stats["index_bytes"]
+        layouts.append({
+            "rows_per_group": rpg, "parquet_files": len(parquet), "stored_bytes": stored, "read_bytes": read,
+            "ratio": round(read / stored, 4), "meets_goal": read <= 1.10 * stored,
+            "floor_bytes": floor, "ratio_to_floor": round(stats["parquet_bytes"] / floor, 4), "build_s": round(dt, 3),
+            "reader": stats,
+        })
+    return {
+        "benchmark": "build_parquet", "machine": f"{platform.node()} {os.cpu_count()} cpus", "workers": 1,
+        "chips": len(regions) * a.chips_per_region, "modalities": list(modalities), "shard_size": shard_size,
+        "goal": 1.10, "layouts": layouts,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regions", default="conus,europe")
-    ap.add_argument("--chips-per-region", type=int, default=48)
+    ap.add_argument("--chips-per-region", type=int, default=None, help="default 48, with --parquet 16")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shard-size", default="256MB")
@@ -108,9 +172,30 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to put data (default: a temp dir on the same disk)")
     ap.add_argument("--json", default=None, help="also write the result JSON here")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-cache pair")
+    ap.add_argument("--parquet", action="store_true",
+                    help="instead: bytes a build reads from a parquet release vs the bytes stored in it")
+    ap.add_argument("--parquet-modalities", default="s1grd,s2rgbm", help="with --parquet: the release's modalities")
+    ap.add_argument("--rows-per-group", default="1,4", help="with --parquet: row-group sizes to synthesize")
     a = ap.parse_args()
+    if a.chips_per_region is None:
+        a.chips_per_region = 16 if a.parquet else 48
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="m3leo-bench-build-"))
+    if a.parquet:
+        result = parquet_main(a, work)
+        print(json.dumps(result))
+        print(f"\n{'rows/group':>10s}{'stored MB':>11s}{'read MB':>10s}{'read/stored':>13s}{'floor MB':>10s}"
+              f"{'read/floor':>12s}")
+        for r in result["layouts"]:
+            print(f"{r['rows_per_group']:>10d}{r['stored_bytes'] / 1e6:>11.1f}{r['read_bytes'] / 1e6:>10.1f}"
+                  f"{r['ratio']:>13.3f}{r['floor_bytes'] / 1e6:>10.1f}{r['ratio_to_floor']:>12.3f}")
+        print(f"goal: read/stored <= {result['goal']:.2f}")
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        if not a.workdir:
+            shutil.rmtree(work)
+        return
     src = work / "src"
     if not src.exists():
         synth(SynthConfig(str(src), tuple(a.regions.split(",")), a.chips_per_region, seed=0), workers=a.workers,
@@ -180,7 +265,8 @@ def main() -> None:
         }
     print(json.dumps(result))
     print(f"\n{'':24s}{'chips/s':>10s}{'MB/s (source)':>16s}")
-    print(f"{'build (--workers %d)' % a.workers:24s}{result['build_chips_per_s']:>10.1f}{result['build_mb_per_s']:>16.1f}")
+    print(f"{f'build (--workers {a.workers})':24s}{result['build_chips_per_s']:>10.1f}"
+          f"{result['build_mb_per_s']:>16.1f}")
     print(f"{'ceiling (read+write)':24s}{result['ceiling_chips_per_s']:>10.1f}{result['ceiling_mb_per_s']:>16.1f}")
     print(f"{'ceiling + sha256':24s}{result['ceiling_sha256_chips_per_s']:>10.1f}"
           f"{result['ceiling_sha256_mb_per_s']:>16.1f}")
@@ -190,7 +276,7 @@ def main() -> None:
     if cold:
         c = result["cold"]
         print("\ncold page cache (source read from disk):")
-        print(f"{'build (--workers %d)' % a.workers:24s}{c['build_chips_per_s']:>10.1f}{c['build_mb_per_s']:>16.1f}")
+        print(f"{f'build (--workers {a.workers})':24s}{c['build_chips_per_s']:>10.1f}{c['build_mb_per_s']:>16.1f}")
         print(f"{'ceiling (read+write)':24s}{c['ceiling_chips_per_s']:>10.1f}{c['ceiling_mb_per_s']:>16.1f}")
         print(f"ratio build/ceiling = {c['ratio']:.2f} (median); best repeats: {c['ratio_best']:.2f}")
     if a.json:

@@ -18,7 +18,12 @@ import tempfile
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -30,9 +35,9 @@ from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import hub
+from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.grid import Chip
 from shard_tools.publish import pipe_atomic, put_atomic
-from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.rasters import ChipDataError, decode_chip_file
 from shard_tools.stats import StatsSet
 from shard_tools.writer import ShardWriter, predicted_member_size
@@ -317,7 +322,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     shard = task.shard
     out_fs, out_root = get_fs(task.out, task.out_options)
     src_fs, src_root = get_fs(task.src, task.src_options)
-    reader = hub.SourceReader(src_fs)
+    reader = hub.SourceReader(src_fs, [ref for c in shard.chips for ref in c.files.values()])
     mods = {m.name: m for m in task.modalities}
     stats = StatsSet(task.modalities) if shard.split == "train" else None
     rows: dict[str, list[Any]] = {c: [] for c in sf.BASE_INDEX_COLUMNS}
@@ -326,6 +331,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         rows[sf.nbytes_column(m.name)] = []
     errors: list[str] = []
     empty: list[str] = []
+    encodings: Counter = Counter()
     skipped_chips = skipped_members = empty_members = 0
     dest = join(out_root, shard.path)
     if is_local(out_fs):
@@ -367,6 +373,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                             errors.append(str(e))
                         continue
                     arrays[name] = member.array
+                    encodings[f"{name}\t{member.encoding.name}"] += 1
                     if bounds is None and dec.bounds is not None and (dec.crs or "").upper() == "EPSG:4326":
                         bounds = tuple(float(x) for x in dec.bounds)
                     info[name] = {
@@ -404,13 +411,14 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
             nbytes, sha = writer.close()
         put_atomic(out_fs, tmp_path, dest)
     finally:
+        reader.close()
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     record = {
         "path": shard.path, "region": shard.region, "split": shard.split, "bytes": nbytes, "sha256": sha,
         "num_samples": writer.samples, "rows": rows, "stats": stats.state(shard.region) if stats else None,
         "errors": errors, "skipped_chips": skipped_chips, "skipped_members": skipped_members,
-        "empty_members": empty_members, "empty_examples": empty,
+        "empty_members": empty_members, "empty_examples": empty, "encodings": dict(sorted(encodings.items())),
     }
     pipe_atomic(out_fs, _record_path(out_root, shard.path), json.dumps(record, allow_nan=False).encode())
     return {k: record[k] for k in ("path", "bytes", "num_samples", "skipped_chips", "skipped_members",
@@ -543,6 +551,15 @@ def _run(tasks: list[ShardTask], workers: int):
 # ------------------------------------------------------------------ finalize
 
 
+def _nest(counts: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """'modality\tencoding' counts as {modality: {encoding: members}}."""
+    out: dict[str, dict[str, int]] = {}
+    for k, n in sorted(counts.items()):
+        mod, enc = k.split("\t", 1)
+        out.setdefault(mod, {})[enc] = n
+    return out
+
+
 def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
     """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``."""
     import pyarrow as pa
@@ -593,6 +610,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
     errors: list[str] = []
     empty: list[str] = []
+    seen: Counter = Counter()
     counts: Counter = Counter()
     per_split: dict[str, Counter] = {}
     for r in records:
@@ -601,6 +619,8 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         counts["skipped_chips"] += r["skipped_chips"]
         counts["skipped_members"] += r["skipped_members"]
         counts["empty_members"] += r.get("empty_members", 0)
+        for k, n in r.get("encodings", {}).items():
+            seen[k] += n
         per_split.setdefault(r["region"], Counter())[r["split"]] += r["num_samples"]
     members = {m.name: table.num_rows - table.column(sf.offset_column(m.name)).null_count for m in modalities}
     manifest = {
@@ -621,6 +641,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         "skipped": {"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
                     "examples": (list(plan["invalid"].values()) + errors)[:ERROR_EXAMPLES]},
         "empty_members": {"count": counts["empty_members"], "examples": empty},
+        "source_encodings": _nest(seen),
     }
     pipe_atomic(fs, join(root, sf.MANIFEST), json.dumps(manifest, indent=1, allow_nan=False).encode())
     log.info("finalized %s: %d samples in %d shards", out, table.num_rows, len(records))

@@ -35,7 +35,10 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
         "Each shard holds the samples of one region and one split. A sample's members are `<key>.json` (metadata: "
         "region, split, lon/lat, bounds, CRS, per-modality source file and original shape) and "
         "`<key>.<modality>.npy` (a C,H,W array in the dtype below). `index.parquet` gives each member's byte range; "
-        "`stats.json` per-band statistics of the train split.",
+        "`stats.json` per-band statistics of the train split over valid pixels only. Physical value = stored value "
+        "× the band's scale, in the band's units; stored nodata values are no data. The json names each member's "
+        "source encoding and its `missing_bands` (bands without a valid pixel: a season, orbit or month the "
+        "exporter had no data for).",
         "",
         "## Samples per region and split",
         "",
@@ -63,6 +66,20 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
             lines.append("")
         if m.get("special_values"):
             lines.append("Special values: " + ", ".join(f"{k} = {v}" for k, v in m["special_values"].items()) + ".")
+            lines.append("")
+        encs = m.get("encodings") or []
+        used = manifest.get("source_encodings", {}).get(name, {})
+        if encs or used:
+            lines.append("Source encodings (how the exporters wrote the files, and how they map onto the stored "
+                         "values):")
+            lines.append("")
+            for e in encs:
+                lines.append(f"- `{e['name']}` ({e['dtype']}): {e['description']}"
+                             + (f" Evidence: {e['evidence']}." if e.get("evidence") else "")
+                             + (f" **{used[e['name']]} members in this build.**" if e["name"] in used else ""))
+            for k, n in used.items():
+                if k not in {e["name"] for e in encs}:
+                    lines.append(f"- `{k}`: {n} members in this build.")
             lines.append("")
         if m.get("unverified"):
             lines.append("Not verified against the upstream files: " + "; ".join(m["unverified"]) + ".")
@@ -98,6 +115,9 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     skipped = manifest.get("skipped") or {}
     if skipped.get("chips") or skipped.get("members"):
         lines += ["", f"Left out during the build: {skipped['chips']} chips, {skipped['members']} members."]
+    empty = (manifest.get("empty_members") or {}).get("count")
+    if empty:
+        lines += ["", f"Members left out because every pixel was nodata: {empty}."]
     lines += ["", "## Citation", "",
               "Allen et al., *M3LEO: A Multi-Modal, Multi-Label Earth Observation Dataset Integrating "
               "Interferometric SAR and Multispectral Data*, NeurIPS 2024 Datasets and Benchmarks.", ""]

@@ -14,16 +14,20 @@ import io
 import logging
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from m3leo_stream.modalities import Modality, Registry
 from m3leo_stream.storage import is_local, join
 from shard_tools import grid
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 SPLIT_VALUES = ("train", "val", "test")
@@ -264,16 +268,15 @@ def _list_folder(fs, path: str, folder: str, m: Modality, disc: Discrepancies, a
 
 def _index_parquet(fs, path: str, folder: str, m: Modality, disc: Discrepancies, aoi: str) -> dict[str, FileRef]:
     """Read only the ``path`` column of a packed parquet file, row group by row group."""
-    import pyarrow.parquet as pq
-
+    stats = ReadStats()
     out: dict[str, FileRef] = {}
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+    with _CountingFile(_open_source(fs, path), stats) as f:
+        pf = _parquet_file(f)
         if "path" not in pf.schema_arrow.names or "content" not in pf.schema_arrow.names:
             raise ValueError(f"{path}: parquet release files need 'path' and 'content' columns "
                              f"(has {pf.schema_arrow.names})")
         for rg in range(pf.num_row_groups):
-            paths = pf.read_row_group(rg, columns=["path"]).column("path").to_pylist()
+            paths = pf.read_row_group(rg, columns=["path"], use_threads=False).column("path").to_pylist()
             for row, p in enumerate(paths):
                 name = str(p).rsplit("/", 1)[-1]
                 stem, _, ext = name.rpartition(".")
@@ -287,16 +290,174 @@ def _index_parquet(fs, path: str, folder: str, m: Modality, disc: Discrepancies,
                     disc.add("duplicate_parquet_rows", f"{aoi}/{folder}/{name}")
                     continue
                 out[stem] = FileRef(path, folder, rg, row)
+    stats.index_bytes, stats.index_requests = stats.parquet_bytes, stats.parquet_requests
+    stats.parquet_bytes = stats.parquet_requests = 0
+    READ_TOTALS.merge(stats)
     return out
 
 
-class SourceReader:
-    """Reads chip files' bytes; keeps the last parquet row group so rows of one group are read once."""
+# ------------------------------------------------------------------ reading source files
 
-    def __init__(self, fs: fsspec.AbstractFileSystem):
+PENDING_LIMIT = 256 * 2**20
+"""Bytes of parquet rows a :class:`SourceReader` keeps for later chips of its shard before it drops the oldest
+row group's (they are read again when asked for)."""
+
+
+@dataclass
+class ReadStats:
+    """What reading the source cost: bytes and requests taken from its files, and the parquet reader's cache."""
+
+    parquet_bytes: int = 0  # read from parquet files for their content (footers and ``content`` column chunks)
+    parquet_requests: int = 0
+    index_bytes: int = 0  # read from parquet files while listing them (footers and ``path`` column chunks)
+    index_requests: int = 0
+    file_bytes: int = 0  # plain files read into memory (remote sources; a local file is handed over as its path)
+    parquet_files_opened: int = 0
+    row_groups_read: int = 0
+    row_group_rereads: int = 0  # row groups read again for the same reader (its kept rows were dropped)
+    peak_pending_bytes: int = 0  # the most bytes of rows kept for later chips at once
+    peak_row_groups_per_file: int = 0  # the most row groups of one parquet file with rows kept at once
+    _PEAKS = ("peak_pending_bytes", "peak_row_groups_per_file")
+
+    def merge(self, other: ReadStats) -> None:
+        with _TOTALS_LOCK:
+            for k, v in other.to_json().items():
+                setattr(self, k, max(getattr(self, k), v) if k in self._PEAKS else getattr(self, k) + v)
+
+    def reset(self) -> None:
+        with _TOTALS_LOCK:
+            for k in self.to_json():
+                setattr(self, k, 0)
+
+    def to_json(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
+
+
+_TOTALS_LOCK = threading.Lock()
+READ_TOTALS = ReadStats()
+"""This process's sum over every closed :class:`SourceReader` and every parquet file listed (``build`` with one
+worker reads in this process; with more, each worker process keeps its own)."""
+
+
+def _open_source(fs: fsspec.AbstractFileSystem, path: str):
+    """A source file opened for exact range reads: no fsspec read-ahead (its default fetches a block of up to
+    50 MB past every read from an object store, i.e. up to a whole parquet file for one column chunk)."""
+    if is_local(fs):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", cache_type="none")
+
+
+def _parquet_file(f):
+    import pyarrow.parquet as pq
+
+    # no pre-buffering: each column chunk is one read of exactly its bytes
+    return pq.ParquetFile(f, pre_buffer=False, buffer_size=0)
+
+
+class _CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes taken from the source: at the store for fsspec's buffered (remote)
+    files, whatever their cache fetches, else the bytes its reads return."""
+
+    def __init__(self, f, stats: ReadStats):
+        super().__init__()
+        self._f = f
+        self._stats = stats
+        cache = getattr(f, "cache", None)
+        self._at_store = cache is not None and callable(getattr(cache, "fetcher", None))
+        if self._at_store:
+            fetch = cache.fetcher
+
+            def counted(start: int, end: int) -> bytes:
+                data = fetch(start, end)
+                self._count(len(data))
+                return data
+
+            cache.fetcher = counted
+
+    def _count(self, n: int) -> None:
+        self._stats.parquet_bytes += n
+        self._stats.parquet_requests += 1
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        if not self._at_store:
+            self._count(len(data))
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+class _OpenParquet:
+    """One parquet file of the source: its open file, its footer, and the rows kept per row group."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, stats: ReadStats):
+        self.file = _CountingFile(_open_source(fs, path), stats)
+        try:
+            self.pf = _parquet_file(self.file)
+            self.content = self.pf.schema_arrow.get_field_index("content")
+            if self.content < 0:
+                raise ValueError(f"{path}: no 'content' column (has {self.pf.schema_arrow.names})")
+        except BaseException:
+            self.file.close()
+            raise
+        self.kept: dict[int, dict[int, bytes | None]] = {}  # row group → row → content, in the order read
+
+    def read_content(self, rg: int) -> Any:
+        """The ``content`` column of one row group (only its column chunk is read)."""
+        return self.pf.read_row_group(rg, columns=["content"], use_threads=False).column(0)
+
+    def close(self) -> None:
+        self.kept.clear()
+        self.file.close()
+
+
+class SourceReader:
+    """Reads chip files' bytes. Parquet files stay open (one file and footer each) and each row group's ``content``
+    column chunk is read once: of the rows it holds, those still wanted (``refs``, the files its shard will ask
+    for) are kept until they are asked for; the rest are dropped at once. A file is closed when all its wanted rows
+    were served. Read in an order that follows the parquet files' rows (each file's row groups one after another),
+    at most one row group per file has rows kept; in another order the rows kept stay within ``pending_limit``
+    bytes (beyond it the oldest row group's are dropped, to be read again). Without ``refs``, each file keeps the
+    rows of the row group last read. Not thread-safe: one reader serves one shard, sequentially."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, refs: Sequence[FileRef] | None = None,
+                 pending_limit: int = PENDING_LIMIT):
         self.fs = fs
-        self._rg_key: tuple[str, int] | None = None
-        self._rg_content: list[bytes] = []
+        self.stats = ReadStats()
+        self.pending_limit = pending_limit
+        self._planned = refs is not None
+        self._wanted: dict[tuple[str, int], set[int]] = {}  # (path, row group) → rows not served yet
+        self._wanted_in: Counter = Counter()  # path → rows not served yet
+        for ref in refs or ():
+            rows = self._wanted.setdefault((ref.path, ref.row_group), set()) if ref.in_parquet else None
+            if rows is not None and ref.row not in rows:
+                rows.add(ref.row)
+                self._wanted_in[ref.path] += 1
+        self._files: dict[str, _OpenParquet] = {}
+        self._kept_order: dict[tuple[str, int], None] = {}  # (path, row group) with rows kept, oldest first
+        self._read: set[tuple[str, int]] = set()
+        self._pending_bytes = 0
+        self._closed = False
 
     def read(self, ref: FileRef) -> bytes | str:
         """The file's bytes; a plain local file is returned as its path so decoders read it directly."""
@@ -306,16 +467,94 @@ class SourceReader:
             return ref.path
         if not ref.in_parquet:
             with self.fs.open(ref.path, "rb") as f:
-                return f.read()
-        key = (ref.path, ref.row_group)
-        if key != self._rg_key:
-            import pyarrow.parquet as pq
-
-            with self.fs.open(ref.path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(ref.row_group, columns=["content"])
-            self._rg_content = table.column("content").to_pylist()
-            self._rg_key = key
-        content = self._rg_content[ref.row]
+                data = f.read()
+            self.stats.file_bytes += len(data)
+            return data
+        content = self._row(ref)
         if content is None:
             raise ValueError(f"{ref.path} row group {ref.row_group} row {ref.row}: empty content")
         return content
+
+    def _row(self, ref: FileRef) -> bytes | None:
+        if self._closed:
+            raise ValueError("SourceReader is closed")
+        key = (ref.path, ref.row_group)
+        pq_file = self._files.get(ref.path)
+        if pq_file is None:
+            pq_file = self._files[ref.path] = _OpenParquet(self.fs, ref.path, self.stats)
+            self.stats.parquet_files_opened += 1
+        kept = pq_file.kept.get(ref.row_group)
+        if kept is None or ref.row not in kept:
+            kept = self._load(pq_file, key, ref.row)
+        content = kept.pop(ref.row)
+        self._pending_bytes -= len(content or b"")
+        if not kept:
+            self._drop(pq_file, key)
+        wanted = self._wanted.get(key)
+        if wanted is not None and ref.row in wanted:
+            wanted.discard(ref.row)
+            self._wanted_in[ref.path] -= 1
+            if not wanted:
+                del self._wanted[key]
+        if self._planned and self._wanted_in[ref.path] <= 0 and not pq_file.kept:
+            del self._files[ref.path]
+            pq_file.close()
+        return content
+
+    def _load(self, pq_file: _OpenParquet, key: tuple[str, int], row: int) -> dict[int, bytes | None]:
+        path, rg = key
+        col = pq_file.read_content(rg)
+        self.stats.row_groups_read += 1
+        if key in self._read:
+            self.stats.row_group_rereads += 1
+        self._read.add(key)
+        if row >= len(col):
+            raise IndexError(f"{path} row group {rg} has {len(col)} rows, not row {row}")
+        if not self._planned:  # keep this row group's rows only
+            for other in list(pq_file.kept):
+                self._drop(pq_file, (path, other))
+            rows: Sequence[int] = range(len(col))
+        else:
+            self._drop(pq_file, key)  # rows kept from an earlier read of it are read again here
+            rows = sorted({r for r in self._wanted.get(key, ()) if r < len(col)} | {row})
+        kept = {r: col[r].as_py() for r in rows}
+        del col
+        pq_file.kept[rg] = kept
+        self._kept_order[key] = None
+        self._pending_bytes += sum(len(v or b"") for v in kept.values())
+        self.stats.peak_pending_bytes = max(self.stats.peak_pending_bytes, self._pending_bytes)
+        self.stats.peak_row_groups_per_file = max(self.stats.peak_row_groups_per_file, len(pq_file.kept))
+        self._shed(key)
+        return kept
+
+    def _shed(self, keep: tuple[str, int]) -> None:
+        """Drop the oldest kept row groups' rows (but ``keep``'s) while more than ``pending_limit`` bytes are kept."""
+        while self._pending_bytes > self.pending_limit:
+            oldest = next((k for k in self._kept_order if k != keep), None)
+            if oldest is None:
+                return
+            self._drop(self._files[oldest[0]], oldest)
+
+    def _drop(self, pq_file: _OpenParquet, key: tuple[str, int]) -> None:
+        self._kept_order.pop(key, None)
+        dropped = pq_file.kept.pop(key[1], None)
+        if dropped:
+            self._pending_bytes -= sum(len(v or b"") for v in dropped.values())
+
+    def close(self) -> None:
+        """Close the open parquet files, drop the rows kept, and add this reader's figures to ``READ_TOTALS``."""
+        if self._closed:
+            return
+        self._closed = True
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._kept_order.clear()
+        self._pending_bytes = 0
+        READ_TOTALS.merge(self.stats)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
