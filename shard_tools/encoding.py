@@ -175,5 +175,5 @@ def _missing_bands(m: Modality, array: np.ndarray) -> list[str]:
     """Bands of the chip without a valid pixel; cheap when the first pixel of every band holds data."""
     if not m.is_nodata(array[:, 0, 0]).any():
         return []
-    empty = m.is_nodata(array).all(axis=(1, 2))
-    return [b for b, e in zip(m.bands, empty) if e]
+    empty = np.asarray(m.is_nodata(array).all(axis=(1, 2)))
+    return [b for b, e in zip(m.bands, empty.tolist()) if e]

@@ -346,9 +346,14 @@ def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, op
     stack, src = _open_tif(data)
     with stack:
         picked: list[list[int] | None] = []
-        array, selection = _tif_bands(modality, list(src.descriptions), src.count,
-                                      lambda idx: picked.append(idx) or _read_tif_pixels(src, data, idx), where,
-                                      chip, options)
+
+        def read(idx: list[int] | None) -> np.ndarray:
+            picked.append(idx)
+            return _read_tif_pixels(src, data, idx)
+
+        array, selection = _tif_bands(modality, list(src.descriptions), src.count, read, where, chip, options)
+        if array is None:
+            raise ChipDataError(where, chip, "unreadable pixels")
         b = src.bounds
         return Decoded(array, (b.left, b.bottom, b.right, b.top), src.crs.to_string() if src.crs else None, selection,
                        _tag(src.nodata, array.dtype), _tif_mask(src, picked[0] if picked else None))

@@ -199,8 +199,8 @@ class ChipSynth:
         if rng.random() < 0.15:  # a no-coverage strip at the chip edge, as at swath borders
             out[:, :, : rng.integers(8, 40)] = np.nan
         if rng.random() < 0.3:  # a season/orbit without acquisitions: its VV and VH bands
-            season, orbit = int(rng.integers(4)), int(rng.integers(2))
-            out[[4 * season + orbit, 4 * season + 2 + orbit]] = np.nan
+            si, oi = int(rng.integers(4)), int(rng.integers(2))
+            out[[4 * si + oi, 4 * si + 2 + oi]] = np.nan
         return out
 
     def _s1grd(self, m: Modality) -> bytes:
