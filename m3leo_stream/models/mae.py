@@ -259,7 +259,7 @@ class MultiModalMAE(nn.Module):
         out: dict[str, Any] = {"mask": mask, "modalities": mods, "grid": grid}
         p = enc.patch_size
         side = grid * p
-        losses = []
+        losses, scored = [], []
         for i, m in enumerate(mods):
             pred = self.heads[m](x[:, i * n:(i + 1) * n]).float()
             target = patchify(_resize(batch[m], side).float(), p)
@@ -288,9 +288,10 @@ class MultiModalMAE(nn.Module):
             out[f"loss/{m}"] = loss_m
             out[f"sqerr/{m}"] = err.detach()
             out[f"weight/{m}"] = wsum.detach()
-            if wsum > 0:
-                losses.append(loss_m)
-        out["loss"] = torch.stack(losses).mean() if losses else tokens.sum() * 0.0
+            losses.append(loss_m)  # always in the graph (DDP), 0 when nothing is scored; no host sync
+            scored.append((wsum > 0).float())
+        out["loss"] = torch.stack(losses).sum() / torch.stack(scored).sum().clamp(min=1.0) if losses \
+            else tokens.sum() * 0.0
         return out
 
     def reconstruct(self, batch: Mapping[str, Any], out: Mapping[str, Any], modality: str) -> tuple[torch.Tensor,

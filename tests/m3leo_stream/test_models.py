@@ -59,6 +59,10 @@ def test_mae_dropped_and_invalid_are_excluded():
     assert out["mask"][:, 16:32].eq(1).all()
     # the loss is the gssic loss alone
     assert torch.allclose(out["loss"], out["loss/gssic"])
+    # yet every head stays in the graph (DDP with find_unused_parameters=False needs a gradient for each)
+    out["loss"].backward()
+    for mod in CH:
+        assert m.heads[mod].weight.grad is not None, mod
 
 
 def test_mae_padding_rows_excluded():
