@@ -3,7 +3,18 @@
 The build is planned before anything is decoded: chips are grouped by (region, split), sorted by identifier and
 packed into shards by their exact uncompressed size (every array has its registry shape and dtype), so the plan is
 a pure function of the source listing and the arguments. Shard ``i`` of the plan belongs to task
-``i % num_tasks``. Each finished shard is published atomically, then a small record (its index rows, statistics and
+``i % num_tasks``.
+
+A region held in parquet files (the packed release, whose row groups mix the splits) is planned by row instead:
+its chips of all splits in the order of their parquet rows (file, row group, row), cut at row-group boundaries into
+reading groups of about ``read_group_shards`` shards' bytes, each split's chips of a group packed into shards in
+that order (a split's last shard in a group may be short). One worker builds a group's shards one after another
+with one source reader, which keeps the rows a row group holds for the group's later shards, so each row group is
+read once rather than once per split. Reading group ``g`` belongs to task ``g % num_tasks`` (other regions' shards
+are groups of one). The reader keeps at most about a shard of each other split (``_group_pending_limit``: 2 GB
+beside 1 GB shards); beyond it, rows are dropped and read again.
+
+Each finished shard is published atomically, then a small record (its index rows, statistics and
 errors) is written under ``_build/``; that record marks the shard as done, so a rerun after a crash skips it.
 ``finalize`` merges the records into ``index.parquet``, ``stats.json`` and, last, ``manifest.json``.
 """

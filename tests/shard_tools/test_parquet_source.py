@@ -259,3 +259,58 @@ def test_remote_release_is_read_without_read_ahead(s3, tmp_path):
                       progress=False))
     read = hub.READ_TOTALS.parquet_bytes + hub.READ_TOTALS.index_bytes
     assert 0 < read <= 1.10 * _stored(src), (read, _stored(src), hub.READ_TOTALS)
+
+
+CHIP_BYTES = 13_652_480  # one s1grd + s2rgbm sample in a shard
+GROUPED = {"shard_size": 3 * CHIP_BYTES, "read_group_shards": 4}  # 3 chips a shard, groups of 12 chips' bytes
+
+
+@pytest.fixture(scope="module")
+def synth_groups(tmp_path_factory) -> Path:
+    """32 chips in 4 files per modality, row groups of 4 rows mixing the splits."""
+    src = tmp_path_factory.mktemp("pq-groups") / "src"
+    synth(SynthConfig(str(src), REGIONS, 32, seed=SEED, modalities=MODS, parquet=True, rows_per_group=4,
+                      chips_per_parquet=8), workers=2, progress=False)
+    return src
+
+
+def _grouped_build(src: Path, out: Path, **kw) -> float:
+    hub.READ_TOTALS.reset()
+    build(BuildConfig(str(src), str(out), progress=False, **{**GROUPED, **kw}))
+    return (hub.READ_TOTALS.parquet_bytes + hub.READ_TOTALS.index_bytes) / _stored(src)
+
+
+def _output(root: Path) -> tuple[dict, bytes, list, str]:
+    manifest = json.loads((root / "manifest.json").read_text())
+    return _members(root), (root / "index.parquet").read_bytes(), manifest["shards"], (root / "stats.json").read_text()
+
+
+def test_reading_groups_read_within_10_percent_of_stored(synth_groups, tmp_path, monkeypatch):
+    """Several reading groups over row groups that mix splits: bytes read within 10 % of the bytes stored, and the
+    same shards, index and statistics with two workers and with two array tasks and finalize."""
+    from shard_tools import build as build_mod
+
+    plan = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **GROUPED))
+    assert len(plan.groups) >= 3 and sorted(i for g in plan.groups for i in g) == list(range(len(plan.shards)))
+    assert all(len({plan.shards[i].split for i in g}) == 3 for g in plan.groups)
+    ratio = _grouped_build(synth_groups, tmp_path / "one", workers=1)
+    assert ratio <= 1.10, ratio
+    assert hub.READ_TOTALS.row_group_rereads == 0
+    assert hub.READ_TOTALS.row_groups_read == sum(pq.ParquetFile(p).metadata.num_row_groups
+                                                  for p in synth_groups.rglob("*.parquet"))
+    expected = _output(tmp_path / "one")
+    _grouped_build(synth_groups, tmp_path / "two", workers=2)
+    assert _output(tmp_path / "two") == expected
+    for task in (1, 0):
+        build(BuildConfig(str(synth_groups), str(tmp_path / "tasks"), progress=False, num_tasks=2, task_index=task,
+                          **GROUPED))
+    build_mod.finalize(str(tmp_path / "tasks"))
+    assert _output(tmp_path / "tasks") == expected
+    # a resumed group builds only what is missing, with the same result
+    (tmp_path / "tasks" / "_build" / "shards" / plan.shards[plan.groups[1][0]].path.replace(".tar", ".json")).unlink()
+    build(BuildConfig(str(synth_groups), str(tmp_path / "tasks"), progress=False, **GROUPED))
+    assert _output(tmp_path / "tasks") == expected
+    # without reading groups (a reader per shard) the row groups are read by every split's shard
+    monkeypatch.setattr(build_mod, "build_group", lambda tasks: [build_mod.build_shard(t) for t in tasks])
+    assert _grouped_build(synth_groups, tmp_path / "ungrouped", workers=1) > 1.5
+    assert _output(tmp_path / "ungrouped") == expected
