@@ -250,10 +250,10 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
             for split in cfg.splits:
                 for chips in _pack([j for j in seg if j.split == split], mods, cfg.shard_size):
                     number = len(region_shards[split])
-                    job = ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, chips,
-                                   group=len(groups) + len(region_groups))
-                    region_shards[split].append(job)
-                    members.append(job)
+                    shard = ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, chips,
+                                     group=len(groups) + len(region_groups))
+                    region_shards[split].append(shard)
+                    members.append(shard)
             # built in the order they end: rows of later shards kept meanwhile are those of the other splits
             members.sort(key=lambda x: (_position(x.chips[-1], order), x.split, x.number))
             region_groups.append(members)

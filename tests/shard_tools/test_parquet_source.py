@@ -296,6 +296,8 @@ def test_reading_groups_read_within_10_percent_of_stored(synth_groups, tmp_path,
     ratio = _grouped_build(synth_groups, tmp_path / "one", workers=1)
     assert ratio <= 1.10, ratio
     assert hub.READ_TOTALS.row_group_rereads == 0
+    # rows kept for later shards: about a shard of each other split (shards are built in the order they end)
+    assert hub.READ_TOTALS.peak_pending_bytes <= 3 * GROUPED["shard_size"], hub.READ_TOTALS
     assert hub.READ_TOTALS.row_groups_read == sum(pq.ParquetFile(p).metadata.num_row_groups
                                                   for p in synth_groups.rglob("*.parquet"))
     expected = _output(tmp_path / "one")
