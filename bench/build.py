@@ -19,8 +19,8 @@ from the files, footers and listing included) is this process's. Also reported: 
 chunks of every row group once per reading group that needs rows of it. Synth parquet files hold consecutive grid
 chips, of all three splits, in row groups that mix them; the build reads them in reading groups (the shards of all
 splits over a run of row groups, built with one reader), so a row group is read once, not once per split's shard.
-``--read-group-shards`` and a small ``--shard-size`` give several groups per region (row groups at their
-boundaries are not shared: groups are cut between row groups).
+``--read-group-shards`` and a small ``--shard-size`` give several groups per region (groups are cut between files,
+so no row group is read by two).
 
     python bench/build.py --parquet --chips-per-region 16 --rows-per-group 1,4,16
     python bench/build.py --parquet --chips-per-region 32 --shard-size 41MB --read-group-shards 4

@@ -6,8 +6,9 @@ a pure function of the source listing and the arguments. Shard ``i`` of the plan
 ``i % num_tasks``.
 
 A region held in parquet files (the packed release, whose row groups mix the splits) is planned by row instead:
-its chips of all splits in the order of their parquet rows (file, row group, row), cut at row-group boundaries into
-reading groups of about ``read_group_shards`` shards' bytes, each split's chips of a group packed into shards in
+its chips of all splits in the order of their parquet rows (file, row group, row), cut between files into reading
+groups of at least ``read_group_shards`` shards' bytes (between row groups once a group grows past
+``READ_GROUP_SPAN`` times that), each split's chips of a group packed into shards in
 that order (a split's last shard in a group may be short). One worker builds a group's shards one after another
 with one source reader, which keeps the rows a row group holds for the group's later shards, so each row group is
 read once rather than once per split. Reading group ``g`` belongs to task ``g % num_tasks`` (other regions' shards
@@ -229,20 +230,23 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
                     shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, chips))
                     groups.append([len(shards) - 1])
             continue
-        # parquet: chips in the order of their rows, cut into reading groups at row-group boundaries
+        # parquet: chips in the order of their rows, cut into reading groups between files (the release packs a
+        # chip's modalities in files of the same parquet identifier, whatever the row order in each), or between
+        # row groups once a group reaches READ_GROUP_SPAN times its size
         bound = (cfg.read_group_shards or READ_GROUP_SHARDS) * cfg.shard_size
         every = sorted((j for jobs in by_split.values() for j in jobs), key=lambda j: (_position(j, order), j.key))
         segments: list[list[ChipJob]] = [[]]
         size, last = 0, None
         for job in every:
             lead = _position(job, order)[:1]
-            lead_group = lead[0][:2] if lead else None
-            if segments[-1] and size >= bound and lead_group != last:
+            where = lead[0][:2] if lead else None
+            if segments[-1] and last is not None and where is not None and (
+                    (size >= bound and where[0] != last[0]) or (size >= READ_GROUP_SPAN * bound and where != last)):
                 segments.append([])
                 size = 0
             segments[-1].append(job)
             size += sample_size(mods, list(job.files))
-            last = lead_group
+            last = where
         region_shards: dict[str, list[ShardJob]] = {split: [] for split in cfg.splits}
         region_groups: list[list[ShardJob]] = []
         for seg in segments:
@@ -268,6 +272,8 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
 
 READ_GROUP_SHARDS = 16
 """Default size of a parquet region's reading groups, in shards' worth of sample bytes."""
+READ_GROUP_SPAN = 4
+"""A reading group longer than this many times its size is cut between row groups of one file."""
 
 
 def _position(job: ChipJob, order: Sequence[str]) -> tuple[tuple[str, int, int], ...]:

@@ -262,7 +262,7 @@ def test_remote_release_is_read_without_read_ahead(s3, tmp_path):
 
 
 CHIP_BYTES = 13_652_480  # one s1grd + s2rgbm sample in a shard
-GROUPED = {"shard_size": 3 * CHIP_BYTES, "read_group_shards": 4}  # 3 chips a shard, groups of 12 chips' bytes
+GROUPED = {"shard_size": 3 * CHIP_BYTES, "read_group_shards": 2}  # 3 chips a shard, a file (8 chips) a group
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +316,21 @@ def test_reading_groups_read_within_10_percent_of_stored(synth_groups, tmp_path,
     monkeypatch.setattr(build_mod, "build_group", lambda tasks: [build_mod.build_shard(t) for t in tasks])
     assert _grouped_build(synth_groups, tmp_path / "ungrouped", workers=1) > 1.5
     assert _output(tmp_path / "ungrouped") == expected
+
+
+def test_long_reading_groups_cut_between_row_groups(synth_groups, tmp_path, monkeypatch):
+    """A group that grows past READ_GROUP_SPAN times its size is cut between row groups within a file: no row
+    group is shared by two groups, so bytes read stay within 10 % of stored."""
+    from shard_tools import build as build_mod
+
+    by_file = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **GROUPED))
+    monkeypatch.setattr(build_mod, "READ_GROUP_SPAN", 1)
+    cfg = {**GROUPED, "read_group_shards": 1}
+    plan = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **cfg))
+    assert len(plan.groups) > len(by_file.groups)
+    owner: dict[tuple[str, int], int] = {}
+    for g, members in enumerate(plan.groups):
+        for c in (c for i in members for c in plan.shards[i].chips):
+            for ref in c.files.values():
+                assert owner.setdefault((ref.path, ref.row_group), g) == g
+    assert _grouped_build(synth_groups, tmp_path / "out", workers=1, read_group_shards=1) <= 1.10
