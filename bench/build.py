@@ -16,11 +16,14 @@ Parquet (``--parquet``): bytes the build reads from a 2-modality parquet release
 synth --parquet``; s1grd + s2rgbm) next to the bytes stored in its parquet files; the goal is at most 1.10 times. The
 build runs in this process (one worker) so that the source reader's byte counter (``hub.READ_TOTALS``: bytes taken
 from the files, footers and listing included) is this process's. Also reported: the floor, the ``content`` column
-chunks of every row group once per shard that needs rows of it. Synth parquet files hold consecutive grid chips, of
-all three splits, so with more than one row per group the floor itself lies above the stored bytes (a row group
-with rows of the train and the val split is read by both shards).
+chunks of every row group once per reading group that needs rows of it. Synth parquet files hold consecutive grid
+chips, of all three splits, in row groups that mix them; the build reads them in reading groups (the shards of all
+splits over a run of row groups, built with one reader), so a row group is read once, not once per split's shard.
+``--read-group-shards`` and a small ``--shard-size`` give several groups per region (groups are cut between files,
+so no row group is read by two).
 
-    python bench/build.py --parquet --chips-per-region 16 --rows-per-group 1,4
+    python bench/build.py --parquet --chips-per-region 16 --rows-per-group 1,4,16
+    python bench/build.py --parquet --chips-per-region 32 --shard-size 41MB --read-group-shards 4
 """
 
 from __future__ import annotations
@@ -108,8 +111,9 @@ def drop_caches() -> bool:
     return True
 
 
-def _parquet_floor(src: Path, shard_size: int) -> int:
-    """Bytes of the ``content`` column chunks of every row group once per shard that needs rows of it."""
+def _parquet_floor(src: Path, shard_size: int, read_group_shards: int | None) -> tuple[int, int, int]:
+    """Bytes of the ``content`` column chunks of every row group once per reading group that needs rows of it;
+    the plan's shards and reading groups."""
     import pyarrow.parquet as pq
 
     chunk = {}
@@ -119,9 +123,11 @@ def _parquet_floor(src: Path, shard_size: int) -> int:
             col = md.schema.to_arrow_schema().get_field_index("content")
             for rg in range(md.num_row_groups):
                 chunk[(str(p), rg)] = md.row_group(rg).column(col).total_compressed_size
-    plan = make_plan(BuildConfig(str(src), "unused", shard_size=shard_size, progress=False))
-    groups = {(s.path, ref.path, ref.row_group) for s in plan.shards for c in s.chips for ref in c.files.values()}
-    return sum(chunk[(path, rg)] for _, path, rg in groups)
+    plan = make_plan(BuildConfig(str(src), "unused", shard_size=shard_size, read_group_shards=read_group_shards,
+                                 progress=False))
+    groups = {(g, ref.path, ref.row_group) for g, members in enumerate(plan.groups) for i in members
+              for c in plan.shards[i].chips for ref in c.files.values()}
+    return sum(chunk[(path, rg)] for _, path, rg in groups), len(plan.shards), len(plan.groups)
 
 
 def parquet_main(a: argparse.Namespace, work: Path) -> dict:
@@ -137,19 +143,20 @@ def parquet_main(a: argparse.Namespace, work: Path) -> dict:
                               rows_per_group=rpg), workers=a.workers, progress=False)
         parquet = [p for p in _files(src) if p.name.endswith(".parquet")]
         stored = sum(p.stat().st_size for p in parquet)
-        floor = _parquet_floor(src, shard_size)
+        floor, n_shards, n_groups = _parquet_floor(src, shard_size, a.read_group_shards)
         out = work / f"out-parquet-rpg{rpg}"
         shutil.rmtree(out, ignore_errors=True)
         hub.READ_TOTALS.reset()
         t = time.perf_counter()
         build(BuildConfig(str(src), str(out), shard_size=shard_size, workers=1, compress=a.compress,
-                          progress=False))
+                          read_group_shards=a.read_group_shards, progress=False))
         dt = time.perf_counter() - t
         stats = hub.READ_TOTALS.to_json()
         shutil.rmtree(out)
         read = stats["parquet_bytes"] + stats["index_bytes"]
         layouts.append({
-            "rows_per_group": rpg, "parquet_files": len(parquet), "stored_bytes": stored, "read_bytes": read,
+            "rows_per_group": rpg, "parquet_files": len(parquet), "shards": n_shards, "reading_groups": n_groups,
+            "stored_bytes": stored, "read_bytes": read,
             "ratio": round(read / stored, 4), "meets_goal": read <= 1.10 * stored,
             "floor_bytes": floor, "ratio_to_floor": round(stats["parquet_bytes"] / floor, 4), "build_s": round(dt, 3),
             "reader": stats,
@@ -157,7 +164,7 @@ def parquet_main(a: argparse.Namespace, work: Path) -> dict:
     return {
         "benchmark": "build_parquet", "machine": f"{platform.node()} {os.cpu_count()} cpus", "workers": 1,
         "chips": len(regions) * a.chips_per_region, "modalities": list(modalities), "shard_size": shard_size,
-        "goal": 1.10, "layouts": layouts,
+        "read_group_shards": a.read_group_shards, "goal": 1.10, "layouts": layouts,
     }
 
 
@@ -175,7 +182,9 @@ def main() -> None:
     ap.add_argument("--parquet", action="store_true",
                     help="instead: bytes a build reads from a parquet release vs the bytes stored in it")
     ap.add_argument("--parquet-modalities", default="s1grd,s2rgbm", help="with --parquet: the release's modalities")
-    ap.add_argument("--rows-per-group", default="1,4", help="with --parquet: row-group sizes to synthesize")
+    ap.add_argument("--rows-per-group", default="1,4,16", help="with --parquet: row-group sizes to synthesize")
+    ap.add_argument("--read-group-shards", type=int, default=None,
+                    help="with --parquet: the build's reading-group size in shards (default: the builder's)")
     a = ap.parse_args()
     if a.chips_per_region is None:
         a.chips_per_region = 16 if a.parquet else 48
@@ -184,10 +193,11 @@ def main() -> None:
     if a.parquet:
         result = parquet_main(a, work)
         print(json.dumps(result))
-        print(f"\n{'rows/group':>10s}{'stored MB':>11s}{'read MB':>10s}{'read/stored':>13s}{'floor MB':>10s}"
-              f"{'read/floor':>12s}")
+        print(f"\n{'rows/group':>10s}{'shards':>8s}{'groups':>8s}{'stored MB':>11s}{'read MB':>10s}"
+              f"{'read/stored':>13s}{'floor MB':>10s}{'read/floor':>12s}")
         for r in result["layouts"]:
-            print(f"{r['rows_per_group']:>10d}{r['stored_bytes'] / 1e6:>11.1f}{r['read_bytes'] / 1e6:>10.1f}"
+            print(f"{r['rows_per_group']:>10d}{r['shards']:>8d}{r['reading_groups']:>8d}"
+                  f"{r['stored_bytes'] / 1e6:>11.1f}{r['read_bytes'] / 1e6:>10.1f}"
                   f"{r['ratio']:>13.3f}{r['floor_bytes'] / 1e6:>10.1f}{r['ratio_to_floor']:>12.3f}")
         print(f"goal: read/stored <= {result['goal']:.2f}")
         if a.json:
@@ -242,7 +252,8 @@ def main() -> None:
         "benchmark": "build", "machine": f"{platform.node()} {os.cpu_count()} cpus", "workers": a.workers,
         "chips": chips, "source_mb": round(src_bytes / 1e6, 1), "output_mb": round(out_bytes / 1e6, 1),
         "compress": a.compress,
-        "build_s": round(b, 3), "build_chips_per_s": round(chips / b, 1), "build_mb_per_s": round(src_bytes / b / 1e6, 1),
+        "build_s": round(b, 3), "build_chips_per_s": round(chips / b, 1),
+        "build_mb_per_s": round(src_bytes / b / 1e6, 1),
         "ceiling_s": round(c, 3), "ceiling_chips_per_s": round(chips / c, 1),
         "ceiling_mb_per_s": round(src_bytes / c / 1e6, 1), "ratio": round(c / b, 3), "goal": 0.5,
         "ceiling_sha256_s": round(cs, 3), "ceiling_sha256_chips_per_s": round(chips / cs, 1),

@@ -3,7 +3,19 @@
 The build is planned before anything is decoded: chips are grouped by (region, split), sorted by identifier and
 packed into shards by their exact uncompressed size (every array has its registry shape and dtype), so the plan is
 a pure function of the source listing and the arguments. Shard ``i`` of the plan belongs to task
-``i % num_tasks``. Each finished shard is published atomically, then a small record (its index rows, statistics and
+``i % num_tasks``.
+
+A region held in parquet files (the packed release, whose row groups mix the splits) is planned by row instead:
+its chips of all splits in the order of their parquet rows (file, row group, row), cut between files into reading
+groups of at least ``read_group_shards`` shards' bytes (between row groups once a group grows past
+``READ_GROUP_SPAN`` times that), each split's chips of a group packed into shards in
+that order (a split's last shard in a group may be short). One worker builds a group's shards one after another
+with one source reader, which keeps the rows a row group holds for the group's later shards, so each row group is
+read once rather than once per split. Reading group ``g`` belongs to task ``g % num_tasks`` (other regions' shards
+are groups of one). The reader keeps at most about a shard of each other split (``_group_pending_limit``: 2 GB
+beside 1 GB shards); beyond it, rows are dropped and read again.
+
+Each finished shard is published atomically, then a small record (its index rows, statistics and
 errors) is written under ``_build/``; that record marks the shard as done, so a rerun after a crash skips it.
 ``finalize`` merges the records into ``index.parquet``, ``stats.json`` and, last, ``manifest.json``.
 """
@@ -87,14 +99,18 @@ class BuildConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     src_storage_options: dict[str, Any] | None = None
     progress: bool = True
+    read_group_shards: int | None = None  # parquet regions: shards' worth of bytes per reading group (see make_plan)
 
     def content_args(self) -> dict[str, Any]:
         """Arguments that determine the shards' contents (task and worker counts do not)."""
-        return {
+        args = {
             "regions": self.regions, "modalities": self.modalities, "splits": self.splits,
             "shard_size": self.shard_size, "compress": self.compress, "on_error": self.on_error,
             "year": self.year, "folders": dict(sorted(self.folders.items())), "gunw_pair_rule": self.gunw_pair_rule,
         }
+        if self.read_group_shards is not None:  # only when set: plans of earlier builds stay equal
+            args["read_group_shards"] = self.read_group_shards
+        return args
 
     def check(self) -> None:
         if self.on_error not in ("fail", "skip"):
@@ -108,6 +124,8 @@ class BuildConfig:
             raise ValueError(f"unknown splits {bad}; use {', '.join(sf.SPLITS)}")
         if self.shard_size <= 0:
             raise ValueError("--shard-size must be positive")
+        if self.read_group_shards is not None and self.read_group_shards < 1:
+            raise ValueError("--read-group-shards must be at least 1")
 
 
 def registry_for(cfg: BuildConfig) -> Registry:
@@ -133,6 +151,7 @@ class ShardJob:
     split: str
     number: int
     chips: list[ChipJob]
+    group: int = -1  # reading group (parquet regions), -1: a group of its own
 
 
 @dataclass
@@ -143,6 +162,8 @@ class Plan:
     folders: dict[str, dict[str, str]]
     discrepancies: hub.Discrepancies
     invalid: dict[str, str]
+    groups: list[list[int]] = field(default_factory=list)
+    """Indices into ``shards``, one list per reading group, in the order its shards are built."""
 
     def summary(self, cfg: BuildConfig) -> dict[str, Any]:
         return {
@@ -152,8 +173,8 @@ class Plan:
             "modality_entries": {m.name: m.to_json() for m in self.modalities},
             "regions": self.regions,
             "folders": self.folders,
-            "shards": [{"path": s.path, "region": s.region, "split": s.split, "keys": [c.key for c in s.chips]}
-                       for s in self.shards],
+            "shards": [{"path": s.path, "region": s.region, "split": s.split, "keys": [c.key for c in s.chips],
+                        **({"group": s.group} if s.group >= 0 else {})} for s in self.shards],
             "discrepancies": self.discrepancies.to_json(),
             "invalid": dict(sorted(self.invalid.items())),
         }
@@ -179,6 +200,7 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
     shards: list[ShardJob] = []
     folders: dict[str, dict[str, str]] = {}
     used: set[str] = set()
+    groups: list[list[int]] = []
     for rsrc in regions:
         cat = hub.catalog_region(fs, rsrc, registry, wanted, cfg.year, cfg.folders)
         disc.merge(cat.discrepancies)
@@ -201,19 +223,80 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
             used.update(files)
             by_split[split].append(ChipJob(ident, rsrc.aoi, split, cat.chips.get(ident), files))
         mods = {m.name: m for m in wanted}
+        order = [m.name for m in wanted]
+        if not any(ref.in_parquet for jobs in by_split.values() for j in jobs for ref in j.files.values()):
+            for split in cfg.splits:
+                for number, chips in enumerate(_pack(by_split[split], mods, cfg.shard_size)):
+                    shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, chips))
+                    groups.append([len(shards) - 1])
+            continue
+        # parquet: chips in the order of their rows, cut into reading groups between files (the release packs a
+        # chip's modalities in files of the same parquet identifier, whatever the row order in each), or between
+        # row groups once a group reaches READ_GROUP_SPAN times its size
+        bound = (cfg.read_group_shards or READ_GROUP_SHARDS) * cfg.shard_size
+        every = sorted((j for jobs in by_split.values() for j in jobs), key=lambda j: (_position(j, order), j.key))
+        segments: list[list[ChipJob]] = [[]]
+        size, last = 0, None
+        for job in every:
+            lead = _position(job, order)[:1]
+            where = lead[0][:2] if lead else None
+            if segments[-1] and last is not None and where is not None and (
+                    (size >= bound and where[0] != last[0]) or (size >= READ_GROUP_SPAN * bound and where != last)):
+                segments.append([])
+                size = 0
+            segments[-1].append(job)
+            size += sample_size(mods, list(job.files))
+            last = where
+        region_shards: dict[str, list[ShardJob]] = {split: [] for split in cfg.splits}
+        region_groups: list[list[ShardJob]] = []
+        for seg in segments:
+            members: list[ShardJob] = []
+            for split in cfg.splits:
+                for chips in _pack([j for j in seg if j.split == split], mods, cfg.shard_size):
+                    number = len(region_shards[split])
+                    shard = ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, chips,
+                                     group=len(groups) + len(region_groups))
+                    region_shards[split].append(shard)
+                    members.append(shard)
+            # built in the order they end: rows of later shards kept meanwhile are those of the other splits
+            members.sort(key=lambda x: (_position(x.chips[-1], order), x.split, x.number))
+            region_groups.append(members)
+        base = len(shards)
         for split in cfg.splits:
-            number, current, size = 0, [], 0
-            for job in by_split[split]:
-                s = sample_size(mods, list(job.files))
-                if current and size + s > cfg.shard_size:
-                    shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, current))
-                    number, current, size = number + 1, [], 0
-                current.append(job)
-                size += s
-            if current:
-                shards.append(ShardJob(sf.shard_name(rsrc.aoi, split, number), rsrc.aoi, split, number, current))
+            shards += region_shards[split]
+        index = {id(x): base + i for i, x in enumerate(shards[base:])}
+        groups += [[index[id(x)] for x in members] for members in region_groups]
     modalities = [m for m in wanted if m.name in used]
-    return Plan(shards, modalities, [r.aoi for r in regions], folders, disc, invalid)
+    return Plan(shards, modalities, [r.aoi for r in regions], folders, disc, invalid, groups)
+
+
+READ_GROUP_SHARDS = 16
+"""Default size of a parquet region's reading groups, in shards' worth of sample bytes."""
+READ_GROUP_SPAN = 4
+"""A reading group longer than this many times its size is cut between row groups of one file."""
+
+
+def _position(job: ChipJob, order: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """Where a chip's rows lie in the parquet files: (file, row group, row) of each of its parquet modalities."""
+    return tuple((r.path, r.row_group, r.row) for r in (job.files[n] for n in order if n in job.files)
+                 if r.in_parquet)
+
+
+def _pack(jobs: Sequence[ChipJob], mods: Mapping[str, Modality], shard_size: int) -> list[list[ChipJob]]:
+    """Consecutive chips into shards of at most ``shard_size`` sample bytes (a larger chip alone)."""
+    out: list[list[ChipJob]] = []
+    current: list[ChipJob] = []
+    size = 0
+    for job in jobs:
+        s = sample_size(mods, list(job.files))
+        if current and size + s > shard_size:
+            out.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += s
+    if current:
+        out.append(current)
+    return out
 
 
 # ------------------------------------------------------------------ one shard (runs in a worker process)
@@ -317,12 +400,34 @@ def _will_need(paths: Sequence[str]) -> None:
             os.close(fd)
 
 
-def build_shard(task: ShardTask) -> dict[str, Any]:
-    """Build, publish and record one shard. Raises :class:`BuildError` on invalid data with ``on_error=fail``."""
+def _group_pending_limit(tasks: Sequence[ShardTask]) -> int:
+    """Rows a reading group's reader keeps for its later shards: about a shard of each other split (shards are
+    built in the order they end, so those of the other splits are being gathered meanwhile), and a margin."""
+    largest = max(sum(sample_size({m.name: m for m in t.modalities}, list(c.files)) for c in t.shard.chips)
+                  for t in tasks)
+    return hub.PENDING_LIMIT + (len(sf.SPLITS) - 1) * largest
+
+
+def build_group(tasks: Sequence[ShardTask]) -> list[dict[str, Any]]:
+    """Build a reading group's shards one after another with one source reader: rows of a row group read for one
+    shard that later shards of the group need are kept for them, so each row group is read once per group."""
+    if len(tasks) == 1:
+        return [build_shard(tasks[0])]
+    src_fs, _ = get_fs(tasks[0].src, tasks[0].src_options)
+    refs = [ref for t in tasks for c in t.shard.chips for ref in c.files.values()]
+    with hub.SourceReader(src_fs, refs, pending_limit=_group_pending_limit(tasks)) as reader:
+        return [build_shard(t, reader) for t in tasks]
+
+
+def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict[str, Any]:
+    """Build, publish and record one shard (with ``reader``, a group's shared one, left open). Raises
+    :class:`BuildError` on invalid data with ``on_error=fail``."""
     shard = task.shard
     out_fs, out_root = get_fs(task.out, task.out_options)
     src_fs, src_root = get_fs(task.src, task.src_options)
-    reader = hub.SourceReader(src_fs, [ref for c in shard.chips for ref in c.files.values()])
+    own_reader = reader is None
+    if reader is None:
+        reader = hub.SourceReader(src_fs, [ref for c in shard.chips for ref in c.files.values()])
     mods = {m.name: m for m in task.modalities}
     stats = StatsSet(task.modalities) if shard.split == "train" else None
     rows: dict[str, list[Any]] = {c: [] for c in sf.BASE_INDEX_COLUMNS}
@@ -411,7 +516,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
             nbytes, sha = writer.close()
         put_atomic(out_fs, tmp_path, dest)
     finally:
-        reader.close()
+        if own_reader:
+            reader.close()
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     record = {
@@ -463,19 +569,24 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                              f"({PLAN} differs); use a new output location")
     else:
         pipe_atomic(out_fs, plan_path, json.dumps(summary_plan, sort_keys=True).encode())
-    mine = [s for i, s in enumerate(plan.shards) if i % cfg.num_tasks == cfg.task_index]
+    # a reading group belongs to one task; without parquet regions each shard is a group: shard i, task i % n
+    my_groups = [[plan.shards[i] for i in g] for n, g in enumerate(plan.groups) if n % cfg.num_tasks == cfg.task_index]
+    mine = [s for g in my_groups for s in g]
     _clean_partials(out_fs, out_root, mine)
-    todo = [s for s in mine if not out_fs.exists(_record_path(out_root, s.path))]
+    done = {s.path for s in mine if out_fs.exists(_record_path(out_root, s.path))}
+    todo = [s for s in mine if s.path not in done]
     src_opts = cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options
-    tasks = [ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, plan.modalities, cfg.compress,
-                       cfg.on_error, cfg.year, cfg.gunw_pair_rule) for s in todo]
+    tasks = [[ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, plan.modalities, cfg.compress,
+                        cfg.on_error, cfg.year, cfg.gunw_pair_rule) for s in g if s.path not in done]
+             for g in my_groups]
+    tasks = [g for g in tasks if g]
     log.info("plan: %d shards in all, %d for task %d/%d, %d already published, %d to build",
              len(plan.shards), len(mine), cfg.task_index, cfg.num_tasks, len(mine) - len(todo), len(todo))
     totals: Counter = Counter()
     errors: list[str] = []
     bar = tqdm(total=sum(len(s.chips) for s in todo), unit="chip", desc="build", disable=not cfg.progress)
     try:
-        for result in _run(tasks, cfg.workers):
+        for result in (r for results in _run(tasks, cfg.workers) for r in results):
             totals["shards"] += 1
             totals["chips"] += result["num_samples"]
             totals["bytes"] += result["bytes"]
@@ -519,18 +630,19 @@ def _worker_init(environ: dict[str, str]) -> None:
     torch.set_num_threads(1)
 
 
-def _run(tasks: list[ShardTask], workers: int):
+def _run(tasks: list[list[ShardTask]], workers: int):
+    """Build the reading groups; yields each group's results."""
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
-            yield build_shard(t)
+            yield build_group(t)
         return
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
         pending = set()
-        # largest shards first (stable), so that no worker is left with a big shard at the end while others idle
-        it = iter(sorted(tasks, key=lambda t: -len(t.shard.chips)))
+        # largest groups first (stable), so that no worker is left with a big one at the end while others idle
+        it = iter(sorted(tasks, key=lambda g: -sum(len(t.shard.chips) for t in g)))
         for t in it:
-            pending.add(pool.submit(build_shard, t))
+            pending.add(pool.submit(build_group, t))
             if len(pending) >= workers * 2:
                 break
         try:
@@ -540,7 +652,7 @@ def _run(tasks: list[ShardTask], workers: int):
                     result = fut.result()
                     nxt = next(it, None)
                     if nxt is not None:
-                        pending.add(pool.submit(build_shard, nxt))
+                        pending.add(pool.submit(build_group, nxt))
                     yield result
         except BaseException:
             for fut in pending:

@@ -57,7 +57,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, modalities_yaml=a.modalities_yaml,
         storage_options=parse_storage_options(a.storage_options),
         src_storage_options=parse_storage_options(a.src_storage_options) if a.src_storage_options else None,
-        progress=not a.quiet,
+        progress=not a.quiet, read_group_shards=a.read_group_shards,
     )
     try:
         summary = build(cfg)
@@ -193,6 +193,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--splits", default=None)
     b.add_argument("--shard-size", default="1GB")
     b.add_argument("--compress", choices=["none", "zstd"], default="none")
+    b.add_argument("--read-group-shards", type=int, default=None,
+                   help="parquet sources: shards' worth of bytes in one reading group, whose shards (all splits) one "
+                        "worker builds with one reader, reading each row group once (default 16)")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0))
     b.add_argument("--num-tasks", type=int, default=1)

@@ -90,10 +90,10 @@ def _build(src: Path, out: Path, **kw) -> hub.ReadStats:
     return stats
 
 
-def _floor(src: Path) -> tuple[int, int, int]:
-    """What a reader that reads each row group once per shard needing it takes: (row group reads, their
+def _floor(src: Path, **kw) -> tuple[int, int, int]:
+    """What a reader that reads each row group once per reading group needing it takes: (row group reads, their
     ``content`` column chunk bytes, parquet files opened)."""
-    plan = make_plan(BuildConfig(str(src), "unused", shard_size=SHARD_SIZE, progress=False))
+    plan = make_plan(BuildConfig(str(src), "unused", **{"shard_size": SHARD_SIZE, "progress": False, **kw}))
     chunk = {}
     for p in src.rglob("*.parquet"):
         md = pq.ParquetFile(p).metadata
@@ -101,11 +101,11 @@ def _floor(src: Path) -> tuple[int, int, int]:
         for rg in range(md.num_row_groups):
             chunk[(str(p), rg)] = md.row_group(rg).column(col).total_compressed_size
     groups, files = set(), set()
-    for s in plan.shards:
-        for c in s.chips:
+    for g, members in enumerate(plan.groups):
+        for c in (c for i in members for c in plan.shards[i].chips):
             for ref in c.files.values():
-                groups.add((s.path, ref.path, ref.row_group))
-                files.add((s.path, ref.path))
+                groups.add((g, ref.path, ref.row_group))
+                files.add((g, ref.path))
     return len(groups), sum(chunk[(p, rg)] for _, p, rg in groups), len(files)
 
 
@@ -118,12 +118,13 @@ def _members(root: Path) -> dict[str, dict[str, bytes]]:
 
 
 def _assert_same_as_plain(plain: Path, packed: Path) -> None:
-    """Byte-identical arrays in the same shards and the same index; json members differ only in the recorded
-    source (a row of a parquet file instead of a file)."""
+    """Byte-identical arrays in the same shards (one shard per split here) and the same index rows; json members
+    differ only in the recorded source (a row of a parquet file instead of a file). A parquet region's chips come
+    in the order of their rows, a folder's by identifier."""
     a, b = _members(plain), _members(packed)
     assert sorted(a) == sorted(b) and a
     for shard in a:
-        assert list(a[shard]) == list(b[shard]), shard
+        assert sorted(a[shard]) == sorted(b[shard]), shard
         for name, data in a[shard].items():
             if not name.endswith(".json"):
                 assert data == b[shard][name], f"{shard}:{name}"
@@ -136,7 +137,8 @@ def _assert_same_as_plain(plain: Path, packed: Path) -> None:
     ia, ib = pq.read_table(plain / "index.parquet"), pq.read_table(packed / "index.parquet")
     # the json members' sizes differ, and with them the offsets of later members
     same = [c for c in ia.column_names if not c.endswith("_offset") and not c.startswith("json_")]
-    assert ia.select(same).equals(ib.select(same))
+    order = [("region", "ascending"), ("key", "ascending")]
+    assert ia.select(same).sort_by(order).equals(ib.select(same).sort_by(order))
     assert json.loads((plain / "stats.json").read_text()) == json.loads((packed / "stats.json").read_text())
 
 
@@ -167,8 +169,14 @@ def test_synth_release_one_row_per_group_within_10_percent_of_stored(tmp_path, p
 class _NaiveReader:
     """Reads every row on its own, straight from the file: what the cached reader must return."""
 
-    def __init__(self, fs, refs=None):
+    def __init__(self, fs, refs=None, **kw):
         self.fs = fs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
     def read(self, ref):
         if not ref.in_parquet:
@@ -180,16 +188,18 @@ class _NaiveReader:
         pass
 
 
-def test_mixed_split_release_reads_each_row_group_once_per_shard(synth_rpg4, plain_shards, tmp_path, monkeypatch):
-    """Synth files mix splits and their rows are not in the order shards read them: each row group is still read
-    once per shard needing it (its content column chunk only), and the output is that of reading rows one by one."""
+def test_mixed_split_release_reads_each_row_group_once(synth_rpg4, plain_shards, tmp_path, monkeypatch):
+    """Synth files mix splits: the shards of all splits of the region form one reading group, so each row group is
+    read once (its content column chunk only), and the output is that of reading rows one by one."""
     out = tmp_path / "out"
     stats = _build(synth_rpg4, out)
     groups, floor_bytes, files = _floor(synth_rpg4)
-    assert stats.row_groups_read == groups and stats.row_group_rereads == 0
+    assert stats.row_groups_read == groups == sum(pq.ParquetFile(p).metadata.num_row_groups
+                                                  for p in synth_rpg4.rglob("*.parquet"))
+    assert stats.row_group_rereads == 0
     assert stats.parquet_files_opened == files
     assert stats.parquet_bytes <= 1.10 * floor_bytes, (stats.parquet_bytes, floor_bytes)
-    assert stats.peak_pending_bytes <= hub.PENDING_LIMIT
+    assert stats.parquet_bytes + stats.index_bytes <= 1.10 * _stored(synth_rpg4)
     _assert_same_as_plain(plain_shards, out)
     monkeypatch.setattr(hub, "SourceReader", _NaiveReader)
     naive = tmp_path / "naive"
@@ -249,3 +259,78 @@ def test_remote_release_is_read_without_read_ahead(s3, tmp_path):
                       progress=False))
     read = hub.READ_TOTALS.parquet_bytes + hub.READ_TOTALS.index_bytes
     assert 0 < read <= 1.10 * _stored(src), (read, _stored(src), hub.READ_TOTALS)
+
+
+CHIP_BYTES = 13_652_480  # one s1grd + s2rgbm sample in a shard
+GROUPED = {"shard_size": 3 * CHIP_BYTES, "read_group_shards": 2}  # 3 chips a shard, a file (8 chips) a group
+
+
+@pytest.fixture(scope="module")
+def synth_groups(tmp_path_factory) -> Path:
+    """32 chips in 4 files per modality, row groups of 4 rows mixing the splits."""
+    src = tmp_path_factory.mktemp("pq-groups") / "src"
+    synth(SynthConfig(str(src), REGIONS, 32, seed=SEED, modalities=MODS, parquet=True, rows_per_group=4,
+                      chips_per_parquet=8), workers=2, progress=False)
+    return src
+
+
+def _grouped_build(src: Path, out: Path, **kw) -> float:
+    hub.READ_TOTALS.reset()
+    build(BuildConfig(str(src), str(out), progress=False, **{**GROUPED, **kw}))
+    return (hub.READ_TOTALS.parquet_bytes + hub.READ_TOTALS.index_bytes) / _stored(src)
+
+
+def _output(root: Path) -> tuple[dict, bytes, list, str]:
+    manifest = json.loads((root / "manifest.json").read_text())
+    return _members(root), (root / "index.parquet").read_bytes(), manifest["shards"], (root / "stats.json").read_text()
+
+
+def test_reading_groups_read_within_10_percent_of_stored(synth_groups, tmp_path, monkeypatch):
+    """Several reading groups over row groups that mix splits: bytes read within 10 % of the bytes stored, and the
+    same shards, index and statistics with two workers and with two array tasks and finalize."""
+    from shard_tools import build as build_mod
+
+    plan = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **GROUPED))
+    assert len(plan.groups) >= 3 and sorted(i for g in plan.groups for i in g) == list(range(len(plan.shards)))
+    assert all(len({plan.shards[i].split for i in g}) == 3 for g in plan.groups)
+    ratio = _grouped_build(synth_groups, tmp_path / "one", workers=1)
+    assert ratio <= 1.10, ratio
+    assert hub.READ_TOTALS.row_group_rereads == 0
+    # rows kept for later shards: about a shard of each other split (shards are built in the order they end)
+    assert hub.READ_TOTALS.peak_pending_bytes <= 3 * GROUPED["shard_size"], hub.READ_TOTALS
+    assert hub.READ_TOTALS.row_groups_read == sum(pq.ParquetFile(p).metadata.num_row_groups
+                                                  for p in synth_groups.rglob("*.parquet"))
+    expected = _output(tmp_path / "one")
+    _grouped_build(synth_groups, tmp_path / "two", workers=2)
+    assert _output(tmp_path / "two") == expected
+    for task in (1, 0):
+        build(BuildConfig(str(synth_groups), str(tmp_path / "tasks"), progress=False, num_tasks=2, task_index=task,
+                          **GROUPED))
+    build_mod.finalize(str(tmp_path / "tasks"))
+    assert _output(tmp_path / "tasks") == expected
+    # a resumed group builds only what is missing, with the same result
+    (tmp_path / "tasks" / "_build" / "shards" / plan.shards[plan.groups[1][0]].path.replace(".tar", ".json")).unlink()
+    build(BuildConfig(str(synth_groups), str(tmp_path / "tasks"), progress=False, **GROUPED))
+    assert _output(tmp_path / "tasks") == expected
+    # without reading groups (a reader per shard) the row groups are read by every split's shard
+    monkeypatch.setattr(build_mod, "build_group", lambda tasks: [build_mod.build_shard(t) for t in tasks])
+    assert _grouped_build(synth_groups, tmp_path / "ungrouped", workers=1) > 1.5
+    assert _output(tmp_path / "ungrouped") == expected
+
+
+def test_long_reading_groups_cut_between_row_groups(synth_groups, tmp_path, monkeypatch):
+    """A group that grows past READ_GROUP_SPAN times its size is cut between row groups within a file: no row
+    group is shared by two groups, so bytes read stay within 10 % of stored."""
+    from shard_tools import build as build_mod
+
+    by_file = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **GROUPED))
+    monkeypatch.setattr(build_mod, "READ_GROUP_SPAN", 1)
+    cfg = {**GROUPED, "read_group_shards": 1}
+    plan = make_plan(BuildConfig(str(synth_groups), "unused", progress=False, **cfg))
+    assert len(plan.groups) > len(by_file.groups)
+    owner: dict[tuple[str, int], int] = {}
+    for g, members in enumerate(plan.groups):
+        for c in (c for i in members for c in plan.shards[i].chips):
+            for ref in c.files.values():
+                assert owner.setdefault((ref.path, ref.row_group), g) == g
+    assert _grouped_build(synth_groups, tmp_path / "out", workers=1, read_group_shards=1) <= 1.10
