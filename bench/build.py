@@ -200,11 +200,7 @@ def main() -> None:
                   f"{r['stored_bytes'] / 1e6:>11.1f}{r['read_bytes'] / 1e6:>10.1f}"
                   f"{r['ratio']:>13.3f}{r['floor_bytes'] / 1e6:>10.1f}{r['ratio_to_floor']:>12.3f}")
         print(f"goal: read/stored <= {result['goal']:.2f}")
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-        if not a.workdir:
-            shutil.rmtree(work)
+        _finish(a, result, work)
         return
     src = work / "src"
     if not src.exists():
@@ -290,6 +286,11 @@ def main() -> None:
         print(f"{f'build (--workers {a.workers})':24s}{c['build_chips_per_s']:>10.1f}{c['build_mb_per_s']:>16.1f}")
         print(f"{'ceiling (read+write)':24s}{c['ceiling_chips_per_s']:>10.1f}{c['ceiling_mb_per_s']:>16.1f}")
         print(f"ratio build/ceiling = {c['ratio']:.2f} (median); best repeats: {c['ratio_best']:.2f}")
+    _finish(a, result, work)
+
+
+def _finish(a: argparse.Namespace, result: dict, work: Path) -> None:
+    """Write the results (``--json``) and remove the scratch folder unless ``--workdir`` keeps it."""
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
