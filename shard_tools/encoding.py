@@ -96,8 +96,7 @@ def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarra
     if info is not None and values.dtype.kind in "iu" and float(enc.gain).is_integer() \
             and float(enc.offset).is_integer():
         # integer to integer (geetiles' wrapped uint16 dB): exact in the stored dtype once the range is known
-        lo, hi = int(values.min()) * int(enc.gain) + int(enc.offset), int(values.max()) * int(enc.gain) + int(enc.offset)
-        lo, hi = min(lo, hi), max(lo, hi)
+        lo, hi = sorted(int(v) * int(enc.gain) + int(enc.offset) for v in (values.min(), values.max()))
         if lo >= info.min and hi <= info.max:
             a = values.astype(out)
             a *= out.type(enc.gain)

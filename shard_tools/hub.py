@@ -253,25 +253,39 @@ def _list_folder(fs, path: str, folder: str, m: Modality, disc: Discrepancies, a
         for e in sorted(parquet, key=lambda e: e["name"]):
             out.update(_index_parquet(fs, e["name"], folder, m, disc, aoi))
         return out
+    return chip_files(entries, folder, m, disc, aoi)
+
+
+def chip_files(entries: Sequence[Mapping[str, Any]], folder: str, m: Modality, disc: Discrepancies,
+               aoi: str) -> dict[str, FileRef]:
+    """identifier → file of a plain data folder's listing (``fs.ls(detail=True)`` entries), others counted."""
+    out: dict[str, FileRef] = {}
     for e in sorted(entries, key=lambda e: e["name"]):
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-        stem, _, ext = name.rpartition(".")
-        if ext == SKIPPED_EXT and stem:
-            disc.add("exporter_skipped_chips", f"{aoi}/{folder}/{name}")
-            continue
-        if ext != m.file_ext or not stem:
-            disc.add("unexpected_files", f"{aoi}/{folder}/{name}")
-            continue
-        out[stem] = FileRef(e["name"], folder, size=int(e.get("size") or 0))
+        stem = chip_stem(name, m, disc, f"{aoi}/{folder}/{name}")
+        if stem is not None:
+            out[stem] = FileRef(e["name"], folder, size=int(e.get("size") or 0))
     return out
+
+
+def chip_stem(name: str, m: Modality, disc: Discrepancies, where: str) -> str | None:
+    """The identifier of a chip file's name, or None (counted) for sartiles' ``.skipped`` markers and other files."""
+    stem, _, ext = name.rpartition(".")
+    if ext == SKIPPED_EXT and stem:
+        disc.add("exporter_skipped_chips", where)
+        return None
+    if ext != m.file_ext or not stem:
+        disc.add("unexpected_files", where)
+        return None
+    return stem
 
 
 def _index_parquet(fs, path: str, folder: str, m: Modality, disc: Discrepancies, aoi: str) -> dict[str, FileRef]:
     """Read only the ``path`` column of a packed parquet file, row group by row group."""
     stats = ReadStats()
     out: dict[str, FileRef] = {}
-    with _CountingFile(_open_source(fs, path), stats) as f:
-        pf = _parquet_file(f)
+    with _CountingFile(open_source(fs, path), stats) as f:
+        pf = parquet_file(f)
         if "path" not in pf.schema_arrow.names or "content" not in pf.schema_arrow.names:
             raise ValueError(f"{path}: parquet release files need 'path' and 'content' columns "
                              f"(has {pf.schema_arrow.names})")
@@ -279,12 +293,8 @@ def _index_parquet(fs, path: str, folder: str, m: Modality, disc: Discrepancies,
             paths = pf.read_row_group(rg, columns=["path"], use_threads=False).column("path").to_pylist()
             for row, p in enumerate(paths):
                 name = str(p).rsplit("/", 1)[-1]
-                stem, _, ext = name.rpartition(".")
-                if ext == SKIPPED_EXT and stem:
-                    disc.add("exporter_skipped_chips", f"{aoi}/{folder}/{name} in {path}")
-                    continue
-                if ext != m.file_ext or not stem:
-                    disc.add("unexpected_files", f"{aoi}/{folder}/{name} in {path}")
+                stem = chip_stem(name, m, disc, f"{aoi}/{folder}/{name} in {path}")
+                if stem is None:
                     continue
                 if stem in out:
                     disc.add("duplicate_parquet_rows", f"{aoi}/{folder}/{name}")
@@ -339,7 +349,7 @@ READ_TOTALS = ReadStats()
 worker reads in this process; with more, each worker process keeps its own)."""
 
 
-def _open_source(fs: fsspec.AbstractFileSystem, path: str):
+def open_source(fs: fsspec.AbstractFileSystem, path: str):
     """A source file opened for exact range reads: no fsspec read-ahead (its default fetches a block of up to
     50 MB past every read from an object store, i.e. up to a whole parquet file for one column chunk)."""
     if is_local(fs):
@@ -347,7 +357,7 @@ def _open_source(fs: fsspec.AbstractFileSystem, path: str):
     return fs.open(path, "rb", cache_type="none")
 
 
-def _parquet_file(f):
+def parquet_file(f):
     import pyarrow.parquet as pq
 
     # no pre-buffering: each column chunk is one read of exactly its bytes
@@ -411,9 +421,9 @@ class _OpenParquet:
     """One parquet file of the source: its open file, its footer, and the rows kept per row group."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, stats: ReadStats):
-        self.file = _CountingFile(_open_source(fs, path), stats)
+        self.file = _CountingFile(open_source(fs, path), stats)
         try:
-            self.pf = _parquet_file(self.file)
+            self.pf = parquet_file(self.file)
             self.content = self.pf.schema_arrow.get_field_index("content")
             if self.content < 0:
                 raise ValueError(f"{path}: no 'content' column (has {self.pf.schema_arrow.names})")

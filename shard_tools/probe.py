@@ -86,13 +86,11 @@ def _spread(items: Sequence[Any], n: int) -> list[Any]:
 def _describe(m: Modality, data: bytes | str) -> dict[str, Any]:
     """The file's own metadata, as a user would read it with rasterio or netCDF4."""
     if m.file_ext == "tif":
-        from rasterio.enums import MaskFlags
-
-        from shard_tools.rasters import _open_tif
+        from shard_tools.rasters import _open_tif, has_mask_band
 
         stack, src = _open_tif(data)
         with stack:
-            masked = any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in src.mask_flag_enums)
+            masked = has_mask_band(src, range(src.count))
             return {"dtype": src.dtypes[0], "bands": src.count, "descriptions": list(src.descriptions),
                     "shape": [src.count, src.height, src.width], "nodata": src.nodata, "mask": masked}
     import netCDF4
@@ -152,31 +150,27 @@ def probe_file(m: Modality, data: bytes | str, where: str, chip: str, options: M
 
 
 def _sample_refs(fs, data_dir: str, folder: str, m: Modality, n: int) -> tuple[list[hub.FileRef], int, int]:
-    """Up to ``n`` files of a folder, the number of chip files and of ``.skipped`` markers. Parquet folders: the
-    ``path`` column of one row group per sampled parquet file only."""
-    import pyarrow.parquet as pq
-
-    entries = sorted(fs.ls(join(data_dir, folder), detail=False))
-    parquet = [e for e in entries if e.endswith(".parquet")]
+    """Up to ``n`` files of a folder, the number of chip files and of ``.skipped`` markers (named as ``build`` names
+    them). Parquet folders: the ``path`` column of one row group per sampled parquet file only."""
+    entries = fs.ls(join(data_dir, folder), detail=True)
+    parquet = sorted(e["name"] for e in entries if e["name"].endswith(".parquet"))
+    disc = hub.Discrepancies()
     if not parquet:
-        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        files = [e for e, name in zip(entries, names) if name.endswith(f".{m.file_ext}")]
-        skipped = sum(name.endswith(f".{hub.SKIPPED_EXT}") for name in names)
-        return [hub.FileRef(p, folder) for p in _spread(files, n)], len(files), skipped
+        files = hub.chip_files(entries, folder, m, disc, "")
+        return _spread(list(files.values()), n), len(files), disc.counts["exporter_skipped_chips"]
     refs: list[hub.FileRef] = []
-    rows = skipped = 0
+    rows = 0
     per_file = _spread(parquet, n)
     for i, path in enumerate(per_file):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with hub.open_source(fs, path) as f:
+            pf = hub.parquet_file(f)
             rows += pf.metadata.num_rows
             rg = (i * 7919) % pf.num_row_groups
             paths = [str(p) for p in pf.read_row_group(rg, columns=["path"]).column("path").to_pylist()]
         want = max(1, n // len(per_file)) + (1 if i < n % len(per_file) else 0)
-        chips = [(r, p) for r, p in enumerate(paths) if p.endswith(f".{m.file_ext}")]
-        skipped += sum(p.endswith(f".{hub.SKIPPED_EXT}") for p in paths)
-        refs += [hub.FileRef(path, folder, rg, r) for r, _ in _spread(chips, want)]
-    return refs[:n], rows, skipped
+        chips = [r for r, p in enumerate(paths) if hub.chip_stem(p.rsplit("/", 1)[-1], m, disc, p) is not None]
+        refs += [hub.FileRef(path, folder, rg, r) for r in _spread(chips, want)]
+    return refs[:n], rows, disc.counts["exporter_skipped_chips"]
 
 
 def _folder_verdict(samples: list[FileReport]) -> tuple[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,14 +368,19 @@ def _tag(value: float | None, dtype: np.dtype) -> float | int | None:
     return float(value)
 
 
-def _tif_mask(src, idx: list[int] | None) -> np.ndarray | None:
-    """Valid pixels from a GDAL mask band (internal or per band), or None when the file has none: a nodata tag is
-    handled as a value, and an all-valid mask is no mask."""
+def has_mask_band(src, bands: Iterable[int]) -> bool:
+    """Whether any of these bands (0-based) of an open rasterio dataset has a mask band or alpha (a nodata tag is
+    not one: it is handled as a value)."""
     from rasterio.enums import MaskFlags
 
+    return any(MaskFlags.per_dataset in src.mask_flag_enums[i] or MaskFlags.alpha in src.mask_flag_enums[i]
+               for i in bands)
+
+
+def _tif_mask(src, idx: list[int] | None) -> np.ndarray | None:
+    """Valid pixels from the file's mask band, or None when it has none (an all-valid mask is no mask)."""
     bands = list(range(src.count)) if idx is None else list(idx)
-    if not any(MaskFlags.per_dataset in src.mask_flag_enums[i] or MaskFlags.alpha in src.mask_flag_enums[i]
-               for i in bands):
+    if not has_mask_band(src, bands):
         return None
     return src.read_masks([i + 1 for i in bands]) != 0
 

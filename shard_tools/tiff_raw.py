@@ -228,7 +228,7 @@ class PlainGeoTiff:
         self.crs = "EPSG:4326"
         self.bounds = _bounds(tags, self.width, self.height)
         self.descriptions = _descriptions(tags, self.count)
-        self.nodata = _nodata(tags, self.dtype)
+        self.nodata = _nodata(tags)
 
     def read(self, indexes: Sequence[int] | None = None) -> np.ndarray | None:
         try:
@@ -288,7 +288,7 @@ def _bounds(t: dict[int, tuple], w: int, h: int) -> tuple[float, float, float, f
     return (c, f + e * h, c + a * w, f)
 
 
-def _nodata(t: dict[int, tuple], dtype: np.dtype) -> float | int | None:
+def _nodata(t: dict[int, tuple]) -> float | None:
     """The GDAL_NODATA tag as rasterio reports it (a float; None when absent)."""
     if 42113 not in t:
         return None
