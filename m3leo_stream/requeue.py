@@ -59,6 +59,7 @@ class RequeueOnSignal(pl.Callback):
         self._previous: Any = None
         self._installed = False
         self._step_at_start = -1
+        self._at_epoch_end = False  # the signal came at an epoch's last batch: checkpoint when the epoch ends
 
     # -- signal handling: only a flag, never work inside the handler
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -85,18 +86,28 @@ class RequeueOnSignal(pl.Callback):
                            batch_idx: int) -> None:
         # only where an optimizer step just completed (not between accumulated micro-batches, whose gradients a
         # checkpoint would not hold), every every_n_steps steps; global_step is the same on all ranks
-        if self.requested or trainer.global_step == self._step_at_start or trainer.global_step % self.every_n_steps:
+        if (self.requested or self._at_epoch_end or trainer.global_step == self._step_at_start
+                or trainer.global_step % self.every_n_steps):
             return
         # every rank takes part in this reduction at the same point of every step, so the ranks agree on the step
         if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
             return
-        # Not after the last batch of an epoch: Lightning (2.6) restores such a checkpoint as "epoch finished" and
+        # Not inside the last batch of an epoch: Lightning (2.6) restores such a checkpoint as "epoch finished" and
         # then counts one more, so the resumed run would skip a whole epoch (seen with the M3LEO loader, whose
-        # order depends on the epoch). One step later, inside the next epoch, the resume is exact.
+        # order depends on the epoch). At the epoch's end, once Lightning has counted it, the resume is exact and
+        # no further step is trained (an epoch of one batch would otherwise never find a batch that is not last).
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if trainer.strategy.reduce_boolean_decision(bool(last), all=False):
-            log.info("got %s at the end of an epoch: checkpointing after the next step", self.signum.name)
+            log.info("got %s at the last batch of an epoch: checkpointing at the epoch's end", self.signum.name)
+            self._at_epoch_end = True
             return
+        self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._at_epoch_end and not self.requested:
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
         log.warning("got %s: saving a checkpoint at step %d to %s and stopping, to be requeued",
                     self.signum.name, trainer.global_step, self.path)
         trainer.save_checkpoint(self.staging)  # all ranks; rank 0 writes, then a barrier

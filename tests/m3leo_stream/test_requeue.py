@@ -17,8 +17,9 @@ from m3leo_stream.requeue import RequeueOnSignal
 class Recorder(pl.LightningModule):
     """A linear model that records the sample ids of every batch it trains on."""
 
-    def __init__(self, signal_at_batch: int | None = None):
+    def __init__(self, signal_at_batch: int | None = None, samples: int = 16):
         super().__init__()
+        self.samples = samples
         self.lin = torch.nn.Linear(1, 1)
         self.seen: list[list[int]] = []
         self.epochs: list[int] = []
@@ -37,7 +38,7 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
-        return StatefulDataLoader(torch.arange(16), batch_size=2, shuffle=False)  # 8 batches per epoch
+        return StatefulDataLoader(torch.arange(self.samples), batch_size=2, shuffle=False)  # 8 batches per epoch
 
 
 class SaveOnTrainEnd(pl.Callback):
@@ -56,27 +57,28 @@ def _trainer(tmp_path, callbacks, max_steps, accumulate=1):
                       callbacks=callbacks, accumulate_grad_batches=accumulate, default_root_dir=tmp_path)
 
 
-# (micro-batch that gets the signal, accumulate_grad_batches, step of the checkpoint); 8 batches per epoch
+# (micro-batch that gets the signal, accumulate_grad_batches, step of the checkpoint, batches per epoch)
 CASES = [
-    (5, 1, 6),  # mid-epoch: after the step in progress
-    (5, 2, 3),  # micro-batch 5 is the middle of optimizer step 2: after that step, not between micro-batches
-    (7, 1, 9),  # the last batch of epoch 0: not there (the resume would skip an epoch) but after the next step
-    (7, 2, 5),  # the same with accumulation: epoch 0 ends at step 4
+    (5, 1, 6, 8),  # mid-epoch: after the step in progress
+    (5, 2, 3, 8),  # micro-batch 5 is the middle of optimizer step 2: after that step, not between micro-batches
+    (7, 1, 8, 8),  # the last batch of epoch 0: not inside it (the resume would skip an epoch) but at its end
+    (7, 2, 4, 8),  # the same with accumulation: epoch 0 ends at step 4
+    (2, 1, 3, 1),  # every batch is the last of its epoch: at the end of the signal's epoch, not never
 ]
 
 
-@pytest.mark.parametrize("signal_at,accumulate,stop_step", CASES)
+@pytest.mark.parametrize("signal_at,accumulate,stop_step,batches", CASES)
 def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signal_at,
-                                                                           accumulate, stop_step):
+                                                                           accumulate, stop_step, batches):
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(k, raising=False)
     max_steps = 12
-    full = Recorder()
+    full = Recorder(samples=2 * batches)
     _trainer(tmp_path / "full", [], max_steps, accumulate).fit(full)
 
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     cb = RequeueOnSignal(ckpt)
-    first = Recorder(signal_at_batch=signal_at)
+    first = Recorder(signal_at_batch=signal_at, samples=2 * batches)
     # the early stop makes Lightning count the epoch as finished: a save while fit winds down must not win
     t1 = _trainer(tmp_path / "run", [cb, SaveOnTrainEnd(ckpt)], max_steps, accumulate)
     t1.fit(first)
@@ -84,11 +86,14 @@ def test_signal_mid_step_checkpoints_at_step_boundary_and_resumes_exactly(tmp_pa
     assert t1.global_step == stop_step
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == t1.global_step
-    # the epoch the checkpoint is inside of, not yet finished
-    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == (stop_step - 1) // (8 // accumulate)
+    # inside an epoch: that epoch, not yet finished; at an epoch's end: that epoch, processed but not completed
+    per_epoch = batches // accumulate
+    progress = state["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert progress["completed"] == (stop_step - 1) // per_epoch
+    assert progress["processed"] == stop_step // per_epoch
     assert signal.getsignal(signal.SIGUSR1) is not cb._on_signal  # handler removed at teardown
 
-    second = Recorder()
+    second = Recorder(samples=2 * batches)
     cb2 = RequeueOnSignal(ckpt)
     t2 = _trainer(tmp_path / "run", [cb2], max_steps, accumulate)
     t2.fit(second, ckpt_path=ckpt)
