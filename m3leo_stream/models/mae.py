@@ -268,21 +268,22 @@ class MultiModalMAE(nn.Module):
                 mu = target.mean(-1, keepdim=True)
                 var = target.var(-1, keepdim=True)
                 target = (target - mu) / (var + 1e-6).sqrt()
+            # one weight per pixel of a patch (B, N, p·p), shared by its c channels: never a (B, N, p·p·c) copy
             valid = batch.get(f"{m}_valid")
             if valid is not None:
-                vw = patchify(_resize(valid.float(), side).expand(-1, c, -1, -1).contiguous(), p)
-                vw = (vw > 0.5).float()
+                weight = patchify(_resize(valid.float(), side), p) > 0.5
+                weight = weight.float() * mask[:, i * n:(i + 1) * n].unsqueeze(-1)
             else:
-                vw = torch.ones_like(target)
-            weight = vw * mask[:, i * n:(i + 1) * n].unsqueeze(-1).float()
+                weight = mask[:, i * n:(i + 1) * n].unsqueeze(-1).expand(-1, -1, p * p)
             dropped = batch.get(f"{m}_dropped")
             if dropped is not None:
                 weight = weight * (~dropped.to(weight.device).bool()).float().view(-1, 1, 1)
             rowvalid = batch.get("valid")
             if isinstance(rowvalid, torch.Tensor):
                 weight = weight * rowvalid.to(weight.device).float().view(-1, 1, 1)
-            wsum = weight.sum()
-            err = ((pred - target) ** 2 * weight).sum()
+            wsum = weight.sum() * c  # scored values: pixels × channels
+            sq = ((pred - target) ** 2).view(b, n, p * p, c).sum(-1)
+            err = (sq * weight).sum()
             loss_m = err / wsum.clamp(min=1.0)
             out[f"pred/{m}"] = pred
             out[f"loss/{m}"] = loss_m
@@ -314,12 +315,16 @@ class MultiModalMAE(nn.Module):
 
 
 class MAESegmentation(nn.Module):
-    """Segmentation with a (pretrained) :class:`MultiModalEncoder`: features (B, D, g, g) → [conv 3×3, BN, ReLU,
-    ×2 bilinear] until the grid reaches ``output_size // 2`` or more → 1×1 conv to ``num_classes`` logits (no
-    activation on the logits), resized to ``output_size``."""
+    """Segmentation with a (pretrained) :class:`MultiModalEncoder`: features (B, D, g, g) → stages of [conv 3×3,
+    BN, ReLU] with ×2 bilinear up-sampling between them → 1×1 conv to ``num_classes`` logits (no activation),
+    resized to the output size.
+
+    The stages are built for the sizes of the run, ``input_size`` (the side of the inputs, g = input_size / patch)
+    and ``output_size`` (the side of the label): as many as it takes for the features to pass half the output side,
+    so every parameter is used in every step (DDP with ``find_unused_parameters=False``)."""
 
     def __init__(self, encoder: MultiModalEncoder, num_classes: int, decoder_channels: int = 256,
-                 freeze_encoder: bool = False):
+                 freeze_encoder: bool = False, input_size: int = 448, output_size: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.freeze_encoder = bool(freeze_encoder)
@@ -328,14 +333,17 @@ class MAESegmentation(nn.Module):
                 prm.requires_grad_(False)
         self.decoder_channels = int(decoder_channels)
         self.num_classes = int(num_classes)
-        d = encoder.dim
-        # enough up-sampling stages for any patch size ≤ 2^5 (unused ones are skipped at run time)
-        chans = [d] + [max(self.decoder_channels // 2 ** i, 32) for i in range(5)]
+        self.output_size = int(output_size or input_size)
+        grid = max(1, int(input_size) // encoder.patch_size)
+        stages = 1
+        while grid * 2 ** stages <= self.output_size:
+            stages += 1
+        chans = [encoder.dim] + [max(self.decoder_channels // 2 ** i, 32) for i in range(stages)]
         self.ups = nn.ModuleList(
             nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
                           nn.ReLU(inplace=True))
-            for i in range(5))
-        self.outs = nn.ModuleList(nn.Conv2d(chans[i + 1], num_classes, 1) for i in range(5))
+            for i in range(stages))
+        self.out = nn.Conv2d(chans[-1], num_classes, 1)
 
     def forward(self, inputs: Mapping[str, torch.Tensor], output_size: int | None = None) -> torch.Tensor:
         if self.freeze_encoder:
@@ -343,15 +351,12 @@ class MAESegmentation(nn.Module):
                 z = self.encoder(inputs)
         else:
             z = self.encoder(inputs)
-        size = output_size or z.shape[-1] * self.encoder.patch_size
-        used = 0
-        while True:
-            z = self.ups[used](z)
-            used += 1
-            if z.shape[-1] * 2 > size or used == len(self.ups):
-                break
-            z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
-        logits = self.outs[used - 1](z)
+        size = output_size or self.output_size
+        for i, stage in enumerate(self.ups):
+            if i:
+                z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+            z = stage(z)
+        logits = self.out(z)
         if logits.shape[-1] != size:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
         return logits

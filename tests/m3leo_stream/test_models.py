@@ -65,6 +65,54 @@ def test_mae_dropped_and_invalid_are_excluded():
         assert m.heads[mod].weight.grad is not None, mod
 
 
+def unused_parameters(model: torch.nn.Module, loss: torch.Tensor) -> list[str]:
+    """Parameters that would get no gradient: what DDP with find_unused_parameters=False fails on."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_mae_uses_every_parameter_even_with_a_modality_dropped_for_the_whole_batch():
+    m = tiny_mae()
+    b = batch()
+    b["s2rgbm_dropped"] = torch.tensor([True, True])
+    b["gssic_valid"][:] = False
+    assert unused_parameters(m, m(b)["loss"]) == []
+
+
+@pytest.mark.parametrize("input_size,output_size,stages", [(32, 32, 4), (32, 45, 4), (32, 16, 3), (32, 4, 1),
+                                                           (448, 448, 5), (448, 45, 1)])
+def test_mae_segmentation_builds_only_the_stages_it_uses(input_size, output_size, stages):
+    enc = tiny_mae(patch_size=8 if input_size == 32 else 16).encoder
+    seg = MAESegmentation(enc, num_classes=3, decoder_channels=16, input_size=input_size, output_size=output_size)
+    assert len(seg.ups) == stages
+    if input_size == 32:
+        y = seg(batch())
+        assert y.shape == (2, 3, output_size, output_size)
+        assert unused_parameters(seg, y.square().mean()) == []
+
+
+def test_unet_uses_every_parameter():
+    u = UNet({"a": 3}, 2, width=4, depth=2)
+    assert unused_parameters(u, u({"a": torch.randn(2, 3, 16, 16)}).mean()) == []
+
+
+def test_mae_loss_is_the_mean_over_valid_masked_values():
+    """The per-pixel weights shared by a patch's channels give the mean over every scored (pixel, channel)."""
+    m = tiny_mae()
+    b = batch()
+    b["s1grd_valid"][0, :, :8] = False
+    g = torch.Generator().manual_seed(3)
+    out = m(b, generator=g)
+    p, c = 8, CH["s1grd"]
+    target = patchify(b["s1grd"], p)
+    valid = patchify(b["s1grd_valid"].float().expand(-1, c, -1, -1).contiguous(), p)
+    w = valid * out["mask"][:, :16].unsqueeze(-1)
+    want = ((out["pred/s1grd"] - target) ** 2 * w).sum() / w.sum()
+    assert torch.allclose(out["loss/s1grd"], want, rtol=1e-5)
+    assert out["weight/s1grd"] == w.sum()
+
+
 def test_mae_padding_rows_excluded():
     torch.manual_seed(0)
     m = tiny_mae()
@@ -84,8 +132,8 @@ def test_encoder_save_load_and_segmentation(tmp_path):
     b = batch()
     m.encoder.eval(), enc.eval()
     assert torch.allclose(enc(b), m.encoder(b))
-    seg = MAESegmentation(enc, num_classes=11, decoder_channels=32)
-    assert seg(b, output_size=32).shape == (2, 11, 32, 32)
+    seg = MAESegmentation(enc, num_classes=11, decoder_channels=32, input_size=32, output_size=32)
+    assert seg(b).shape == (2, 11, 32, 32)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_encoder(str(tmp_path / "missing.pt"))
 
