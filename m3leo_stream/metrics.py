@@ -146,3 +146,21 @@ class RegionLossMean(Metric):
                 vals.append(v)
         out["loss"] = sum(vals) / len(vals) if vals else float("nan")
         return out
+
+
+class WeightedMean(Metric):
+    """Σ values / Σ weights over the evaluation set, summed across ranks (NaN when nothing was weighted)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, total: torch.Tensor, weight: torch.Tensor) -> None:
+        self.total += total.detach().double().to(self.total.device)
+        self.weight += weight.detach().double().to(self.weight.device)
+
+    def compute(self) -> float:
+        return float(self.total / self.weight) if self.weight > 0 else float("nan")

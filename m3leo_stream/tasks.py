@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from m3leo_stream.metrics import RegionConfusion, RegionLossMean, RegionRegression
+from m3leo_stream.gpu_transforms import seed_of
+from m3leo_stream.metrics import RegionConfusion, RegionLossMean, RegionRegression, WeightedMean
 from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet, load_encoder
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,27 @@ class BaseTask(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, self.test_metric, "test")
 
+    def finish_loss(self, mean: float) -> float:
+        """``<stage>/loss`` from the weighted mean of the loss terms over the evaluation set."""
+        return mean
+
+    def _log_epoch_end(self, stage: str) -> None:
+        # every rank computes and logs the same reduced values (the metrics all-reduce their sums), so no rank
+        # waits in a reduction that another never enters
+        metric = getattr(self, f"{stage}_metric")
+        values = dict(metric.compute())
+        metric.reset()
+        loss = getattr(self, f"{stage}_loss", None)
+        if loss is not None:
+            values["loss"] = self.finish_loss(loss.compute())
+            loss.reset()
+        self.log_dict_flat(stage, values)
+
     def on_validation_epoch_end(self) -> None:
-        self.log_dict_flat("val", self.val_metric.compute())
-        self.val_metric.reset()
+        self._log_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict_flat("test", self.test_metric.compute())
-        self.test_metric.reset()
+        self._log_epoch_end("test")
 
     # -- image panels ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -160,12 +175,13 @@ class PretrainTask(BaseTask):
 
     def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], region_names: Sequence[str],
                  optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
-                 val_mask_seed: int = 1234, **_: Any):
+                 val_mask_seed: int = 1234, seed: int = 0, **_: Any):
         super().__init__(list(in_channels), region_names, optimizer, scheduler)
         self.save_hyperparameters()
         kw = {k: v for k, v in dict(model).items() if k not in ("name",)}
         self.model = MultiModalMAE(dict(in_channels), **kw)
         self.val_mask_seed = int(val_mask_seed)
+        self.seed = int(seed)
         self.val_metric = RegionLossMean(self.model.modalities)
         self.test_metric = RegionLossMean(self.model.modalities)
 
@@ -176,13 +192,20 @@ class PretrainTask(BaseTask):
     def extra_checkpoint_info(self) -> dict[str, Any]:
         return {"encoder_config": self.model.encoder.config}
 
+    def mask_generator(self, device: torch.device) -> torch.Generator:
+        """The training masks' generator, seeded by (seed, rank, step): a different mask on every rank, and the
+        same ones again when a run resumes."""
+        g = torch.Generator(device=device)
+        g.manual_seed(seed_of(self.seed, self.global_rank, self.global_step, "mae-mask"))
+        return g
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(batch)
+        out = self.model(batch, generator=self.mask_generator(batch[self.inputs[0]].device))
         b = self.batch_size_of(batch)
         logs = {"train/loss": out["loss"].detach()}
-        for m in out["modalities"]:
-            if out[f"weight/{m}"] > 0:
-                logs[f"train/loss/{m}"] = out[f"loss/{m}"].detach()
+        for m in out["modalities"]:  # NaN when nothing of m was scored in this batch (no host sync to find out)
+            w = out[f"weight/{m}"]
+            logs[f"train/loss/{m}"] = torch.where(w > 0, out[f"loss/{m}"].detach(), torch.nan)
         self.log_dict(logs, batch_size=b, prog_bar=False)
         self.log("loss", out["loss"].detach(), batch_size=b, prog_bar=True, logger=False)
         return out["loss"]
@@ -205,7 +228,8 @@ class PretrainTask(BaseTask):
         return res
 
 
-def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int], out_channels: int):
+def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int], out_channels: int,
+                       input_px: int | None, target_px: int | None):
     cfg = dict(model)
     name = cfg.pop("name", "unet")
     if name == "unet":
@@ -225,8 +249,11 @@ def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int],
         if bad:
             raise ValueError(f"encoder from {enc_src} does not fit the inputs: (channels now, at pretraining) {bad}; "
                              f"use the pretraining run's transforms band selection")
+        if not input_px:
+            raise ValueError("mae_seg needs the input side (input_px) to build its decoder stages")
         return MAESegmentation(encoder, out_channels, int(cfg.get("decoder_channels", 256)),
-                               bool(cfg.get("freeze_encoder", False)))
+                               bool(cfg.get("freeze_encoder", False)), input_size=int(input_px),
+                               output_size=int(target_px or input_px))
     raise ValueError(f"unknown dense model {name!r} (unet, mae_seg)")
 
 
@@ -244,18 +271,20 @@ class SegmentationTask(BaseTask):
     def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, num_classes: int,
                  region_names: Sequence[str], class_names: Sequence[str] | None = None, ignore_index: int = -100,
                  optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
-                 class_weights: Sequence[float] | None = None, **_: Any):
+                 class_weights: Sequence[float] | None = None, input_px: int | None = None,
+                 target_px: int | None = None, **_: Any):
         super().__init__(list(in_channels), region_names, optimizer, scheduler)
         self.save_hyperparameters()
         self.target = target
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.ignore_index = int(ignore_index)
-        self.model = _build_dense_model(model, in_channels, self.num_classes)
+        self.model = _build_dense_model(model, in_channels, self.num_classes, input_px, target_px)
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
         self.val_metric = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
         self.test_metric = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
+        self.val_loss, self.test_loss = WeightedMean(), WeightedMean()
 
     def extra_checkpoint_info(self) -> dict[str, Any]:
         if isinstance(self.model, MAESegmentation):
@@ -271,14 +300,23 @@ class SegmentationTask(BaseTask):
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
         rv = self.row_valid(batch, y.shape[0], y.device)
-        if not bool(rv.all()):
-            y = y.masked_fill(~rv.view(-1, 1, 1), self.ignore_index)
+        y = y.masked_fill(~rv.view(-1, 1, 1), self.ignore_index)
         return logits, y
 
+    def loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-pixel cross-entropies, sum of their weights): the class-weighted mean is their ratio."""
+        total = F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=self.ignore_index,
+                                reduction="sum")
+        labelled = y != self.ignore_index
+        if self.class_weights is None:
+            return total, labelled.sum().float()
+        return total, (self.class_weights[y.clamp(min=0)] * labelled).sum()
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not bool((y != self.ignore_index).any()):
-            return logits.sum() * 0.0  # nothing labelled in this batch: no gradient, no NaN
-        return F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=self.ignore_index)
+        """Mean cross-entropy over labelled pixels (F.cross_entropy's mean), 0 with no gradient when nothing in the
+        batch is labelled; computed on the device without asking whether anything is."""
+        total, weight = self.loss_terms(logits, y)
+        return total / weight.clamp(min=torch.finfo(torch.float32).tiny)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         logits, y = self.logits_and_target(batch)
@@ -288,10 +326,7 @@ class SegmentationTask(BaseTask):
 
     def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, cm: RegionConfusion, stage: str) -> None:
         logits, y = self.logits_and_target(batch)
-        loss = self.loss(logits, y)
-        n = int((y != self.ignore_index).sum())
-        if n:
-            self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True, on_epoch=True, on_step=False)
+        (self.val_loss if stage == "val" else self.test_loss).update(*self.loss_terms(logits, y))
         cm.update(logits.argmax(1), y, self.region_of(batch, y.shape[0], y.device),
                   self.row_valid(batch, y.shape[0], y.device))
 
@@ -311,18 +346,20 @@ class RegressionTask(BaseTask):
     def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, out_channels: int,
                  region_names: Sequence[str], target_mean: Sequence[float] | None = None,
                  target_std: Sequence[float] | None = None, optimizer: Mapping[str, Any] | None = None,
-                 scheduler: Mapping[str, Any] | None = None, **_: Any):
+                 scheduler: Mapping[str, Any] | None = None, input_px: int | None = None,
+                 target_px: int | None = None, **_: Any):
         super().__init__(list(in_channels), region_names, optimizer, scheduler)
         self.save_hyperparameters()
         self.target = target
         self.out_channels = int(out_channels)
-        self.model = _build_dense_model(model, in_channels, self.out_channels)
+        self.model = _build_dense_model(model, in_channels, self.out_channels, input_px, target_px)
         mean = torch.tensor(list(target_mean) if target_mean else [0.0] * self.out_channels, dtype=torch.float32)
         std = torch.tensor(list(target_std) if target_std else [1.0] * self.out_channels, dtype=torch.float32)
         self.register_buffer("target_mean", mean.view(1, -1, 1, 1))
         self.register_buffer("target_std", std.clamp(min=1e-6).view(1, -1, 1, 1))
         self.val_metric = RegionRegression(self.region_names)
         self.test_metric = RegionRegression(self.region_names)
+        self.val_loss, self.test_loss = WeightedMean(), WeightedMean()  # of standardised squared errors
 
     def predict_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prediction in physical units, target, weight) on the target's grid."""
@@ -345,13 +382,20 @@ class RegressionTask(BaseTask):
         weight = weight & self.row_valid(batch, y.shape[0], y.device).view(-1, 1, 1, 1)
         return pred, y, weight
 
-    def loss(self, pred: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def loss_terms(self, pred: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+        """(sum of squared standardised errors over valid values, their number)."""
         w = weight.float()
-        n = w.sum()
-        if n == 0:
-            return pred.sum() * 0.0
-        diff = (pred - y) / self.target_std  # RMSE of standardised values: balanced across channels
-        return torch.sqrt((diff ** 2 * w).sum() / n + 1e-12)
+        diff = (pred - y) / self.target_std  # standardised: balanced across channels
+        return (diff ** 2 * w).sum(), w.sum()
+
+    def finish_loss(self, mean: float) -> float:
+        return math.sqrt(mean) if mean >= 0 else mean  # NaN stays NaN
+
+    def loss(self, pred: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSE of standardised values over valid pixels; with none, ~0 and no gradient (no host sync to check)."""
+        sq, n = self.loss_terms(pred, y, weight)
+        return torch.sqrt(sq / n.clamp(min=1.0) + 1e-12)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         pred, y, w = self.predict_target(batch)
@@ -365,10 +409,7 @@ class RegressionTask(BaseTask):
     def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, metric: RegionRegression,
                    stage: str) -> None:
         pred, y, w = self.predict_target(batch)
-        n = int(w.sum())
-        if n:
-            self.log(f"{stage}/loss", self.loss(pred, y, w), batch_size=n, sync_dist=True, on_epoch=True,
-                     on_step=False)
+        (self.val_loss if stage == "val" else self.test_loss).update(*self.loss_terms(pred, y, w))
         metric.update(pred, y, w, self.region_of(batch, y.shape[0], y.device))
 
     @torch.no_grad()

@@ -85,6 +85,46 @@ def test_segmentation_task_metrics_exclude_padding():
     assert t.loss(lg, yy).item() == 0.0
 
 
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0]])
+def test_segmentation_loss_is_cross_entropys_mean_without_asking_the_device(weights):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 8, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (3, 8, 8), generator=g)
+    y[0, :4] = -100
+    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "esawc", 3, REGIONS,
+                         class_weights=weights)
+    want = torch.nn.functional.cross_entropy(logits, y, weight=None if weights is None else torch.tensor(weights),
+                                             ignore_index=-100)
+    assert torch.allclose(t.loss(logits, y), want)
+    none = t.loss(logits, torch.full_like(y, -100))
+    none.backward()
+    assert none.item() == 0.0 and logits.grad.abs().sum() == 0
+
+
+def test_eval_loss_is_over_the_whole_set():
+    """val/loss is the mean over every labelled pixel of the evaluation set, not a mean of batch means."""
+    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "esawc", 3, REGIONS)
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(2)]
+    ys = [torch.randint(0, 3, (2, 4, 4), generator=g) for _ in range(2)]
+    ys[1][:, :3] = -100  # the second batch has few labelled pixels
+    for lg, y in zip(logits, ys):
+        t.val_loss.update(*t.loss_terms(lg, y))
+    want = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(ys), ignore_index=-100)
+    assert t.val_loss.compute() == pytest.approx(float(want))
+
+
+def test_pretrain_masks_differ_across_ranks_and_repeat_per_step(monkeypatch):
+    t = PretrainTask({"size": "tiny", "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "decoder_dim": 32,
+                      "decoder_depth": 1, "decoder_heads": 2}, {"s1grd": 2}, REGIONS, seed=3)
+
+    def masks(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(PretrainTask, "global_rank", property(lambda self: rank))
+        return torch.rand(64, generator=t.mask_generator(torch.device("cpu")))
+
+    assert torch.equal(masks(0), masks(0)) and not torch.equal(masks(0), masks(1))
+
+
 def test_regression_keeps_float_targets_and_coarse_grid():
     t = RegressionTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "biomass", 1, REGIONS,
                        target_mean=[100.0], target_std=[50.0])
