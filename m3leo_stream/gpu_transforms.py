@@ -128,7 +128,8 @@ def _select_bands(m: Modality, patterns: Sequence[str] | str | None) -> list[int
     return sorted(keep)
 
 
-def _seed_of(*parts: Any) -> int:
+def seed_of(*parts: Any) -> int:
+    """A 63-bit seed from a hash of ``parts`` (seed, rank, step, stream, ...): reproducible and independent."""
     h = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -462,7 +463,7 @@ class DeviceTransforms:
     def generator(self, step: int, stream: str = "params", device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, rank, step, stream): reproducible, different across ranks."""
         g = torch.Generator(device=device)
-        g.manual_seed(_seed_of(self.seed, self.rank, step, stream))
+        g.manual_seed(seed_of(self.seed, self.rank, step, stream))
         return g
 
     def sample_params(self, batch_size: int, step: int) -> dict[str, Any]:
@@ -493,8 +494,15 @@ class DeviceTransforms:
             sd = float(nz.get("std", 0.0)) * plan.noise * torch.rand(b, len(plan.channels), generator=g)
             p["noise_std"][name] = sd * noisy[:, None]
         names = list(self.inputs)
-        md = float((a.get("modality_dropout") or {}).get("p", 0.0))
-        drop = torch.rand(b, len(names), generator=g) < md
+        md = (a.get("modality_dropout") or {}).get("p", 0.0)
+        if isinstance(md, Mapping):  # per input, e.g. {gssic: 0.5}; inputs not named are not dropped
+            unknown = sorted(set(md) - set(names))
+            if unknown:
+                raise KeyError(f"transforms: modality_dropout.p names {unknown}, which are not inputs ({names})")
+            rates = torch.tensor([float(md.get(n, 0.0)) for n in names])
+        else:
+            rates = torch.full((len(names),), float(md))
+        drop = torch.rand(b, len(names), generator=g) < rates
         if names:
             keep = torch.randint(0, len(names), (b,), generator=g)
             all_dropped = drop.all(1)

@@ -326,6 +326,17 @@ def test_modality_dropout_and_metadata(small_stats):
     assert _small(small_stats, train=False, grid={"coarse_targets": "grid"})(b)["crs"].shape == (32, 2, 32, 32)
 
 
+def test_modality_dropout_per_input(small_stats):
+    t = _small(small_stats, aug={"modality_dropout": {"p": {"opt": 1.0}}, "noise": {"p": 0.0}})
+    out = t(_pattern(16), step=0)
+    assert out["opt_dropped"].all() and not out["sar_dropped"].any()  # always dropped / never dropped
+    same = _small(small_stats, aug={"modality_dropout": {"p": {"sar": 0.9, "opt": 0.9}}, "noise": {"p": 0.0}})
+    scalar = _small(small_stats, aug={"modality_dropout": {"p": 0.9}, "noise": {"p": 0.0}})
+    assert torch.equal(same.sample_params(16, 5)["drop"]["sar"], scalar.sample_params(16, 5)["drop"]["sar"])
+    with pytest.raises(KeyError, match="not inputs"):
+        _small(small_stats, aug={"modality_dropout": {"p": {"nope": 1.0}}}).sample_params(4, 0)
+
+
 def test_cpu_and_cuda_agree(small_stats):
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available on this machine: the CPU vs CUDA agreement runs on the GPU machine")
