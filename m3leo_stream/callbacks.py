@@ -25,7 +25,7 @@ class TrainingSpeed(pl.Callback):
 
     Data wait = time from the end of one training batch to the start of the next (fetching, collating and the
     host→device transfer of the next batch, as seen by the training loop); the fraction is the sum of waits over
-    the sum of full step times (end to end) in the window. Samples count valid rows.
+    the sum of full step times (end to end) in the window. Samples count the rows of training batches (never padded).
     """
 
     def __init__(self, every_n_steps: int = 50):
@@ -44,11 +44,11 @@ class TrainingSpeed(pl.Callback):
         if self._last_end is not None:
             self._wait += now - self._last_end
         self._t_start = now
-        v = batch.get("valid") if isinstance(batch, Mapping) else None
-        if isinstance(v, torch.Tensor):
-            self._samples += int(v.sum())
-        elif isinstance(batch, Mapping) and "key" in batch:
+        # training batches have no padding rows: count keys (host side; summing a device mask would sync)
+        if isinstance(batch, Mapping) and "key" in batch:
             self._samples += len(batch["key"])
+        elif isinstance(batch, Mapping) and isinstance(batch.get("valid"), torch.Tensor):
+            self._samples += int(batch["valid"].shape[0])
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()

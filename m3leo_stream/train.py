@@ -180,12 +180,14 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
                                 targets=dm.targets, train=False, seed=int(cfg.seed), rank=0)
     info: dict[str, Any] = {"in_channels": {m: len(t.channels[m]) for m in dm.inputs},
                             "channel_names": {m: list(t.channels[m]) for m in dm.inputs},
-                            "region_names": list(dm.region_names), "ignore_index": int(t.ignore_index)}
+                            "region_names": list(dm.region_names), "ignore_index": int(t.ignore_index),
+                            "input_px": max(t.out_px[m] for m in dm.inputs)}
     if dm.targets:
         target = dm.targets[0]
         if len(dm.targets) > 1:
             log.warning("several targets %s: the task uses the first, %s", dm.targets, target)
         info["target"] = target
+        info["target_px"] = t.out_px[target]
         mod = dm.modalities[target]
         if target in t.num_classes:
             info["num_classes"] = t.num_classes[target]
@@ -210,7 +212,8 @@ def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
     task_cfg = _plain(cfg.task)
     model_cfg = _plain(cfg.model)
     kw = {k: v for k, v in info.items() if k not in ("channel_names",)}
-    task = hydra.utils.instantiate(task_cfg, model=model_cfg, **kw, _convert_="all", _recursive_=False)
+    task = hydra.utils.instantiate(task_cfg, model=model_cfg, **kw, seed=int(cfg.seed), _convert_="all",
+                                   _recursive_=False)
     return task
 
 
@@ -231,6 +234,10 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
                                monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
                                save_last=False, auto_insert_metric_name=False)
         cbs.append(best)
+    if cfg.trainer.get("enable_progress_bar", True):
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        cbs.append(TQDMProgressBar(refresh_rate=every))  # its metrics are read on the host: not every step
     cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
@@ -266,6 +273,41 @@ def _slurm_plugins() -> list[Any]:
     return []
 
 
+def resolve_precision(precision: Any, accelerator: Any) -> Any:
+    """``auto`` → ``bf16-mixed`` where training runs on CUDA GPUs that support bf16, else ``32-true``."""
+    if str(precision) != "auto":
+        return precision
+    gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def _world(tcfg: Mapping[str, Any]) -> int:
+    devices = tcfg.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        gpu = str(tcfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        per_node = torch.cuda.device_count() if gpu else 1
+    else:
+        per_node = int(devices)
+    return per_node * int(tcfg.get("num_nodes") or 1)
+
+
+def build_strategy(tcfg: Mapping[str, Any], ddp: Mapping[str, Any]) -> Any:
+    """``trainer.strategy``, with ``ddp`` (and ``auto`` on more than one device) built as a ``DDPStrategy`` with the
+    options of the ``ddp`` config section."""
+    strategy = tcfg.get("strategy", "auto")
+    if not (strategy == "ddp" or (strategy == "auto" and _world(tcfg) > 1)):
+        return strategy
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    opts = dict(ddp)
+    timeout = opts.pop("timeout_s", None)
+    return DDPStrategy(**opts, **({"timeout": timedelta(seconds=float(timeout))} if timeout else {}))
+
+
 def _write_text(url: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
     fs, path = _fs(url, storage_options)
     parent = path.rsplit("/", 1)[0]
@@ -283,6 +325,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) the configured experiment; returns where things are (also printed)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pl.seed_everything(int(cfg.seed), workers=True)
+    torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # "high": TF32 matmuls on GPUs that have it
     so = _plain(cfg.data.get("storage_options")) or None
     ckpt_dir = str(cfg.checkpoint.dir)
     ckpt_path = resolve_resume(cfg.get("resume"), ckpt_dir, so)
@@ -304,6 +347,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     tcfg = _plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
+    tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"))
+    tcfg["strategy"] = build_strategy(tcfg, _plain(cfg.ddp))
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
                          default_root_dir=ckpt_dir)  # (hpc_ckpt_N.ckpt of Lightning's requeue, now off)
 

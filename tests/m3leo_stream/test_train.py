@@ -15,7 +15,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from m3leo_stream.train import CONFIG_DIR, run, scrub, stable_run_id, wandb_mode, resolve_resume
+from m3leo_stream.train import (CONFIG_DIR, build_strategy, resolve_precision, resolve_resume, run, scrub,
+                                stable_run_id, wandb_mode)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_reader import offline_runs, read_run  # noqa: E402
@@ -221,9 +222,28 @@ def test_all_experiments_compose_with_contract_keys():
                 node = node[part]
         assert cfg.trainer.use_distributed_sampler is False
         assert cfg.checkpoint.dir == f"runs/{f.stem}/checkpoints"
+        assert cfg.trainer.precision == "auto"  # every experiment: bf16-mixed on GPUs
     pre = compose_cfg(["experiment=pretrain_mae", "data.root=/x"])
     assert (pre.model.size, pre.model.patch_size, pre.model.mask_ratio) == ("base", 16, 0.75)
     assert list(pre.data.inputs) == ["s1grd", "s2rgbm", "gssic"]
+
+
+def test_precision_and_ddp_strategy_from_config():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_cfg(["experiment=pretrain_mae", "data.root=/x", "ddp.static_graph=true", "ddp.bucket_cap_mb=50"])
+    want = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    assert resolve_precision("auto", "auto") == want
+    assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("16-mixed", "gpu") == "16-mixed"
+    ddp = dict(cfg.ddp)
+    s = build_strategy({"strategy": "ddp"}, ddp)
+    assert isinstance(s, DDPStrategy)
+    assert s._ddp_kwargs == {"find_unused_parameters": False, "static_graph": True, "gradient_as_bucket_view": True,
+                             "bucket_cap_mb": 50}
+    assert s._timeout.total_seconds() == 1800
+    assert isinstance(build_strategy({"strategy": "auto", "devices": 2, "accelerator": "cpu"}, ddp), DDPStrategy)
+    assert build_strategy({"strategy": "auto", "devices": 1, "accelerator": "cpu"}, ddp) == "auto"
+    assert build_strategy({"strategy": "fsdp"}, ddp) == "fsdp"
 
 
 @pytest.mark.slow
