@@ -59,7 +59,6 @@ class RequeueOnSignal(pl.Callback):
         self._previous: Any = None
         self._installed = False
         self._step_at_start = -1
-        self._at_epoch_end = False  # the signal came at an epoch's last batch: checkpoint when the epoch ends
         self._exchange: tuple[Any, Any] | None = None  # (host result, CUDA event or None) of the last flag exchange
 
     # -- signal handling: only a flag, never work inside the handler
@@ -87,28 +86,24 @@ class RequeueOnSignal(pl.Callback):
                            batch_idx: int) -> None:
         # only where an optimizer step just completed (not between accumulated micro-batches, whose gradients a
         # checkpoint would not hold), every every_n_steps steps; global_step is the same on all ranks
-        if (self.requested or self._at_epoch_end or trainer.global_step == self._step_at_start
+        if (self.requested or trainer.global_step == self._step_at_start
                 or trainer.global_step % self.every_n_steps):
             return
         if not self._agreed(trainer):
             return
-        # Not inside the last batch of an epoch: Lightning (2.6) restores such a checkpoint as "epoch finished" and
-        # then counts one more, so the resumed run would skip a whole epoch (seen with the M3LEO loader, whose
-        # order depends on the epoch). At the epoch's end, once Lightning has counted it, the resume is exact and
-        # no further step is trained (an epoch of one batch would otherwise never find a batch that is not last).
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # the same on every rank (equal batch counts)
-            log.info("got %s at the last batch of an epoch: checkpointing at the epoch's end", self.signum.name)
-            self._at_epoch_end = True
-            return
+        # At an epoch's last batch too: the M3LEO loader restores a finished epoch as the next one's first batch
+        # and Lightning (2.6) resumes such a checkpoint in the next epoch, so the resume is exact there as well
+        # (tests/m3leo_stream/test_train.py::test_requeue_signal_resumes_exactly); waiting for a batch that is not
+        # an epoch's last would never end with one-batch epochs.
         self._stop(trainer)
 
     def _agreed(self, trainer: pl.Trainer) -> bool:
         """Whether any rank has had the signal, decided at the same step on every rank without stalling the GPU.
 
-        One process: the flag itself. Several: every check all-reduces the flags (MAX) on the device and copies the
-        result to pinned host memory behind a CUDA event; the next check reads that result, long since arrived, so
-        the host never waits for the GPU's queued work (a blocking read every step would). All ranks read the same
-        reduction at the same step: they agree, one check after the signal."""
+        One process: the flag itself. Several: every check all-reduces the flags (MAX). On CPU tensors (gloo) the
+        result is there at once. On CUDA the result is copied to pinned host memory behind an event and read at the
+        next check, long since arrived, so the host never waits for the GPU's queued work (a blocking read every
+        step would); all ranks read the same reduction at the same step, so they agree, one check late."""
         import torch
         import torch.distributed as dist
 
@@ -117,27 +112,21 @@ class RequeueOnSignal(pl.Callback):
         decided = False
         if self._exchange is not None:
             host, event = self._exchange
-            if event is not None:
-                event.synchronize()
+            event.synchronize()
             decided = bool(host.item())
             self._exchange = None
         if not decided:
             device = trainer.strategy.root_device
             flag = torch.tensor([int(self._received)], dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if device.type == "cuda":
-                host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-                host.copy_(flag, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._exchange = (host, event)
-            else:
-                self._exchange = (flag, None)
+            if device.type != "cuda":  # gloo on CPU tensors: done already, nothing queued to wait for
+                return bool(flag.item())
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._exchange = (host, event)
         return decided
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._at_epoch_end and not self.requested:
-            self._stop(trainer)
 
     def _stop(self, trainer: pl.Trainer) -> None:
         log.warning("got %s: saving a checkpoint at step %d to %s and stopping, to be requeued",

@@ -183,6 +183,43 @@ def test_resume_continues_exactly(small_shards, tmp_path, cut):
     assert c["global_step"] == 1
 
 
+class SignalAt(__import__("lightning").pytorch.Callback):
+    """Sends this process SIGUSR1 in the middle of training batch ``at`` (counted over the run)."""
+
+    def __init__(self, at: int):
+        self.at, self.seen = at, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.at:
+            os.kill(os.getpid(), __import__("signal").SIGUSR1)
+        self.seen += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at,stop", [(2, 3), (1, 2)])  # 2 batches per epoch: mid-epoch, an epoch's last batch
+def test_requeue_signal_resumes_exactly(small_shards, tmp_path, monkeypatch, at, stop):
+    """SIGUSR1 during a step checkpoints after it, even at an epoch's last batch, and the resumed run trains
+    exactly the samples of an uninterrupted one, in the same epochs."""
+    from m3leo_stream import train as train_mod
+
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(k, raising=False)
+    extra = ["data.num_workers=1", "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1",
+             "checkpoint.monitor=null", "checkpoint.every_n_train_steps=100", "trainer.limit_val_batches=1"]
+    full = run_exp("demo", small_shards, tmp_path / "full",
+                   extra + ["trainer.max_steps=6", f"record_keys_dir={tmp_path / 'keys_full'}"])
+    build = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg: (build(cfg)[0] + [SignalAt(at)], build(cfg)[1]))
+    a = run_exp("demo", small_shards, tmp_path / "cut", extra + ["trainer.max_steps=6",
+                                                                 f"record_keys_dir={tmp_path / 'keys_cut'}"])
+    assert a.get("requeued") and a["global_step"] == stop
+    monkeypatch.setattr(train_mod, "build_callbacks", build)
+    b = run_exp("demo", small_shards, tmp_path / "cut",
+                extra + ["trainer.max_steps=6", f"record_keys_dir={tmp_path / 'keys_cut'}", "resume=auto"])
+    assert full["global_step"] == b["global_step"] == 6
+    assert _keys(tmp_path / "keys_cut") == _keys(tmp_path / "keys_full")
+
+
 def test_run_helpers(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
