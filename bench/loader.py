@@ -12,7 +12,13 @@ for s1grd alone, s1grd+esawc (2 of 9), s1grd+s2rgbm+esawc and all nine modalitie
 mode), each in a fresh process. Repeats alternate the methods; medians are reported. All data is in the page cache
 (the ceiling is memory bandwidth + syscalls); ratios are what this machine can tell.
 
+Band selection: bytes read per sample when the loader reads every band of the inputs (``transforms=None``, as
+before) and when it reads only the bands the experiment's device transforms use, for the ``demo`` and
+``pretrain_mae`` experiments (their Hydra configs composed as ``train.py`` does). ``--bands-only`` runs just that
+(results in ``bench/results/loader_bands.json``):
+
     python bench/loader.py --chips-per-region 16 --workers 2 --repeats 3
+    python bench/loader.py --bands-only --chips-per-region 4 --workers 2
 """
 
 from __future__ import annotations
@@ -343,6 +349,72 @@ def reader_rss(root: str, mods: list[str], workers: int, batch: int, epochs: int
     return out
 
 
+# -- band selection --------------------------------------------------------------------------------------------
+BAND_EXPERIMENTS = ("demo", "pretrain_mae")
+
+
+def experiment_data(name: str) -> tuple[list[str], list[str], dict]:
+    """(inputs, targets, transforms config) of ``configs/experiment/<name>.yaml``, composed as ``train.py`` does."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+    return (list(cfg.data.inputs), list(cfg.data.get("targets") or []),
+            OmegaConf.to_container(cfg.transforms, resolve=True))
+
+
+def bytes_per_sample(root: str, inputs: list[str], targets: list[str], transforms, workers: int, batch: int,
+                     epochs: int) -> dict[str, float]:
+    """Bytes and requests the loader made per sample over ``epochs`` train epochs (thread mode) after a warm-up
+    epoch, and the samples/s of those epochs (page-cached shards: what reading fewer bytes saves in copying)."""
+    dm = M3LEODataModule(root, inputs=inputs, targets=targets, batch_size=batch, num_workers=workers, seed=0,
+                         transforms=transforms)
+    dm.setup()
+    loader = dm.train_dataloader()
+    for e in range(epochs + 1):
+        if e == 1:
+            start, t = dm.loader_metrics(), time.perf_counter()
+        loader.batch_sampler.set_epoch(e)
+        for _ in loader:
+            pass
+    seconds = time.perf_counter() - t
+    m = {k: v - start[k] for k, v in dm.loader_metrics().items() if k in ("bytes", "requests", "samples")}
+    return {"bytes_per_sample": m["bytes"] / m["samples"], "requests_per_sample": m["requests"] / m["samples"],
+            "samples_per_s": m["samples"] / seconds, "samples": m["samples"]}
+
+
+def band_selection(root: str, workers: int, batch: int, epochs: int, repeats: int) -> dict:
+    """Per experiment: bytes per sample reading all bands vs only the transforms' bands, and the ratio (repeats
+    alternate the two; medians)."""
+    from m3leo_stream.gpu_transforms import bands_needed
+
+    out = {}
+    for name in BAND_EXPERIMENTS:
+        inputs, targets, transforms = experiment_data(name)
+        mods = [REGISTRY[m] for m in inputs + targets]
+        sel = bands_needed(transforms, REGISTRY, inputs=inputs, targets=targets)
+        runs: dict[str, list[dict[str, float]]] = {"all": [], "selected": []}
+        for _ in range(max(1, repeats)):
+            runs["all"].append(bytes_per_sample(root, inputs, targets, None, workers, batch, epochs))
+            runs["selected"].append(bytes_per_sample(root, inputs, targets, transforms, workers, batch, epochs))
+        before, after = ({k: statistics.median(r[k] for r in v) for k in v[0]} for v in runs.values())
+        selected = sum(m.nbytes * len(sel[m.name]) // len(m.bands) for m in mods)  # array bytes, no headers
+        row = {"inputs": inputs, "targets": targets,
+               "bands": {m.name: f"{len(sel[m.name])} of {len(m.bands)}" for m in mods},
+               "all_bands": before, "selected_bands": after,
+               "ratio": after["bytes_per_sample"] / before["bytes_per_sample"],
+               "array_bytes_per_sample": {"all_bands": sum(m.nbytes for m in mods), "selected_bands": selected}}
+        out[name] = row
+        print(f"\nband selection, {name} ({'+'.join(inputs + targets)}; "
+              + ", ".join(f"{k} {v}" for k, v in row["bands"].items()) + "):")
+        for label, r in (("all bands", before), ("selected bands", after)):
+            print(f"  {label:15s} {r['bytes_per_sample'] / 1e6:8.3f} MB/sample {r['requests_per_sample']:5.2f} "
+                  f"requests/sample {r['samples_per_s']:7.1f} samples/s")
+        print(f"  ratio           {row['ratio']:8.3f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chips-per-region", type=int, default=24)
@@ -356,8 +428,13 @@ def main() -> None:
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--s3-passes", type=int, default=3, help="timed passes per S3 measurement (moto is slow)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "loader.json"))
+    ap.add_argument("--bands-only", action="store_true",
+                    help="only the band-selection section (bytes per sample, all bands vs the transforms' bands)")
+    ap.add_argument("--band-epochs", type=int, default=5, help="timed train epochs per band-selection measurement")
     ap.add_argument("--rss-of", choices=("thread", "process"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bands_only and args.out == ap.get_default("out"):
+        args.out = str(Path(__file__).with_name("results") / "loader_bands.json")
     global PASSES
     PASSES = args.passes
     if args.rss_of:
@@ -376,6 +453,16 @@ def main() -> None:
     W, B = args.workers, args.batch_size
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "CPU"},
                      "workers": W, "batch_size": B, "sets": {}}
+    results["band_selection"] = band_selection(str(shards), W, B, args.band_epochs, args.repeats)
+    if args.bands_only:
+        results.pop("sets")
+        results["chips_per_region"] = args.chips_per_region
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.out}")
+        if not args.work:
+            shutil.rmtree(work)
+        return
 
     for label, mods in SETS.items():
         dm = M3LEODataModule(str(shards), inputs=mods, batch_size=B, num_workers=0)

@@ -24,7 +24,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
-from .gpu_transforms import build_device_transforms
+from .gpu_transforms import bands_needed, build_device_transforms
 from .modalities import Registry
 from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
 from .readahead import ReadAheadDataset
@@ -220,7 +220,8 @@ class M3LEODataModule(pl.LightningDataModule):
 
     ``batch_size`` is per device; the global batch is ``batch_size × world size``. ``region_weights`` gives exact
     per-epoch quotas (``samples_per_epoch`` samples in total, default all samples of the weighted regions).
-    ``transforms`` is the device-transform config (``configs/transforms``); ``None`` leaves batches raw.
+    ``transforms`` is the device-transform config (``configs/transforms``); ``None`` leaves batches raw. With a
+    config, only the bands those transforms use are read (``bands``: storage indices per modality); without one, all.
     ``worker_mode="thread"`` (default) reads on ``num_workers`` threads of this process, ``prefetch_factor`` batches
     per thread ahead; ``"process"`` uses DataLoader worker processes (batches then travel through shared memory).
     ``num_workers=0`` reads each batch when it is asked for. The batches are the same in every mode.
@@ -283,6 +284,7 @@ class M3LEODataModule(pl.LightningDataModule):
         self._table: dict[str, np.ndarray] | None = None
         self._catalogs: dict[str, Catalog] = {}
         self._transforms: dict[bool, Any] = {}
+        self.bands: dict[str, list[int]] | None = None  # storage indices read per modality (None: all), at setup
 
     # -- metadata ----------------------------------------------------------------------------------------------
     @property
@@ -311,6 +313,9 @@ class M3LEODataModule(pl.LightningDataModule):
         if unknown:
             raise ValueError(f"{self.root}: modalities {unknown} are not in this shard root "
                              f"(it has {list(root.modalities)})")
+        if self.transforms_config is not None:  # read only the bands the device transforms use
+            self.bands = bands_needed(self.transforms_config, root.modalities, inputs=self.inputs,
+                                      targets=self.targets)
         columns = ["key", "region", "split", "shard", "lon", "lat"]
         for m in self.requested:
             columns += [sf.offset_column(m), sf.nbytes_column(m)]
@@ -348,7 +353,7 @@ class M3LEODataModule(pl.LightningDataModule):
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pooled_batches=self._live_batches))
+                                                             pooled_batches=self._live_batches), bands=self.bands)
 
     @property
     def _read_ahead_depth(self) -> int:

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from m3leo_stream.modalities import Modality
+from m3leo_stream.modalities import BANDS_KEY, Modality
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CONFIG", "DeviceTransforms", "build_device_transforms", "dihedral"]
+__all__ = ["DEFAULT_CONFIG", "DeviceTransforms", "bands_needed", "build_device_transforms", "dihedral"]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "ignore_index": -100,
@@ -94,6 +94,11 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def _full_config(config: Any) -> dict[str, Any]:
+    """A transforms config (Mapping, DictConfig or None) merged over :data:`DEFAULT_CONFIG`."""
+    return _merge(DEFAULT_CONFIG, _plain(config) or {})
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -126,6 +131,32 @@ def _select_bands(m: Modality, patterns: Sequence[str] | str | None) -> list[int
                            f"bands: {', '.join(m.bands)}")
         keep.update(hits)
     return sorted(keep)
+
+
+def _input_bands(cfg: Mapping[str, Any], m: Modality) -> list[int]:
+    """Storage indices an input uses: ``modalities.<m>.bands``, by default every band but categorical flag bands
+    inside a non-categorical modality (e.g. gssic ``geometry_lsmap``)."""
+    patterns = (cfg["modalities"].get(m.name) or {}).get("bands")
+    bands = _select_bands(m, patterns)
+    if patterns is None and m.kind != "categorical":
+        bands = [i for i in bands if m.band_kinds[i] != "categorical"]  # flag layers are not standardised
+    return bands
+
+
+def _target_bands(cfg: Mapping[str, Any], m: Modality) -> list[int]:
+    """Storage indices a target uses: ``modalities.<m>.bands``, by default all."""
+    return _select_bands(m, (cfg["modalities"].get(m.name) or {}).get("bands"))
+
+
+def bands_needed(config: Mapping[str, Any] | None, modalities: Mapping[str, Modality], *, inputs: Sequence[str],
+                 targets: Sequence[str] = ()) -> dict[str, list[int]]:
+    """Per modality of ``inputs`` + ``targets``, the storage indices (sorted) of the bands that the device transforms
+    built from ``config`` read: the loader need not fetch any other band. The same selection the transforms' plans
+    make (``modalities.<m>.bands`` patterns; by default all bands, for inputs without categorical flag bands)."""
+    cfg = _full_config(config)
+    out = {n: _input_bands(cfg, modalities[n]) for n in inputs}
+    out.update({n: _target_bands(cfg, modalities[n]) for n in targets})
+    return out
 
 
 def seed_of(*parts: Any) -> int:
@@ -253,9 +284,7 @@ def _invalid_values(m: Modality, keep_special: bool) -> list[float]:
 
 def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPlan:
     over = cfg["modalities"].get(m.name) or {}
-    bands = _select_bands(m, over.get("bands"))
-    if over.get("bands") is None and m.kind != "categorical":
-        bands = [i for i in bands if m.band_kinds[i] != "categorical"]  # flag layers are not standardised
+    bands = _input_bands(cfg, m)
     n = len(bands)
     names = [m.bands[i] for i in bands]
     kinds = [m.band_kinds[i] for i in bands]
@@ -361,7 +390,7 @@ def _lut(m: Modality, ignore: int) -> tuple[torch.Tensor | None, int]:
 
 def _target_plan(cfg: Mapping[str, Any], m: Modality, grid: int) -> _TargetPlan:
     over = cfg["modalities"].get(m.name) or {}
-    bands = _select_bands(m, over.get("bands"))
+    bands = _target_bands(cfg, m)
     px = m.canonical_px
     if over.get("size"):
         out_px = int(over["size"])
@@ -422,7 +451,7 @@ class DeviceTransforms:
 
     def __init__(self, config: Mapping[str, Any], modalities: Mapping[str, Modality], stats: Mapping[str, Any],
                  *, inputs: Sequence[str], targets: Sequence[str], train: bool, seed: int = 0, rank: int = 0):
-        cfg = _merge(DEFAULT_CONFIG, _plain(config) or {})
+        cfg = _full_config(config)
         both = set(inputs) & set(targets)
         if both:
             raise ValueError(f"transforms: {sorted(both)} listed both as inputs and as targets")
@@ -452,6 +481,7 @@ class DeviceTransforms:
         self.out_px: dict[str, int] = {**{n: p.out_px for n, p in self.inputs.items()},
                                        **{n: p.out_px for n, p in self.targets.items()}}
         self._dev: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._positions: dict[tuple[str, tuple[int, ...], str], torch.Tensor] = {}
         self._calls = 0
 
     def __repr__(self) -> str:
@@ -543,7 +573,7 @@ class DeviceTransforms:
                 # (clip bounds are converted to stored units; scales are positive)
                 self._dev[key] = {
                     "lo": v(lo / scale), "hi": v(hi / scale), "a": v(scale / std), "b": v(-mean / std),
-                    "scale": v(scale), "idx": torch.tensor(p.bands, device=device),
+                    "scale": v(scale),
                     "linear": torch.tensor(p.linear, device=device, dtype=torch.long),
                     "out_mean": v(p.out_mean), "out_std": v(p.out_std),
                 }
@@ -552,7 +582,7 @@ class DeviceTransforms:
                     self._dev[key]["ratio_std"] = v(p.ratio_std)
             else:
                 p = self.targets[name]
-                d = {"idx": torch.tensor(p.bands, device=device)}
+                d: dict[str, torch.Tensor] = {}
                 if p.lut is not None:
                     d["lut"] = p.lut.to(device)
                 if p.codes:
@@ -579,19 +609,53 @@ class DeviceTransforms:
             return band_valid.any(1, keepdim=True)
         return band_valid.all(1, keepdim=True)
 
-    def _select(self, name: str, batch: Mapping[str, Any], idx: torch.Tensor, m: Modality) -> torch.Tensor:
-        if name not in batch:
-            raise KeyError(f"transforms: batch has no {name!r} (keys: {', '.join(map(str, batch))})")
-        x = batch[name]
-        if x.dim() != 4 or x.shape[1] != len(m.bands):
-            raise ValueError(f"transforms: {name!r} has shape {tuple(x.shape)}; expected (B, {len(m.bands)}, H, W)")
-        return x if len(idx) == x.shape[1] else x.index_select(1, idx)
+    def _select(self, name: str, x: torch.Tensor, wanted: Sequence[int], m: Modality,
+                bands: Sequence[str] | None) -> torch.Tensor:
+        """The ``wanted`` bands (storage indices) of stored ``x`` (B, C, H, W), which carries either every band of
+        ``m`` (``bands`` None) or the bands ``bands`` names, in storage order (the batch's ``bands`` entry: a loader
+        that read only some bands)."""
+        if x.dim() != 4:
+            raise ValueError(f"transforms: {name!r} has shape {tuple(x.shape)}; expected (B, C, H, W)")
+        if bands is None:
+            if x.shape[1] != len(m.bands):
+                raise ValueError(f"transforms: {name!r} has shape {tuple(x.shape)}; expected (B, {len(m.bands)}, H, "
+                                 f"W) (all bands), or a batch whose {BANDS_KEY!r} entry names the {x.shape[1]} bands "
+                                 "it carries")
+            pos = list(wanted)
+        else:
+            names = list(bands)
+            if len(names) != x.shape[1]:
+                raise ValueError(f"transforms: {name!r} has {x.shape[1]} bands (shape {tuple(x.shape)}) but the "
+                                 f"batch's {BANDS_KEY!r} entry names {len(names)}: {names}")
+            order = {b: i for i, b in enumerate(m.bands)}
+            unknown = [b for b in names if b not in order]
+            if unknown or len(set(names)) != len(names) or [order[b] for b in names] != sorted(order[b] for b in names):
+                raise ValueError(f"transforms: the batch's {BANDS_KEY!r} entry for {name!r} must name distinct bands "
+                                 f"of the modality in storage order; got {names}"
+                                 + (f" (unknown: {unknown})" if unknown else ""))
+            at = {b: j for j, b in enumerate(names)}
+            need = [m.bands[i] for i in wanted]
+            missing = [b for b in need if b not in at]
+            if missing:
+                raise ValueError(f"transforms: the batch carries bands {names} of {name!r}, but these transforms "
+                                 f"use {need}; missing {missing}. Was the loader set up with another transforms "
+                                 "config (band selection) than these transforms?")
+            pos = [at[b] for b in need]
+        if pos == list(range(x.shape[1])):
+            return x
+        key = (name, tuple(pos), str(x.device))
+        if key not in self._positions:
+            self._positions[key] = torch.tensor(pos, device=x.device, dtype=torch.long)
+        return x.index_select(1, self._positions[key])
 
-    def normalize_input(self, name: str, x_stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored (B, C, H, W) of input ``name`` (all bands) → (standardised channels, valid (B, 1, H, W))."""
+    def normalize_input(self, name: str, x_stored: torch.Tensor,
+                        bands: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored (B, C, H, W) of input ``name`` → (standardised channels, valid (B, 1, H, W)). ``x_stored`` holds
+        all bands of the modality, or those ``bands`` names (storage order, at least the ones these transforms use):
+        the result is the same."""
         p = self.inputs[name]
         buf = self._buffers(name, x_stored.device)
-        x = self._select(name, {name: x_stored}, buf["idx"], p.modality)
+        x = self._select(name, x_stored, p.bands, p.modality, bands)
         band_valid = self._band_valid(x, p.invalid_values)
         valid = self._reduce_valid(band_valid, x)
         if p.onehot_codes:
@@ -637,11 +701,13 @@ class DeviceTransforms:
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return y, valid
 
-    def prepare_target(self, name: str, x_stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored target → (int64 (B, H, W) classes | float32 (B, C, H, W) physical, valid (B, 1, H, W))."""
+    def prepare_target(self, name: str, x_stored: torch.Tensor,
+                       bands: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored target (all bands, or those ``bands`` names) → (int64 (B, H, W) classes | float32 (B, C, H, W)
+        physical, valid (B, 1, H, W))."""
         p = self.targets[name]
         buf = self._buffers(name, x_stored.device)
-        x = self._select(name, {name: x_stored}, buf["idx"], p.modality)
+        x = self._select(name, x_stored, p.bands, p.modality, bands)
         if p.categorical:
             x = x[:, 0]
             if "lut" in buf:
@@ -677,6 +743,9 @@ class DeviceTransforms:
             step = self._calls
         self._calls += 1
         out: dict[str, Any] = dict(batch)
+        # which stored bands the batch carries (a loader reading only the bands these transforms use); the output's
+        # channels are described by ``self.channels`` instead
+        carried = out.pop(BANDS_KEY, None) or {}
         names = list(self.inputs) + list(self.targets)
         if not names:
             return out
@@ -706,7 +775,7 @@ class DeviceTransforms:
         for name, p in self.inputs.items():
             if name not in batch:
                 raise KeyError(f"transforms: batch has no input {name!r} (keys: {', '.join(map(str, batch))})")
-            y, valid = self.normalize_input(name, batch[name])
+            y, valid = self.normalize_input(name, batch[name], carried.get(name))
             warped = any_crop or y.shape[-1] != p.out_px
             y = geom(y, y.shape[-1], p.out_px, "bilinear")
             valid = geom_mask(valid, valid.shape[-1], p.out_px)
@@ -734,7 +803,7 @@ class DeviceTransforms:
         for name, p in self.targets.items():
             if name not in batch:
                 raise KeyError(f"transforms: batch has no target {name!r} (keys: {', '.join(map(str, batch))})")
-            y, valid = self.prepare_target(name, batch[name])
+            y, valid = self.prepare_target(name, batch[name], carried.get(name))
             if p.categorical:
                 if any_crop or y.shape[-1] != p.out_px:
                     # class indices and -100 are exact in float32; nearest never mixes them

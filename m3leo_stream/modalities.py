@@ -23,7 +23,10 @@ CHIP_SIZE_M = 4480.0
 SEASONS = ("winter", "spring", "summer", "fall")
 MONTHS = tuple(f"{m:02d}" for m in range(1, 13))
 
-RESERVED_NAMES = ("json", "key", "region", "split", "shard", "lon", "lat", "valid")
+BANDS_KEY = "bands"
+"""Batch key: ``{modality: [band names]}``, the stored bands each modality tensor of a raw batch carries."""
+
+RESERVED_NAMES = ("json", "key", "region", "split", "shard", "lon", "lat", "valid", BANDS_KEY)
 """Names a modality may not take: they are index columns, tar member suffixes or batch keys."""
 
 KINDS = ("sar_db", "optical", "coherence", "phase", "categorical", "continuous")

@@ -4,6 +4,12 @@ Runs inside DataLoader workers and does I/O and decoding only. For a batch it ga
 requested members from the index, coalesces ranges that are adjacent in a shard into one request, keeps several
 requests in flight on a thread pool, retries transient storage errors with backoff (``storage.with_retries``), and
 decodes ``.npy`` members (no pickle) straight into the batch arrays.
+
+With a band selection (``bands``: storage indices per modality, what the run's device transforms use) only those
+bands are read: a member is an uncompressed ``(C, H, W)`` ``.npy``, so each band is a contiguous byte range after the
+header; the reader fetches the header (still checked: dtype, shape, order) and the runs of selected bands, coalesced
+like whole members. Compressed members cannot be read in part: they are read whole, decoded, and the selected bands
+copied into the batch.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from . import shard_format as sf
-from .modalities import Modality
+from .modalities import BANDS_KEY, Modality
 from .planner import PAD_FLAG
 from .storage import IOCounters, RetryPolicy, get_fs, is_local, join, with_retries
 
@@ -114,12 +120,75 @@ def _int_col(table: Any, name: str) -> np.ndarray:
     return col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+_MEMBER, _HEADER, _BANDS = "member", "header", "bands"  # what a part of a request is
+_MAX_HEADER = 65536  # a member's ``.npy`` header is at most this long (format 1.0 writes < 64 KiB)
+try:
+    _IOV_MAX = max(16, int(os.sysconf("SC_IOV_MAX")))
+except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+    _IOV_MAX = 1024
+
+
+class _Part(NamedTuple):
+    """A byte range of one member: the whole member, its ``.npy`` header, or a run of consecutive selected bands
+    that lands at ``first:stop`` of the batch slot's (selected) bands."""
+
+    slot: int
+    name: str
+    off: int
+    nbytes: int
+    kind: str = _MEMBER
+    first: int = 0
+    stop: int = 0
+
+
 @dataclass
 class _Request:
     shard: int
     start: int
     stop: int
-    parts: list[tuple[int, str, int, int]]  # (batch slot, modality, offset, nbytes)
+    parts: list[_Part]
+
+
+def _header_len(nbytes: int, m: Modality) -> int | None:
+    """The ``.npy`` header length of an uncompressed member of ``nbytes`` (its data are the last ``m.nbytes``), or
+    None when that is no plausible header (the member does not fit the registry: read whole, the decode says why)."""
+    h = nbytes - m.nbytes
+    return h if 10 <= h <= _MAX_HEADER else None
+
+
+def _check_header(head: bytes | bytearray | memoryview, m: Modality) -> None:
+    """The ``.npy`` header of a member read in parts must describe exactly the registry's array."""
+    dtype, shape, fortran, start = sf.npy_header(head)
+    if start != len(head):
+        raise sf.FormatError(f".npy header of {start} bytes where the member's size leaves {len(head)}: array "
+                             f"{shape} {dtype}, registry says {m.shape} {m.np_dtype}")
+    if dtype != m.np_dtype or shape != m.shape or fortran:
+        raise sf.FormatError(f"array {shape} {dtype}{' (Fortran order)' if fortran else ''}, registry says "
+                             f"{m.shape} {m.np_dtype}")
+
+
+def _band_runs(selected: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive storage indices: (first band, last band + 1, position in the selection)."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, b in enumerate(selected):
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1, runs[-1][2])
+        else:
+            runs.append((b, b + 1, pos))
+    return runs
+
+
+def _preadv_all(fd: int, iov: list[Any], offset: int) -> int:
+    """``os.preadv`` of ``iov`` at ``offset`` in chunks of at most IOV_MAX buffers; bytes read (short at EOF)."""
+    got = 0
+    for i in range(0, len(iov), _IOV_MAX):
+        chunk = iov[i:i + _IOV_MAX]
+        want = sum(memoryview(b).nbytes for b in chunk)
+        k = os.preadv(fd, chunk, offset + got)
+        got += k
+        if k != want:
+            break
+    return got
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -127,15 +196,23 @@ class ShardDataset(torch.utils.data.Dataset):
 
     ``__getitems__`` returns a whole collated batch (dict of tensors), so the DataLoader's ``collate_fn`` must be
     :func:`passthrough`.
+
+    ``bands`` maps a modality to the storage indices of the bands to read (the others are not fetched; modalities
+    not named: all bands). A batch's tensor of that modality is then ``(B, len(selected), H, W)`` and
+    ``batch["bands"][modality]`` names the bands it carries, in storage order.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None, index: IndexArrays,
                  modalities: Sequence[Modality], *, compressed: bool, substitutes: Mapping[int, np.ndarray] | None = None,
-                 config: ReaderConfig | None = None):
+                 config: ReaderConfig | None = None, bands: Mapping[str, Sequence[int]] | None = None):
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.index = index
         self.modalities = list(modalities)
+        self.bands = _band_selection(self.modalities, bands)  # modality -> selected storage indices
+        # runs of consecutive selected bands; None: all bands, the member is read whole
+        self._runs = {m.name: None if len(self.bands[m.name]) == len(m.bands) else _band_runs(self.bands[m.name])
+                      for m in self.modalities}
         self.compressed = compressed
         self.substitutes = dict(substitutes or {})  # region code -> candidate rows
         self.config = config or ReaderConfig()
@@ -178,7 +255,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, ref: int) -> dict[str, Any]:
         batch = self.__getitems__([ref])
-        return {k: (v[0] if k != IO_KEY else v) for k, v in batch.items()}
+        return {k: (v[0] if k not in (IO_KEY, BANDS_KEY) else v) for k, v in batch.items()}
 
     def __getitems__(self, refs: Sequence[int]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -189,8 +266,9 @@ class ShardDataset(torch.utils.data.Dataset):
         rows = refs & ~PAD_FLAG
         n = len(rows)
         shared = torch.utils.data.get_worker_info() is not None
-        tensors = {m.name: _batch_tensor((n, *m.shape), m.np_dtype, shared) if shared
-                   else torch.from_numpy(self._buffers.get((n, *m.shape), m.np_dtype)) for m in self.modalities}
+        shapes = {m.name: (n, len(self.bands[m.name]), *m.shape[1:]) for m in self.modalities}
+        tensors = {m.name: _batch_tensor(shapes[m.name], m.np_dtype, shared) if shared
+                   else torch.from_numpy(self._buffers.get(shapes[m.name], m.np_dtype)) for m in self.modalities}
         out = {name: t.numpy() for name, t in tensors.items()}
         rows = self._fill(rows, out, st, counters)
         ix = self.index
@@ -200,6 +278,7 @@ class ShardDataset(torch.utils.data.Dataset):
         batch["lon"] = torch.from_numpy(ix.lon[rows].copy())
         batch["lat"] = torch.from_numpy(ix.lat[rows].copy())
         batch["valid"] = torch.from_numpy(valid.copy())
+        batch[BANDS_KEY] = {m.name: [m.bands[i] for i in self.bands[m.name]] for m in self.modalities}
         batch[IO_KEY] = io_tensor(counters, time.perf_counter() - t0)
         return batch
 
@@ -242,22 +321,33 @@ class ShardDataset(torch.utils.data.Dataset):
         parts = []
         for slot in slots:
             row = int(rows[slot])
+            shard = int(ix.shard[row])
             for m in self.modalities:
                 off, nb = int(ix.offsets[m.name][row]), int(ix.nbytes[m.name][row])
                 if off < 0 or nb < 0:
                     raise UnreadableSample(f"{ix.shard_names[ix.shard[row]]}: key {ix.key[row].decode()} has no "
                                            f"{m.name} member (the index and the plan disagree)")
-                parts.append((int(ix.shard[row]), off, nb, int(slot), m.name))
+                runs = self._runs[m.name]
+                hlen = None if runs is None or self.compressed else _header_len(nb, m)
+                if hlen is None:  # all bands, compressed, or a size that does not fit the registry: the whole member
+                    parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0))
+                    continue
+                parts.append((shard, off, hlen, int(slot), m.name, _HEADER, 0, 0))
+                band = m.nbytes // len(m.bands)
+                for b0, b1, pos in runs:
+                    parts.append((shard, off + hlen + b0 * band, (b1 - b0) * band, int(slot), m.name, _BANDS, pos,
+                                  pos + b1 - b0))
         parts.sort()
         requests: list[_Request] = []
-        for shard, off, nb, slot, name in parts:
+        for shard, off, nb, slot, name, kind, first, stop in parts:
+            part = _Part(slot, name, off, nb, kind, first, stop)
             last = requests[-1] if requests else None
             if (last is not None and last.shard == shard and off - last.stop <= cfg.coalesce_gap
                     and off + nb - last.start <= cfg.max_request and off >= last.start):
                 last.stop = max(last.stop, off + nb)
-                last.parts.append((slot, name, off, nb))
+                last.parts.append(part)
             else:
-                requests.append(_Request(shard, off, off + nb, [(slot, name, off, nb)]))
+                requests.append(_Request(shard, off, off + nb, [part]))
         return requests
 
     def _read_slots(self, rows: np.ndarray, slots: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
@@ -281,61 +371,79 @@ class ShardDataset(torch.utils.data.Dataset):
                             f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
                     continue
             except Exception as e:  # noqa: BLE001 - reported per slot below
-                for slot, _, _, _ in req.parts:
-                    failed.setdefault(slot, e if isinstance(e, UnreadableSample) else UnreadableSample(str(e)))
+                for part in req.parts:
+                    failed.setdefault(part.slot, e if isinstance(e, UnreadableSample) else UnreadableSample(str(e)))
                 continue
             mv = memoryview(data)
-            for slot, name, off, nb in req.parts:
+            for slot, name, off, nb, kind, first, stop in req.parts:
                 if slot in failed:
                     continue
                 row = int(rows[slot])
                 where = f"{self.index.shard_names[req.shard]} key {self.index.key[row].decode()} member {name}"
+                view = mv[off - req.start:off - req.start + nb]
+                m = mods[name]
                 try:
-                    arr = sf.decode_array(mv[off - req.start:off - req.start + nb], compressed=self.compressed,
-                                          where=where)
-                    m = mods[name]
+                    if kind == _BANDS:
+                        out[name][slot, first:stop] = np.frombuffer(view, dtype=m.np_dtype).reshape(
+                            stop - first, *m.shape[1:])
+                        continue
+                    if kind == _HEADER:
+                        try:
+                            _check_header(view, m)
+                        except sf.FormatError as e:
+                            raise sf.FormatError(f"{where}: {e}") from None
+                        continue
+                    arr = sf.decode_array(view, compressed=self.compressed, where=where)
                     if arr.shape != m.shape or arr.dtype != m.np_dtype:
                         raise sf.FormatError(f"{where}: array {arr.shape} {arr.dtype}, registry says {m.shape} "
                                              f"{m.np_dtype}")
-                    out[name][slot] = arr
+                    # a member read whole: all bands, or (compressed members) the selected ones copied out
+                    out[name][slot] = arr if self._runs[name] is None else arr[list(self.bands[name])]
                 except sf.FormatError as e:
                     failed[slot] = UnreadableSample(str(e))
         return sorted(failed.items())
 
     def _fetch_into(self, req: _Request, st: dict[str, Any], counters: IOCounters,
                     out: dict[str, np.ndarray]) -> bytes | list[tuple[int, str, str]]:
-        """Local, uncompressed shards: one ``preadv`` per request scattering each member's array bytes straight
-        into its batch slot (the ``.npy`` headers go to scratch and are checked after). Falls back to ``_fetch``
-        when the member sizes do not match the registry. Returns the members whose header was wrong."""
+        """Local, uncompressed shards: ``preadv`` per request scattering each member's array bytes (or each run of
+        its selected bands) straight into its batch slot (the ``.npy`` headers and the gaps go to scratch; headers
+        are checked after). Falls back to ``_fetch`` when the member sizes do not match the registry. Returns the
+        members whose header was wrong."""
         mods = {m.name: m for m in self.modalities}
         iov: list[Any] = []
         headers = []
         pos = req.start
-        for slot, name, off, nb in req.parts:
-            dest = out[name][slot]
-            hlen = nb - dest.nbytes
-            if off < pos or not 0 < hlen <= 65536:
+        for slot, name, off, nb, kind, first, stop in req.parts:
+            if off < pos:
                 return self._fetch(req, st, counters, out)
+            if kind == _BANDS:
+                head, bufs = None, [memoryview(out[name][slot, first:stop]).cast("B")]
+            elif kind == _HEADER:
+                head = bytearray(nb)
+                bufs = [head]
+            else:
+                hlen = _header_len(nb, mods[name])
+                if hlen is None or self._runs[name] is not None:  # the decode names what is wrong
+                    return self._fetch(req, st, counters, out)
+                head = bytearray(hlen)
+                bufs = [head, memoryview(out[name][slot]).cast("B")]
             if off > pos:
                 iov.append(bytearray(off - pos))
-            head = bytearray(hlen)
-            iov += [head, memoryview(dest).cast("B")]
-            headers.append((slot, name, head))
+            iov += bufs
+            if head is not None:
+                headers.append((slot, name, head))
             pos = off + nb
         name = self.index.shard_names[req.shard]
         path = join(st["path"], name)
         want = req.stop - req.start
         with st["fds"].open(path) as fd:
-            got = os.preadv(fd, iov, req.start)
+            got = _preadv_all(fd, iov, req.start)
         if got != want:
             return self._fetch(req, st, counters, out)
         bad = []
         for slot, mname, head in headers:
-            m = mods[mname]
             try:
-                dtype, shape, fortran, start = sf.npy_header(head)
-                if start != len(head) or dtype != m.np_dtype or shape != m.shape or fortran:
-                    raise sf.FormatError(f"array {shape} {dtype}, registry says {m.shape} {m.np_dtype}")
+                _check_header(head, mods[mname])
             except sf.FormatError as e:
                 bad.append((slot, mname, str(e)))
         counters.requests += 1
@@ -373,6 +481,28 @@ class ShardDataset(torch.utils.data.Dataset):
                     break
                 got += k
         return buf if got == nbytes else buf[:got]
+
+
+def _band_selection(modalities: Sequence[Modality],
+                    bands: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    """Per modality the storage indices to read, sorted (all bands where ``bands`` names none)."""
+    bands = dict(bands or {})
+    names = [m.name for m in modalities]
+    unknown = sorted(set(bands) - set(names))
+    if unknown:
+        raise ValueError(f"band selection for modalities {unknown} that are not read (reading {names})")
+    out = {}
+    for m in modalities:
+        sel = bands.get(m.name)
+        if sel is None:
+            out[m.name] = tuple(range(len(m.bands)))
+            continue
+        idx = sorted({int(i) for i in sel})
+        if not idx or idx[0] < 0 or idx[-1] >= len(m.bands):
+            raise ValueError(f"band selection of {m.name!r}: {list(sel)} must be some of 0..{len(m.bands) - 1} "
+                             f"(its bands: {', '.join(m.bands)})")
+        out[m.name] = tuple(idx)
+    return out
 
 
 def _run_now(fn: Any, *args: Any) -> Future:

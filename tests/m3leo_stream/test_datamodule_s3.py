@@ -69,3 +69,31 @@ def test_s3_faults_are_retried_and_every_sample_arrives(s3, s3_shards, uneven_sh
               f"{proxy.refused} refused; loader retries {m['retries']:.0f}")
     finally:
         proxy.close()
+
+
+def test_s3_reads_only_the_selected_bands(s3_shards, uneven_shards):
+    """Ranged GETs of the members' headers and selected bands only (biomass: agb_se of agb, agb_se), with the
+    values of a local read of everything, and exactly those bytes."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    transforms = {"modalities": {"biomass": {"bands": ["agb_se"]}}}
+    remote = M3LEODataModule(s3_shards, inputs=["biomass"], targets=TARGETS, batch_size=4, num_workers=2,
+                             transforms=transforms, coalesce_gap=0)
+    local = M3LEODataModule(str(uneven_shards), inputs=["biomass"], targets=TARGETS, batch_size=4, num_workers=0,
+                            coalesce_gap=0)
+    remote.setup()
+    assert remote.bands == {"biomass": [1], "esawc": [0]}
+    keys = []
+    for a, b in zip(local.train_dataloader(), remote.train_dataloader(), strict=True):
+        assert a["key"] == b["key"]
+        keys += b["key"]
+        assert b["biomass"].shape == (4, 1, 45, 45) and b["bands"]["biomass"] == ["agb_se"]
+        assert np.array_equal(a["biomass"][:, 1:].numpy(), b["biomass"].numpy(), equal_nan=True)
+        assert a["esawc"].numpy().tobytes() == b["esawc"].numpy().tobytes()
+    index = pq.read_table(uneven_shards / "index.parquet").to_pydict()
+    rows = [index["key"].index(k) for k in keys]
+    band = 45 * 45 * 4
+    want = sum(index["biomass_nbytes"][r] - 2 * band + band + index["esawc_nbytes"][r] for r in rows)
+    assert remote.loader_metrics()["bytes"] == want
+    assert local.loader_metrics()["bytes"] == want + len(rows) * band

@@ -1,12 +1,30 @@
-"""The reader's batch buffers: reused only once nothing outside the pool can reach them."""
+"""The reader's batch buffers: reused only once nothing outside the pool can reach them. Band selection: only the
+selected bands of each member are read, bit-identical to reading all and selecting, on every read path."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 import torch
 
+from m3leo_stream import reader as reader_module
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.reader import _BufferPool
+from m3leo_stream.reader import (
+    IO_KEY,
+    ReaderConfig,
+    ShardDataset,
+    UnreadableSample,
+    _band_runs,
+    _BufferPool,
+    io_from_tensor,
+)
+from shard_tools.build import BuildConfig, build
 
 INPUTS, TARGETS = ["modisveg"], ["esawc"]
 
@@ -54,3 +72,150 @@ def test_dropped_batches_lend_their_memory_to_later_ones(uneven_shards):
     loader = _dm(uneven_shards, 1).train_dataloader()
     ptrs = [b["esawc"].data_ptr() for b in loader]  # each batch dropped right after
     assert len(set(ptrs)) < len(ptrs)
+
+
+# -- band selection: only the bands a run uses are read ---------------------------------------------------------
+BAND_MODS = ["s1grd", "s2rgbm", "gssic"]
+SELECT = {"s1grd": [0, 8, 9, 10, 11, 15], "s2rgbm": [18, 19, 20], "gssic": list(range(37))}  # three runs, one, one
+
+
+def _reader(root, mods, bands=None, **cfg) -> tuple[ShardDataset, np.ndarray]:
+    dm = M3LEODataModule(str(root), inputs=mods, batch_size=1, num_workers=0)
+    dm.setup()
+    ds = ShardDataset(dm.root, None, dm._index, [dm.modalities[m] for m in mods],
+                      compressed=dm.shard_root.compressed, config=ReaderConfig(**cfg), bands=bands)
+    return ds, dm.catalog("train").rows
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (NaN nodata included)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def _member_bytes(ds: ShardDataset, rows, bands) -> tuple[int, int]:
+    """(bytes of the whole members, bytes of their headers + selected bands) of ``rows``, from the index."""
+    whole = part = 0
+    for m in ds.modalities:
+        nb = ds.index.nbytes[m.name][rows]
+        whole += int(nb.sum())
+        part += int((nb - m.nbytes).sum()) + len(rows) * len(bands[m.name]) * (m.nbytes // len(m.bands))
+    return whole, part
+
+
+def test_band_runs_and_selection_checks(small_shards):
+    assert _band_runs([0, 8, 9, 10, 11, 15]) == [(0, 1, 0), (8, 12, 1), (15, 16, 5)]
+    assert _band_runs([3]) == [(3, 4, 0)]
+    with pytest.raises(ValueError, match="band selection of 'gssic'"):
+        _reader(small_shards, ["gssic"], {"gssic": [38]})
+    with pytest.raises(ValueError, match="band selection of 'gssic'"):
+        _reader(small_shards, ["gssic"], {"gssic": []})
+    with pytest.raises(ValueError, match=r"modalities \['s1grd'\] that are not read"):
+        _reader(small_shards, ["gssic"], {"s1grd": [0]})
+    ds, _ = _reader(small_shards, ["gssic"], {"gssic": [5, 1, 5]})
+    assert ds.bands == {"gssic": (1, 5)}  # sorted, once each
+
+
+@pytest.mark.parametrize("path", ["inline", "pool", "pread"])
+def test_selected_bands_equal_all_bands_then_selected(small_shards, monkeypatch, path):
+    """Local shards, each way the reader reads them: preadv scatter on the calling thread or on the pool, and the
+    pread + decode fallback. Values are bit-identical to reading everything and selecting; the bytes read are
+    exactly the members' headers plus the selected bands."""
+    if path == "pread":
+        monkeypatch.setattr(ShardDataset, "_fetch_into", lambda self, req, st, c, out: self._fetch(req, st, c, out))
+    cfg = {"inline_local": path == "inline", "coalesce_gap": 0}  # no gap bytes: the count is exact
+    full, rows = _reader(small_shards, BAND_MODS, **cfg)
+    sel, _ = _reader(small_shards, BAND_MODS, SELECT, **cfg)
+    refs = rows[:6]
+    a, b = full.__getitems__(refs), sel.__getitems__(refs)
+    assert a["key"] == b["key"]
+    for name in BAND_MODS:
+        m = full.modalities[BAND_MODS.index(name)]
+        assert a[name].shape == (6, *m.shape) and b[name].shape == (6, len(SELECT[name]), *m.shape[1:])
+        assert _equal(a[name][:, SELECT[name]], b[name]), name
+        assert a["bands"][name] == list(m.bands)
+        assert b["bands"][name] == [m.bands[i] for i in SELECT[name]]
+    whole, part = _member_bytes(full, refs, SELECT)
+    got_full, got_sel = io_from_tensor(a[IO_KEY])[0], io_from_tensor(b[IO_KEY])[0]
+    assert got_full.bytes == whole and got_sel.bytes == part
+    assert part < 0.3 * whole
+    one = sel[int(refs[0])]  # a single sample: no batch dimension, the band names as they are
+    assert one["bands"] == b["bands"] and _equal(one["s1grd"], b["s1grd"][0])
+
+
+def test_many_band_runs_in_one_request_are_read_in_iov_chunks(small_shards, monkeypatch):
+    """Every other band of every member of 4 samples, merged into one request per shard: more buffers than one
+    preadv takes (IOV_MAX, made tiny here; the kernel refuses more with EINVAL) are read in several calls."""
+    monkeypatch.setattr(reader_module, "_IOV_MAX", 5)
+    preadv, calls = os.preadv, []
+
+    def kernel_like(fd, buffers, offset):
+        calls.append(len(buffers))
+        if len(buffers) > 5:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", kernel_like)
+    every_other = {"s1grd": list(range(0, 16, 2)), "gssic": list(range(1, 38, 2))}
+    full, rows = _reader(small_shards, ["s1grd", "gssic"], inline_local=True, coalesce_gap=1 << 30,
+                         max_request=1 << 30)
+    sel, _ = _reader(small_shards, ["s1grd", "gssic"], every_other, inline_local=True, coalesce_gap=1 << 30,
+                     max_request=1 << 30)
+    refs = rows[:4]
+    a, b = full.__getitems__(refs), sel.__getitems__(refs)
+    for name, idx in every_other.items():
+        assert _equal(a[name][:, idx], b[name]), name
+    assert len(calls) > 10 and max(calls) <= 5
+    assert io_from_tensor(b[IO_KEY])[0].requests == len(set(full.index.shard[refs].tolist()))
+
+
+@pytest.fixture(scope="module")
+def zstd_shards(tmp_path_factory, synth_src) -> Path:
+    out = tmp_path_factory.mktemp("zstd") / "root"
+    build(BuildConfig(str(synth_src), str(out), modalities=["s1grd", "gssic"], compress="zstd",
+                      shard_size=40_000_000, workers=1, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_compressed_members_are_read_whole_and_the_bands_copied(zstd_shards, inline):
+    """A zstd member cannot be read in part: it is read whole and decoded, and only its selected bands land in
+    the batch (bytes read are those of the whole members)."""
+    bands = {"s1grd": SELECT["s1grd"], "gssic": SELECT["gssic"]}
+    full, rows = _reader(zstd_shards, ["s1grd", "gssic"], inline_local=inline, coalesce_gap=0)
+    sel, _ = _reader(zstd_shards, ["s1grd", "gssic"], bands, inline_local=inline, coalesce_gap=0)
+    assert sel.compressed
+    refs = rows[:5]
+    a, b = full.__getitems__(refs), sel.__getitems__(refs)
+    for name, idx in bands.items():
+        assert _equal(a[name][:, idx], b[name]), name
+        assert b["bands"][name] == [sel.modalities[0 if name == "s1grd" else 1].bands[i] for i in idx]
+    assert io_from_tensor(b[IO_KEY])[0].bytes == io_from_tensor(a[IO_KEY])[0].bytes == _member_bytes(
+        full, refs, bands)[0]
+
+
+@pytest.mark.parametrize("path", ["inline", "pread"])
+def test_a_wrong_header_is_named_when_only_some_bands_are_read(uneven_shards, tmp_path, monkeypatch, path):
+    """The header is fetched on its own and still checked: a member whose header says another shape fails,
+    naming shard, key and member, though its selected band bytes read fine."""
+    if path == "pread":
+        monkeypatch.setattr(ShardDataset, "_fetch_into", lambda self, req, st, c, out: self._fetch(req, st, c, out))
+    root = tmp_path / "bad-header"
+    shutil.copytree(uneven_shards, root)
+    t = pq.read_table(root / "index.parquet").to_pydict()
+    i = next(i for i, s in enumerate(t["split"]) if s == "train")
+    shard, key, off = t["shard"][i], t["key"][i], t["biomass_offset"][i]
+    with open(root / shard, "r+b") as f:
+        f.seek(off)
+        head = f.read(128)
+        assert b"(2, 45, 45)" in head
+        f.seek(off)
+        f.write(head.replace(b"(2, 45, 45)", b"(2, 45, 46)"))
+    ds, rows = _reader(root, ["biomass"], {"biomass": [1]}, inline_local=True, coalesce_gap=0)
+    row = t["key"].index(key)
+    assert row in rows
+    with pytest.raises(UnreadableSample) as err:
+        ds.__getitems__([row])
+    msg = str(err.value)
+    assert shard in msg and key in msg and "biomass" in msg and "(2, 45, 46)" in msg
+    good = next(r for r in rows if r != row)
+    assert ds.__getitems__([good])["biomass"].shape == (1, 1, 45, 45)
