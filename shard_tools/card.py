@@ -102,8 +102,8 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
             nd = st.get("nodata_fraction")
             lines.append(
                 f"| {i} | `{band}` | {m['dtype']} | {m['units'][i] or '–'} | {_fmt(m['scale'][i])} | "
-                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | {s('percentiles', '98')} | "
-                f"{_fmt(nd[i]) if nd else '–'} |")
+                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | "
+                f"{s('percentiles', '98')} | {_fmt(nd[i]) if nd else '–'} |")
         hist = st.get("class_histogram")
         if hist:
             total = sum(hist.values())
