@@ -42,6 +42,7 @@ from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import hub
+from shard_tools.downsample import MANIFEST_KEY, block_reduce, check_resolutions, provenance, reduced
 from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.grid import Chip
 from shard_tools.publish import pipe_atomic, put_atomic
@@ -95,6 +96,9 @@ class BuildConfig:
     src_storage_options: dict[str, Any] | None = None
     progress: bool = True
     read_group_shards: int | None = None  # parquet regions: shards' worth of bytes per reading group (see make_plan)
+    resolutions: dict[str, int] = field(default_factory=dict)
+    """--resolution MOD=PX: store these modalities at PX per side, an exact block reduction of their canonical
+    grid by the integer factor canonical / PX (see ``shard_tools.downsample``)."""
 
     def content_args(self) -> dict[str, Any]:
         """Arguments that determine the shards' contents (task and worker counts do not)."""
@@ -105,6 +109,8 @@ class BuildConfig:
         }
         if self.read_group_shards is not None:  # only when set: plans of earlier builds stay equal
             args["read_group_shards"] = self.read_group_shards
+        if self.resolutions:  # likewise
+            args["resolutions"] = dict(sorted(self.resolutions.items()))
         return args
 
     def check(self) -> None:
@@ -159,13 +165,23 @@ class Plan:
     invalid: dict[str, str]
     groups: list[list[int]] = field(default_factory=list)
     """Indices into ``shards``, one list per reading group, in the order its shards are built."""
+    downsampled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Modalities stored below their canonical size: where they come from and the rules (``downsample.provenance``);
+    their entries in ``modalities`` already have the stored shape."""
+
+    @property
+    def resolutions(self) -> dict[str, int]:
+        """Stored px per side of the downsampled modalities."""
+        return {n: int(d["px"]) for n, d in self.downsampled.items()}
 
     def summary(self, cfg: BuildConfig) -> dict[str, Any]:
         return {
             "format_version": sf.FORMAT_VERSION,
             "args": cfg.content_args(),
             "modalities": [m.name for m in self.modalities],
-            "modality_entries": {m.name: m.to_json() for m in self.modalities},
+            "modality_entries": {m.name: {**m.to_json(), **({MANIFEST_KEY: self.downsampled[m.name]}
+                                                            if m.name in self.downsampled else {})}
+                                 for m in self.modalities},
             "regions": self.regions,
             "folders": self.folders,
             "shards": [{"path": s.path, "region": s.region, "split": s.split, "keys": [c.key for c in s.chips],
@@ -185,9 +201,11 @@ def sample_size(modalities: Mapping[str, Modality], present: Sequence[str]) -> i
 
 
 def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
-    """Catalogue the source and pack chips into shards."""
+    """Catalogue the source and pack chips into shards (by the sizes they are stored at)."""
     registry = registry or registry_for(cfg)
     wanted = registry.select(cfg.modalities)
+    resolutions = check_resolutions(cfg.resolutions, registry, cfg.modalities)
+    stored = {m.name: reduced(m, resolutions[m.name]) if m.name in resolutions else m for m in wanted}
     fs, src = get_fs(cfg.src, cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options)
     regions = hub.discover_regions(fs, src, cfg.regions)
     disc = hub.Discrepancies()
@@ -217,7 +235,7 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
                 continue
             used.update(files)
             by_split[split].append(ChipJob(ident, rsrc.aoi, split, cat.chips.get(ident), files))
-        mods = {m.name: m for m in wanted}
+        mods = stored
         order = [m.name for m in wanted]
         if not any(ref.in_parquet for jobs in by_split.values() for j in jobs for ref in j.files.values()):
             for split in cfg.splits:
@@ -261,8 +279,9 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
             shards += region_shards[split]
         index = {id(x): base + i for i, x in enumerate(shards[base:])}
         groups += [[index[id(x)] for x in members] for members in region_groups]
-    modalities = [m for m in wanted if m.name in used]
-    return Plan(shards, modalities, [r.aoi for r in regions], folders, disc, invalid, groups)
+    modalities = [stored[m.name] for m in wanted if m.name in used]
+    downsampled = {n: provenance(registry[n], px) for n, px in resolutions.items() if n in used}
+    return Plan(shards, modalities, [r.aoi for r in regions], folders, disc, invalid, groups, downsampled)
 
 
 READ_GROUP_SHARDS = 16
@@ -304,11 +323,17 @@ class ShardTask:
     out_options: dict[str, Any]
     src: str
     src_options: dict[str, Any]
-    modalities: list[Modality]
+    modalities: list[Modality]  # the registry's entries: what the source files are decoded onto
     compress: str
     on_error: str
     year: int | None
     gunw_pair_rule: str
+    resolutions: dict[str, int] = field(default_factory=dict)  # modalities stored at this px (block-reduced)
+
+    def stored(self) -> dict[str, Modality]:
+        """The entries of what is written (the downsampled ones with their stored shape)."""
+        return {m.name: reduced(m, self.resolutions[m.name]) if m.name in self.resolutions else m
+                for m in self.modalities}
 
 
 def _record_path(root: str, shard_path: str) -> str:
@@ -398,8 +423,7 @@ def _will_need(paths: Sequence[str]) -> None:
 def _group_pending_limit(tasks: Sequence[ShardTask]) -> int:
     """Rows a reading group's reader keeps for its later shards: about a shard of each other split (shards are
     built in the order they end, so those of the other splits are being gathered meanwhile), and a margin."""
-    largest = max(sum(sample_size({m.name: m for m in t.modalities}, list(c.files)) for c in t.shard.chips)
-                  for t in tasks)
+    largest = max(sum(sample_size(t.stored(), list(c.files)) for c in t.shard.chips) for t in tasks)
     return hub.PENDING_LIMIT + (len(sf.SPLITS) - 1) * largest
 
 
@@ -424,7 +448,8 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
     if reader is None:
         reader = hub.SourceReader(src_fs, [ref for c in shard.chips for ref in c.files.values()])
     mods = {m.name: m for m in task.modalities}
-    stats = StatsSet(task.modalities) if shard.split == "train" else None
+    stored = task.stored()
+    stats = StatsSet(stored.values()) if shard.split == "train" else None
     rows: dict[str, list[Any]] = {c: [] for c in sf.BASE_INDEX_COLUMNS}
     for m in task.modalities:
         rows[sf.offset_column(m.name)] = []
@@ -453,6 +478,7 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                         continue
                     ref = job.files[name]
                     where = _source_name(ref, src_root)
+                    factor = mods[name].canonical_px // stored[name].canonical_px
                     try:
                         data = contents[name]
                         if isinstance(data, BaseException):
@@ -460,6 +486,12 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                         dec = decode_chip_file(mods[name], data, where, job.key,
                                                {"year": task.year, "pair_rule": task.gunw_pair_rule})
                         member = to_stored(mods[name], dec, where, job.key)
+                        array = member.array
+                        if factor > 1:
+                            try:
+                                array = block_reduce(mods[name], array, factor)
+                            except ValueError as e:
+                                raise ChipDataError(where, job.key, str(e)) from e
                     except EmptyMember as e:
                         empty_members += 1
                         if len(empty) < ERROR_EXAMPLES:
@@ -472,7 +504,7 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                         if len(errors) < ERROR_EXAMPLES:
                             errors.append(str(e))
                         continue
-                    arrays[name] = member.array
+                    arrays[name] = array
                     encodings[f"{name}\t{member.encoding.name}"] += 1
                     if bounds is None and dec.bounds is not None and (dec.crs or "").upper() == "EPSG:4326":
                         bounds = tuple(float(x) for x in dec.bounds)
@@ -481,7 +513,9 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                         "source_dtype": dec.array.dtype.name, "encoding": member.encoding.name,
                         "resampling": member.resampling, "selection": dec.selection,
                     }
-                    if member.missing_bands:
+                    if factor > 1:
+                        info[name]["downsample_factor"] = factor
+                    if member.missing_bands:  # a block reduction keeps a band empty exactly when it was
                         info[name]["missing_bands"] = member.missing_bands
                 if not arrays:
                     skipped_chips += 1
@@ -520,6 +554,7 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
         "num_samples": writer.samples, "rows": rows, "stats": stats.state(shard.region) if stats else None,
         "errors": errors, "skipped_chips": skipped_chips, "skipped_members": skipped_members,
         "empty_members": empty_members, "empty_examples": empty, "encodings": dict(sorted(encodings.items())),
+        "resolutions": dict(sorted(task.resolutions.items())),
     }
     pipe_atomic(out_fs, _record_path(out_root, shard.path), json.dumps(record, allow_nan=False).encode())
     return {k: record[k] for k in ("path", "bytes", "num_samples", "skipped_chips", "skipped_members",
@@ -571,8 +606,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     done = {s.path for s in mine if out_fs.exists(_record_path(out_root, s.path))}
     todo = [s for s in mine if s.path not in done]
     src_opts = cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options
-    tasks = [[ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, plan.modalities, cfg.compress,
-                        cfg.on_error, cfg.year, cfg.gunw_pair_rule) for s in g if s.path not in done]
+    sources = [registry[m.name] for m in plan.modalities]
+    tasks = [[ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, sources, cfg.compress,
+                        cfg.on_error, cfg.year, cfg.gunw_pair_rule, plan.resolutions) for s in g if s.path not in done]
              for g in my_groups]
     tasks = [g for g in tasks if g]
     log.info("plan: %d shards in all, %d for task %d/%d, %d already published, %d to build",
@@ -692,7 +728,15 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     if missing:
         raise BuildError(f"{len(missing)} of {len(plan['shards'])} shards are not built yet "
                          f"(e.g. {', '.join(missing[:3])}); run the remaining build tasks, then finalize")
-    modalities = [Modality.from_json(plan["modality_entries"][n]) for n in plan["modalities"]]
+    entries = {n: plan["modality_entries"][n] for n in plan["modalities"]}
+    resolutions = {n: int(e[MANIFEST_KEY]["px"]) for n, e in entries.items() if MANIFEST_KEY in e}
+    other = [r["path"] for r in records if r.get("resolutions", {}) != resolutions]
+    if other:  # array tasks that started at once, with other --resolution values, each wrote the plan
+        found = next(r.get("resolutions", {}) for r in records if r["path"] == other[0])
+        raise BuildError(f"{len(other)} shards were built with other --resolution values than {PLAN} says "
+                         f"(e.g. {other[0]}: {found or 'canonical sizes'}, plan: {resolutions or 'canonical sizes'}); "
+                         "every task of a build must be given the same values: build again into a new output location")
+    modalities = [Modality.from_json(e) for e in entries.values()]
     columns: dict[str, list[Any]] = {}
     for r in records:
         for col, vals in r["rows"].items():
@@ -740,7 +784,9 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         "num_samples": table.num_rows,
         "members": members,
         "compression": plan["args"]["compress"],
-        "modalities": {m.name: m.to_json() for m in modalities},
+        "modalities": {m.name: {**m.to_json(), **({MANIFEST_KEY: entries[m.name][MANIFEST_KEY]}
+                                                  if MANIFEST_KEY in entries[m.name] else {})}
+                       for m in modalities},
         "source_folders": plan["folders"],
         "shards": [{"path": r["path"], "region": r["region"], "split": r["split"], "num_samples": r["num_samples"],
                     "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],

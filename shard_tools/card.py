@@ -60,6 +60,13 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
             + (f"; present in {present} samples." if present is not None else "."),
             "",
         ]
+        down = m.get("downsampled")
+        if down:
+            lines.append(f"Stored below its canonical size: {down['px']} px per side, reduced ×{down['factor']} from "
+                         f"{down['from_px']} px ({down['from_resolution_m']:g} m) at build time "
+                         f"(`--resolution {name}={down['px']}`), {down['method']}: "
+                         + "; ".join(f"{k}: {v}" for k, v in down["rules"].items()) + f" ({down['rounding']}).")
+            lines.append("")
         if m.get("class_codes"):
             names = m.get("class_names") or [""] * len(m["class_codes"])
             lines.append("Classes: " + ", ".join(f"{code} = {n}" for code, n in zip(m["class_codes"], names)) + ".")
@@ -95,8 +102,8 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
             nd = st.get("nodata_fraction")
             lines.append(
                 f"| {i} | `{band}` | {m['dtype']} | {m['units'][i] or '–'} | {_fmt(m['scale'][i])} | "
-                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | {s('percentiles', '98')} | "
-                f"{_fmt(nd[i]) if nd else '–'} |")
+                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | "
+                f"{s('percentiles', '98')} | {_fmt(nd[i]) if nd else '–'} |")
         hist = st.get("class_histogram")
         if hist:
             total = sum(hist.values())

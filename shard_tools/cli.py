@@ -49,6 +49,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def cmd_build(a: argparse.Namespace) -> int:
     from shard_tools.build import BuildConfig, BuildError, build, parse_size
+    from shard_tools.downsample import parse_resolutions
 
     cfg = BuildConfig(
         src=a.src, out=a.out, regions=_csv(a.regions), modalities=_csv(a.modalities),
@@ -57,7 +58,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, modalities_yaml=a.modalities_yaml,
         storage_options=parse_storage_options(a.storage_options),
         src_storage_options=parse_storage_options(a.src_storage_options) if a.src_storage_options else None,
-        progress=not a.quiet, read_group_shards=a.read_group_shards,
+        progress=not a.quiet, read_group_shards=a.read_group_shards, resolutions=parse_resolutions(a.resolution),
     )
     try:
         summary = build(cfg)
@@ -204,6 +205,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--folder", action="append", metavar="MODALITY=FOLDER",
                    help="read a modality from this data folder (e.g. gunw=gunw_2020-04-01_2020-06-30)")
     b.add_argument("--gunw-pair-rule", default="longest", help="GUNW date pair: longest, shortest or days=N")
+    b.add_argument("--resolution", action="append", metavar="MODALITY=PX",
+                   help="store MODALITY at PX pixels per side instead of its canonical size (e.g. s1grd=224): an "
+                        "exact block reduction by the integer factor canonical/PX, chosen by band kind (power mean "
+                        "for SAR dB, mean, circular mean for phase, mode for classes), nodata-aware; repeatable")
     b.add_argument("--modalities-yaml", "--modalities-file", dest="modalities_yaml", default=None,
                    help="YAML file declaring extra or overriding modalities (user rasters ingested with ingest-raster)")
     b.add_argument("--src-storage-options", default=None, help="JSON fsspec options for SRC (default: as OUT)")

@@ -302,3 +302,175 @@ def test_rerun_removes_only_its_own_partial_files(tmp_path, synth_src):
     build(cfg)  # the restart of task 0
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*.partial-*"))
     assert left == sorted(p + ".partial-0123abcd" for p in theirs)
+
+
+# ------------------------------------------------------------------ --resolution: storing below canonical size
+
+RES = {"s1grd": 224, "s2rgbm": 224}
+
+
+@pytest.fixture(scope="module")
+def res_shards(tmp_path_factory, synth_src) -> Path:
+    """``synth_src`` built as ``small_shards`` but with s1grd and s2rgbm stored at 224 px."""
+    out = tmp_path_factory.mktemp("res") / "root"
+    build(BuildConfig(str(synth_src), str(out), shard_size=40_000_000, resolutions=dict(RES), progress=False))
+    return out
+
+
+def test_resolution_build_is_the_full_build_block_reduced(res_shards, small_shards):
+    from shard_tools.downsample import block_reduce
+
+    full, res = ShardRoot(str(small_shards)), ShardRoot(str(res_shards))
+    entries = res.manifest["modalities"]
+    for name, px in RES.items():
+        e = entries[name]
+        assert e["shape"] == [len(e["bands"]), px, px] and e["canonical_px"] == px and e["resolution_m"] == 20.0
+        assert e["downsampled"]["from_px"] == 448 and e["downsampled"]["factor"] == 2
+        assert e["downsampled"]["from_resolution_m"] == 10.0
+        assert res.modality(name).shape == (len(e["bands"]), px, px)
+    assert entries["s1grd"]["downsampled"]["rules"] == {"sar_db": "mean of linear power 10^(dB/10) over valid "
+                                                                  "pixels, back to dB"}
+    assert entries["esawc"]["shape"] == [1, 448, 448] and "downsampled" not in entries["esawc"]
+    assert res.manifest["builder"]["args"]["resolutions"] == RES
+    assert "resolutions" not in full.manifest["builder"]["args"]
+    by_key = {(r["region"], r["key"]): r for r in full.read_index().to_pylist()}
+    rows = res.read_index().to_pylist()
+    assert sorted(by_key) == sorted((r["region"], r["key"]) for r in rows)
+    for r in rows:
+        f = by_key[(r["region"], r["key"])]
+        meta, fmeta = res.read_member(r, sf.JSON_MEMBER), full.read_member(f, sf.JSON_MEMBER)
+        for name in res.modalities:
+            if f[sf.offset_column(name)] is None:
+                assert r[sf.offset_column(name)] is None
+                continue
+            got, src = res.read_member(r, name), full.read_member(f, name)
+            if name in RES:
+                np.testing.assert_array_equal(got, block_reduce(REGISTRY[name], src, 2))
+                assert meta["modalities"][name]["downsample_factor"] == 2
+            else:
+                np.testing.assert_array_equal(got, src)
+                assert "downsample_factor" not in meta["modalities"][name]
+            assert meta["modalities"][name].get("missing_bands") == fmeta["modalities"][name].get("missing_bands")
+    assert sum(s["bytes"] for s in res.manifest["shards"]) < 0.7 * sum(s["bytes"] for s in full.manifest["shards"])
+    problems, _ = verify(str(res_shards), progress=False)
+    assert problems == []
+    stats = res.stats
+    train = [r for r in rows if r["split"] == "train"]
+    count = sum((res.read_member(r, "s1grd") != -32768).sum(axis=(1, 2)) for r in train)
+    assert stats["s1grd"]["global"]["count"] == count.tolist()
+    from shard_tools.card import card_text
+
+    text = card_text(res.manifest, stats)
+    assert "Array shape 16×224×224 (20 m pixels)" in text
+    assert "reduced ×2 from 448 px (10 m) at build time (`--resolution s1grd=224`)" in text
+
+
+def test_resolution_build_streams_at_the_stored_size(res_shards):
+    from m3leo_stream.datamodule import M3LEODataModule
+    from m3leo_stream.gpu_transforms import DeviceTransforms
+
+    dm = M3LEODataModule(str(res_shards), inputs=["s1grd", "s2rgbm"], targets=["esawc"], batch_size=2, seed=0,
+                         num_workers=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["s1grd"].shape) == (2, 16, 224, 224) and tuple(batch["s2rgbm"].shape) == (2, 36, 224, 224)
+    assert tuple(batch["esawc"].shape) == (2, 1, 448, 448)
+    root = ShardRoot(str(res_shards))
+    t = DeviceTransforms({}, root.modalities, root.stats, inputs=["s1grd", "s2rgbm"], targets=["esawc"], train=False)
+    assert t.grid == 224  # the default training grid follows the stored size
+    out = t(batch)
+    assert out["s1grd"].shape[-2:] == (224, 224) and out["esawc"].shape[-2:] == (224, 224)
+
+
+def test_resolution_is_part_of_the_build_identity(res_shards, synth_src):
+    from shard_tools.build import BuildError
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in res_shards.rglob("*") if p.is_file())
+    with pytest.raises(BuildError, match="other arguments"):
+        build(BuildConfig(str(synth_src), str(res_shards), shard_size=40_000_000, resolutions={"s1grd": 112},
+                          progress=False))
+    with pytest.raises(BuildError, match="other arguments"):  # and without --resolution
+        build(BuildConfig(str(synth_src), str(res_shards), shard_size=40_000_000, progress=False))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in res_shards.rglob("*") if p.is_file()) == before
+
+
+def test_resolution_array_tasks_equal_single_build_and_must_agree(tmp_path, synth_src, res_shards):
+    from shard_tools.build import BuildError
+
+    shares = tmp_path / "shares"
+    for n in range(2):
+        build(BuildConfig(str(synth_src), str(shares), shard_size=40_000_000, task_index=n, num_tasks=2,
+                          resolutions=dict(RES), progress=False))
+    finalize(str(shares))
+    tars = sorted(p.relative_to(res_shards) for p in res_shards.rglob("*.tar"))
+    assert tars == sorted(p.relative_to(shares) for p in shares.rglob("*.tar"))
+    for rel in tars:
+        assert filecmp.cmp(res_shards / rel, shares / rel, shallow=False), rel
+    assert pq.read_table(res_shards / "index.parquet").equals(pq.read_table(shares / "index.parquet"))
+    # tasks started at once with different values: each found no plan and wrote its own; finalize refuses
+    mixed = tmp_path / "mixed"
+    kw = dict(modalities=["s1grd", "esawc"], regions=["europe"], shard_size=40_000_000, num_tasks=2, progress=False)
+    build(BuildConfig(str(synth_src), str(mixed), task_index=0, resolutions={"s1grd": 224}, **kw))
+    with pytest.raises(BuildError, match="other arguments"):  # a later task sees the plan and refuses at once
+        build(BuildConfig(str(synth_src), str(mixed), task_index=1, resolutions={"s1grd": 112}, **kw))
+    (mixed / "_build" / "plan.json").unlink()
+    build(BuildConfig(str(synth_src), str(mixed), task_index=1, resolutions={"s1grd": 112}, **kw))
+    with pytest.raises(BuildError, match="built with other --resolution values"):
+        finalize(str(mixed))
+    assert not (mixed / "manifest.json").exists() and not (mixed / "index.parquet").exists()
+
+
+def test_resolution_from_the_parquet_release(tmp_path, small_shards):
+    from shard_tools.downsample import block_reduce
+
+    src = tmp_path / "parquet-src"
+    synth(SynthConfig(str(src), ("conus", "europe"), 10, seed=7, modalities=("s1grd", "esawc"), parquet=True),
+          workers=1, progress=False)
+    out = tmp_path / "from-parquet"
+    build(BuildConfig(str(src), str(out), shard_size=40_000_000, resolutions={"s1grd": 112, "esawc": 56},
+                      progress=False))
+    full, res = ShardRoot(str(small_shards)), ShardRoot(str(out))
+    assert res.modality("s1grd").shape == (16, 112, 112) and res.modality("esawc").shape == (1, 56, 56)
+    by_key = {(r["region"], r["key"]): r for r in full.read_index().to_pylist()}
+    rows = res.read_index().to_pylist()
+    assert len(rows) == len(by_key)
+    for r in rows:
+        f = by_key[(r["region"], r["key"])]
+        for name, factor in (("s1grd", 4), ("esawc", 8)):
+            np.testing.assert_array_equal(res.read_member(r, name), block_reduce(REGISTRY[name],
+                                                                                 full.read_member(f, name), factor))
+
+
+def test_bad_resolution_is_one_clear_line_and_writes_nothing(tmp_path, synth_src, caplog, capsys):
+    from shard_tools.cli import main as cli_main
+
+    out = tmp_path / "never"
+    for value, words in (("s1grd=300", ["s1grd", "allowed sizes: 448, 224, 112, 64, 56"]),
+                         ("s1grd=896", ["upsample s1grd", "allowed sizes: 448, 224"]),
+                         ("gssic=20", ["gssic", "allowed sizes: 50, 25, 10, 5, 2, 1"]),
+                         ("s1grd=big", ["s1grd=big", "whole number"])):
+        caplog.clear()
+        assert cli_main(["build", str(synth_src), str(out), "-q", "--resolution", value]) == 2
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].exc_info is None
+        msg = errors[0].getMessage()
+        assert "\n" not in msg and all(w in msg for w in words), msg
+        assert "Traceback" not in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_demo_experiment_trains_on_a_224_px_build(res_shards, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from m3leo_stream.train import CONFIG_DIR, run
+
+    # the demo as shipped (its 64 px grid; inputs s1grd and s2rgbm at 224 px, gssic at 50), two steps
+    over = ["experiment=demo", f"data.root={res_shards}", f"run_dir={tmp_path / 'run'}", "logger.wandb.mode=disabled",
+            "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+            "trainer.log_every_n_steps=1", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+            "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null", "checkpoint.every_n_train_steps=1"]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", over)
+    res = run(cfg)
+    assert res["global_step"] == 2 and "train/loss" in res["metrics"]
