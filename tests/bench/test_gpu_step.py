@@ -139,3 +139,103 @@ def test_gpu_step_cpu_mode(tmp_path):
 def test_committed_cpu_results_have_every_field():
     path = REPO / "bench" / "results" / "gpu_step_cpu.json"
     check_schema(json.loads(path.read_text()))
+
+
+# --- the GPU-only control flow, driven on CPU with a fake fit ------------------------------------------------------
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_step_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(cuda=True, device=torch.device("cpu"), batch=None, min_batch=8, max_batch=4096, workers=8,
+                prefetch=2, warmup_eff=2, steps=2, sync_steps=3)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_batch_search_stops_at_the_first_oom(monkeypatch):
+    g = _bench()
+    raw = {"s1grd": torch.zeros(8, 2, 4, 4), "valid": torch.ones(8, dtype=torch.bool), "key": list("abcdefgh")}
+    sizes = []
+
+    def fake_fit(a, cfg, variant, plan, batch=None, record=True):
+        assert variant == "cached_raw" and not record
+        n = batch["s1grd"].shape[0]
+        assert batch["valid"].shape[0] == len(batch["key"]) == n  # tiled to the tried size
+        sizes.append(n)
+        if n >= 128:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        return {}
+
+    monkeypatch.setattr(g, "compose_cfg", lambda a, root, px, b, *rest: {"batch": b})
+    monkeypatch.setattr(g, "read_raw_batch", lambda cfg: raw)
+    monkeypatch.setattr(g, "fit", fake_fit)
+    res = g.search_batch(_args(), Path("/x"), 224)
+    assert sizes == [8, 16, 32, 64, 128] and res["largest_fit"] == 64
+    assert res["tried"] == {8: True, 16: True, 32: True, 64: True, 128: False}
+
+    def other_error(*a, **k):
+        raise RuntimeError("shape mismatch")  # not an OOM: must surface, not end the search quietly
+
+    monkeypatch.setattr(g, "fit", other_error)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        g.search_batch(_args(), Path("/x"), 224)
+
+
+def test_an_unforeseen_oom_halves_the_searched_batch(monkeypatch):
+    g = _bench()
+    tried = []
+
+    def fake_measure_at(a, root, px, batch):
+        tried.append(batch)
+        if batch > 16:
+            raise RuntimeError("CUDA error: out of memory")
+        return {"batch": batch}
+
+    monkeypatch.setattr(g, "search_batch", lambda a, root, px: {"largest_fit": 64})
+    monkeypatch.setattr(g, "measure_at", fake_measure_at)
+    run = g.measure(_args(), Path("/x"), 224)
+    assert tried == [64, 32, 16] and run["batch"] == 16 and run["oom_retries"] == [64, 32]
+    tried.clear()
+    with pytest.raises(RuntimeError):  # a batch given by --batch is not changed behind the user's back
+        g.measure(_args(batch=64), Path("/x"), 224)
+    assert tried == [64]
+
+
+def test_host_plan_lowers_prefetch_then_workers_then_batch(monkeypatch):
+    g = _bench()
+    gb = 2**30
+    monkeypatch.setattr(g, "mem_available", lambda: 100 * gb)  # budget 60 GiB
+    per = gb // 100  # ~10.7 MB per sample
+    # fits as asked: (8 × 2 + 3) batches × 2 copies × 64 samples ≈ 26 GiB
+    assert g.host_plan(_args(), 64, per) == (64, 8, 2, None)
+    # 512 samples ≈ 5.1 GiB a batch: prefetch 1 and (w + 3) × 2 × 5.1 ≤ 60 → w = 2
+    b, w, p, note = g.host_plan(_args(), 512, per)
+    assert (b, w, p) == (512, 2, 1) and "prefetch_factor 1" in note and "2 loader workers" in note
+    # 2048 samples: even 1 worker is too much, the searched batch halves until (1 + 3) × 2 × b fits
+    b, w, p, note = g.host_plan(_args(), 2048, per)
+    assert (w, p) == (1, 1) and b == 512 and "batch 512" in note
+    # ... unless the batch was given
+    b, w, p, note = g.host_plan(_args(batch=2048), 2048, per)
+    assert b == 2048 and "kept" in note
+
+
+def test_peak_flops_table_and_device_tag(monkeypatch):
+    g = _bench()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert g.peak_flops(_args(peak_flops=None)) == (756e12, "table: H100 PCIe bf16 dense")
+    assert g.device_tag(_args()) == "h100-pcie"
+    for name, flops in (("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert g.peak_flops(_args(peak_flops=None))[0] == flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L4")
+    assert g.peak_flops(_args(peak_flops=None))[0] is None
+    assert g.peak_flops(_args(peak_flops=242e12))[0] == 242e12
+    assert g.peak_flops(_args(cuda=False, peak_flops=None))[0] is None
