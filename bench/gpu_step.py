@@ -492,7 +492,7 @@ def search_batch(a: argparse.Namespace, root: Path, px: int) -> dict[str, Any]:
 # --- one grid size ----------------------------------------------------------------------------------------------
 
 def measure(a: argparse.Namespace, root: Path, px: int) -> dict[str, Any]:
-    run: dict[str, Any] = {"px": px}
+    run: dict[str, Any] = {"px": px, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if a.batch:
         batch, run["batch_source"] = a.batch, "--batch"
     elif a.cuda:
@@ -623,6 +623,26 @@ def print_run(r: dict[str, Any]) -> None:
     print(f"model: {r['flops_per_step'] / 1e12:.4g} TFLOP per step (forward + backward)")
 
 
+SAME_FOR_MERGE = ("model", "inputs", "precision", "warmup_steps", "timed_steps", "sync_steps", "chips")
+
+
+def merge_earlier(res: dict[str, Any], out: Path) -> None:
+    """Add to ``res`` the runs of ``out`` for grids not measured now, if ``out`` was written for the same device,
+    versions and configuration; refuse otherwise (figures of different setups must not share a file)."""
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text())
+    same = (old.get("device", {}).get("name") == res["device"]["name"] and old.get("versions") == res["versions"]
+            and all(old.get("config", {}).get(k) == res["config"][k] for k in SAME_FOR_MERGE))
+    if not same:
+        raise SystemExit(f"--merge: {out} was written for another device, versions or configuration; "
+                         "give another --out")
+    now = {r["px"] for r in res["runs"]}
+    res["runs"] = sorted([r for r in old["runs"] if r["px"] not in now] + res["runs"], key=lambda r: r["px"])
+    res["config"]["px"] = [r["px"] for r in res["runs"]]
+    res["wall_s"] += float(old.get("wall_s") or 0.0)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--px", type=int, nargs="+", help="training grid sides (default 224 448; CPU: 32)")
@@ -642,6 +662,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--root", help="use this shard root (with s1grd, s2rgbm, gssic) instead of generating one")
     p.add_argument("--work-dir", help="where to generate data and run (default: a temporary directory, removed)")
     p.add_argument("--out", help="results JSON (default bench/results/gpu_step_<device>.json)")
+    p.add_argument("--merge", action="store_true", help="keep the runs of other --px already in --out when it was "
+                   "written for the same device, versions and configuration (one grid per command)")
     a = p.parse_args(argv)
     a.cuda = torch.cuda.is_available()
     a.device = torch.device("cuda", torch.cuda.current_device()) if a.cuda else torch.device("cpu")
@@ -716,6 +738,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not gpu:
         print("\n" + res["note"])
     out = Path(a.out) if a.out else REPO / "bench" / "results" / f"gpu_step_{device_tag(a)}.json"
+    if a.merge:
+        merge_earlier(res, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")

@@ -21,9 +21,9 @@ SCRIPT = REPO / "bench" / "gpu_step.py"
 VARIANTS = ("fed", "cached_raw", "cached")
 VARIANT_KEYS = {"steps_timed", "step_s", "step_s_median", "step_s_p90", "samples_per_s", "window_s",
                 "training_speed", "data_wait_frac", "peak_mem_gib", "syncs_per_step", "sync_sites", "tflops", "mfu"}
-RUN_KEYS = {"px", "batch", "batch_source", "workers", "prefetch_factor", "host_memory_note", "bytes_per_batch",
-            "bytes_per_sample", "flops_per_step", "flops_by_op", "flops_attention_counted", "data_share",
-            "data_share_io_h2d", "data_share_transforms", "h2d", *VARIANTS}
+RUN_KEYS = {"px", "measured", "batch", "batch_source", "workers", "prefetch_factor", "host_memory_note",
+            "bytes_per_batch", "bytes_per_sample", "flops_per_step", "flops_by_op", "flops_attention_counted",
+            "data_share", "data_share_io_h2d", "data_share_transforms", "h2d", *VARIANTS}
 TOP_KEYS = {"bench", "experiment", "device", "versions", "host", "config", "runs", "wall_s"}
 CONFIG_KEYS = {"px", "model", "inputs", "precision", "warmup_steps", "timed_steps", "sync_steps", "chips",
                "train_chips", "data", "tiny_cpu_config"}
@@ -239,3 +239,27 @@ def test_peak_flops_table_and_device_tag(monkeypatch):
     assert g.peak_flops(_args(peak_flops=None))[0] is None
     assert g.peak_flops(_args(peak_flops=242e12))[0] == 242e12
     assert g.peak_flops(_args(cuda=False, peak_flops=None))[0] is None
+
+
+def test_merge_keeps_other_grids_of_the_same_setup(tmp_path):
+    g = _bench()
+    out = tmp_path / "r.json"
+
+    def result(px, name="NVIDIA H200", dim=768):
+        return {"device": {"name": name}, "versions": {"torch": "2.x"}, "wall_s": 10.0,
+                "config": {"px": [px], "model": {"dim": dim}, "inputs": ["s1grd"], "precision": "bf16-mixed",
+                           "warmup_steps": 10, "timed_steps": 10, "sync_steps": 3, "chips": 256},
+                "runs": [{"px": px, "batch": px}]}
+
+    out.write_text(json.dumps(result(448)))
+    res = result(224)
+    g.merge_earlier(res, out)
+    assert [r["px"] for r in res["runs"]] == res["config"]["px"] == [224, 448] and res["wall_s"] == 20.0
+    out.write_text(json.dumps(result(224)))
+    res = result(224)
+    g.merge_earlier(res, out)  # the same grid again: the new run replaces the old one
+    assert res["config"]["px"] == [224] and len(res["runs"]) == 1
+    for other in (result(448, name="NVIDIA A100-SXM4-80GB"), result(448, dim=1024)):
+        out.write_text(json.dumps(other))
+        with pytest.raises(SystemExit, match="another device"):
+            g.merge_earlier(result(224), out)
