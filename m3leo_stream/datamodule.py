@@ -35,6 +35,11 @@ from .storage import IOCounters
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+DEFAULT_READAHEAD_BYTES = 4 * 2**30
+"""Host bytes read ahead per training process (thread mode): 4 GiB, i.e. 32 GiB on an 8-GPU node, beside the model's
+own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
+(s1grd + s2rgbm) it is ~310 samples: all ``num_workers × prefetch_factor`` batches at small batch sizes, one batch of
+256."""
 
 
 class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -224,6 +229,8 @@ class M3LEODataModule(pl.LightningDataModule):
     ``worker_mode="thread"`` (default) reads on ``num_workers`` threads of this process, ``prefetch_factor`` batches
     per thread ahead; ``"process"`` uses DataLoader worker processes (batches then travel through shared memory).
     ``num_workers=0`` reads each batch when it is asked for. The batches are the same in every mode.
+    ``readahead_bytes`` caps the host memory read ahead (thread mode): at most ``max(1, readahead_bytes // bytes of
+    one batch)`` batches, and never more than ``num_workers × prefetch_factor`` (``None``: no byte cap).
     """
 
     def __init__(
@@ -250,6 +257,7 @@ class M3LEODataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         splits: Mapping[str, str] | None = None,
         worker_mode: str = "thread",
+        readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
     ):
         super().__init__()
         self.root = str(root)
@@ -273,6 +281,9 @@ class M3LEODataModule(pl.LightningDataModule):
         if worker_mode not in ("thread", "process"):
             raise ValueError(f"worker_mode must be 'thread' or 'process', not {worker_mode!r}")
         self.worker_mode = worker_mode
+        self.readahead_bytes = int(readahead_bytes) if readahead_bytes is not None else None
+        if self.readahead_bytes is not None and self.readahead_bytes <= 0:
+            raise ValueError(f"readahead_bytes must be positive or None, not {readahead_bytes!r}")
         self.splits = {s: s for s in SPLITS} | dict(splits or {})
         dup = set(self.inputs) & set(self.targets)
         if dup:
@@ -347,24 +358,29 @@ class M3LEODataModule(pl.LightningDataModule):
         subs = {r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
-                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pooled_batches=self._live_batches))
+                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead))
 
-    @property
-    def _read_ahead_depth(self) -> int:
-        """Batches read ahead in thread mode (none otherwise)."""
-        return self.num_workers * self.prefetch_factor if self._read_ahead else 0
+    def _read_ahead_depth(self, batch_nbytes: int) -> int:
+        """Batches read ahead in thread mode (none otherwise): ``num_workers × prefetch_factor``, capped by
+        ``readahead_bytes`` at ``max(1, readahead_bytes // batch_nbytes)``."""
+        if not self._read_ahead:
+            return 0
+        depth = self.num_workers * self.prefetch_factor
+        if self.readahead_bytes is not None:
+            depth = min(depth, max(1, self.readahead_bytes // max(1, int(batch_nbytes))))
+        return max(1, depth)
 
-    @property
-    def _live_batches(self) -> int:
+    @staticmethod
+    def _live_batches(depth: int) -> int:
         """Batches alive at once in thread mode: those read ahead, one read on the spot, two the consumer holds."""
-        return self._read_ahead_depth + 3
+        return depth + 3
 
     @property
     def _read_ahead(self) -> bool:
         return self.worker_mode == "thread" and self.num_workers > 0
 
-    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool) -> M3LEOLoader:
+    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool,
+                batch_size: int) -> M3LEOLoader:
         workers = self.num_workers
         if self._read_ahead:
             # Lightning's "does not have many workers" hint counts processes; here the readers are threads
@@ -372,7 +388,14 @@ class M3LEODataModule(pl.LightningDataModule):
             pin = pin_memory if self.pin_memory and torch.cuda.is_available() else None
             if self.pin_memory and pin is None:
                 log.warning("pin_memory=True but CUDA is not available: batches are not pinned")
-            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=self._read_ahead_depth,
+            nbytes = dataset.batch_nbytes(batch_size)
+            depth = self._read_ahead_depth(nbytes)
+            dataset.set_pooled_batches(self._live_batches(depth))
+            log.info("%s: reading %d batches ahead (%.1f MB each; num_workers × prefetch_factor = %d, "
+                     "readahead_bytes = %s)", "train" if train else "eval", depth, nbytes / 1e6,
+                     workers * self.prefetch_factor,
+                     "none" if self.readahead_bytes is None else f"{self.readahead_bytes / 2**30:.2f} GiB")
+            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=depth,
                                      pin=pin, next_epoch=train, count=self.metrics.count_read_ahead)
             return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
                                metrics=self.metrics)
@@ -416,7 +439,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("train: %d eligible samples (%s), %d batches of %d per rank, world size %d", len(cat),
                  cat.region_counts(), first.num_batches, self.batch_size, world)
         self._check_equal_lengths(first.num_batches, "train")
-        return self._loader(self._dataset(cat), sampler, train=True)
+        return self._loader(self._dataset(cat), sampler, train=True, batch_size=self.batch_size)
 
     def _eval_dataloader(self, split: str) -> M3LEOLoader:
         cat = self.catalog(split)
@@ -424,7 +447,7 @@ class M3LEODataModule(pl.LightningDataModule):
         plan = plan_eval(cat, global_batch=self.eval_batch_size * world)
         sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
         self._check_equal_lengths(plan.num_batches, split)
-        return self._loader(self._dataset(cat), sampler, train=False)
+        return self._loader(self._dataset(cat), sampler, train=False, batch_size=self.eval_batch_size)
 
     def val_dataloader(self) -> M3LEOLoader:
         return self._eval_dataloader("val")

@@ -258,3 +258,13 @@ def test_checkpoints_on_s3_and_resume(small_shards, tmp_path, s3):
     b = run_exp("demo", small_shards, tmp_path / "r", extra + ["trainer.max_steps=3"])
     assert b["global_step"] == 3 and b["run_id"] == a["run_id"]
     assert b["checkpoint"] == f"{ck}/last.ckpt"
+
+
+def test_build_datamodule_passes_the_loader_keys():
+    from m3leo_stream.train import build_datamodule
+
+    assert build_datamodule(compose_cfg(["experiment=demo", "data.root=/x"])).readahead_bytes == 4 * 2**30
+    dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x", "data.readahead_bytes=123"]))
+    assert dm.readahead_bytes == 123
+    dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x", "data.readahead_bytes=null"]))
+    assert dm.readahead_bytes is None
