@@ -25,7 +25,8 @@ class TrainingSpeed(pl.Callback):
 
     Data wait = time from the end of one training batch to the start of the next (fetching, collating and the
     host→device transfer of the next batch, as seen by the training loop); the fraction is the sum of waits over
-    the sum of full step times (end to end) in the window. Samples count valid rows.
+    the sum of full step times (end to end) in the window. Samples count valid rows (summed on the batch's device
+    and read only when logging, so that no step waits for the device).
     """
 
     def __init__(self, every_n_steps: int = 50):
@@ -46,7 +47,7 @@ class TrainingSpeed(pl.Callback):
         self._t_start = now
         v = batch.get("valid") if isinstance(batch, Mapping) else None
         if isinstance(v, torch.Tensor):
-            self._samples += int(v.sum())
+            self._samples = self._samples + v.sum()  # summed where it lives: read at logging, not every step
         elif isinstance(batch, Mapping) and "key" in batch:
             self._samples += len(batch["key"])
 
@@ -57,7 +58,7 @@ class TrainingSpeed(pl.Callback):
         self._last_end = now
         if trainer.global_step % self.every == 0 and self._step > 0:
             world = max(1, trainer.world_size)
-            per_dev = self._samples / self._step
+            per_dev = float(self._samples) / self._step
             logs = {
                 "perf/samples_per_s_per_device": per_dev,
                 "perf/samples_per_s": per_dev * world,
