@@ -57,7 +57,7 @@ class TrainingSpeed(pl.Callback):
         self._last_end = now
         if trainer.global_step % self.every == 0 and self._step > 0:
             world = max(1, trainer.world_size)
-            per_dev = self._samples / self._step
+            per_dev = float(self._samples) / self._step
             logs = {
                 "perf/samples_per_s_per_device": per_dev,
                 "perf/samples_per_s": per_dev * world,

@@ -24,6 +24,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
+from .device_feed import DeviceFeed, FeedCounters, take
 from .gpu_transforms import bands_needed, build_device_transforms
 from .modalities import Registry
 from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
@@ -35,6 +36,11 @@ from .storage import IOCounters
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+DEFAULT_READAHEAD_BYTES = 4 * 2**30
+"""Host bytes read ahead per training process (thread mode): 4 GiB, i.e. 32 GiB on an 8-GPU node, beside the model's
+own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
+(s1grd + s2rgbm) it is ~310 samples: all ``num_workers × prefetch_factor`` batches at small batch sizes, one batch of
+256."""
 
 
 class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -109,6 +115,7 @@ class LoaderMetrics:
     first: float | None = None
     read_ahead: int = 0  # thread mode: batches that were read ahead when asked for
     read_on_the_spot: int = 0  # ... and batches that were not (an epoch's first, a resumed position)
+    feed: FeedCounters = field(default_factory=FeedCounters)  # host→device copies ahead of the step
 
     def count_read_ahead(self, ahead: bool) -> None:
         if ahead:
@@ -130,6 +137,7 @@ class LoaderMetrics:
             "worker_read_s": self.read_s,
             "batches_read_ahead": float(self.read_ahead),
             "batches_read_on_the_spot": float(self.read_on_the_spot),
+            **self.feed.as_dict(),
         }
 
 
@@ -137,13 +145,18 @@ class M3LEOLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` that strips the workers' I/O counters from batches into ``metrics`` and times how
     long the consumer waits for each batch."""
 
-    def __init__(self, *args: Any, metrics: LoaderMetrics | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, metrics: LoaderMetrics | None = None, feed: DeviceFeed | None = None,
+                 plan_ahead: Callable[[], tuple[Any, int] | None] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.metrics = metrics if metrics is not None else LoaderMetrics()
+        self.feed = feed  # copies each batch to the device one batch ahead of its consumer (None: hand over as is)
+        self.plan_ahead = plan_ahead  # with a feed: (transforms, step) to run ahead on the next batch, or None
+        self._current: _MeteredIterator | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = super().__iter__()
-        return _MeteredIterator(it, self.metrics)
+        self._current = _MeteredIterator(it, self.metrics, self.feed, self.plan_ahead)
+        return self._current
 
     def state_dict(self) -> dict[str, Any]:
         """torchdata's state plus ours: the epoch, the batches of it handed to the consumer, and the plan's
@@ -152,7 +165,9 @@ class M3LEOLoader(StatefulDataLoader):
         state = super().state_dict()
         sampler = self.batch_sampler
         if isinstance(sampler, PlannedBatchSampler):
-            state["m3leo"] = {"epoch": sampler.epoch, "batches": sampler.offset + _batches_yielded(state),
+            # a batch the feed holds ahead has left the reader but not reached the consumer: it is not consumed
+            held = self._current.held if self._current is not None else 0
+            state["m3leo"] = {"epoch": sampler.epoch, "batches": sampler.offset + _batches_yielded(state) - held,
                               **sampler.fingerprint}
         return state
 
@@ -184,6 +199,20 @@ class M3LEOLoader(StatefulDataLoader):
         sampler.start_at(batches)
 
 
+def _transfer_is_plain(trainer: Any) -> bool:
+    """Whether Lightning hands ``on_after_batch_transfer`` the loader's batch unchanged (no input conversion by the
+    precision plugin, no user ``on_before_batch_transfer`` / ``transfer_batch_to_device``): only then can the
+    transforms of a batch run before Lightning has seen it."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if type(trainer.precision_plugin).convert_input is not Precision.convert_input:
+        return False
+    hooks = ("on_before_batch_transfer", "transfer_batch_to_device")
+    owners = [o for o in (trainer.lightning_module, trainer.datamodule) if o is not None]
+    return not any(is_overridden(h, o) for h in hooks for o in owners)
+
+
 def _batches_yielded(state: Mapping[str, Any]) -> int:
     """Batches handed to the consumer, from a torchdata state (single- or multi-process layout)."""
     main = state.get("_snapshot", {}).get("_main_snapshot", state)
@@ -191,8 +220,17 @@ def _batches_yielded(state: Mapping[str, Any]) -> int:
 
 
 class _MeteredIterator:
-    def __init__(self, it: Iterator[dict[str, Any]], metrics: LoaderMetrics):
+    """Strips the I/O counters and meters the wait; with a ``feed``, also holds one batch ahead of the consumer,
+    already handed to the feed (its copy to the device issued), so that the copy overlaps the consumer's step on
+    the batch before. An error reading the batch ahead is raised when that batch is asked for."""
+
+    def __init__(self, it: Iterator[dict[str, Any]], metrics: LoaderMetrics, feed: DeviceFeed | None = None,
+                 plan_ahead: Callable[[], tuple[Any, int] | None] | None = None):
         self._it, self._m = it, metrics
+        self._feed, self._plan_ahead = feed, plan_ahead
+        self._held: dict[str, Any] | None = None
+        self._error: Exception | None = None
+        self._done = False
 
     def __iter__(self) -> _MeteredIterator:
         return self
@@ -200,7 +238,33 @@ class _MeteredIterator:
     def __len__(self) -> int:
         return len(self._it)
 
+    @property
+    def held(self) -> int:
+        """Batches taken from the reader and not yet handed to the consumer (0 or 1)."""
+        return int(self._held is not None)
+
     def __next__(self) -> dict[str, Any]:
+        if self._feed is None:
+            return self._next()
+        if self._held is not None:
+            batch, self._held = self._held, None
+        elif self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        elif self._done:
+            raise StopIteration
+        else:  # the first batch (or the one after an error): it is needed now, nothing to run ahead
+            batch = self._feed.put(self._next())
+        try:
+            nxt = self._next()
+            self._held = self._feed.put(nxt, self._plan_ahead() if self._plan_ahead is not None else None)
+        except StopIteration:
+            self._done = True
+        except Exception as e:  # noqa: BLE001 - raised with its own batch, as without the feed
+            self._error = e
+        return batch
+
+    def _next(self) -> dict[str, Any]:
         t = time.perf_counter()
         if self._m.first is None:
             self._m.first = t
@@ -225,6 +289,14 @@ class M3LEODataModule(pl.LightningDataModule):
     ``worker_mode="thread"`` (default) reads on ``num_workers`` threads of this process, ``prefetch_factor`` batches
     per thread ahead; ``"process"`` uses DataLoader worker processes (batches then travel through shared memory).
     ``num_workers=0`` reads each batch when it is asked for. The batches are the same in every mode.
+    ``readahead_bytes`` caps the host memory read ahead (thread mode): at most ``max(1, readahead_bytes // bytes of
+    one batch)`` batches, and never more than ``num_workers × prefetch_factor`` (``None``: no byte cap).
+    ``copy_ahead`` (default ``None``: when the trainer's root device is CUDA) copies each batch to the device on a side
+    CUDA stream one batch ahead of its step; in thread mode with ``pin_memory`` the reader then reads straight into
+    pinned memory. ``True`` also holds the batch ahead on the CPU (no copy; the batches are the same), ``False``
+    leaves the copy to Lightning. ``transforms_ahead`` (off by default) also runs the device transforms of the batch
+    ahead on that stream when their step can be predicted, and uses that result only when the step and split at
+    consumption are the predicted ones (else they run in place as without it).
     """
 
     def __init__(
@@ -251,6 +323,9 @@ class M3LEODataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         splits: Mapping[str, str] | None = None,
         worker_mode: str = "thread",
+        readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
+        copy_ahead: bool | None = None,
+        transforms_ahead: bool = False,
     ):
         super().__init__()
         self.root = str(root)
@@ -274,6 +349,11 @@ class M3LEODataModule(pl.LightningDataModule):
         if worker_mode not in ("thread", "process"):
             raise ValueError(f"worker_mode must be 'thread' or 'process', not {worker_mode!r}")
         self.worker_mode = worker_mode
+        self.readahead_bytes = int(readahead_bytes) if readahead_bytes is not None else None
+        if self.readahead_bytes is not None and self.readahead_bytes <= 0:
+            raise ValueError(f"readahead_bytes must be positive or None, not {readahead_bytes!r}")
+        self.copy_ahead = copy_ahead
+        self.transforms_ahead = bool(transforms_ahead)
         self.splits = {s: s for s in SPLITS} | dict(splits or {})
         dup = set(self.inputs) & set(self.targets)
         if dup:
@@ -353,38 +433,98 @@ class M3LEODataModule(pl.LightningDataModule):
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pooled_batches=self._live_batches), bands=self.bands)
+                                                             pinned=self._pinned_reads), bands=self.bands)
 
-    @property
-    def _read_ahead_depth(self) -> int:
-        """Batches read ahead in thread mode (none otherwise)."""
-        return self.num_workers * self.prefetch_factor if self._read_ahead else 0
+    def _read_ahead_depth(self, batch_nbytes: int) -> int:
+        """Batches read ahead in thread mode (none otherwise): ``num_workers × prefetch_factor``, capped by
+        ``readahead_bytes`` at ``max(1, readahead_bytes // batch_nbytes)``."""
+        if not self._read_ahead:
+            return 0
+        depth = self.num_workers * self.prefetch_factor
+        if self.readahead_bytes is not None:
+            depth = min(depth, max(1, self.readahead_bytes // max(1, int(batch_nbytes))))
+        return max(1, depth)
 
-    @property
-    def _live_batches(self) -> int:
-        """Batches alive at once in thread mode: those read ahead, one read on the spot, two the consumer holds."""
-        return self._read_ahead_depth + 3
+    @staticmethod
+    def _live_batches(depth: int) -> int:
+        """Batches alive at once in thread mode: those read ahead, one read on the spot, two the consumer holds (or,
+        with the copy ahead, whose copies are in flight)."""
+        return depth + 3
 
     @property
     def _read_ahead(self) -> bool:
         return self.worker_mode == "thread" and self.num_workers > 0
 
-    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool) -> M3LEOLoader:
+    def _copy_device(self) -> torch.device | None:
+        """Where the loaders copy batches ahead (``copy_ahead``), or ``None``: the trainer's root device when it is
+        CUDA; with ``copy_ahead=True`` also the trainer's CPU, or without a trainer the current CUDA device (else the
+        CPU)."""
+        if self.copy_ahead is False:
+            return None
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else None
+        if device is not None and device.type == "cuda":
+            return device
+        if not self.copy_ahead:
+            return None
+        if device is None and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return device or torch.device("cpu")
+
+    @property
+    def _pinned_reads(self) -> bool:
+        """Thread mode with CUDA copies ahead: the reader allocates batches in pinned memory (the feed fences them)."""
+        device = self._copy_device()
+        return bool(self._read_ahead and self.pin_memory and device is not None and device.type == "cuda"
+                    and torch.cuda.is_available())
+
+    def _plan_ahead(self, train: bool) -> tuple[Any, int] | None:
+        """(transforms, step) for the batch being fetched ahead, when both can be predicted: the split is the
+        loader's, and the step is the current one (evaluation) or the next (training, one optimizer step per batch:
+        the batch ahead is fetched before the step on the batch handed over now). At consumption the prediction is
+        checked; anything this cannot see (manual optimisation stepping twice, a skipped step) only costs a
+        recomputation."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not self.transforms_ahead:
+            return None
+        t = self.device_transforms(train=train)
+        if t is None or bool(trainer.training) != train or not _transfer_is_plain(trainer):
+            return None
+        if train:
+            if int(trainer.accumulate_grad_batches) != 1:
+                return None
+            return t, int(trainer.global_step) + 1
+        return t, int(trainer.global_step)
+
+    def _loader(self, dataset: ShardDataset, sampler: PlannedBatchSampler, train: bool,
+                batch_size: int) -> M3LEOLoader:
         workers = self.num_workers
+        device = self._copy_device()
+        feed = DeviceFeed(device, fence=dataset.fence, counters=self.metrics.feed) if device is not None else None
+        ahead = (lambda: self._plan_ahead(train)) if feed is not None and self.transforms_ahead else None
         if self._read_ahead:
             # Lightning's "does not have many workers" hint counts processes; here the readers are threads
             warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-            pin = pin_memory if self.pin_memory and torch.cuda.is_available() else None
-            if self.pin_memory and pin is None:
+            pinned = self._pinned_reads
+            pin = pin_memory if self.pin_memory and torch.cuda.is_available() and not pinned else None
+            if self.pin_memory and not torch.cuda.is_available():
                 log.warning("pin_memory=True but CUDA is not available: batches are not pinned")
-            ahead = ReadAheadDataset(dataset, sampler, threads=workers, depth=self._read_ahead_depth,
-                                     pin=pin, next_epoch=train, count=self.metrics.count_read_ahead)
-            return M3LEOLoader(ahead, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
-                               metrics=self.metrics)
+            nbytes = dataset.batch_nbytes(batch_size)
+            depth = self._read_ahead_depth(nbytes)
+            dataset.set_pooled_batches(self._live_batches(depth))
+            log.info("%s: reading %d batches ahead (%.1f MB each%s; num_workers × prefetch_factor = %d, "
+                     "readahead_bytes = %s)", "train" if train else "eval", depth, nbytes / 1e6,
+                     ", pinned" if pinned else "", workers * self.prefetch_factor,
+                     "none" if self.readahead_bytes is None else f"{self.readahead_bytes / 2**30:.2f} GiB")
+            reader = ReadAheadDataset(dataset, sampler, threads=workers, depth=depth,
+                                      pin=pin, next_epoch=train, count=self.metrics.count_read_ahead)
+            return M3LEOLoader(reader, batch_sampler=sampler, collate_fn=passthrough, num_workers=0,
+                               metrics=self.metrics, feed=feed, plan_ahead=ahead)
         return M3LEOLoader(
             dataset, batch_sampler=sampler, collate_fn=passthrough, num_workers=workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=self.persistent_workers and workers > 0, metrics=self.metrics,
+            feed=feed, plan_ahead=ahead,
         )
 
     def _check_equal_lengths(self, n: int, split: str) -> None:
@@ -421,7 +561,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("train: %d eligible samples (%s), %d batches of %d per rank, world size %d", len(cat),
                  cat.region_counts(), first.num_batches, self.batch_size, world)
         self._check_equal_lengths(first.num_batches, "train")
-        return self._loader(self._dataset(cat), sampler, train=True)
+        return self._loader(self._dataset(cat), sampler, train=True, batch_size=self.batch_size)
 
     def _eval_dataloader(self, split: str) -> M3LEOLoader:
         cat = self.catalog(split)
@@ -429,7 +569,7 @@ class M3LEODataModule(pl.LightningDataModule):
         plan = plan_eval(cat, global_batch=self.eval_batch_size * world)
         sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
         self._check_equal_lengths(plan.num_batches, split)
-        return self._loader(self._dataset(cat), sampler, train=False)
+        return self._loader(self._dataset(cat), sampler, train=False, batch_size=self.eval_batch_size)
 
     def val_dataloader(self) -> M3LEOLoader:
         return self._eval_dataloader("val")
@@ -450,12 +590,15 @@ class M3LEODataModule(pl.LightningDataModule):
         return self._transforms[train]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch, ticket = take(batch)  # a batch copied ahead: the current stream waits for its copy
         trainer = getattr(self, "trainer", None)
         training = bool(trainer is not None and trainer.training)
         t = self.device_transforms(train=training)
         if t is None:
             return batch
-        return t(batch, step=int(trainer.global_step) if trainer is not None else 0)
+        step = int(trainer.global_step) if trainer is not None else 0
+        ready = ticket.result(t, step) if ticket is not None else None
+        return ready if ready is not None else t(batch, step=step)
 
     def loader_metrics(self) -> dict[str, float]:
         """Cumulative samples/s, bytes/s, requests, retries, substitutions and time blocked waiting for data."""

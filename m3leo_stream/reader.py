@@ -19,11 +19,12 @@ import os
 import sys
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -60,6 +61,9 @@ class ReaderConfig:
     # batch arrays kept for reuse when read in this process: at most as many as can be alive at once (the batches
     # read ahead plus those the consumer holds); more are allocated afresh and freed
     pooled_batches: int = 4
+    # allocate those arrays in pinned (page-locked) memory when CUDA is available, so that the host→device copy
+    # reads them directly instead of pinning a second copy; whoever copies them asynchronously must ``fence`` them
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if self.on_unreadable not in ("fail", "substitute"):
@@ -218,7 +222,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.config = config or ReaderConfig()
         self._pid: int | None = None
         self._state_lock = threading.Lock()
-        self._buffers = _BufferPool(self.config.pooled_batches)
+        self._buffers = _BufferPool(self.config.pooled_batches, pinned=self.config.pinned)
 
     def __getstate__(self) -> dict[str, Any]:
         """For worker processes: per-process resources (locks, pools, files, buffers) are made anew there."""
@@ -229,7 +233,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._state_lock = threading.Lock()
-        self._buffers = _BufferPool(self.config.pooled_batches)
+        self._buffers = _BufferPool(self.config.pooled_batches)  # never pinned in another process
 
     # -- per-process resources, created lazily after fork/spawn --------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -257,6 +261,29 @@ class ShardDataset(torch.utils.data.Dataset):
         batch = self.__getitems__([ref])
         return {k: (v[0] if k not in (IO_KEY, BANDS_KEY) else v) for k, v in batch.items()}
 
+    def _array_specs(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of each array ``__getitems__`` allocates for a batch of ``n`` (the selected bands only)."""
+        return {m.name: ((n, len(self.bands[m.name]), *m.shape[1:]), m.np_dtype) for m in self.modalities}
+
+    def batch_nbytes(self, n: int) -> int:
+        """Host bytes one batch of ``n`` holds: the arrays as allocated (pinned ones are rounded up to a power of
+        two by torch's pinned-memory allocator) and the per-sample metadata."""
+        arrays = sum(self._buffers.nbytes(shape, dtype) for shape, dtype in self._array_specs(n).values())
+        return arrays + n * (8 + 8 + 8 + 1 + 13)  # region, lon, lat, valid, key
+
+    def set_pooled_batches(self, n: int) -> None:
+        """Keep at most ``n`` batches of arrays for reuse (the batches alive at once)."""
+        self.config = replace(self.config, pooled_batches=int(n))
+        self._buffers.keep = int(n)
+
+    def fence(self, tensors: Iterable[Any], event: Any) -> None:
+        """The batch arrays behind ``tensors`` are being read by an asynchronous copy that completes with ``event``
+        (anything with ``query()``, e.g. a ``torch.cuda.Event`` recorded after the copy): they are not handed out
+        again, nor freed, before ``event.query()`` is true."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
+                self._buffers.fence(t.data_ptr(), event)
+
     def __getitems__(self, refs: Sequence[int]) -> dict[str, Any]:
         t0 = time.perf_counter()
         st = self._state()
@@ -266,18 +293,19 @@ class ShardDataset(torch.utils.data.Dataset):
         rows = refs & ~PAD_FLAG
         n = len(rows)
         shared = torch.utils.data.get_worker_info() is not None
-        shapes = {m.name: (n, len(self.bands[m.name]), *m.shape[1:]) for m in self.modalities}
-        tensors = {m.name: _batch_tensor(shapes[m.name], m.np_dtype, shared) if shared
-                   else torch.from_numpy(self._buffers.get(shapes[m.name], m.np_dtype)) for m in self.modalities}
+        tensors = {name: _batch_tensor(shape, dtype, shared) if shared
+                   else torch.from_numpy(self._buffers.get(shape, dtype))
+                   for name, (shape, dtype) in self._array_specs(n).items()}
         out = {name: t.numpy() for name, t in tensors.items()}
         rows = self._fill(rows, out, st, counters)
         ix = self.index
+        small = _pinned_tensor if self._buffers.pinned and not shared else _tensor
         batch: dict[str, Any] = dict(tensors)
         batch["key"] = [k.decode() for k in ix.key[rows]]
-        batch["region"] = torch.from_numpy(ix.region[rows].copy())
-        batch["lon"] = torch.from_numpy(ix.lon[rows].copy())
-        batch["lat"] = torch.from_numpy(ix.lat[rows].copy())
-        batch["valid"] = torch.from_numpy(valid.copy())
+        batch["region"] = small(ix.region[rows])
+        batch["lon"] = small(ix.lon[rows])
+        batch["lat"] = small(ix.lat[rows])
+        batch["valid"] = small(valid)
         batch[BANDS_KEY] = {m.name: [m.bands[i] for i in self.bands[m.name]] for m in self.modalities}
         batch[IO_KEY] = io_tensor(counters, time.perf_counter() - t0)
         return batch
@@ -557,24 +585,62 @@ class _BufferPool:
     A batch tensor made with ``torch.from_numpy`` keeps its array alive, and so does every view or slice of it: an
     array whose only references are the pool's is no longer reachable by the consumer and can be overwritten. Reusing
     it spares the page faults of fresh memory, which cost about as much as reading page-cached bytes into it.
+
+    ``pinned`` (with CUDA only) allocates the arrays in pinned memory (``torch.empty(..., pin_memory=True)``, used
+    through ``.numpy()``), so a host→device copy can read them asynchronously as they are. Such a copy still reads
+    the array after the consumer has dropped it: ``fence(ptr, event)`` keeps the array (pooled or not) referenced
+    until ``event.query()`` is true, so it is neither handed out again nor freed before the copy has completed.
     """
 
-    def __init__(self, keep: int):
+    def __init__(self, keep: int, pinned: bool = False):
         self.keep = keep
+        self.pinned = bool(pinned) and torch.cuda.is_available()
         self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._fenced: list[tuple[np.ndarray, Any]] = []  # (array, event) until the event has completed
+        self._out: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()  # data ptr → array
         self._lock = threading.Lock()
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         with self._lock:
+            if self._fenced:
+                self._fenced = [f for f in self._fenced if not f[1].query()]
             arrays = self._free.setdefault((tuple(shape), np.dtype(dtype).str), [])
             if _UNREFERENCED is not None:
                 for a in arrays:
                     if sys.getrefcount(a) == _UNREFERENCED:
                         return a
-            a = np.empty(shape, dtype)
+            a = self._new(shape, dtype)
             if len(arrays) < self.keep and _UNREFERENCED is not None:
                 arrays.append(a)
+            if a.size:
+                self._out[a.__array_interface__["data"][0]] = a
             return a
+
+    def _new(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if not self.pinned:
+            return np.empty(shape, dtype)
+        proto = torch.from_numpy(np.empty(0, dtype=dtype))
+        return torch.empty(shape, dtype=proto.dtype, pin_memory=True).numpy()  # the array keeps the tensor alive
+
+    def nbytes(self, shape: tuple[int, ...], dtype: np.dtype) -> int:
+        """Bytes an array of ``shape``/``dtype`` takes from this pool's allocator."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return 1 << (n - 1).bit_length() if self.pinned and n > 1 else n
+
+    def fence(self, ptr: int, event: Any) -> bool:
+        """Hold the array at data pointer ``ptr`` until ``event.query()``; False when no array of this pool is
+        there."""
+        with self._lock:
+            a = self._out.get(ptr)
+            if a is None:
+                return False
+            self._fenced.append((a, event))
+            return True
+
+    def live(self) -> int:
+        """Arrays of this pool alive now (pooled or not), for tests and diagnostics."""
+        with self._lock:
+            return len(self._out)
 
 
 def _unreferenced_count() -> int | None:
@@ -600,6 +666,14 @@ def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torc
     numel = int(np.prod(shape))
     storage = proto._typed_storage()._new_shared(numel, device="cpu")
     return proto.new(storage).resize_(*shape)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.copy())
+
+
+def _pinned_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).pin_memory()
 
 
 _IO_FIELDS = tuple(f.name for f in fields(IOCounters))

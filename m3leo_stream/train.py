@@ -157,7 +157,7 @@ def manifest_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_datamodule(cfg: DictConfig):
     """The M3LEODataModule of ``cfg.data`` with ``cfg.transforms`` as device-transform config."""
-    from m3leo_stream.datamodule import M3LEODataModule
+    from m3leo_stream.datamodule import DEFAULT_READAHEAD_BYTES, M3LEODataModule
 
     d = _plain(cfg.data)
     return M3LEODataModule(
@@ -167,6 +167,8 @@ def build_datamodule(cfg: DictConfig):
         eval_batch_size=d.get("eval_batch_size"), samples_per_epoch=d.get("samples_per_epoch"),
         shuffle_shards=d.get("shuffle_shards", 8), on_unreadable=d.get("on_unreadable", "fail"),
         prefetch_factor=d.get("prefetch_factor", 2), worker_mode=d.get("worker_mode", "thread"),
+        readahead_bytes=d.get("readahead_bytes", DEFAULT_READAHEAD_BYTES), copy_ahead=d.get("copy_ahead"),
+        transforms_ahead=bool(d.get("transforms_ahead", False)),
     )
 
 

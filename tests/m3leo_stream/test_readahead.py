@@ -101,3 +101,51 @@ def test_fd_cache_never_closes_a_file_being_read(tmp_path):
     with pytest.raises(OSError, match="cannot open shard"):
         with cache.open(str(tmp_path / "missing")):
             pass
+
+
+def _budget_dm(root, readahead_bytes, workers: int = 2, prefetch: int = 2) -> M3LEODataModule:
+    dm = M3LEODataModule(str(root), inputs=INPUTS, targets=TARGETS, batch_size=4, num_workers=workers, seed=0,
+                         prefetch_factor=prefetch, readahead_bytes=readahead_bytes)
+    dm.setup("fit")
+    return dm
+
+
+def test_a_byte_budget_caps_the_batches_read_ahead(uneven_shards, caplog):
+    dm = _budget_dm(uneven_shards, None)
+    per = dm._dataset(dm.catalog("train")).batch_nbytes(4)
+    assert per > 4 * 448 * 448  # esawc alone is 448 × 448 bytes a sample
+    for budget, want in [(None, 4), (100 * per, 4), (4 * per, 4), (int(2.5 * per), 2), (per, 1), (per - 1, 1), (1, 1)]:
+        dm.readahead_bytes = budget
+        assert dm._read_ahead_depth(per) == want, budget
+    assert _budget_dm(uneven_shards, 1, workers=0)._read_ahead_depth(per) == 0  # nothing is read ahead
+    with pytest.raises(ValueError, match="readahead_bytes"):
+        _budget_dm(uneven_shards, 0)
+
+    dm = _budget_dm(uneven_shards, int(2.5 * per))
+    with caplog.at_level("INFO", logger="m3leo_stream.datamodule"):
+        loader = dm.train_dataloader()
+    assert "train: reading 2 batches ahead" in caplog.text and "readahead_bytes = " in caplog.text
+    assert loader.dataset.depth == 2 and loader.dataset.dataset.config.pooled_batches == 2 + 3
+    it = iter(loader)
+    next(it)
+    assert sorted(loader.dataset._pending) == [(0, 1), (0, 2)]
+    assert [b["key"] for b in it][-1] == [b["key"] for b in _loader(uneven_shards, workers=0)][-1]
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_live_batch_arrays_stay_within_the_budget(uneven_shards, batches):
+    probe = _budget_dm(uneven_shards, None)
+    per = probe._dataset(probe.catalog("train")).batch_nbytes(4)
+    loader = _budget_dm(uneven_shards, batches * per + per // 2).train_dataloader()
+    reader = loader.dataset.dataset
+    live, pending = [], []
+    for epoch in range(3):
+        loader.batch_sampler.set_epoch(epoch)
+        for b in loader:
+            live.append(reader._buffers.live())
+            pending.append(len(loader.dataset._pending))
+            del b
+    assert max(pending) == batches
+    # per modality: the batches read ahead and the one the consumer holds (+1 of slack for one being swapped);
+    # the pool keeps at most batches + 3 of them for reuse
+    assert max(live) <= len(INPUTS + TARGETS) * (batches + 2), live

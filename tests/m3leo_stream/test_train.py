@@ -315,3 +315,15 @@ def test_checkpoints_on_s3_and_resume(small_shards, tmp_path, s3):
     b = run_exp("demo", small_shards, tmp_path / "r", extra + ["trainer.max_steps=3"])
     assert b["global_step"] == 3 and b["run_id"] == a["run_id"]
     assert b["checkpoint"] == f"{ck}/last.ckpt"
+
+
+def test_build_datamodule_passes_the_loader_keys():
+    from m3leo_stream.train import build_datamodule
+
+    dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x"]))
+    assert (dm.readahead_bytes, dm.copy_ahead, dm.transforms_ahead) == (4 * 2**30, None, False)
+    dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x", "data.readahead_bytes=123",
+                                       "data.copy_ahead=false", "data.transforms_ahead=true"]))
+    assert (dm.readahead_bytes, dm.copy_ahead, dm.transforms_ahead) == (123, False, True)
+    dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x", "data.readahead_bytes=null"]))
+    assert dm.readahead_bytes is None
