@@ -75,10 +75,14 @@ def check_schema(res: dict) -> None:
 
 
 def _expected_bytes_per_sample() -> int:
+    """The bands pretrain_mae's transforms read (all but gssic's categorical flag band) plus the metadata."""
     from m3leo_stream.modalities import REGISTRY
 
-    arrays = sum(math.prod(REGISTRY[m].shape) * np.dtype(REGISTRY[m].np_dtype).itemsize
-                 for m in ("s1grd", "s2rgbm", "gssic"))
+    arrays = 0
+    for name in ("s1grd", "s2rgbm", "gssic"):
+        m = REGISTRY[name]
+        used = [k for k in m.band_kinds if k != "categorical"]
+        arrays += len(used) * math.prod(m.shape[1:]) * np.dtype(m.np_dtype).itemsize
     return arrays + 8 + 8 + 8 + 1  # region (int64), lon, lat (float64), valid (bool)
 
 

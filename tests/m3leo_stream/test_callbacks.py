@@ -22,10 +22,13 @@ class DeviceOnly(torch.Tensor):
         raise AssertionError("host read of a device tensor")
 
 
-def test_training_speed_reads_the_sample_count_only_when_it_logs():
+def test_training_speed_counts_samples_without_reading_the_device():
+    """Training batches are never padded: the rows are counted from the host-side key list."""
     cb = TrainingSpeed(every_n_steps=50)
     cb.on_train_epoch_start(None, None)
     for n in (4, 3, 4):
-        valid = torch.tensor([True] * n + [False] * (4 - n)).as_subclass(DeviceOnly)
-        cb.on_train_batch_start(None, None, {"valid": valid, "key": ["k"] * 4}, 0)
-    assert int(cb._samples.as_subclass(torch.Tensor)) == 11
+        valid = torch.ones(n, dtype=torch.bool).as_subclass(DeviceOnly)
+        cb.on_train_batch_start(None, None, {"valid": valid, "key": ["k"] * n}, 0)
+    assert cb._samples == 11
+    cb.on_train_batch_start(None, None, {"valid": torch.ones(2, dtype=torch.bool).as_subclass(DeviceOnly)}, 0)
+    assert cb._samples == 13
