@@ -165,6 +165,15 @@ def seed_of(*parts: Any) -> int:
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (augmentation parameters, indices) on ``device`` without stalling the host: to a CUDA
+    device through pinned memory and ``non_blocking`` (a plain ``.to`` from pageable memory waits until the stream
+    has run everything queued before it, i.e. the previous training step)."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # per-modality plans
 
@@ -422,7 +431,7 @@ def dihedral(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     for k in torch.unique(d).tolist():
         idx = torch.nonzero(d == k).flatten()
-        xs = x[idx.to(x.device)] if len(idx) < len(d) else x
+        xs = x[to_device(idx, x.device)] if len(idx) < len(d) else x
         if k & 4:
             xs = xs.transpose(-1, -2)
         if k & 1:
@@ -430,7 +439,7 @@ def dihedral(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if k & 2:
             xs = xs.flip(-2)
         if len(idx) < len(d):
-            out[idx.to(x.device)] = xs
+            out[to_device(idx, x.device)] = xs
         else:
             out.copy_(xs)
     return out
@@ -438,7 +447,8 @@ def dihedral(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _warp(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Resample (B, C, H, W) float ``x`` onto ``size``² through per-sample affine ``theta`` (B, 2, 3)."""
-    grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(to_device(theta, x.device).to(x.dtype), [x.shape[0], x.shape[1], size, size],
+                         align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
@@ -578,6 +588,8 @@ class DeviceTransforms:
                     "out_mean": v(p.out_mean), "out_std": v(p.out_std),
                 }
                 if p.ratio_pairs:
+                    self._dev[key]["ratio_a"] = torch.tensor([i for i, _ in p.ratio_pairs], device=device)
+                    self._dev[key]["ratio_b"] = torch.tensor([j for _, j in p.ratio_pairs], device=device)
                     self._dev[key]["ratio_mean"] = v(p.ratio_mean)
                     self._dev[key]["ratio_std"] = v(p.ratio_std)
             else:
@@ -659,7 +671,7 @@ class DeviceTransforms:
         band_valid = self._band_valid(x, p.invalid_values)
         valid = self._reduce_valid(band_valid, x)
         if p.onehot_codes:
-            codes = torch.tensor(p.onehot_codes, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            codes = to_device(torch.tensor(p.onehot_codes, dtype=x.dtype), x.device).view(1, -1, 1, 1)
             y = (x == codes).float()  # nodata and unknown codes: all zeros
             return y, valid
         if x.is_floating_point() and band_valid is not None:
@@ -673,8 +685,7 @@ class DeviceTransforms:
         clipped = torch.clamp_(xf, buf["lo"], buf["hi"])
         ratio = None
         if p.ratio_pairs:
-            a = torch.tensor([i for i, _ in p.ratio_pairs], device=x.device)
-            b = torch.tensor([j for _, j in p.ratio_pairs], device=x.device)
+            a, b = buf["ratio_a"], buf["ratio_b"]
             sa, sb = buf["scale"].index_select(1, a), buf["scale"].index_select(1, b)
             ratio = (clipped.index_select(1, a) * sa - clipped.index_select(1, b) * sb - buf["ratio_mean"])
             ratio /= buf["ratio_std"]
@@ -785,8 +796,8 @@ class DeviceTransforms:
                 if noise_gen is None:
                     noise_gen = self.generator(step, "noise", dev)
                 idx = torch.nonzero(params["noisy"]).flatten()
-                sd = params["noise_std"][name][idx].to(dev).view(len(idx), -1, 1, 1)
-                di = idx.to(dev)
+                sd = to_device(params["noise_std"][name][idx], dev).view(len(idx), -1, 1, 1)
+                di = to_device(idx, dev)
                 noise = torch.randn((len(idx), *y.shape[1:]), generator=noise_gen, device=dev, dtype=y.dtype)
                 noise.mul_(sd)
                 if p.can_be_invalid:
@@ -796,8 +807,8 @@ class DeviceTransforms:
             if self.train:
                 drop = params["drop"][name]
                 if bool(drop.any()):
-                    y.index_fill_(0, torch.nonzero(drop).flatten().to(dev), 0.0)
-                out[f"{name}_dropped"] = drop.to(dev)
+                    y.index_fill_(0, to_device(torch.nonzero(drop).flatten(), dev), 0.0)
+                out[f"{name}_dropped"] = to_device(drop, dev)
             out[name] = y
             out[f"{name}_valid"] = valid
         for name, p in self.targets.items():
