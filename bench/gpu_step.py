@@ -51,6 +51,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import cpu_name  # noqa: E402
+
 INPUTS = ("s1grd", "s2rgbm", "gssic")  # the inputs of experiment=pretrain_mae
 REGIONS = ("conus", "europe")
 PEAK_BF16_DENSE = [  # (substring of torch.cuda.get_device_name, FLOP/s); first match wins
@@ -575,16 +577,6 @@ def measure_at(a: argparse.Namespace, root: Path, px: int, batch: int) -> dict[s
 
 # --- report ----------------------------------------------------------------------------------------------------
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_tag(a: argparse.Namespace) -> str:
     if not a.cuda:
         return "cpu"
@@ -692,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     own_work = a.work_dir is None
     a.work = Path(a.work_dir or tempfile.mkdtemp(prefix="m3leo-gpu-step-"))
     a.work.mkdir(parents=True, exist_ok=True)
-    where = torch.cuda.get_device_name(a.device) if gpu else f"CPU {_cpu_name()} ({os.cpu_count()} cores)"
+    where = torch.cuda.get_device_name(a.device) if gpu else f"CPU {cpu_name()} ({os.cpu_count()} cores)"
     print(f"device: {where}; torch {torch.__version__}; px {a.px}; size {a.size}; {a.precision}; warm-up "
           f"{a.warmup_eff}{f' (--warmup {a.warmup} rounded up)' if a.warmup_eff != a.warmup else ''}, "
           f"{a.steps} timed steps per variant", flush=True)

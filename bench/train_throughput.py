@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.machine import cpu_name  # noqa: E402
 
 
 def _cfg(args, batch_size: int):
@@ -151,16 +152,6 @@ def _largest_batch(args) -> int:
     return best
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="shard root (local path)")
@@ -185,7 +176,7 @@ def main() -> None:
     bs = _largest_batch(args) if args.batch_size == "auto" else int(args.batch_size)
     compute = _fit(args, bs, cached=True)
     pipeline = _fit(args, bs, cached=False)
-    where = f"CPU {_cpu_name()} ({os.cpu_count()} cores)" if args.device == "cpu" else torch.cuda.get_device_name(0)
+    where = f"CPU {cpu_name()} ({os.cpu_count()} cores)" if args.device == "cpu" else torch.cuda.get_device_name(0)
     res = {
         "device": where, "experiment": "pretrain_mae", "model": {"size": args.size, "dim": args.dim,
                                                                 "depth": args.depth, "heads": args.heads,
