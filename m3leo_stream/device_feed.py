@@ -127,7 +127,7 @@ class DeviceFeed:
         self.counters.enqueue_s += time.perf_counter() - t0
         if ahead is not None:
             transforms, step = ahead
-            if self.cuda:
+            if self.stream is not None:
                 # what the transforms cached on the device (per-band constants) may have been made on the current
                 # stream: that work comes first. This waits for the step before the one this batch overlaps, not
                 # for that one (it is not issued yet).

@@ -305,12 +305,12 @@ class SegmentationTask(BaseTask):
 
     def loss_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the per-pixel cross-entropies, sum of their weights): the class-weighted mean is their ratio."""
-        total = F.cross_entropy(logits.float(), y, weight=self.class_weights, ignore_index=self.ignore_index,
-                                reduction="sum")
+        weights = self.class_weights if isinstance(self.class_weights, torch.Tensor) else None
+        total = F.cross_entropy(logits.float(), y, weight=weights, ignore_index=self.ignore_index, reduction="sum")
         labelled = y != self.ignore_index
-        if self.class_weights is None:
+        if weights is None:
             return total, labelled.sum().float()
-        return total, (self.class_weights[y.clamp(min=0)] * labelled).sum()
+        return total, (weights[y.clamp(min=0)] * labelled).sum()
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over labelled pixels (F.cross_entropy's mean), 0 with no gradient when nothing in the

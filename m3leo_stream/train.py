@@ -305,9 +305,11 @@ def build_strategy(tcfg: Mapping[str, Any], ddp: Mapping[str, Any]) -> Any:
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    opts = dict(ddp)
+    opts: dict[str, Any] = dict(ddp)
     timeout = opts.pop("timeout_s", None)
-    return DDPStrategy(**opts, **({"timeout": timedelta(seconds=float(timeout))} if timeout else {}))
+    if timeout:
+        opts["timeout"] = timedelta(seconds=float(timeout))
+    return DDPStrategy(**opts)
 
 
 def _write_text(url: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
