@@ -399,8 +399,9 @@ class ShardDataset(torch.utils.data.Dataset):
                             f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
                     continue
             except Exception as e:  # noqa: BLE001 - reported per slot below
-                for part in req.parts:
-                    failed.setdefault(part.slot, e if isinstance(e, UnreadableSample) else UnreadableSample(str(e)))
+                for part in req.parts:  # each slot's error names its key and member
+                    key = self.index.key[int(rows[part.slot])].decode()
+                    failed.setdefault(part.slot, UnreadableSample(f"key {key} member {part.name}: {e}"))
                 continue
             mv = memoryview(data)
             for slot, name, off, nb, kind, first, stop in req.parts:
@@ -490,9 +491,20 @@ class ShardDataset(torch.utils.data.Dataset):
             def op() -> bytes:
                 data = st["fs"].cat_file(path, start=req.start, end=req.stop)
                 if len(data) != nbytes:
+                    size = st["fs"].info(path).get("size")
+                    if isinstance(size, int) and size < req.stop:  # the object ends early: retrying cannot help
+                        raise UnreadableSample(f"{what}: the shard object is {size} bytes, the index needs "
+                                               f"{req.stop} (truncated shard?)")
                     raise ConnectionError(f"short read: {len(data)} of {nbytes} bytes")
                 return data
-            data = with_retries(op, what, self.config.retry, counters)
+            try:
+                data = with_retries(op, what, self.config.retry, counters)
+            except UnreadableSample:
+                raise
+            except FileNotFoundError as e:
+                raise UnreadableSample(f"{what}: shard not found ({e})") from e
+            except Exception as e:  # noqa: BLE001 - permanent, or retried to the deadline: name the range
+                raise UnreadableSample(str(e) if str(e).startswith(what) else f"{what}: {e}") from e
         if len(data) != nbytes:
             raise UnreadableSample(f"{what}: short read ({len(data)} of {nbytes} bytes; truncated shard?)")
         counters.requests += 1

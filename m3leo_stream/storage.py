@@ -64,26 +64,46 @@ TRANSIENT_NAMES = (
     "ConnectionClosedError", "IncompleteReadError", "ResponseStreamingError", "BrokenPipeError",
     "ReadTimeoutError", "ConnectTimeoutError", "ProtocolError", "ContentLengthError",
 )
+"""Exception classes (or base classes, by name: botocore, aiohttp, urllib3) of network faults worth retrying."""
+
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+    "RequestLimitExceeded", "TooManyRequestsException", "RequestThrottled",
+})
+"""Service error codes (S3 and AWS-style ``Error.Code``) that mean "try again"."""
+
+PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def is_transient(err: BaseException) -> bool:
-    """Timeouts, resets, throttling and 5xx responses are worth retrying; missing objects and bad requests are not."""
+    """Whether retrying ``err`` may help: decided from exception types, the HTTP status and the service's error code
+    (never from message text: a shard named ``…-000503.tar`` is not a 503). Timeouts, resets, throttling, 408, 429
+    and 5xx are transient; missing objects, refused permissions and other 4xx are not. The exception's cause chain
+    is followed until one of these decides."""
     seen: set[int] = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (TimeoutError, ConnectionError)):
-            return True
-        if type(e).__name__ in TRANSIENT_NAMES:
+        if isinstance(e, PERMANENT_TYPES):
+            return False
+        if _error_code(e) in TRANSIENT_CODES:
             return True
         status = _http_status(e)
-        if status is not None and (status >= 500 or status in (408, 429)):
-            return True
-        text = str(e)
-        if any(s in text for s in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503")):
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if isinstance(e, (TimeoutError, ConnectionError)) or any(c.__name__ in TRANSIENT_NAMES
+                                                                 for c in type(e).__mro__):
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _error_code(e: BaseException) -> str | None:
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        code = (resp.get("Error") or {}).get("Code")
+        return str(code) if code else None
+    return None
 
 
 def _http_status(e: BaseException) -> int | None:

@@ -1,0 +1,107 @@
+"""The transient/permanent classifier of storage errors: decided by exception types, HTTP status and the service's
+error code, never by message text; and what the reader does with each over a real S3 endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from m3leo_stream.storage import RetryPolicy, is_transient, with_retries
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+@pytest.mark.parametrize("code,status,transient", [
+    ("SlowDown", 503, True), ("ServiceUnavailable", 503, True), ("InternalError", 500, True),
+    ("RequestTimeout", 400, True), ("Throttling", 400, True), ("", 502, True), ("", 429, True), ("", 408, True),
+    ("NoSuchKey", 404, False), ("AccessDenied", 403, False), ("InvalidRange", 416, False), ("NoSuchBucket", 404, False),
+])
+def test_service_errors_by_status_and_code(code, status, transient):
+    assert is_transient(client_error(code, status)) is transient
+
+
+def test_message_text_decides_nothing():
+    assert not is_transient(FileNotFoundError("s3://b/conus/train/conus-train-000503.tar"))
+    assert not is_transient(OSError("conus-train-000503.tar: InternalError in the name only"))
+    assert not is_transient(ValueError("SlowDown"))
+
+
+def test_wrapped_errors_follow_the_cause_chain():
+    try:
+        try:
+            raise client_error("SlowDown", 503)
+        except ClientError as e:
+            raise OSError("s3fs translated it") from e
+    except OSError as outer:
+        assert is_transient(outer)
+    try:
+        try:
+            raise client_error("NoSuchKey", 404)
+        except ClientError as e:
+            raise FileNotFoundError("s3://b/k") from e
+    except FileNotFoundError as outer:
+        assert not is_transient(outer)
+
+
+def test_network_faults_are_transient():
+    import aiohttp
+
+    assert is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(aiohttp.ServerDisconnectedError())
+    assert is_transient(aiohttp.ClientPayloadError("truncated body"))
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+
+
+def test_a_permanent_error_is_not_retried():
+    calls = []
+
+    def op():
+        calls.append(1)
+        raise FileNotFoundError("conus-train-000503.tar")
+
+    t = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        with_retries(op, "x", RetryPolicy(deadline=60))
+    assert len(calls) == 1 and time.monotonic() - t < 1
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "cut inside"])
+def test_missing_or_truncated_shard_on_s3_fails_at_once_naming_it(s3, uneven_shards, damage):
+    """A deleted shard object, one cut before a member (the range cannot be served) and one cut inside it (a
+    shorter body): each fails at once (no retries to the deadline), naming shard, key and member."""
+    import s3fs
+
+    from m3leo_stream.datamodule import M3LEODataModule
+    from m3leo_stream.reader import UnreadableSample
+
+    bucket = s3.new_bucket()
+    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
+    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
+    dm = M3LEODataModule(f"s3://{bucket}/shards", inputs=["modisveg"], targets=["esawc"], batch_size=4,
+                         num_workers=0, retry={"deadline": 60})
+    dm.setup()
+    first = next(iter(dm.train_dataloader()))["key"][0]
+    ix = dm._index
+    row = list(ix.key).index(first.encode())
+    shard = ix.shard_names[ix.shard[row]]
+    obj = f"{bucket}/shards/{shard}"
+    if damage == "deleted":
+        fs.rm(obj)
+    else:
+        cut = 1024 if damage == "truncated" else int(min(ix.offsets["modisveg"][row], ix.offsets["esawc"][row])) + 64
+        fs.pipe(obj, fs.cat_file(obj)[:cut])
+    t = time.monotonic()
+    with pytest.raises(UnreadableSample) as err:
+        next(iter(dm.train_dataloader()))
+    assert time.monotonic() - t < 5, "retried a permanent error"
+    msg = str(err.value)
+    assert shard in msg and first in msg and ("modisveg" in msg or "esawc" in msg), msg
+    want = {"deleted": "not found", "truncated": "not satisfiable", "cut inside": "truncated shard"}[damage]
+    assert want in msg, msg
