@@ -33,7 +33,7 @@ import torch
 from . import shard_format as sf
 from .modalities import BANDS_KEY, Modality
 from .planner import PAD_FLAG
-from .storage import IOCounters, RetryPolicy, get_fs, is_local, join, with_retries
+from .storage import IOCounters, RetryPolicy, get_fs, is_local, join, single_attempt, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _open_state(self) -> dict[str, Any]:
         # a private filesystem instance: clients (sockets, event loops) must not be shared across processes
-        fs, path = get_fs(self.url, {**self.storage_options, "skip_instance_cache": True})
+        fs, path = get_fs(self.url, {**single_attempt(self.url, self.storage_options), "skip_instance_cache": True})
         if isinstance(getattr(fs, "retries", None), int):
             fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
         return {

@@ -49,6 +49,19 @@ def get_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[
     return fs, path.rstrip("/") if path != "/" else path
 
 
+def single_attempt(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` for a client whose every retry is ours (counted, with a deadline): for s3, botocore's own
+    retry handler (which retries 5xx and throttling silently, 5 attempts by default) is set to one attempt, unless the
+    options already say how botocore retries."""
+    opts = dict(storage_options or {})
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return opts
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    opts["config_kwargs"] = config
+    return opts
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 

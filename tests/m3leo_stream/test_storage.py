@@ -105,3 +105,81 @@ def test_missing_or_truncated_shard_on_s3_fails_at_once_naming_it(s3, uneven_sha
     assert shard in msg and first in msg and ("modisveg" in msg or "esawc" in msg), msg
     want = {"deleted": "not found", "truncated": "not satisfiable", "cut inside": "truncated shard"}[damage]
     assert want in msg, msg
+
+
+@pytest.mark.s3
+def test_the_readers_s3_client_makes_one_attempt_so_every_retry_is_counted(s3, uneven_shards):
+    """With storage options as a user writes them (endpoint, credentials), botocore would retry 5xx five times
+    without telling anyone; the reader's client makes one attempt and leaves retries to the counted policy."""
+    import s3fs
+
+    from m3leo_stream.reader import ShardDataset
+    from m3leo_stream.storage import single_attempt
+
+    bucket = s3.new_bucket()
+    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
+    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
+    from m3leo_stream.datamodule import M3LEODataModule
+
+    user = {"endpoint_url": s3.url, "key": "testing", "secret": "testing"}
+    dm = M3LEODataModule(f"s3://{bucket}/shards", inputs=["modisveg"], batch_size=2, num_workers=0,
+                         storage_options=user)
+    dm.setup()
+    ds = dm._dataset(dm.catalog("train"))
+    assert isinstance(ds, ShardDataset)
+    client_fs = ds._state()["fs"]
+    client_fs.connect()
+    retries = client_fs.s3._client_config.retries
+    assert retries["total_max_attempts"] == 1 and retries["mode"] == "standard"
+    assert single_attempt("s3://b", {"config_kwargs": {"retries": {"max_attempts": 7}}})["config_kwargs"] == {
+        "retries": {"max_attempts": 7}}  # the user's own setting is kept
+    assert single_attempt("/local/root", {"a": 1}) == {"a": 1}
+
+
+def test_botocore_does_not_retry_behind_our_back(monkeypatch):
+    """Against a loopback endpoint that answers every request 503 SlowDown: the client of ``single_attempt``
+    options sends one request per read, the same client without them several (botocore's silent retries)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import fsspec
+
+    from m3leo_stream.storage import get_fs, single_attempt
+
+    hits = []
+
+    class SlowDown(BaseHTTPRequestHandler):
+        def _answer(self):
+            hits.append(self.command)
+            body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    user = {"endpoint_url": f"http://127.0.0.1:{srv.server_port}", "key": "k", "secret": "s", "skip_instance_cache": True}
+    try:
+        counts = []
+        for opts in (single_attempt("s3://b/x", user), user):
+            fsspec.AbstractFileSystem.clear_instance_cache()
+            fs, _ = get_fs("s3://b/x", opts)
+            fs.retries = 1  # as the reader sets s3fs's own loop
+            hits.clear()
+            with pytest.raises(Exception) as err:
+                fs.cat_file("b/x", start=0, end=10)
+            assert is_transient(err.value)
+            counts.append(len(hits))
+        assert counts[0] == 1 and counts[1] > 1, counts
+    finally:
+        srv.shutdown()
