@@ -168,7 +168,8 @@ def test_botocore_does_not_retry_behind_our_back(monkeypatch):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
-    user = {"endpoint_url": f"http://127.0.0.1:{srv.server_port}", "key": "k", "secret": "s", "skip_instance_cache": True}
+    user = {"endpoint_url": f"http://127.0.0.1:{srv.server_port}", "key": "k", "secret": "s",
+            "skip_instance_cache": True}
     try:
         counts = []
         for opts in (single_attempt("s3://b/x", user), user):
