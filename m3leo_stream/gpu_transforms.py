@@ -864,14 +864,16 @@ class DeviceTransforms:
                 if bool(drop.any()):  # host-side draw: no device value is read
                     y.mul_((~drop_dev[name]).view(-1, 1, 1, 1))
                 out[f"{name}_dropped"] = drop_dev[name]
-            if chan_valid is None:
-                chan_valid = torch.ones(bsz, y.shape[1], dtype=torch.bool, device=dev)
             if name in present:
                 pr = present[name]
-                y.mul_(pr.view(-1, 1, 1, 1))
                 valid = valid & pr.view(-1, 1, 1, 1)
-                chan_valid = chan_valid & pr.view(-1, 1)
+                chan_valid = pr.view(-1, 1).expand(-1, y.shape[1]) if chan_valid is None else \
+                    chan_valid & pr.view(-1, 1)
                 out[f"{name}_present"] = pr
+            if chan_valid is None:
+                chan_valid = torch.ones(bsz, y.shape[1], dtype=torch.bool, device=dev)
+            else:  # missing bands and absent members stay 0 after noise and resampling
+                y.mul_(chan_valid.view(*chan_valid.shape, 1, 1))
             out[name] = y
             out[f"{name}_valid"] = valid
             out[f"{name}_channel_valid"] = chan_valid
