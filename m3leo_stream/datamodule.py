@@ -181,6 +181,8 @@ class M3LEOLoader(StatefulDataLoader):
             super().load_state_dict(state)
             return
         saved = {k: v for k, v in meta.items() if k not in ("epoch", "batches")}
+        if "policy" not in saved and "policy" in sampler.fingerprint:  # saved before the policy was recorded:
+            saved["policy"] = {**sampler.fingerprint["policy"], "optional": []}  # every member was required
         if saved != sampler.fingerprint:
             diff = {k: (saved.get(k), sampler.fingerprint.get(k))
                     for k in set(saved) | set(sampler.fingerprint) if saved.get(k) != sampler.fingerprint.get(k)}
@@ -297,6 +299,10 @@ class M3LEODataModule(pl.LightningDataModule):
     leaves the copy to Lightning. ``transforms_ahead`` (off by default) also runs the device transforms of the batch
     ahead on that stream when their step can be predicted, and uses that result only when the step and split at
     consumption are the predicted ones (else they run in place as without it).
+    ``optional`` names requested modalities a sample may lack: such samples are kept, the absent member is not read,
+    and the batch holds zeros and ``<modality>_present`` False for it (the others are required: samples lacking
+    them are excluded when planning, counted and logged). ``min_inputs_present`` samples must carry at least that
+    many of the ``inputs``.
     """
 
     def __init__(
@@ -326,6 +332,8 @@ class M3LEODataModule(pl.LightningDataModule):
         readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
         copy_ahead: bool | None = None,
         transforms_ahead: bool = False,
+        optional: Sequence[str] = (),
+        min_inputs_present: int = 1,
     ):
         super().__init__()
         self.root = str(root)
@@ -358,6 +366,15 @@ class M3LEODataModule(pl.LightningDataModule):
         dup = set(self.inputs) & set(self.targets)
         if dup:
             raise ValueError(f"modalities both input and target: {sorted(dup)}")
+        self.optional = [m for m in self.requested if m in set(optional or ())]
+        unknown = sorted(set(optional or ()) - set(self.requested))
+        if unknown:
+            raise ValueError(f"optional modalities {unknown} are neither inputs nor targets "
+                             f"(inputs {self.inputs}, targets {self.targets})")
+        self.min_inputs_present = int(min_inputs_present)
+        if not 0 <= self.min_inputs_present <= len(self.inputs):
+            raise ValueError(f"min_inputs_present={min_inputs_present} must be in 0..{len(self.inputs)} "
+                             f"(the number of inputs)")
         self.metrics = LoaderMetrics()
         self._shard_root: ShardRoot | None = None
         self._index: IndexArrays | None = None
@@ -414,9 +431,20 @@ class M3LEODataModule(pl.LightningDataModule):
         self.setup()
         if split not in self._catalogs:
             assert self._table is not None
-            self._catalogs[split] = build_catalog(self._table, self.splits[split], self.region_names,
-                                                  self.requested, self.regions, region_codes=self._index.region)
+            cat = build_catalog(self._table, self.splits[split], self.region_names, self.requested, self.regions,
+                                region_codes=self._index.region, optional=self.optional,
+                                min_present=self.min_inputs_present, present_of=self.inputs)
+            self._catalogs[split] = cat
+            log.info("%s: %d samples; per region, samples having each modality (optional: %s): %s", split, len(cat),
+                     self.optional or "none", "; ".join(
+                         f"{r}: " + ", ".join(f"{m} {n}" for m, n in counts.items())
+                         for r, counts in cat.presence.items()))
         return self._catalogs[split]
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """Which members a sample must carry: part of the training plan's fingerprint (a resumed run must keep it)."""
+        return {"optional": sorted(self.optional), "min_inputs_present": self.min_inputs_present}
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -433,7 +461,8 @@ class M3LEODataModule(pl.LightningDataModule):
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pinned=self._pinned_reads), bands=self.bands)
+                                                             pinned=self._pinned_reads), bands=self.bands,
+                            optional=self.optional)
 
     def _read_ahead_depth(self, batch_nbytes: int) -> int:
         """Batches read ahead in thread mode (none otherwise): ``num_workers × prefetch_factor``, capped by
@@ -547,7 +576,8 @@ class M3LEODataModule(pl.LightningDataModule):
 
         fingerprint = {"planner": PLANNER_VERSION, "split": "train", "seed": self.seed, "global_batch": gb,
                        "samples": len(cat), "region_weights": self.region_weights,
-                       "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards}
+                       "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards,
+                       "policy": self.policy}
         trainer = getattr(self, "trainer", None)
         # Lightning creates the iterator before calling set_epoch: start at the trainer's epoch already
         epoch = int(trainer.current_epoch) if trainer is not None else 0

@@ -552,6 +552,20 @@ class DeviceTransforms:
         p["noise_any"] = bool(noisy.any()) and float(nz.get("std", 0.0)) > 0
         return p
 
+    def _dropout(self, drop: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
+                 dev: torch.device) -> dict[str, torch.Tensor]:
+        """The modality-dropout draw on the device; a sample whose present inputs would all be dropped keeps them
+        all (the draw cannot see which members a sample lacks without reading the device)."""
+        names = list(self.inputs)
+        out = {n: to_device(drop[n], dev) for n in names}
+        if not present or not names:
+            return out
+        ones = torch.ones_like(out[names[0]])
+        pres = torch.stack([present.get(n, ones) for n in names], 1)
+        d = torch.stack([out[n] for n in names], 1)
+        d = d & (pres & ~d).any(1, keepdim=True)
+        return {n: d[:, i] for i, n in enumerate(names)}
+
     @staticmethod
     def theta(box: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 2, 3) affine maps from output to input normalised coordinates for crop boxes (x0, y0, w, h),
@@ -614,12 +628,25 @@ class DeviceTransforms:
             bad = hit if bad is None else bad | hit
         return None if bad is None else ~bad
 
-    def _reduce_valid(self, band_valid: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _bands_present(band_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, C) bool: the chip has at least one valid pixel of the band. A band without one is missing (a season,
+        orbit or month without data: what the build records as the member's ``missing_bands``)."""
+        return None if band_valid is None else band_valid.flatten(2).any(2)
+
+    def _reduce_valid(self, band_valid: torch.Tensor | None, x: torch.Tensor,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, H, W): a pixel is valid when all (``valid_reduce: all``) or any of the chip's bands that are not
+        missing are valid there (a missing band does not invalidate the rest; a chip with every band missing has no
+        valid pixel)."""
         if band_valid is None:
             return torch.ones(x.shape[0], 1, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
         if self.config.get("valid_reduce", "all") == "any":
             return band_valid.any(1, keepdim=True)
-        return band_valid.all(1, keepdim=True)
+        if present is None:
+            return band_valid.all(1, keepdim=True)
+        ok = (band_valid | ~present[:, :, None, None]).all(1, keepdim=True)
+        return ok & present.any(1).view(-1, 1, 1, 1)
 
     def _select(self, name: str, x: torch.Tensor, wanted: Sequence[int], m: Modality,
                 bands: Sequence[str] | None) -> torch.Tensor:
@@ -665,15 +692,23 @@ class DeviceTransforms:
         """Stored (B, C, H, W) of input ``name`` → (standardised channels, valid (B, 1, H, W)). ``x_stored`` holds
         all bands of the modality, or those ``bands`` names (storage order, at least the ones these transforms use):
         the result is the same."""
+        y, valid, _ = self.normalize_input_channels(name, x_stored, bands)
+        return y, valid
+
+    def normalize_input_channels(self, name: str, x_stored: torch.Tensor, bands: Sequence[str] | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`normalize_input` plus (B, C') bool per output channel: False where a band it derives from is
+        missing in the chip (all nodata), ``None`` when no band can be. Missing bands are 0 in the output."""
         p = self.inputs[name]
         buf = self._buffers(name, x_stored.device)
         x = self._select(name, x_stored, p.bands, p.modality, bands)
         band_valid = self._band_valid(x, p.invalid_values)
-        valid = self._reduce_valid(band_valid, x)
+        present = self._bands_present(band_valid)
+        valid = self._reduce_valid(band_valid, x, present)
         if p.onehot_codes:
             codes = to_device(torch.tensor(p.onehot_codes, dtype=x.dtype), x.device).view(1, -1, 1, 1)
             y = (x == codes).float()  # nodata and unknown codes: all zeros
-            return y, valid
+            return y, valid, None if present is None else present[:, :1].expand(-1, y.shape[1])
         if x.is_floating_point() and band_valid is not None:
             xf = torch.where(band_valid, x.float(), 0.0)  # NaN out before any arithmetic
         else:
@@ -710,12 +745,28 @@ class DeviceTransforms:
         if ratio is not None:
             parts.append(ratio)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return y, valid
+        if present is None:
+            return y, valid, None
+        chans = [present if len(p.linear) == present.shape[1] else present.index_select(1, buf["linear"])]
+        for j in p.phase_sincos:
+            chans += [present[:, j:j + 1]] * 2
+        for j in p.phase_reref:
+            chans.append(present[:, j:j + 1])
+        if p.ratio_pairs:
+            chans.append(present.index_select(1, buf["ratio_a"]) & present.index_select(1, buf["ratio_b"]))
+        return y, valid, chans[0] if len(chans) == 1 else torch.cat(chans, 1)
 
     def prepare_target(self, name: str, x_stored: torch.Tensor,
                        bands: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored target (all bands, or those ``bands`` names) → (int64 (B, H, W) classes | float32 (B, C, H, W)
         physical, valid (B, 1, H, W))."""
+        y, valid, _ = self.prepare_target_channels(name, x_stored, bands)
+        return y, valid
+
+    def prepare_target_channels(self, name: str, x_stored: torch.Tensor, bands: Sequence[str] | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`prepare_target` plus (B, C) bool per band of a continuous target: False where the chip lacks the
+        band (all nodata); ``None`` for categorical targets or when no band can be missing."""
         p = self.targets[name]
         buf = self._buffers(name, x_stored.device)
         x = self._select(name, x_stored, p.bands, p.modality, bands)
@@ -731,13 +782,14 @@ class DeviceTransforms:
                 y = torch.where(sc[pos] == x, order[pos], self.ignore_index)
                 for v in p.invalid_values:
                     y = torch.where(x == v, self.ignore_index, y)
-            return y, (y != self.ignore_index).unsqueeze(1)
+            return y, (y != self.ignore_index).unsqueeze(1), None
         band_valid = self._band_valid(x, p.invalid_values)
-        valid = self._reduce_valid(band_valid, x)
+        present = self._bands_present(band_valid)
+        valid = self._reduce_valid(band_valid, x, present)
         y = x.float() * buf["scale"]
         if band_valid is not None:
             y = torch.where(band_valid, y, 0.0)
-        return y, valid
+        return y, valid, present
 
     def denormalize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Inverse of the input standardisation: channels of ``name`` back in physical units (sin/cos and one-hot
@@ -782,11 +834,14 @@ class DeviceTransforms:
                 return _warp(v.float(), theta, out_px, "nearest") > 0.5
             return dihedral(v, d)
 
+        # samples lacking an optional member (``<mod>_present`` False, from the loader): zeros, nothing valid
+        present = {n: batch[f"{n}_present"].to(dev).bool().view(-1) for n in names if f"{n}_present" in batch}
+        drop_dev = self._dropout(params["drop"], present, dev) if self.train else {}
         noise_gen = None
         for name, p in self.inputs.items():
             if name not in batch:
                 raise KeyError(f"transforms: batch has no input {name!r} (keys: {', '.join(map(str, batch))})")
-            y, valid = self.normalize_input(name, batch[name], carried.get(name))
+            y, valid, chan_valid = self.normalize_input_channels(name, batch[name], carried.get(name))
             warped = any_crop or y.shape[-1] != p.out_px
             y = geom(y, y.shape[-1], p.out_px, "bilinear")
             valid = geom_mask(valid, valid.shape[-1], p.out_px)
@@ -806,15 +861,38 @@ class DeviceTransforms:
                 del noise
             if self.train:
                 drop = params["drop"][name]
-                if bool(drop.any()):
-                    y.index_fill_(0, to_device(torch.nonzero(drop).flatten(), dev), 0.0)
-                out[f"{name}_dropped"] = to_device(drop, dev)
+                if bool(drop.any()):  # host-side draw: no device value is read
+                    y.mul_((~drop_dev[name]).view(-1, 1, 1, 1))
+                out[f"{name}_dropped"] = drop_dev[name]
+            if name in present:
+                pr = present[name]
+                valid = valid & pr.view(-1, 1, 1, 1)
+                chan_valid = pr.view(-1, 1).expand(-1, y.shape[1]) if chan_valid is None else \
+                    chan_valid & pr.view(-1, 1)
+                out[f"{name}_present"] = pr
+            if chan_valid is None:
+                chan_valid = torch.ones(bsz, y.shape[1], dtype=torch.bool, device=dev)
+            else:  # missing bands and absent members stay 0 after noise and resampling
+                y.mul_(chan_valid.view(*chan_valid.shape, 1, 1))
             out[name] = y
             out[f"{name}_valid"] = valid
+            out[f"{name}_channel_valid"] = chan_valid
         for name, p in self.targets.items():
             if name not in batch:
                 raise KeyError(f"transforms: batch has no target {name!r} (keys: {', '.join(map(str, batch))})")
-            y, valid = self.prepare_target(name, batch[name], carried.get(name))
+            y, valid, chan = self.prepare_target_channels(name, batch[name], carried.get(name))
+            if not p.categorical:  # which target bands the chip has (a missing one is never scored)
+                out[f"{name}_channel_valid"] = chan if chan is not None else \
+                    torch.ones(bsz, y.shape[1], dtype=torch.bool, device=dev)
+            if name in present:
+                pr = present[name]
+                out[f"{name}_present"] = pr
+                if p.categorical:
+                    y = y.masked_fill(~pr.view(-1, 1, 1), self.ignore_index)
+                else:
+                    y = y * pr.view(-1, 1, 1, 1)
+                    valid = valid & pr.view(-1, 1, 1, 1)
+                    out[f"{name}_channel_valid"] = out[f"{name}_channel_valid"] & pr.view(-1, 1)
             if p.categorical:
                 if any_crop or y.shape[-1] != p.out_px:
                     # class indices and -100 are exact in float32; nearest never mixes them

@@ -29,11 +29,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Catalog:
-    """The index rows eligible for one split: every requested member present, region selected.
+    """The index rows eligible for one split: every required member present (and at least ``min_present`` of the
+    ``present_of`` modalities), region selected.
 
     ``rows`` are positions in the index table, in index order (shard by shard); ``region`` are codes into
     ``region_names``; ``shard`` number the distinct shards (0..S-1, in the order of the index's shard column,
-    which may hold names or codes).
+    which may hold names or codes). ``excluded`` counts the rows left out per required modality (and under
+    ``min_present``); ``presence`` counts, per region, the eligible rows that carry each requested modality.
     """
 
     split: str
@@ -42,6 +44,7 @@ class Catalog:
     region: np.ndarray
     shard: np.ndarray
     excluded: Mapping[str, int] = field(default_factory=dict)
+    presence: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -58,15 +61,29 @@ def build_catalog(
     modalities: Sequence[str],
     regions: Sequence[str] | None = None,
     region_codes: np.ndarray | None = None,
+    optional: Sequence[str] = (),
+    min_present: int = 0,
+    present_of: Sequence[str] | None = None,
 ) -> Catalog:
-    """Select the rows of ``split`` in ``regions`` that carry every member in ``modalities``.
+    """Select the rows of ``split`` in ``regions`` that carry every member of ``modalities`` not in ``optional``,
+    and at least ``min_present`` members of ``present_of`` (default: ``modalities``).
 
     ``index`` maps column names of ``index.parquet`` to numpy arrays (``split``, ``region``, ``shard`` as strings;
     ``<modality>_nbytes`` with NaN or a negative value where the member is absent; ``region_codes``, indices into
-    ``region_names`` per row, may be given to spare the string work on big indexes). Rows lacking a member are
-    excluded here, counted per modality and logged, so no worker ever discovers a hole.
+    ``region_names`` per row, may be given to spare the string work on big indexes). Rows lacking a required member
+    are excluded here, counted per modality and logged, so no worker ever discovers a hole; rows lacking an optional
+    member are kept (the reader leaves that member out and the batch says so in ``<modality>_present``).
     """
     region_names = tuple(region_names)
+    modalities = list(modalities)
+    unknown_opt = sorted(set(optional) - set(modalities))
+    if unknown_opt:
+        raise PlanError(f"optional modalities {unknown_opt} are not requested (requested: {modalities})")
+    present_of = list(modalities if present_of is None else present_of)
+    if set(present_of) - set(modalities):
+        raise PlanError(f"min_present counts {sorted(set(present_of) - set(modalities))}, which are not requested")
+    if not 0 <= int(min_present) <= len(present_of):
+        raise PlanError(f"min_present={min_present} must be in 0..{len(present_of)} (of {present_of})")
     if regions is not None:
         unknown = sorted(set(regions) - set(region_names))
         if unknown:
@@ -78,23 +95,37 @@ def build_catalog(
     keep = split_col == split
     if regions is not None:
         keep &= np.isin(region_codes, [code[r] for r in regions])
-    excluded: dict[str, int] = {}
+    present: dict[str, np.ndarray] = {}
     for m in modalities:
         col = sf.nbytes_column(m)
         if col not in index:
             raise PlanError(f"modality {m!r} is not in this shard root's index")
-        present = _present(index[col])
-        missing = keep & ~present
+        present[m] = _present(index[col])
+    excluded: dict[str, int] = {}
+    for m in modalities:
+        if m in optional:
+            continue
+        missing = keep & ~present[m]
         if missing.any():
             excluded[m] = int(missing.sum())
-        keep &= present
+        keep &= present[m]
+    if min_present > 0:
+        count = sum((present[m].astype(np.int64) for m in present_of), np.zeros(len(keep), np.int64))
+        few = keep & (count < int(min_present))
+        if few.any():
+            excluded[f"fewer than {int(min_present)} of {'+'.join(present_of)}"] = int(few.sum())
+        keep &= ~few
     rows = np.flatnonzero(keep).astype(np.int64)
     if excluded:
         log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == split).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
     region = np.asarray(region_codes, dtype=np.int64)[rows]
+    presence = {
+        name: {m: int(present[m][rows[region == r]].sum()) for m in modalities}
+        for r, name in enumerate(region_names) if regions is None or name in regions
+    }
     _, shard = np.unique(np.asarray(index["shard"])[rows], return_inverse=True)
-    return Catalog(split, region_names, rows, region, shard.astype(np.int64), excluded)
+    return Catalog(split, region_names, rows, region, shard.astype(np.int64), excluded, presence)
 
 
 def _present(nbytes: np.ndarray) -> np.ndarray:

@@ -204,15 +204,24 @@ class ShardDataset(torch.utils.data.Dataset):
     ``bands`` maps a modality to the storage indices of the bands to read (the others are not fetched; modalities
     not named: all bands). A batch's tensor of that modality is then ``(B, len(selected), H, W)`` and
     ``batch["bands"][modality]`` names the bands it carries, in storage order.
+
+    ``optional`` modalities may be absent from a sample (the planner kept it): nothing is read for them, their slot
+    holds zeros, and ``batch["<modality>_present"]`` (bool, per sample; there for every modality) is False. A
+    required member that is absent is an error naming the shard and key.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None, index: IndexArrays,
                  modalities: Sequence[Modality], *, compressed: bool, substitutes: Mapping[int, np.ndarray] | None = None,
-                 config: ReaderConfig | None = None, bands: Mapping[str, Sequence[int]] | None = None):
+                 config: ReaderConfig | None = None, bands: Mapping[str, Sequence[int]] | None = None,
+                 optional: Sequence[str] = ()):
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.index = index
         self.modalities = list(modalities)
+        self.optional = frozenset(optional)
+        unknown = sorted(self.optional - {m.name for m in self.modalities})
+        if unknown:
+            raise ValueError(f"optional modalities {unknown} are not read (reading {[m.name for m in modalities]})")
         self.bands = _band_selection(self.modalities, bands)  # modality -> selected storage indices
         # runs of consecutive selected bands; None: all bands, the member is read whole
         self._runs = {m.name: None if len(self.bands[m.name]) == len(m.bands) else _band_runs(self.bands[m.name])
@@ -269,7 +278,7 @@ class ShardDataset(torch.utils.data.Dataset):
         """Host bytes one batch of ``n`` holds: the arrays as allocated (pinned ones are rounded up to a power of
         two by torch's pinned-memory allocator) and the per-sample metadata."""
         arrays = sum(self._buffers.nbytes(shape, dtype) for shape, dtype in self._array_specs(n).values())
-        return arrays + n * (8 + 8 + 8 + 1 + 13)  # region, lon, lat, valid, key
+        return arrays + n * (8 + 8 + 8 + 1 + 13 + len(self.modalities))  # region, lon, lat, valid, key, present
 
     def set_pooled_batches(self, n: int) -> None:
         """Keep at most ``n`` batches of arrays for reuse (the batches alive at once)."""
@@ -299,8 +308,14 @@ class ShardDataset(torch.utils.data.Dataset):
         out = {name: t.numpy() for name, t in tensors.items()}
         rows = self._fill(rows, out, st, counters)
         ix = self.index
+        present = {m.name: self._present(m.name, rows) for m in self.modalities}
+        for name in self.optional:
+            if not present[name].all():
+                out[name][~present[name]] = 0  # nothing was read there (and a reused buffer holds old data)
         small = _pinned_tensor if self._buffers.pinned and not shared else _tensor
         batch: dict[str, Any] = dict(tensors)
+        for name, p in present.items():
+            batch[f"{name}_present"] = small(p)
         batch["key"] = [k.decode() for k in ix.key[rows]]
         batch["region"] = small(ix.region[rows])
         batch["lon"] = small(ix.lon[rows])
@@ -309,6 +324,10 @@ class ShardDataset(torch.utils.data.Dataset):
         batch[BANDS_KEY] = {m.name: [m.bands[i] for i in self.bands[m.name]] for m in self.modalities}
         batch[IO_KEY] = io_tensor(counters, time.perf_counter() - t0)
         return batch
+
+    def _present(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Whether each of ``rows`` has a ``name`` member, from the index."""
+        return (self.index.offsets[name][rows] >= 0) & (self.index.nbytes[name][rows] >= 0)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _fill(self, rows: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
@@ -352,6 +371,8 @@ class ShardDataset(torch.utils.data.Dataset):
             shard = int(ix.shard[row])
             for m in self.modalities:
                 off, nb = int(ix.offsets[m.name][row]), int(ix.nbytes[m.name][row])
+                if (off < 0 or nb < 0) and m.name in self.optional:
+                    continue  # absent: the slot is zeroed and flagged after the batch is read
                 if off < 0 or nb < 0:
                     raise UnreadableSample(f"{ix.shard_names[ix.shard[row]]}: key {ix.key[row].decode()} has no "
                                            f"{m.name} member (the index and the plan disagree)")

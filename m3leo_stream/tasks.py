@@ -380,6 +380,9 @@ class RegressionTask(BaseTask):
         valid = batch.get(f"{self.target}_valid")
         weight = (torch.ones_like(y, dtype=torch.bool) if valid is None else valid.bool().expand_as(y))
         weight = weight & self.row_valid(batch, y.shape[0], y.device).view(-1, 1, 1, 1)
+        chan = batch.get(f"{self.target}_channel_valid")  # (B, C): a band the chip lacks is never scored
+        if chan is not None and chan.shape[-1] == y.shape[1]:
+            weight = weight & chan.bool().view(*chan.shape, 1, 1)
         return pred, y, weight
 
     def loss_terms(self, pred: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,

@@ -168,7 +168,8 @@ def build_datamodule(cfg: DictConfig):
         shuffle_shards=d.get("shuffle_shards", 8), on_unreadable=d.get("on_unreadable", "fail"),
         prefetch_factor=d.get("prefetch_factor", 2), worker_mode=d.get("worker_mode", "thread"),
         readahead_bytes=d.get("readahead_bytes", DEFAULT_READAHEAD_BYTES), copy_ahead=d.get("copy_ahead"),
-        transforms_ahead=bool(d.get("transforms_ahead", False)),
+        transforms_ahead=bool(d.get("transforms_ahead", False)), optional=d.get("optional") or (),
+        min_inputs_present=int(d.get("min_inputs_present", 1)),
     )
 
 

@@ -96,6 +96,7 @@ class SynthConfig:
     chips_per_parquet: int = 16
     rows_per_group: int = 4
     storage_options: dict[str, Any] | None = None
+    absent: dict[str, tuple[str, ...]] | None = None  # region -> modalities it has no file of (Europe has no GUNW)
 
 
 def _rng(*parts: object) -> np.random.Generator:
@@ -402,6 +403,7 @@ def _region_layout(region: str) -> tuple[str, int]:
 
 
 def _chip_files(args: tuple[int, str, grid.Chip, tuple[str, ...]]) -> list[tuple[str, bytes]]:
+    """The files of one chip: each of ``modalities`` unless it is missing for this chip."""
     seed, region, chip, modalities = args
     synth = ChipSynth(seed, region, chip)
     out = []
@@ -420,6 +422,10 @@ def synth(cfg: SynthConfig, workers: int = 1, progress: bool = True) -> dict[str
     for name in cfg.modalities:
         if name not in FOLDERS:
             raise ValueError(f"synth cannot generate modality {name!r}; it generates {', '.join(FOLDERS)}")
+    for region, names in (cfg.absent or {}).items():
+        if region not in cfg.regions or set(names) - set(cfg.modalities):
+            raise ValueError(f"synth absent={{{region!r}: {list(names)}}}: name generated regions {list(cfg.regions)} "
+                             f"and modalities {list(cfg.modalities)}")
     fs, root = get_fs(cfg.out, cfg.storage_options)
     summary: dict[str, int] = {}
     jobs = []
@@ -441,7 +447,9 @@ def synth(cfg: SynthConfig, workers: int = 1, progress: bool = True) -> dict[str
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for region, repo, stem, chips, rows, grid_hash, angle in jobs:
-            args = [(cfg.seed, region, c, cfg.modalities) for c, _ in chips]
+            absent = set((cfg.absent or {}).get(region, ()))
+            mods = tuple(m for m in cfg.modalities if m not in absent)
+            args = [(cfg.seed, region, c, mods) for c, _ in chips]
             results = pool.map(_chip_files, args, chunksize=2) if pool else map(_chip_files, args)
             files = 0
             if cfg.parquet:

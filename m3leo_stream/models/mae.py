@@ -4,7 +4,9 @@ One patch embedding per input modality (a strided convolution), a shared ViT enc
 embeddings plus a learned embedding per modality, random masking of ``mask_ratio`` of all tokens (over every
 modality jointly), and a light decoder that reconstructs every modality's masked patches of the standardised
 inputs (optionally per-patch normalised, ``norm_pix_loss``). The loss is computed per modality over masked patches,
-weighted by the ``<mod>_valid`` pixel masks, and leaves out modalities dropped for a sample (``<mod>_dropped``).
+weighted by the ``<mod>_valid`` pixel masks and the ``<mod>_channel_valid`` channel masks (missing bands), and leaves
+out modalities dropped for a sample (``<mod>_dropped``) or absent from it (``<mod>_present`` False): their tokens are
+always masked and never scored.
 
 The ViT blocks are ``torch.nn.TransformerEncoderLayer(norm_first=True, batch_first=True)`` (pre-norm, GELU MLP) —
 the same block layout as timm's ``Block`` — because timm (and torchvision) cannot be installed next to the torch
@@ -160,6 +162,17 @@ class MultiModalEncoder(nn.Module):
         return z.transpose(1, 2).reshape(b, self.dim, grid, grid)
 
 
+def _hidden(batch: Mapping[str, Any], m: str, device: torch.device) -> torch.Tensor | None:
+    """(B,) bool: modality ``m`` is dropped (``<m>_dropped``) or absent (``<m>_present`` False) for the sample;
+    ``None`` when the batch says neither."""
+    dropped, present = batch.get(f"{m}_dropped"), batch.get(f"{m}_present")
+    out = None if dropped is None else dropped.to(device).bool().view(-1)
+    if present is not None:
+        absent = ~present.to(device).bool().view(-1)
+        out = absent if out is None else out | absent
+    return out
+
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) → (B, N, p·p·C) patches in row-major order (channel last within a patch)."""
     b, c, h, w = x.shape
@@ -221,16 +234,16 @@ class MultiModalMAE(nn.Module):
 
     def random_mask(self, b: int, mods: Sequence[str], n: int, batch: Mapping[str, Any], device: torch.device,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token order by random noise; tokens of dropped modalities sort last (always masked).
+        """Token order by random noise; tokens of dropped or absent modalities sort last (always masked).
 
         Returns (ids_shuffle, ids_restore, mask) with ``mask`` 1 where masked, (B, M·N)."""
         total = len(mods) * n
         keep = max(1, int(round(total * (1 - self.mask_ratio))))
         noise = torch.rand(b, total, device=device, generator=generator)
         for i, m in enumerate(mods):
-            dropped = batch.get(f"{m}_dropped")
-            if dropped is not None:
-                noise[:, i * n:(i + 1) * n] += 2.0 * dropped.to(device).float().view(-1, 1)
+            hidden = _hidden(batch, m, device)
+            if hidden is not None:
+                noise[:, i * n:(i + 1) * n] += 2.0 * hidden.float().view(-1, 1)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         mask = torch.ones(b, total, device=device)
@@ -275,14 +288,21 @@ class MultiModalMAE(nn.Module):
                 weight = weight.float() * mask[:, i * n:(i + 1) * n].unsqueeze(-1)
             else:
                 weight = mask[:, i * n:(i + 1) * n].unsqueeze(-1).expand(-1, -1, p * p)
-            dropped = batch.get(f"{m}_dropped")
-            if dropped is not None:
-                weight = weight * (~dropped.to(weight.device).bool()).float().view(-1, 1, 1)
+            hidden = _hidden(batch, m, weight.device)
+            if hidden is not None:
+                weight = weight * (~hidden).float().view(-1, 1, 1)
             rowvalid = batch.get("valid")
             if isinstance(rowvalid, torch.Tensor):
                 weight = weight * rowvalid.to(weight.device).float().view(-1, 1, 1)
-            wsum = weight.sum() * c  # scored values: pixels × channels
-            sq = ((pred - target) ** 2).view(b, n, p * p, c).sum(-1)
+            sq = (pred - target) ** 2
+            chan = batch.get(f"{m}_channel_valid")  # (B, C): False for a band missing in that chip
+            if chan is not None:
+                cw = chan.to(weight.device).float()
+                sq = sq.view(b, n, p * p, c) * cw.view(b, 1, 1, c)
+                wsum = (weight.sum((1, 2)) * cw.sum(1)).sum()  # scored values: pixels × present channels
+            else:
+                wsum = weight.sum() * c  # scored values: pixels × channels
+            sq = sq.view(b, n, p * p, c).sum(-1)
             err = (sq * weight).sum()
             loss_m = err / wsum.clamp(min=1.0)
             out[f"pred/{m}"] = pred

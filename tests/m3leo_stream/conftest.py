@@ -23,3 +23,18 @@ def uneven_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uneven") / "shards"
     build(BuildConfig(str(src), str(out), shard_size=8_800_000, workers=1, progress=False))
     return out
+
+
+MIXED_MODALITIES = ("s2rgbm", "gssic", "gunw", "esawc")
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tmp_path_factory) -> Path:
+    """Two regions that differ in what they have: europe has no GUNW at all (as in the release), conus lacks it for
+    ~20 % of its chips and GSSIC for a few (``.skipped`` files), and S2 chips miss whole months (all-nodata bands)."""
+    src = tmp_path_factory.mktemp("mixed-src")
+    synth(SynthConfig(str(src), regions=("conus", "europe"), chips_per_region=12, seed=3,
+                      modalities=MIXED_MODALITIES, absent={"europe": ("gunw",)}), progress=False)
+    out = tmp_path_factory.mktemp("mixed") / "shards"
+    build(BuildConfig(str(src), str(out), shard_size=40_000_000, workers=1, progress=False))
+    return out

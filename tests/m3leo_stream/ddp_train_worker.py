@@ -2,7 +2,7 @@
 
 Runs ``m3leo_stream.train.run`` on the Hydra overrides given on the command line, with one extra callback that
 writes ``<out>/rank<r>.json``: the global step, and per parameter a digest of its final values (to compare across
-ranks) and whether it ever had a gradient.
+ranks), whether it ever had a gradient and whether its values are finite.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class ParameterDigest(pl.Callback):
         with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
                        "no_grad": sorted(set(trainable) - self.had_grad),
+                       "nonfinite": [n for n, p in pl_module.named_parameters() if not p.detach().isfinite().all()],
                        "strategy": type(trainer.strategy).__name__}, f)
 
 

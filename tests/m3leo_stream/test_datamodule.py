@@ -315,3 +315,127 @@ def test_device_transforms_give_the_same_batches_from_selected_bands(small_shard
         if step == 2:
             break
     assert 0 < sel.loader_metrics()["bytes"] < 0.25 * full.loader_metrics()["bytes"]
+
+
+# -- optional modalities ---------------------------------------------------------------------------------------
+
+MIXED_INPUTS = ["s2rgbm", "gssic", "gunw"]
+
+
+def _presence(root: Path) -> dict[str, dict[str, bool]]:
+    """key -> modality -> whether the index has its member."""
+    t = pq.read_table(root / "index.parquet").to_pydict()
+    return {k: {m: t[f"{m}_nbytes"][i] is not None for m in MIXED_INPUTS} for i, k in enumerate(t["key"])}
+
+
+def _sample_json(root: Path, key: str) -> dict:
+    t = pq.read_table(root / "index.parquet").to_pydict()
+    i = t["key"].index(key)
+    with open(root / t["shard"][i], "rb") as f:
+        f.seek(t["json_offset"][i])
+        return json.loads(f.read(t["json_nbytes"][i]))
+
+
+def test_optional_modalities_keep_every_sample_and_required_ones_exclude(mixed_shards, caplog):
+    has = _presence(mixed_shards)
+    train = set(split_keys(mixed_shards, "train"))
+    with caplog.at_level("INFO"):
+        opt = M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, optional=["gssic", "gunw"], batch_size=4,
+                              num_workers=0)
+        cat = opt.catalog("train")
+    assert len(cat) == len(train) and cat.excluded == {}
+    assert cat.presence["europe"]["gunw"] == 0 and 0 < cat.presence["conus"]["gunw"] < cat.region_counts()["conus"]
+    assert "europe: s2rgbm" in caplog.text and "gunw 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        req = M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, batch_size=4, num_workers=0).catalog("train")
+    assert len(req) == sum(all(has[k].values()) for k in train) and req.region_counts()["europe"] == 0
+    assert "excluded for missing members" in caplog.text
+    with pytest.raises(ValueError, match="optional modalities"):
+        M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, optional=["esawc"])
+    with pytest.raises(ValueError, match="min_inputs_present"):
+        M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, min_inputs_present=4)
+
+
+def test_batches_flag_absent_members_hold_zeros_and_never_read_them(mixed_shards, monkeypatch):
+    from m3leo_stream.reader import ShardDataset
+
+    has = _presence(mixed_shards)
+    planned: list[tuple[str, str]] = []
+    plan = ShardDataset._plan_requests
+
+    def recording(self, rows, slots):
+        reqs = plan(self, rows, slots)
+        planned.extend((self.index.key[int(rows[p.slot])].decode(), p.name) for r in reqs for p in r.parts)
+        return reqs
+
+    monkeypatch.setattr(ShardDataset, "_plan_requests", recording)
+    dm = M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, optional=["gssic", "gunw"], batch_size=4,
+                         num_workers=0)
+    seen, absent = 0, 0
+    for b in dm.train_dataloader():  # the batch arrays are reused across batches: absent slots must be re-zeroed
+        for i, key in enumerate(b["key"]):
+            for m in MIXED_INPUTS:
+                assert bool(b[f"{m}_present"][i]) == has[key][m]
+                if not has[key][m]:
+                    absent += 1
+                    assert not b[m][i].any(), f"{key} {m}: absent but not zero"
+                else:
+                    assert b[m][i].any()
+            seen += 1
+    assert seen == len(dm.catalog("train")) and absent > 0
+    assert not [(k, m) for k, m in planned if not has[k][m]], "an absent member was requested"
+    assert {(k, m) for k, m in planned} == {(k, m) for k in split_keys(mixed_shards, "train") for m in MIXED_INPUTS
+                                            if has[k][m]}
+
+
+def test_transforms_zero_absent_members_and_mask_missing_bands(mixed_shards):
+    has = _presence(mixed_shards)
+    cfg = {"grid": {"size": 32}, "train": {"noise": {"p": 1.0, "std": 0.5}}}
+    dm = M3LEODataModule(str(mixed_shards), inputs=MIXED_INPUTS, optional=["gssic", "gunw"], batch_size=4,
+                         num_workers=0, transforms=cfg)
+    t = dm.device_transforms(train=True)
+    s2 = dm.modalities["s2rgbm"]
+    missing_seen = 0
+    for step, raw in enumerate(dm.train_dataloader()):
+        out = t(raw, step=step)
+        for i, key in enumerate(out["key"]):
+            for m in ("gssic", "gunw"):
+                pr = has[key][m]
+                assert bool(out[f"{m}_present"][i]) == pr
+                if not pr:  # zeros (the mean), nothing valid, no channel valid — after noise and geometry
+                    assert not out[m][i].any() and not out[f"{m}_valid"][i].any()
+                    assert not out[f"{m}_channel_valid"][i].any()
+            missing = set(_sample_json(mixed_shards, key)["modalities"]["s2rgbm"].get("missing_bands", []))
+            chan = out["s2rgbm_channel_valid"][i]
+            assert [t.channels["s2rgbm"][j] for j in range(len(chan)) if not chan[j]] == \
+                [b for b in s2.bands if b in missing]  # the build's record, derived on the device
+            if missing:
+                missing_seen += 1
+                gone = [j for j, b in enumerate(t.channels["s2rgbm"]) if b in missing]
+                assert not out["s2rgbm"][i, gone].any()
+                # a missing month does not invalidate the others: the raw present bands decide
+                x = raw["s2rgbm"][i]
+                keep = [j for j, b in enumerate(s2.bands) if b not in missing]
+                want = (x[keep] != 0).all(0)
+                _, valid, _ = t.normalize_input_channels("s2rgbm", x[None], raw["bands"]["s2rgbm"])
+                assert want.any() and torch.equal(valid[0, 0], want)
+        assert torch.isfinite(out["gssic"]).all() and torch.isfinite(out["gunw"]).all()
+    assert missing_seen > 0
+
+
+def test_the_plan_fingerprint_includes_the_policy(mixed_shards):
+    a = M3LEODataModule(str(mixed_shards), inputs=["s2rgbm"], targets=["esawc"], optional=["s2rgbm"],
+                        batch_size=4, num_workers=0)
+    b = M3LEODataModule(str(mixed_shards), inputs=["s2rgbm"], targets=["esawc"], batch_size=4, num_workers=0)
+    assert len(a.catalog("train")) == len(b.catalog("train"))  # the same samples: only the policy differs
+    la = a.train_dataloader()
+    it = iter(la)
+    next(it)
+    state = la.state_dict()
+    assert state["m3leo"]["policy"] == {"optional": ["s2rgbm"], "min_inputs_present": 1}
+    with pytest.raises(ValueError, match="policy"):
+        b.train_dataloader().load_state_dict(state)
+    a2 = M3LEODataModule(str(mixed_shards), inputs=["s2rgbm"], targets=["esawc"], optional=["s2rgbm"],
+                         batch_size=4, num_workers=0)
+    a2.train_dataloader().load_state_dict(state)  # the same policy resumes

@@ -142,3 +142,41 @@ def test_unet_shapes_any_size():
     u = UNet({"a": 3, "b": 2}, 7, width=4, depth=3)
     y = u({"a": torch.randn(2, 3, 30, 30), "b": torch.randn(2, 2, 15, 15)})
     assert y.shape == (2, 7, 30, 30)
+
+
+def test_mae_loss_ignores_absent_members_and_missing_bands_by_value():
+    """An absent member (``<mod>_present`` False) is masked like a dropped one and never scored; a missing band
+    (``<mod>_channel_valid`` False) is left out of the mean; everything else is scored as before."""
+    m = tiny_mae()
+    b = batch(b=3)
+    b["s2rgbm_present"] = torch.tensor([True, False, True])
+    b["gssic_present"] = torch.tensor([False, False, False])  # a whole batch without gssic
+    b["s1grd_channel_valid"] = torch.tensor([[True, False, True, True], [True] * 4, [False, False, True, True]])
+    b["s1grd_valid"][1, :, 8:16] = False
+    g = torch.Generator().manual_seed(5)
+    out = m(b, generator=g)
+    n = 16  # tokens per modality (32 px, patch 8)
+    assert out["mask"][1, n:2 * n].eq(1).all() and out["mask"][:, 2 * n:].eq(1).all()
+    assert out["weight/gssic"] == 0 and out["loss/gssic"] == 0
+    # s1grd: the mean over masked valid pixels × channels present in the chip
+    p, c = 8, CH["s1grd"]
+    target = patchify(b["s1grd"], p).view(3, n, p * p, c)
+    pix = patchify(b["s1grd_valid"].float(), p) * out["mask"][:, :n].unsqueeze(-1)
+    w = pix.unsqueeze(-1) * b["s1grd_channel_valid"].float().view(3, 1, 1, c)
+    sq = (out["pred/s1grd"].view(3, n, p * p, c) - target) ** 2
+    assert torch.allclose(out["loss/s1grd"], (sq * w).sum() / w.sum(), rtol=1e-5)
+    assert out["weight/s1grd"] == w.sum()
+    # s2rgbm: only the present rows count
+    t2 = patchify(b["s2rgbm"], p)
+    w2 = out["mask"][:, n:2 * n].unsqueeze(-1) * torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)
+    assert torch.allclose(out["loss/s2rgbm"], ((out["pred/s2rgbm"] - t2) ** 2 * w2).sum() / (w2.sum() * p * p * 3),
+                          rtol=1e-5)
+    assert torch.allclose(out["loss"], (out["loss/s1grd"] + out["loss/s2rgbm"]) / 2)
+    # garbage in absent members and missing bands changes nothing the loss sees of them
+    b2 = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+    b2["gssic"] = torch.full_like(b["gssic"], 1e6)
+    b2["s2rgbm"][1] = 1e6
+    out2 = m(b2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out2["loss"], out["loss"])
+    assert torch.isfinite(out2["loss"])
+    assert unused_parameters(m, out["loss"]) == []

@@ -136,3 +136,26 @@ def test_eval_plan_covers_every_sample_once_with_flagged_padding():
         assert sorted(real) == sorted(cat.rows.tolist())
         assert len(refs) - len(real) == plan.num_batches * world * batch - n
         assert all((x & ~int(PAD_FLAG)) in set(cat.rows.tolist()) for x in refs)
+
+
+def test_optional_members_keep_samples_and_are_counted_per_region():
+    idx = make_index(SIZES, missing_every=4)
+    train = idx["split"] == "train"
+    kept = build_catalog(idx, "train", REGIONS, ["a", "b"], optional=["b"])
+    assert len(kept) == int(train.sum()) and kept.excluded == {}
+    for r in REGIONS:
+        rows = train & (idx["region"] == r)
+        assert kept.presence[r] == {"a": int(rows.sum()), "b": int((rows & ~np.isnan(idx["b_nbytes"])).sum())}
+    # at least both present: the same rows as requiring b, counted under the rule
+    both = build_catalog(idx, "train", REGIONS, ["a", "b"], optional=["a", "b"], min_present=2)
+    required = build_catalog(idx, "train", REGIONS, ["a", "b"])
+    assert np.array_equal(both.rows, required.rows) and list(both.excluded.values()) == [required.excluded["b"]]
+    # a region without any b keeps all its samples, and its count of b is 0
+    idx["b_nbytes"][idx["region"] == "r2"] = np.nan
+    gone = build_catalog(idx, "train", REGIONS, ["a", "b"], optional=["b"])
+    assert gone.presence["r2"]["b"] == 0 and gone.region_counts()["r2"] == SIZES["r2", "s0"] + SIZES["r2", "s1"]
+    assert build_catalog(idx, "train", REGIONS, ["a", "b"]).region_counts()["r2"] == 0
+    with pytest.raises(PlanError, match="optional modalities"):
+        build_catalog(idx, "train", REGIONS, ["a"], optional=["c"])
+    with pytest.raises(PlanError, match="min_present"):
+        build_catalog(idx, "train", REGIONS, ["a"], min_present=2)

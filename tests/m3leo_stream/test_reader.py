@@ -291,7 +291,8 @@ def test_batch_nbytes_is_what_a_batch_allocates(uneven_shards):
     ds = _dm(uneven_shards, 0).train_dataloader().dataset
     batch = ds.__getitems__(list(range(5)))
     arrays = sum(batch[k].numel() * batch[k].element_size() for k in INPUTS + TARGETS)
-    meta = sum(batch[k].numel() * batch[k].element_size() for k in ("region", "lon", "lat", "valid"))
+    meta = sum(batch[k].numel() * batch[k].element_size()
+               for k in ("region", "lon", "lat", "valid", *(f"{m}_present" for m in INPUTS + TARGETS)))
     assert ds.batch_nbytes(5) == arrays + meta + 5 * 13  # + the 13-character keys
     pinned = _BufferPool(keep=1)
     pinned.pinned = True  # what torch's pinned allocator takes: sizes rounded up to a power of two

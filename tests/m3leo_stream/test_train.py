@@ -327,3 +327,27 @@ def test_build_datamodule_passes_the_loader_keys():
     assert (dm.readahead_bytes, dm.copy_ahead, dm.transforms_ahead) == (123, False, True)
     dm = build_datamodule(compose_cfg(["experiment=demo", "data.root=/x", "data.readahead_bytes=null"]))
     assert dm.readahead_bytes is None
+
+
+@pytest.mark.slow
+def test_pretrain_with_an_optional_modality_uses_every_sample_of_every_region(mixed_shards, tmp_path, caplog):
+    """europe has no GUNW and some conus chips lack it: optional (the default for inputs), one epoch consumes every
+    training sample of both regions; required, only the samples carrying it, with the exclusions logged."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(mixed_shards / "index.parquet", columns=["key", "split", "gunw_nbytes"]).to_pydict()
+    train = {k for k, s in zip(t["key"], t["split"]) if s == "train"}
+    with_gunw = {k for k, s, n in zip(t["key"], t["split"], t["gunw_nbytes"]) if s == "train" and n is not None}
+    assert len(train) == 16 and with_gunw < train
+    extra = ["trainer.precision=32-true", "data.inputs=[s2rgbm,gssic,gunw]", "trainer.val_check_interval=4"]
+    res = run_exp("pretrain_mae", mixed_shards, tmp_path / "opt",
+                  extra + ["trainer.max_steps=4", f"record_keys_dir={tmp_path / 'keys_opt'}"])
+    keys = [line.split("\t")[2] for line in _keys(tmp_path / "keys_opt")]
+    assert res["global_step"] == 4 and len(keys) == 16 and set(keys) == train
+    assert "val/loss/gunw" in res["metrics"]
+    with caplog.at_level("INFO"):
+        res = run_exp("pretrain_mae", mixed_shards, tmp_path / "req",
+                      extra + ["data.optional=[]", "trainer.max_steps=2", f"record_keys_dir={tmp_path / 'keys_req'}"])
+    keys = [line.split("\t")[2] for line in _keys(tmp_path / "keys_req")]
+    assert len(keys) == 8 and set(keys) <= with_gunw
+    assert "excluded for missing members" in caplog.text and "gunw:" in caplog.text

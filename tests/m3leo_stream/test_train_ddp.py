@@ -98,3 +98,14 @@ def test_finetune_from_mae_trains_under_ddp(small_shards, tmp_path):
     enc = MultiModalEncoder(info["in_channels"], size="custom", dim=32, depth=1, heads=2, patch_size=8)
     save_encoder(enc, str(tmp_path / "encoder.pt"))
     check_ranks(run_ddp([*over, f"model.encoder={tmp_path / 'encoder.pt'}"], tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_pretraining_with_a_modality_absent_from_every_rank_batch_trains_under_ddp(mixed_shards, tmp_path):
+    """europe has no GUNW: with gunw optional, every batch of both ranks lacks it, yet its patch embedding and head
+    get (zero) gradients, no NaN reaches the parameters and the ranks stay identical."""
+    over = overrides_for("pretrain_mae", mixed_shards, tmp_path / "run") + [
+        "trainer.precision=32-true", "data.inputs=[s2rgbm,gssic,gunw]", "data.regions=[europe]"]
+    ranks = run_ddp(over, tmp_path / "out")
+    check_ranks(ranks)
+    assert ranks[0]["nonfinite"] == [] and ranks[1]["nonfinite"] == []

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import rasterio
 
 from shard_tools import grid
@@ -91,3 +92,14 @@ def test_deterministic(tmp_path):
         x, y = (decode_chip_file(m, (d / p).read_bytes(), str(p), p.stem) for d in (a, b))
         np.testing.assert_array_equal(x.array, y.array)
         assert x.selection == y.selection
+
+
+def test_a_region_can_lack_a_modality_entirely(tmp_path):
+    cfg = SynthConfig(str(tmp_path), ("conus", "europe"), 3, modalities=("esawc", "gunw"), absent={"europe": ("gunw",)})
+    synth(cfg, progress=False)
+    gunw = sorted(p.parent.parent.parent.name for p in tmp_path.glob("*/*/gunw_*/*"))
+    assert gunw and set(gunw) == {"conus"}
+    assert len(list(tmp_path.glob("europe/*/esaworldcover-*/*.tif"))) == 3
+    with pytest.raises(ValueError, match="absent"):
+        synth(SynthConfig(str(tmp_path), ("conus",), 1, modalities=("esawc",), absent={"conus": ("gunw",)}),
+              progress=False)
