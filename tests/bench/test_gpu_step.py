@@ -83,7 +83,7 @@ def _expected_bytes_per_sample() -> int:
         m = REGISTRY[name]
         used = [k for k in m.band_kinds if k != "categorical"]
         arrays += len(used) * math.prod(m.shape[1:]) * np.dtype(m.np_dtype).itemsize
-    return arrays + 8 + 8 + 8 + 1  # region (int64), lon, lat (float64), valid (bool)
+    return arrays + 8 + 8 + 8 + 1 + 3  # region (int64), lon, lat (float64), valid, <mod>_present ×3 (bool)
 
 
 def _model_flops(root: Path, res: dict) -> int:
