@@ -160,6 +160,12 @@ def _header_len(nbytes: int, m: Modality) -> int | None:
     return h if 10 <= h <= _MAX_HEADER else None
 
 
+def member_bound(m: Modality, compressed: bool) -> int:
+    """The most bytes a member of ``m`` can honestly take: its array and the largest ``.npy`` header, and with
+    compression zstd's worst case (a few bytes per 128 KiB block) on top."""
+    return m.nbytes + _MAX_HEADER + ((m.nbytes >> 7) + 4096 if compressed else 0)
+
+
 def _check_header(head: bytes | bytearray | memoryview, m: Modality) -> None:
     """The ``.npy`` header of a member read in parts must describe exactly the registry's array."""
     dtype, shape, fortran, start = sf.npy_header(head)
@@ -399,8 +405,26 @@ class ShardDataset(torch.utils.data.Dataset):
                 requests.append(_Request(shard, off, off + nb, [part]))
         return requests
 
+    def _implausible(self, rows: np.ndarray, slots: np.ndarray) -> dict[int, Exception]:
+        """Slots with a member whose size in the index cannot be true for the registry's array (uncompressed: the
+        array plus an ``.npy`` header; compressed: zstd's worst case on top): refused before anything is allocated
+        or read, so a corrupt index cannot make the reader allocate what it claims."""
+        ix, bad = self.index, {}
+        for m in self.modalities:
+            nb = ix.nbytes[m.name][rows[slots]]
+            limit = member_bound(m, self.compressed)
+            for slot, n in zip(slots[nb > limit], nb[nb > limit]):
+                row = int(rows[slot])
+                bad[int(slot)] = UnreadableSample(
+                    f"{ix.shard_names[ix.shard[row]]} key {ix.key[row].decode()} member {m.name}: the index says "
+                    f"{int(n)} bytes, more than a {m.shape} {m.dtype} array can take ({limit}); corrupt index?")
+        return bad
+
     def _read_slots(self, rows: np.ndarray, slots: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
                     counters: IOCounters) -> list[tuple[int, Exception]]:
+        implausible = self._implausible(rows, slots)
+        if implausible:
+            slots = np.array([s for s in slots if int(s) not in implausible], dtype=np.int64)
         requests = self._plan_requests(rows, slots)
         direct = st["local"] and not self.compressed
         fetch = self._fetch_into if direct else self._fetch
@@ -408,7 +432,7 @@ class ShardDataset(torch.utils.data.Dataset):
             futures = [_run_now(fetch, req, st, counters, out) for req in requests]
         else:
             futures = [st["pool"].submit(fetch, req, st, counters, out) for req in requests]
-        failed: dict[int, Exception] = {}
+        failed: dict[int, Exception] = dict(implausible)
         mods = {m.name: m for m in self.modalities}
         for req, fut in zip(requests, futures):
             try:
@@ -422,7 +446,8 @@ class ShardDataset(torch.utils.data.Dataset):
             except Exception as e:  # noqa: BLE001 - reported per slot below
                 for part in req.parts:  # each slot's error names its key and member
                     key = self.index.key[int(rows[part.slot])].decode()
-                    failed.setdefault(part.slot, UnreadableSample(f"key {key} member {part.name}: {e}"))
+                    why = str(e) or type(e).__name__
+                    failed.setdefault(part.slot, UnreadableSample(f"key {key} member {part.name}: {why}"))
                 continue
             mv = memoryview(data)
             for slot, name, off, nb, kind, first, stop in req.parts:

@@ -298,3 +298,40 @@ def test_batch_nbytes_is_what_a_batch_allocates(uneven_shards):
     pinned.pinned = True  # what torch's pinned allocator takes: sizes rounded up to a power of two
     assert pinned.nbytes((3, 5), np.uint8) == 16 and pinned.nbytes((2, 8), np.float32) == 64
     assert _BufferPool(keep=1).nbytes((3, 5), np.uint8) == 15
+
+
+@pytest.mark.parametrize("claim", [1_500_000_000, 10 ** 12])
+def test_an_absurd_member_size_in_the_index_is_refused_before_any_allocation(uneven_shards, tmp_path, claim):
+    """A corrupt ``nbytes`` (1.5 GB, 1 TB for a member of a few kB) is refused naming shard, key and member, without
+    allocating it (the peak of traced allocations stays small); under ``substitute`` a same-region sample takes
+    its place."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    root = tmp_path / "absurd"
+    shutil.copytree(uneven_shards, root)
+    t = pq.read_table(root / "index.parquet")
+    split = t.column("split").to_pylist()
+    i = split.index("train")
+    nb = t.column("biomass_nbytes").to_pylist()
+    nb[i] = claim
+    t = t.set_column(t.schema.get_field_index("biomass_nbytes"), "biomass_nbytes", pa.array(nb, pa.int64()))
+    pq.write_table(t, root / "index.parquet")
+    key, shard = t.column("key")[i].as_py(), t.column("shard")[i].as_py()
+    ds, rows = _reader(root, ["biomass"])
+    row = list(ds.index.key).index(key.encode())
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnreadableSample) as err:
+            ds.__getitems__([row])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000_000  # nothing near the claim
+    msg = str(err.value)
+    assert shard in msg and key in msg and "biomass" in msg and str(claim) in msg and "corrupt index" in msg
+    sub, _ = _reader(root, ["biomass"], on_unreadable="substitute")
+    sub.substitutes = {int(sub.index.region[row]): np.asarray([r for r in rows if r != row])}
+    batch = sub.__getitems__([row])
+    assert batch["key"] != [key] and io_from_tensor(batch[IO_KEY])[0].substitutions == 1
