@@ -42,7 +42,7 @@ from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import hub
-from shard_tools.downsample import MANIFEST_KEY, block_reduce, check_resolutions, provenance, reduced
+from shard_tools.downsample import MANIFEST_KEY, block_reduce, check_resolutions, entry_json, provenance, stored_entries
 from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.grid import Chip
 from shard_tools.publish import pipe_atomic, put_atomic
@@ -179,9 +179,7 @@ class Plan:
             "format_version": sf.FORMAT_VERSION,
             "args": cfg.content_args(),
             "modalities": [m.name for m in self.modalities],
-            "modality_entries": {m.name: {**m.to_json(), **({MANIFEST_KEY: self.downsampled[m.name]}
-                                                            if m.name in self.downsampled else {})}
-                                 for m in self.modalities},
+            "modality_entries": {m.name: entry_json(m, self.downsampled) for m in self.modalities},
             "regions": self.regions,
             "folders": self.folders,
             "shards": [{"path": s.path, "region": s.region, "split": s.split, "keys": [c.key for c in s.chips],
@@ -205,7 +203,7 @@ def make_plan(cfg: BuildConfig, registry: Registry | None = None) -> Plan:
     registry = registry or registry_for(cfg)
     wanted = registry.select(cfg.modalities)
     resolutions = check_resolutions(cfg.resolutions, registry, cfg.modalities)
-    stored = {m.name: reduced(m, resolutions[m.name]) if m.name in resolutions else m for m in wanted}
+    stored = stored_entries(wanted, resolutions)
     fs, src = get_fs(cfg.src, cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options)
     regions = hub.discover_regions(fs, src, cfg.regions)
     disc = hub.Discrepancies()
@@ -332,8 +330,7 @@ class ShardTask:
 
     def stored(self) -> dict[str, Modality]:
         """The entries of what is written (the downsampled ones with their stored shape)."""
-        return {m.name: reduced(m, self.resolutions[m.name]) if m.name in self.resolutions else m
-                for m in self.modalities}
+        return stored_entries(self.modalities, self.resolutions)
 
 
 def _record_path(root: str, shard_path: str) -> str:
@@ -737,6 +734,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
                          f"(e.g. {other[0]}: {found or 'canonical sizes'}, plan: {resolutions or 'canonical sizes'}); "
                          "every task of a build must be given the same values: build again into a new output location")
     modalities = [Modality.from_json(e) for e in entries.values()]
+    downsampled = {n: e[MANIFEST_KEY] for n, e in entries.items() if MANIFEST_KEY in e}
     columns: dict[str, list[Any]] = {}
     for r in records:
         for col, vals in r["rows"].items():
@@ -784,9 +782,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         "num_samples": table.num_rows,
         "members": members,
         "compression": plan["args"]["compress"],
-        "modalities": {m.name: {**m.to_json(), **({MANIFEST_KEY: entries[m.name][MANIFEST_KEY]}
-                                                  if MANIFEST_KEY in entries[m.name] else {})}
-                       for m in modalities},
+        "modalities": {m.name: entry_json(m, downsampled) for m in modalities},
         "source_folders": plan["folders"],
         "shards": [{"path": r["path"], "region": r["region"], "split": r["split"], "num_samples": r["num_samples"],
                     "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],

@@ -112,6 +112,18 @@ def reduced(m: Modality, px: int) -> Modality:
     return out
 
 
+def stored_entries(modalities: Iterable[Modality], resolutions: Mapping[str, int]) -> dict[str, Modality]:
+    """Name → the registry entry as stored: those in ``resolutions`` at that px (:func:`reduced`), the rest as is."""
+    return {m.name: reduced(m, resolutions[m.name]) if m.name in resolutions else m for m in modalities}
+
+
+def entry_json(m: Modality, downsampled: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``m``'s entry as the plan and the manifest write it: the registry fields, and its :func:`provenance` under
+    :data:`MANIFEST_KEY` when ``downsampled`` has one for it."""
+    extra = {MANIFEST_KEY: downsampled[m.name]} if m.name in downsampled else {}
+    return {**m.to_json(), **extra}
+
+
 def provenance(m: Modality, px: int) -> dict[str, Any]:
     """What the manifest records about a modality stored at ``px`` instead of its canonical size."""
     kinds = dict.fromkeys("categorical" if m.is_categorical else k for k in m.band_kinds)
