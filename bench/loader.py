@@ -15,10 +15,15 @@ mode), each in a fresh process. Repeats alternate the methods; medians are repor
 Band selection: bytes read per sample when the loader reads every band of the inputs (``transforms=None``, as
 before) and when it reads only the bands the experiment's device transforms use, for the ``demo`` and
 ``pretrain_mae`` experiments (their Hydra configs composed as ``train.py`` does). ``--bands-only`` runs just that
-(results in ``bench/results/loader_bands.json``):
+(results in ``bench/results/loader_bands.json``).
+
+Checksums: throughput with every member verified against its digest (the default) and with verification off, side
+by side (``checksum_cost``; in the full run too). ``--checksums-only`` runs just that
+(``bench/results/loader_checksums.json``):
 
     python bench/loader.py --chips-per-region 16 --workers 2 --repeats 3
     python bench/loader.py --bands-only --chips-per-region 4 --workers 2
+    python bench/loader.py --checksums-only --chips-per-region 16 --workers 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -415,6 +420,32 @@ def band_selection(root: str, workers: int, batch: int, epochs: int, repeats: in
     return out
 
 
+def checksum_cost(root: str, workers: int, batch: int, repeats: int) -> dict:
+    """Loader throughput with member checksums verified (the default) and off, side by side: per modality set, in
+    thread and process mode, and reading only the bands of the ``pretrain_mae`` experiment's transforms (per-band
+    digests). Repeats alternate on and off; medians; ``cost`` = 1 - verified / unverified."""
+    inputs, targets, transforms = experiment_data("pretrain_mae")
+    cases = {f"{label}, {mode}": ({"mods": mods, "worker_mode": mode}) for label, mods in SETS.items()
+             for mode in ("thread", "process") if label != "all9" or mode == "thread"}
+    cases["pretrain_mae bands, thread"] = {"mods": inputs + targets, "worker_mode": "thread",
+                                           "transforms": transforms}
+    out = {}
+    print(f"\nchecksum cost ({workers} workers, batch {batch}, medians of {repeats}):")
+    for label, case in cases.items():
+        kw = {k: v for k, v in case.items() if k != "mods"}
+        runs: dict[str, list] = {"verified": [], "unverified": []}
+        for _ in range(max(1, repeats)):
+            for name, verify in (("verified", True), ("unverified", False)):
+                runs[name].append(run_loader(root, case["mods"], workers, batch, 0, verify_checksums=verify, **kw))
+        row = {k: median_rate(v) for k, v in runs.items()}
+        row["cost"] = 1 - row["verified"]["samples_per_s"] / row["unverified"]["samples_per_s"]
+        out[label] = row
+        print(f"  {label:34s} verified {row['verified']['samples_per_s']:8.1f}  unverified "
+              f"{row['unverified']['samples_per_s']:8.1f} samples/s  ({row['verified']['MB_per_s']:7.0f} MB/s)  "
+              f"cost {100 * row['cost']:+5.1f} %")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chips-per-region", type=int, default=24)
@@ -431,10 +462,14 @@ def main() -> None:
     ap.add_argument("--bands-only", action="store_true",
                     help="only the band-selection section (bytes per sample, all bands vs the transforms' bands)")
     ap.add_argument("--band-epochs", type=int, default=5, help="timed train epochs per band-selection measurement")
+    ap.add_argument("--checksums-only", action="store_true",
+                    help="only the checksum section (throughput with member checksums verified and off)")
     ap.add_argument("--rss-of", choices=("thread", "process"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bands_only and args.out == ap.get_default("out"):
         args.out = str(Path(__file__).with_name("results") / "loader_bands.json")
+    if args.checksums_only and args.out == ap.get_default("out"):
+        args.out = str(Path(__file__).with_name("results") / "loader_checksums.json")
     global PASSES
     PASSES = args.passes
     if args.rss_of:
@@ -453,6 +488,16 @@ def main() -> None:
     W, B = args.workers, args.batch_size
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "CPU"},
                      "workers": W, "batch_size": B, "sets": {}}
+    if args.checksums_only:
+        results.pop("sets")
+        results["chips_per_region"], results["passes"] = args.chips_per_region, PASSES
+        results["checksums"] = checksum_cost(str(shards), W, B, args.repeats)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.out}")
+        if not args.work:
+            shutil.rmtree(work)
+        return
     results["band_selection"] = band_selection(str(shards), W, B, args.band_epochs, args.repeats)
     if args.bands_only:
         results.pop("sets")
@@ -494,6 +539,8 @@ def main() -> None:
         for k in METHODS:
             print(f"  {k:16s} {row[k]['samples_per_s']:9.1f} samples/s {row[k]['MB_per_s']:9.1f} MB/s")
         print("  " + "  ".join(f"{k} = {v:.2f}" for k, v in row["ratios"].items()))
+
+    results["checksums"] = checksum_cost(str(shards), W, B, args.repeats)
 
     if not args.skip_s3:
         import s3fs

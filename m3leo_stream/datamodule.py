@@ -133,6 +133,7 @@ class LoaderMetrics:
             "requests": float(self.io.requests),
             "retries": float(self.io.retries),
             "substitutions": float(self.io.substitutions),
+            "checksum_failures": float(self.io.checksum_failures),
             "wait_s": self.wait_s,
             "worker_read_s": self.read_s,
             "batches_read_ahead": float(self.read_ahead),
@@ -303,6 +304,8 @@ class M3LEODataModule(pl.LightningDataModule):
     and the batch holds zeros and ``<modality>_present`` False for it (the others are required: samples lacking
     them are excluded when planning, counted and logged). ``min_inputs_present`` samples must carry at least that
     many of the ``inputs``.
+    ``verify_checksums`` (on by default) checks every member read against the digest the index holds for it (format
+    version 2); a member that differs is read again once, then counts as unreadable (``on_unreadable``).
     """
 
     def __init__(
@@ -334,6 +337,7 @@ class M3LEODataModule(pl.LightningDataModule):
         transforms_ahead: bool = False,
         optional: Sequence[str] = (),
         min_inputs_present: int = 1,
+        verify_checksums: bool = True,
     ):
         super().__init__()
         self.root = str(root)
@@ -350,7 +354,8 @@ class M3LEODataModule(pl.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_shards = int(shuffle_shards)
         self.reader_config = ReaderConfig(io_threads=io_threads, coalesce_gap=coalesce_gap,
-                                          on_unreadable=on_unreadable, **({"retry": dict(retry)} if retry else {}))
+                                          on_unreadable=on_unreadable, verify=bool(verify_checksums),
+                                          **({"retry": dict(retry)} if retry else {}))
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
@@ -414,11 +419,22 @@ class M3LEODataModule(pl.LightningDataModule):
             self.bands = bands_needed(self.transforms_config, root.modalities, inputs=self.inputs,
                                       targets=self.targets)
         columns = ["key", "region", "split", "shard", "lon", "lat"]
+        verify = self.reader_config.verify and sf.has_checksums(root.manifest)
+        if self.reader_config.verify and not verify:
+            log.warning("%s has no member checksums (format version %s): its bytes are read unverified; build it "
+                        "again to have them", self.root, root.manifest.get("format_version"))
+        partial = {m: sel for m, sel in (self.bands or {}).items() if len(sel) < len(root.modalities[m].bands)}
         for m in self.requested:
             columns += [sf.offset_column(m), sf.nbytes_column(m)]
+            if verify:
+                columns.append(sf.checksum_column(m))
+                if m in partial and not root.compressed:
+                    columns.append(sf.band_checksums_column(m))
         t = time.perf_counter()
         table = root.read_index(columns=columns)
-        self._index = IndexArrays.from_table(table, self.requested, self.region_names)
+        self._index = IndexArrays.from_table(table, self.requested, self.region_names,
+                                             shard_bytes={s["path"]: s["bytes"] for s in root.manifest["shards"]},
+                                             band_checksums=partial if verify else None)
         self._table = {
             "split": table.column("split").to_numpy(zero_copy_only=False),
             "shard": self._index.shard,

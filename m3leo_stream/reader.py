@@ -64,12 +64,23 @@ class ReaderConfig:
     # allocate those arrays in pinned (page-locked) memory when CUDA is available, so that the host→device copy
     # reads them directly instead of pinning a second copy; whoever copies them asynchronously must ``fence`` them
     pinned: bool = False
+    # check every member read against the index's digests (where the shard root has them); a mismatch is read
+    # again once (it may have been corrupted in transit), then is an unreadable sample
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.on_unreadable not in ("fail", "substitute"):
             raise ValueError(f"on_unreadable must be 'fail' or 'substitute', not {self.on_unreadable!r}")
         if isinstance(self.retry, Mapping):
             self.retry = RetryPolicy(**self.retry)
+
+
+class BandDigests(NamedTuple):
+    """The chunk digests an index holds for some bands of a modality: ``digests[:, 0]`` is the ``.npy`` header's,
+    ``digests[:, 1 + i]`` that of band ``bands[i]`` (storage index)."""
+
+    bands: tuple[int, ...]
+    digests: np.ndarray  # (rows, 1 + len(bands)) uint64
 
 
 @dataclass(frozen=True)
@@ -84,20 +95,40 @@ class IndexArrays:
     shard_names: tuple[str, ...]
     offsets: Mapping[str, np.ndarray]  # per modality, int64 (-1 where absent)
     nbytes: Mapping[str, np.ndarray]
+    checksums: Mapping[str, np.ndarray] = field(default_factory=dict)  # per modality, uint64 member digests
+    band_checksums: Mapping[str, BandDigests] = field(default_factory=dict)  # for reads of some bands only
+    shard_bytes: np.ndarray | None = None  # int64 size of each shard (by code), from the manifest
 
     @classmethod
-    def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str]) -> IndexArrays:
-        """From a pyarrow table of ``index.parquet`` holding at least the needed columns."""
+    def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str], *,
+                   shard_bytes: Mapping[str, int] | None = None,
+                   band_checksums: Mapping[str, Sequence[int]] | None = None) -> IndexArrays:
+        """From a pyarrow table of ``index.parquet`` holding at least the needed columns; the member digests are
+        taken where the table has them, the chunk digests of the bands named in ``band_checksums``."""
         regions = _codes(table.column("region"))
         unknown = sorted(set(regions[1]) - set(region_names))
         if unknown:
             raise ValueError(f"index rows name regions {unknown} that the manifest does not list")
         remap = np.array([list(region_names).index(r) for r in regions[1]] or [0], dtype=np.int64)
         shard, shard_names = _codes(table.column("shard"))
-        offsets, nbytes = {}, {}
+        offsets, nbytes, sums, band_sums = {}, {}, {}, {}
         for m in modalities:
             offsets[m] = _int_col(table, sf.offset_column(m))
             nbytes[m] = _int_col(table, sf.nbytes_column(m))
+            if sf.checksum_column(m) in table.column_names:
+                sums[m] = table.column(sf.checksum_column(m)).fill_null(0).to_numpy().astype(np.uint64)
+        for m, bands in (band_checksums or {}).items():
+            name = sf.band_checksums_column(m)
+            if name in table.column_names:
+                digests = _list_col(table, name)
+                held = sorted({int(b) for b in bands if 0 <= int(b) < digests.shape[1] - 1})  # the reader checks
+                band_sums[m] = BandDigests(tuple(held), digests[:, [0, *(1 + b for b in held)]])
+        sizes = None
+        if shard_bytes is not None:
+            missing = [n for n in shard_names if n not in shard_bytes]
+            if missing:
+                raise ValueError(f"index rows name shards the manifest does not list (e.g. {missing[0]})")
+            sizes = np.array([int(shard_bytes[n]) for n in shard_names], dtype=np.int64)
         return cls(
             key=table.column("key").to_numpy(zero_copy_only=False).astype("S"),
             region=remap[regions[0]],
@@ -107,6 +138,9 @@ class IndexArrays:
             shard_names=tuple(shard_names),
             offsets=offsets,
             nbytes=nbytes,
+            checksums=sums,
+            band_checksums=band_sums,
+            shard_bytes=sizes,
         )
 
 
@@ -122,6 +156,14 @@ def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
 def _int_col(table: Any, name: str) -> np.ndarray:
     col = table.column(name)
     return col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _list_col(table: Any, name: str) -> np.ndarray:
+    """A fixed-size list column of uint64 as a (rows, size) array (zeros where null)."""
+    col = table.column(name).combine_chunks()
+    size = col.type.list_size
+    values = col.values.fill_null(0).to_numpy().astype(np.uint64).reshape(-1, size)
+    return values[col.offset:col.offset + len(col)]
 
 
 _MEMBER, _HEADER, _BANDS = "member", "header", "bands"  # what a part of a request is
@@ -143,6 +185,16 @@ class _Part(NamedTuple):
     kind: str = _MEMBER
     first: int = 0
     stop: int = 0
+    check: tuple[int, ...] = ()  # digests from the index: the member's, the header's, or each band's of the run
+
+
+class _Fetched(NamedTuple):
+    """A request's bytes (None when they went straight into the batch arrays, whose chunks per part are then in
+    ``chunks``), and the parts found wrong as (slot, member, what)."""
+
+    data: bytes | bytearray | None
+    bad: list[tuple[int, str, str]]
+    chunks: list[list[Any]] | None = None
 
 
 @dataclass
@@ -177,6 +229,18 @@ def _check_header(head: bytes | bytearray | memoryview, m: Modality) -> None:
                              f"{m.shape} {m.np_dtype}")
 
 
+def _header_errors(heads: Iterable[tuple[int, str, Any]], mods: Mapping[str, Modality]) -> list[tuple[int, str, str]]:
+    """(slot, member, what is wrong) for each ``.npy`` header of a member read in parts that does not describe
+    the registry's array."""
+    bad = []
+    for slot, name, head in heads:
+        try:
+            _check_header(head, mods[name])
+        except sf.FormatError as e:
+            bad.append((slot, name, str(e)))
+    return bad
+
+
 def _band_runs(selected: Sequence[int]) -> list[tuple[int, int, int]]:
     """Maximal runs of consecutive storage indices: (first band, last band + 1, position in the selection)."""
     runs: list[tuple[int, int, int]] = []
@@ -186,6 +250,12 @@ def _band_runs(selected: Sequence[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((b, b + 1, pos))
     return runs
+
+
+def _planes(view: memoryview, m: Modality, n: int) -> list[memoryview]:
+    """The ``n`` band planes of a run of consecutive bands of ``m``."""
+    band = m.nbytes // len(m.bands)
+    return [view[i * band:(i + 1) * band] for i in range(n)]
 
 
 def _preadv_all(fd: int, iov: list[Any], offset: int) -> int:
@@ -235,9 +305,26 @@ class ShardDataset(torch.utils.data.Dataset):
         self.compressed = compressed
         self.substitutes = dict(substitutes or {})  # region code -> candidate rows
         self.config = config or ReaderConfig()
+        self._band_chunks = self._band_digest_columns()  # modality -> storage band -> its column in the digests
         self._pid: int | None = None
         self._state_lock = threading.Lock()
         self._buffers = _BufferPool(self.config.pooled_batches, pinned=self.config.pinned)
+
+    def _band_digest_columns(self) -> dict[str, dict[int, int]]:
+        """For modalities read in part whose members have digests: where each selected band's digest is."""
+        out = {}
+        for m in self.modalities:
+            if self._runs[m.name] is None or self.compressed or not self.config.verify \
+                    or m.name not in self.index.checksums:
+                continue
+            held = self.index.band_checksums.get(m.name)
+            lacking = sorted(set(self.bands[m.name]) - set(held.bands if held else ()))
+            if lacking:
+                raise ValueError(f"reading bands {list(self.bands[m.name])} of {m.name}, but the index arrays hold "
+                                 f"the digests of bands {list(held.bands) if held else []} only (build them with "
+                                 "IndexArrays.from_table(..., band_checksums=) for the bands read)")
+            out[m.name] = {b: 1 + i for i, b in enumerate(held.bands)}
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         """For worker processes: per-process resources (locks, pools, files, buffers) are made anew there."""
@@ -384,18 +471,23 @@ class ShardDataset(torch.utils.data.Dataset):
                                            f"{m.name} member (the index and the plan disagree)")
                 runs = self._runs[m.name]
                 hlen = None if runs is None or self.compressed else _header_len(nb, m)
+                sums = ix.checksums.get(m.name) if self.config.verify else None
                 if hlen is None:  # all bands, compressed, or a size that does not fit the registry: the whole member
-                    parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0))
+                    check = () if sums is None else (int(sums[row]),)
+                    parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0, check))
                     continue
-                parts.append((shard, off, hlen, int(slot), m.name, _HEADER, 0, 0))
+                chunk = self._band_chunks.get(m.name)
+                digests = () if chunk is None else tuple(int(d) for d in ix.band_checksums[m.name].digests[row])
+                parts.append((shard, off, hlen, int(slot), m.name, _HEADER, 0, 0, digests[:1]))
                 band = m.nbytes // len(m.bands)
                 for b0, b1, pos in runs:
+                    check = () if chunk is None else tuple(digests[chunk[b]] for b in range(b0, b1))
                     parts.append((shard, off + hlen + b0 * band, (b1 - b0) * band, int(slot), m.name, _BANDS, pos,
-                                  pos + b1 - b0))
+                                  pos + b1 - b0, check))
         parts.sort()
         requests: list[_Request] = []
-        for shard, off, nb, slot, name, kind, first, stop in parts:
-            part = _Part(slot, name, off, nb, kind, first, stop)
+        for shard, off, nb, slot, name, kind, first, stop, check in parts:
+            part = _Part(slot, name, off, nb, kind, first, stop, check)
             last = requests[-1] if requests else None
             if (last is not None and last.shard == shard and off - last.stop <= cfg.coalesce_gap
                     and off + nb - last.start <= cfg.max_request and off >= last.start):
@@ -418,6 +510,16 @@ class ShardDataset(torch.utils.data.Dataset):
                 bad[int(slot)] = UnreadableSample(
                     f"{ix.shard_names[ix.shard[row]]} key {ix.key[row].decode()} member {m.name}: the index says "
                     f"{int(n)} bytes, more than a {m.shape} {m.dtype} array can take ({limit}); corrupt index?")
+            if ix.shard_bytes is None:
+                continue
+            r = rows[slots]
+            end = ix.offsets[m.name][r] + nb
+            size = ix.shard_bytes[ix.shard[r]]
+            for slot, e, n in zip(slots[end > size], end[end > size], size[end > size]):
+                row = int(rows[slot])
+                bad.setdefault(int(slot), UnreadableSample(
+                    f"{ix.shard_names[ix.shard[row]]} key {ix.key[row].decode()} member {m.name}: the index says "
+                    f"it ends at byte {int(e)}, the shard has {int(n)} (manifest); corrupt index?"))
         return bad
 
     def _read_slots(self, rows: np.ndarray, slots: np.ndarray, out: dict[str, np.ndarray], st: dict[str, Any],
@@ -426,22 +528,21 @@ class ShardDataset(torch.utils.data.Dataset):
         if implausible:
             slots = np.array([s for s in slots if int(s) not in implausible], dtype=np.int64)
         requests = self._plan_requests(rows, slots)
-        direct = st["local"] and not self.compressed
-        fetch = self._fetch_into if direct else self._fetch
+        read = self._read_request
         if st["local"] and self.config.inline_local:
-            futures = [_run_now(fetch, req, st, counters, out) for req in requests]
+            futures = [_run_now(read, req, rows, st, counters, out) for req in requests]
         else:
-            futures = [st["pool"].submit(fetch, req, st, counters, out) for req in requests]
+            futures = [st["pool"].submit(read, req, rows, st, counters, out) for req in requests]
         failed: dict[int, Exception] = dict(implausible)
         mods = {m.name: m for m in self.modalities}
         for req, fut in zip(requests, futures):
             try:
-                data = fut.result()
-                if isinstance(data, list):  # read straight into the batch arrays; these headers were wrong
-                    for slot, name, msg in data:
-                        key = self.index.key[int(rows[slot])].decode()
-                        failed.setdefault(slot, UnreadableSample(
-                            f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
+                data, bad, _ = fut.result()
+                for slot, name, msg in bad:
+                    key = self.index.key[int(rows[slot])].decode()
+                    failed.setdefault(slot, UnreadableSample(
+                        f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
+                if data is None:  # read straight into the batch arrays
                     continue
             except Exception as e:  # noqa: BLE001 - reported per slot below
                 for part in req.parts:  # each slot's error names its key and member
@@ -450,7 +551,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     failed.setdefault(part.slot, UnreadableSample(f"key {key} member {part.name}: {why}"))
                 continue
             mv = memoryview(data)
-            for slot, name, off, nb, kind, first, stop in req.parts:
+            for slot, name, off, nb, kind, first, stop, _ in req.parts:
                 if slot in failed:
                     continue
                 row = int(rows[slot])
@@ -462,11 +563,7 @@ class ShardDataset(torch.utils.data.Dataset):
                         out[name][slot, first:stop] = np.frombuffer(view, dtype=m.np_dtype).reshape(
                             stop - first, *m.shape[1:])
                         continue
-                    if kind == _HEADER:
-                        try:
-                            _check_header(view, m)
-                        except sf.FormatError as e:
-                            raise sf.FormatError(f"{where}: {e}") from None
+                    if kind == _HEADER:  # checked by the fetch
                         continue
                     arr = sf.decode_array(view, compressed=self.compressed, where=where)
                     if arr.shape != m.shape or arr.dtype != m.np_dtype:
@@ -478,30 +575,86 @@ class ShardDataset(torch.utils.data.Dataset):
                     failed[slot] = UnreadableSample(str(e))
         return sorted(failed.items())
 
+    def _read_request(self, req: _Request, rows: np.ndarray, st: dict[str, Any], counters: IOCounters,
+                      out: dict[str, np.ndarray]) -> _Fetched:
+        """Fetch a request and check each part against its digests; parts that differ are read once more (bytes
+        can be corrupted in transit) and, if they still differ, reported as bad."""
+        direct = st["local"] and not self.compressed
+        fetch = self._fetch_into if direct else self._fetch
+        got = fetch(req, st, counters, out)
+        wrong = self._mismatched(req, got)
+        if not wrong:
+            return got
+        counters.checksum_failures += len(wrong)
+        counters.retries += 1
+        shard = self.index.shard_names[req.shard]
+        for part, what in wrong:
+            key = self.index.key[int(rows[part.slot])].decode()
+            log.warning("%s key %s member %s: %s; reading it again", shard, key, part.name, what)
+        got = fetch(req, st, counters, out)
+        still = self._mismatched(req, got)
+        if not still:
+            log.warning("%s bytes %d-%d: the second read matches the index (corrupted in transit)", shard, req.start,
+                        req.stop)
+            return got
+        return got._replace(bad=got.bad + [(part.slot, part.name, f"{what} (read twice; the shard or its index is "
+                                             "corrupt)") for part, what in still])
+
+    def _mismatched(self, req: _Request, got: _Fetched) -> list[tuple[_Part, str]]:
+        """The parts of a fetched request whose bytes do not hash to the index's digests, with what differs."""
+        wrong = []
+        bad = {slot for slot, _, _ in got.bad}
+        mods = {m.name: m for m in self.modalities}
+        for i, part in enumerate(req.parts):
+            if not part.check or part.slot in bad:
+                continue
+            if got.chunks is not None:
+                chunks = got.chunks[i]
+            else:
+                view = memoryview(got.data)[part.off - req.start:part.off - req.start + part.nbytes]
+                chunks = _planes(view, mods[part.name], part.stop - part.first) if part.kind == _BANDS else [view]
+            if part.kind == _MEMBER:
+                found: list[int] = [sf.digest(*chunks)]
+            else:
+                found = [sf.digest(c) for c in chunks]
+            for j, (have, want) in enumerate(zip(found, part.check)):
+                if have != want:
+                    m = mods[part.name]
+                    what = {_MEMBER: "bytes", _HEADER: ".npy header",
+                            _BANDS: f"band {m.bands[self.bands[part.name][part.first + j]]}"}[part.kind]
+                    wrong.append((part, f"checksum mismatch: its {what} hash to {have:016x}, the index says "
+                                        f"{want:016x}"))
+                    break
+        return wrong
+
     def _fetch_into(self, req: _Request, st: dict[str, Any], counters: IOCounters,
-                    out: dict[str, np.ndarray]) -> bytes | list[tuple[int, str, str]]:
+                    out: dict[str, np.ndarray]) -> _Fetched:
         """Local, uncompressed shards: ``preadv`` per request scattering each member's array bytes (or each run of
         its selected bands) straight into its batch slot (the ``.npy`` headers and the gaps go to scratch; headers
-        are checked after). Falls back to ``_fetch`` when the member sizes do not match the registry. Returns the
-        members whose header was wrong."""
+        are checked after). Falls back to ``_fetch`` when the member sizes do not match the registry. Reports the
+        members whose header was wrong, and where each part's bytes went."""
         mods = {m.name: m for m in self.modalities}
         iov: list[Any] = []
         headers = []
+        chunks: list[list[Any]] = []
         pos = req.start
-        for slot, name, off, nb, kind, first, stop in req.parts:
+        for slot, name, off, nb, kind, first, stop, _ in req.parts:
             if off < pos:
                 return self._fetch(req, st, counters, out)
             if kind == _BANDS:
                 head, bufs = None, [memoryview(out[name][slot, first:stop]).cast("B")]
+                chunks.append([memoryview(out[name][slot, b]).cast("B") for b in range(first, stop)])
             elif kind == _HEADER:
                 head = bytearray(nb)
                 bufs = [head]
+                chunks.append(bufs)
             else:
                 hlen = _header_len(nb, mods[name])
                 if hlen is None or self._runs[name] is not None:  # the decode names what is wrong
                     return self._fetch(req, st, counters, out)
                 head = bytearray(hlen)
                 bufs = [head, memoryview(out[name][slot]).cast("B")]
+                chunks.append(bufs)
             if off > pos:
                 iov.append(bytearray(off - pos))
             iov += bufs
@@ -515,18 +668,12 @@ class ShardDataset(torch.utils.data.Dataset):
             got = _preadv_all(fd, iov, req.start)
         if got != want:
             return self._fetch(req, st, counters, out)
-        bad = []
-        for slot, mname, head in headers:
-            try:
-                _check_header(head, mods[mname])
-            except sf.FormatError as e:
-                bad.append((slot, mname, str(e)))
         counters.requests += 1
         counters.bytes += want
-        return bad
+        return _Fetched(None, _header_errors(headers, mods), chunks)
 
     def _fetch(self, req: _Request, st: dict[str, Any], counters: IOCounters,
-               out: dict[str, np.ndarray] | None = None) -> bytes:
+               out: dict[str, np.ndarray] | None = None) -> _Fetched:
         name = self.index.shard_names[req.shard]
         path = join(st["path"], name)
         nbytes = req.stop - req.start
@@ -555,7 +702,10 @@ class ShardDataset(torch.utils.data.Dataset):
             raise UnreadableSample(f"{what}: short read ({len(data)} of {nbytes} bytes; truncated shard?)")
         counters.requests += 1
         counters.bytes += nbytes
-        return data
+        mv = memoryview(data)
+        heads = [(p.slot, p.name, mv[p.off - req.start:p.off - req.start + p.nbytes]) for p in req.parts
+                 if p.kind == _HEADER]
+        return _Fetched(data, _header_errors(heads, {m.name: m for m in self.modalities}))
 
     def _pread(self, path: str, offset: int, nbytes: int, st: dict[str, Any]) -> bytearray:
         buf = bytearray(nbytes)

@@ -8,7 +8,13 @@ Layout of a shard root::
     <root>/<region>/<split>/<region>-<split>-NNNNNN.tar
 
 A sample's members are ``<key>.json`` and ``<key>.<modality>.npy`` (``.npy.zst`` when compressed). Arrays are
-C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype and canonical shape.
+C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype and canonical shape, bands first.
+
+Checksums (format version 2): the index holds, per member, ``<modality>_xxh3`` (``json_xxh3`` for the metadata
+member), the XXH3-64 digest (``xxhash.xxh3_64``, seed 0) of the member's stored bytes, as uint64; and for
+uncompressed arrays ``<modality>_band_xxh3``, a fixed-size list of the digests of the member's chunks: its ``.npy``
+header, then each band plane (``(H, W)`` bytes, in storage order), so that a read of some bands only is verified
+exactly (compressed members are read whole). Version 1 roots have no checksums; they are read unverified.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no checksums
+CHECKSUM = "xxh3_64"  # the manifest's ``checksum`` names the digest of the checksum columns
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 STATS = "stats.json"
 SPLITS = ("train", "val", "test")
 KEY_RE = re.compile(r"[0-9a-z_-]+")
 
-JSON_MEMBER = "json"  # index columns json_offset / json_nbytes locate each sample's metadata member
-BASE_INDEX_COLUMNS = ("key", "region", "split", "shard", "lon", "lat", "json_offset", "json_nbytes")
+JSON_MEMBER = "json"  # index columns json_offset / json_nbytes / json_xxh3 locate each sample's metadata member
+BASE_INDEX_COLUMNS = ("key", "region", "split", "shard", "lon", "lat")
 
 
 class FormatError(ValueError):
@@ -64,6 +73,47 @@ def offset_column(modality: str) -> str:
 
 def nbytes_column(modality: str) -> str:
     return f"{modality}_nbytes"
+
+
+def checksum_column(member: str) -> str:
+    """The column of a member's digest (``member``: a modality or :data:`JSON_MEMBER`)."""
+    return f"{member}_xxh3"
+
+
+def band_checksums_column(modality: str) -> str:
+    """The column of an uncompressed member's chunk digests: header, then each band plane."""
+    return f"{modality}_band_xxh3"
+
+
+def digest(*chunks: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """XXH3-64 of the concatenated ``chunks`` (hashed in place, without joining them)."""
+    h = xxhash.xxh3_64()
+    for c in chunks:
+        h.update(c)
+    return h.intdigest()
+
+
+def chunk_digests(header: bytes | bytearray | memoryview, body: memoryview | np.ndarray, num_bands: int) -> list[int]:
+    """Digests of an uncompressed member's chunks: its ``.npy`` header, then each of its ``num_bands`` planes."""
+    body = memoryview(body).cast("B")
+    plane = len(body) // max(1, num_bands)
+    return [xxhash.xxh3_64_intdigest(header)] + [xxhash.xxh3_64_intdigest(body[i * plane:(i + 1) * plane])
+                                                  for i in range(num_bands)]
+
+
+def index_schema(bands: Mapping[str, int], compressed: bool) -> Any:
+    """The pyarrow schema of ``index.parquet`` for modalities with these band counts (name → bands, in order):
+    :data:`BASE_INDEX_COLUMNS`, the metadata member's range and digest, then each modality's."""
+    import pyarrow as pa
+
+    fields = [pa.field("key", pa.string()), pa.field("region", pa.string()), pa.field("split", pa.string()),
+              pa.field("shard", pa.string()), pa.field("lon", pa.float64()), pa.field("lat", pa.float64())]
+    for member in (JSON_MEMBER, *bands):
+        fields += [pa.field(offset_column(member), pa.int64()), pa.field(nbytes_column(member), pa.int64()),
+                   pa.field(checksum_column(member), pa.uint64())]
+        if member != JSON_MEMBER and not compressed:
+            fields.append(pa.field(band_checksums_column(member), pa.list_(pa.uint64(), 1 + bands[member])))
+    return pa.schema(fields)
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -142,9 +192,16 @@ def dumps_json(obj: Any) -> bytes:
 def loads_manifest(data: bytes | str) -> dict[str, Any]:
     manifest = json.loads(data)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"manifest format_version {version!r}; this reader understands {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"manifest format_version {version!r}; this reader understands {READABLE_VERSIONS}")
+    if version >= 2 and manifest.get("checksum") != CHECKSUM:
+        raise FormatError(f"manifest checksum {manifest.get('checksum')!r}; this reader understands {CHECKSUM!r}")
     return manifest
+
+
+def has_checksums(manifest: Mapping[str, Any]) -> bool:
+    """Whether the index holds member checksums (format version 2 and later)."""
+    return int(manifest.get("format_version", 1)) >= 2
 
 
 def manifest_regions(manifest: Mapping[str, Any]) -> list[str]:

@@ -83,12 +83,17 @@ class ShardRoot:
         return self.fs.cat_file(self.file(shard), start=offset, end=offset + nbytes)
 
     def read_member(self, row: Mapping[str, Any], modality: str):
-        """Decode one modality of one index row (a dict with ``shard`` and ``<modality>_offset/_nbytes``)."""
+        """Decode one modality of one index row (a dict with ``shard`` and ``<modality>_offset/_nbytes``, and
+        ``<modality>_xxh3`` when the row has digests: the bytes are then checked against it)."""
         off, n = row.get(sf.offset_column(modality)), row.get(sf.nbytes_column(modality))
         if off is None or n is None:
             raise KeyError(f"sample {row.get('key')} has no {modality} member")
         data = self.read_range(row["shard"], int(off), int(n))
+        where = f"{row['shard']} key {row.get('key')} member {modality}"
+        want = row.get(sf.checksum_column(modality))
+        if want is not None and sf.digest(data) != want:
+            raise sf.FormatError(f"{where}: checksum mismatch: its bytes hash to {sf.digest(data):016x}, the index "
+                                 f"says {want:016x}")
         if modality == sf.JSON_MEMBER:
             return json.loads(data)
-        where = f"{row['shard']} key {row.get('key')} member {modality}"
         return sf.decode_array(data, compressed=self.compressed, where=where)

@@ -155,6 +155,7 @@ class IOCounters:
     retries: int = 0
     failures: int = 0
     substitutions: int = 0
+    checksum_failures: int = 0  # members whose bytes did not match the index's digest when read
 
     def add(self, other: IOCounters) -> None:
         for f in fields(self):

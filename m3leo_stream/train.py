@@ -170,6 +170,7 @@ def build_datamodule(cfg: DictConfig):
         readahead_bytes=d.get("readahead_bytes", DEFAULT_READAHEAD_BYTES), copy_ahead=d.get("copy_ahead"),
         transforms_ahead=bool(d.get("transforms_ahead", False)), optional=d.get("optional") or (),
         min_inputs_present=int(d.get("min_inputs_present", 1)),
+        verify_checksums=bool(d.get("verify_checksums", True)),
     )
 
 

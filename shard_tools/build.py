@@ -447,10 +447,9 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
     mods = {m.name: m for m in task.modalities}
     stored = task.stored()
     stats = StatsSet(stored.values()) if shard.split == "train" else None
-    rows: dict[str, list[Any]] = {c: [] for c in sf.BASE_INDEX_COLUMNS}
-    for m in task.modalities:
-        rows[sf.offset_column(m.name)] = []
-        rows[sf.nbytes_column(m.name)] = []
+    schema = sf.index_schema({m.name: len(m.bands) for m in task.modalities}, task.compress == "zstd")
+    member_columns = schema.names[len(sf.BASE_INDEX_COLUMNS):]
+    rows: dict[str, list[Any]] = {c: [] for c in schema.names}
     errors: list[str] = []
     empty: list[str] = []
     encodings: Counter = Counter()
@@ -531,11 +530,8 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                 for col, val in (("key", job.key), ("region", job.region), ("split", job.split),
                                  ("shard", shard.path), ("lon", lon), ("lat", lat)):
                     rows[col].append(val)
-                for col in (sf.offset_column(sf.JSON_MEMBER), sf.nbytes_column(sf.JSON_MEMBER)):
-                    rows[col].append(ranges[col])
-                for m in task.modalities:
-                    rows[sf.offset_column(m.name)].append(ranges.get(sf.offset_column(m.name)))
-                    rows[sf.nbytes_column(m.name)].append(ranges.get(sf.nbytes_column(m.name)))
+                for col in member_columns:
+                    rows[col].append(ranges.get(col))
                 if stats is not None:
                     for name, array in arrays.items():
                         stats.add(job.region, name, array)
@@ -700,6 +696,21 @@ def _nest(counts: Mapping[str, int]) -> dict[str, dict[str, int]]:
     return out
 
 
+def _check_ranges(table: Any, shard_bytes: Mapping[str, int], members: Sequence[str]) -> None:
+    """Every member's byte range lies inside its shard (the records' sizes), as readers will check it."""
+    enc = table.column("shard").dictionary_encode().combine_chunks()
+    sizes = np.array([shard_bytes[n] for n in enc.dictionary.to_pylist()] or [0], dtype=np.int64)
+    size = sizes[enc.indices.to_numpy(zero_copy_only=False)]
+    for member in members:
+        off = table.column(sf.offset_column(member)).fill_null(0).to_numpy()
+        end = off + table.column(sf.nbytes_column(member)).fill_null(0).to_numpy()
+        bad = np.flatnonzero(end > size)
+        if len(bad):
+            i = int(bad[0])
+            raise BuildError(f"{table.column('shard')[i].as_py()} key {table.column('key')[i].as_py()} member "
+                             f"{member}: its range ends at byte {int(end[i])}, the shard has {int(size[i])}")
+
+
 def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
     """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``."""
     import pyarrow as pa
@@ -739,12 +750,14 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     for r in records:
         for col, vals in r["rows"].items():
             columns.setdefault(col, []).extend(vals)
-    schema = [pa.field("key", pa.string()), pa.field("region", pa.string()), pa.field("split", pa.string()),
-              pa.field("shard", pa.string()), pa.field("lon", pa.float64()), pa.field("lat", pa.float64()),
-              pa.field("json_offset", pa.int64()), pa.field("json_nbytes", pa.int64())]
-    for m in modalities:
-        schema += [pa.field(sf.offset_column(m.name), pa.int64()), pa.field(sf.nbytes_column(m.name), pa.int64())]
-    table = pa.table({f.name: pa.array(columns.get(f.name, []), f.type) for f in schema}, schema=pa.schema(schema))
+    schema = sf.index_schema({m.name: len(m.bands) for m in modalities}, plan["args"]["compress"] == "zstd")
+    lacking = [r["path"] for r in records if sf.checksum_column(sf.JSON_MEMBER) not in r["rows"]]
+    if lacking:
+        raise BuildError(f"{len(lacking)} shards were built without member checksums, by an older version (e.g. "
+                         f"{lacking[0]}): build them again (delete their records under {BUILD_DIR}/shards/), "
+                         "then finalize")
+    table = pa.table({f.name: pa.array(columns.get(f.name, []), f.type) for f in schema}, schema=schema)
+    _check_ranges(table, {r["path"]: r["bytes"] for r in records}, [sf.JSON_MEMBER, *(m.name for m in modalities)])
     keys = table.column("key").to_pylist()
     dup = [k for k, n in Counter(zip(table.column("region").to_pylist(), keys)).items() if n > 1]
     if dup:
@@ -774,6 +787,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     members = {m.name: table.num_rows - table.column(sf.offset_column(m.name)).null_count for m in modalities}
     manifest = {
         "format_version": sf.FORMAT_VERSION,
+        "checksum": sf.CHECKSUM,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
         "builder": {"tool": "m3leo-shards", "version": __version__, "args": plan["args"]},

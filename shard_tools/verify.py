@@ -40,13 +40,14 @@ class _HashingReader:
 
 
 def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str, Any]],
-                 modalities: Mapping[str, Any]) -> list[str]:
+                 modalities: Mapping[str, Any], checksums: bool) -> list[str]:
     problems: list[str] = []
     path = entry["path"]
     full = root.file(path)
     if not root.fs.exists(full):
         return [f"{path}: listed in the manifest but missing"]
     members: dict[str, tuple[int, int]] = {}
+    digests: dict[str, tuple[int, list[int] | None]] = {}  # member → (its digest, its chunk digests)
     decoded: list[str] = []
     with root.fs.open(full, "rb") as f:
         reader = _HashingReader(f)
@@ -54,10 +55,18 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for ti in tar:
                     members[ti.name] = (ti.offset_data, ti.size)
+                    data = tar.extractfile(ti).read() if ti.isfile() else b""  # type: ignore[union-attr]
+                    digests[ti.name] = (sf.digest(data), None)
                     parts = ti.name.split(".")
                     if len(parts) >= 3 and parts[1] in modalities:
-                        data = tar.extractfile(ti).read()  # type: ignore[union-attr]
                         m = modalities[parts[1]]
+                        if not ti.name.endswith(".zst"):
+                            try:
+                                start = sf.npy_header(data)[3]
+                                chunks = sf.chunk_digests(data[:start], memoryview(data)[start:], m["shape"][0])
+                                digests[ti.name] = (digests[ti.name][0], chunks)
+                            except sf.FormatError:
+                                pass  # the decode below says what is wrong
                         try:
                             arr = sf.decode_array(data, compressed=ti.name.endswith(".zst"), where=f"{path}:{ti.name}")
                         except sf.FormatError as e:
@@ -94,14 +103,33 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
                 continue
             if name not in members:
                 problems.append(f"{path}: index range for {name} but no such member")
-            elif members[name] != (off, n):
+                continue
+            if members[name] != (off, n):
                 problems.append(f"{path}: index range of {name} is ({off}, {n}), tar member is at {members[name]}")
+            if checksums:
+                problems += _check_digests(path, name, r, mod, digests[name])
     return problems
+
+
+def _check_digests(path: str, name: str, row: Mapping[str, Any], member: str,
+                   found: tuple[int, list[int] | None]) -> list[str]:
+    """The member's digests in the index against those of its bytes in the tar."""
+    want = row.get(sf.checksum_column(member))
+    if want != found[0]:
+        return [f"{path}: member {name} hashes to {found[0]:016x}, the index says "
+                f"{'nothing' if want is None else f'{want:016x}'}"]
+    chunks = row.get(sf.band_checksums_column(member))
+    if chunks is not None and found[1] is not None and list(chunks) != found[1]:
+        bad = next(i for i, (a, b) in enumerate(zip(chunks, found[1])) if a != b)
+        what = ".npy header" if bad == 0 else f"band {bad - 1}"
+        return [f"{path}: member {name}: the digest of its {what} differs from the index's"]
+    return []
 
 
 def verify(out: str, storage_options: Mapping[str, Any] | None = None, workers: int = 4,
            progress: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Check every shard's size and sha256, every index range against the tar, and counts; return problems."""
+    """Check every shard's size and sha256, every index range and member digest against the tar, and counts;
+    return problems."""
     root = ShardRoot(out, storage_options)
     problems: list[str] = []
     manifest = root.manifest
@@ -123,7 +151,11 @@ def verify(out: str, storage_options: Mapping[str, Any] | None = None, workers: 
         problems.append(f"index has {dup} duplicate keys")
     bar = tqdm(total=len(manifest["shards"]), unit="shard", desc="verify", disable=not progress)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        futs = [pool.submit(_check_shard, root, e, by_shard.get(e["path"], []), modalities)
+        checksums = sf.has_checksums(manifest)
+        if not checksums:
+            log.warning("%s has no member checksums (format version %s): members are checked by the shards' sha256 "
+                        "only", out, manifest.get("format_version"))
+        futs = [pool.submit(_check_shard, root, e, by_shard.get(e["path"], []), modalities, checksums)
                 for e in manifest["shards"]]
         for fut in futs:
             problems += fut.result()

@@ -144,21 +144,26 @@ class ShardWriter:
             self._write(b"\0" * pad)
         return offset, size
 
-    def add_sample(self, key: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Write ``<key>.json`` then one ``.npy`` member per modality; return ``{<mod>_offset, <mod>_nbytes}``
-        (``json_offset``/``json_nbytes`` for the metadata member)."""
+    def add_sample(self, key: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Write ``<key>.json`` then one ``.npy`` member per modality (bands first); return each member's index
+        columns: ``<mod>_offset``, ``<mod>_nbytes``, ``<mod>_xxh3`` and, uncompressed, ``<mod>_band_xxh3``
+        (``json_*`` for the metadata member)."""
         sf.check_key(key)
-        off, size = self._member(sf.member_name(key, None), [sf.dumps_json(meta)])
-        ranges: dict[str, int] = {sf.offset_column(sf.JSON_MEMBER): off, sf.nbytes_column(sf.JSON_MEMBER): size}
+        meta_bytes = sf.dumps_json(meta)
+        off, size = self._member(sf.member_name(key, None), [meta_bytes])
+        ranges: dict[str, Any] = {sf.offset_column(sf.JSON_MEMBER): off, sf.nbytes_column(sf.JSON_MEMBER): size,
+                                  sf.checksum_column(sf.JSON_MEMBER): sf.digest(meta_bytes)}
         for name, array in arrays.items():
             header, body = npy_parts(array)
             if self.compress:
                 parts: list[bytes | memoryview] = [self._zstd.compress(header + bytes(body))]
             else:
                 parts = [header, body]
+                ranges[sf.band_checksums_column(name)] = sf.chunk_digests(header, body, array.shape[0])
             off, size = self._member(sf.member_name(key, name, self.compress), parts)
             ranges[sf.offset_column(name)] = off
             ranges[sf.nbytes_column(name)] = size
+            ranges[sf.checksum_column(name)] = sf.digest(*parts)
         self.samples += 1
         self._send()
         return ranges

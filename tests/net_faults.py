@@ -2,7 +2,9 @@
 
 Every ``drop_every``-th connection is reset after a random part of its traffic, every ``stall_every``-th goes silent
 for ``stall_s`` seconds and is then closed, and :meth:`outage` cuts all traffic (open connections and new ones)
-for a while. Faults are only injected while ``enabled`` is True.
+for a while. :meth:`corrupt` flips one byte in the bodies of the next HTTP responses, their length unchanged (what
+a faulty NIC, proxy or memory would do, and TCP's 16-bit checksum can miss). Faults are only injected while
+``enabled`` is True.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class FaultyProxy:
         self.target = ("127.0.0.1", target_port)
         self.drop_every, self.stall_every, self.stall_s = drop_every, stall_every, stall_s
         self.enabled = False
-        self.connections = self.dropped = self.stalled = self.refused = 0
+        self.connections = self.dropped = self.stalled = self.refused = self.flipped = 0
+        self._flips_left, self._flip_at = 0, 0
         self._rng = random.Random(seed)
         self._outage_until = 0.0
         self._lock = threading.Lock()
@@ -40,6 +43,19 @@ class FaultyProxy:
             socks = list(self._open)
         for s in socks:
             _close(s)
+
+    def corrupt(self, responses: int, at: int = 300) -> None:
+        """Flip the byte at ``at`` of the body of each of the next ``responses`` responses whose body is longer."""
+        with self._lock:
+            self._flips_left, self._flip_at = responses, at
+
+    def _take_flip(self, body_len: int) -> bool:
+        with self._lock:
+            if not self.enabled or self._flips_left <= 0 or body_len <= self._flip_at:
+                return False
+            self._flips_left -= 1
+            self.flipped += 1
+            return True
 
     def close(self) -> None:
         self._closed = True
@@ -84,11 +100,14 @@ class FaultyProxy:
             self._open.discard(upstream)
 
     def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[dict, int] | None) -> None:
+        responses = _Responses(self) if fault is not None else None
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if responses is not None:
+                    data = responses.feed(data)
                 if fault is not None and fault[0]["fault"] and fault[0]["sent"] + len(data) > fault[1]:
                     kind = fault[0]["fault"]
                     dst.sendall(data[: max(0, fault[1] - fault[0]["sent"])])
@@ -117,3 +136,49 @@ def _close(s: socket.socket) -> None:
         s.close()
     except OSError:
         pass
+
+
+class _Responses:
+    """Follows the HTTP responses of one connection (headers, then ``Content-Length`` bytes of body) to flip a byte
+    of a body where the proxy asks for it. Only ranged reads (206) are followed: a response to HEAD has a length but
+    no body, so after any other response the connection's bytes pass untouched."""
+
+    def __init__(self, proxy: FaultyProxy):
+        self.proxy = proxy
+        self.lost = False
+        self.head = b""
+        self.body_left = 0  # bytes of the current body still to come
+        self.flip: int | None = None  # position of the byte to flip, counted from here in the body
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        while data and not self.lost:
+            if self.body_left:
+                n = min(self.body_left, len(data))
+                chunk = bytearray(data[:n])
+                if self.flip is not None and self.flip < n:
+                    chunk[self.flip] ^= 0x5A
+                    self.flip = None
+                elif self.flip is not None:
+                    self.flip -= n
+                out += chunk
+                self.body_left -= n
+                data = data[n:]
+                continue
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return bytes(out)
+            head, data = self.head[:end + 4], self.head[end + 4:]
+            self.head = b""
+            out += head
+            if head.split(b" ", 2)[1:2] != [b"206"]:
+                self.lost = True
+                break
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            self.body_left = length
+            self.flip = self.proxy._flip_at if length and self.proxy._take_flip(length) else None
+        return bytes(out) + data

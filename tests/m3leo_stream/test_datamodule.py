@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -439,3 +438,55 @@ def test_the_plan_fingerprint_includes_the_policy(mixed_shards):
     a2 = M3LEODataModule(str(mixed_shards), inputs=["s2rgbm"], targets=["esawc"], optional=["s2rgbm"],
                          batch_size=4, num_workers=0)
     a2.train_dataloader().load_state_dict(state)  # the same policy resumes
+
+
+def _samples(dm: M3LEODataModule) -> list[tuple[str, bytes]]:
+    """(key, its pixels) of every sample of epoch 0 of the train loader."""
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(0)
+    out = []
+    for b in loader:
+        for i, k in enumerate(b["key"]):
+            out.append((k, b"".join(b[m][i].numpy().tobytes() for m in INPUTS + TARGETS)))
+    return out
+
+
+def test_an_epoch_with_corrupt_members_substitutes_them_and_delivers_no_wrong_sample(uneven_shards, tmp_path):
+    """Three members with one flipped byte each, under ``on_unreadable=substitute`` and reading threads: the epoch
+    completes, none of the three is delivered, every delivered sample carries exactly its own pixels, and the
+    mismatches and substitutions are counted."""
+    root = tmp_path / "corrupt"
+    shutil.copytree(uneven_shards, root)
+    rows = [r for r in pq.read_table(root / "index.parquet").to_pylist() if r["split"] == "train"][::7][:3]
+    for r in rows:
+        with open(root / r["shard"], "r+b") as f:
+            f.seek(r["modisveg_offset"] + r["modisveg_nbytes"] - 40)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x20]))
+    clean = dict(_samples(_dm(uneven_shards, 4, num_workers=0)))
+    dm = _dm(root, 4, num_workers=2, on_unreadable="substitute")
+    got = _samples(dm)
+    bad = {r["key"] for r in rows}
+    assert len(got) == len(clean) and not bad & {k for k, _ in got}
+    assert all(pixels == clean[k] for k, pixels in got)
+    m = dm.loader_metrics()
+    assert m["checksum_failures"] >= 3 and m["substitutions"] >= 3
+
+
+def test_a_root_without_checksums_is_read_unverified_with_a_warning(uneven_shards, tmp_path, caplog):
+    """A format-version-1 root (no digest columns) still loads and reads the same batches, and says it is not
+    verified."""
+    root = tmp_path / "v1"
+    shutil.copytree(uneven_shards, root)
+    t = pq.read_table(root / "index.parquet")
+    pq.write_table(t.drop([c for c in t.column_names if c.endswith("xxh3")]), root / "index.parquet")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["checksum"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        old = _dm(root, 4, num_workers=0)
+    assert "has no member checksums (format version 1)" in caplog.text
+    assert not old._index.checksums
+    assert _samples(old) == _samples(_dm(uneven_shards, 4, num_workers=0))

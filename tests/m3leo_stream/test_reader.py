@@ -17,6 +17,7 @@ from m3leo_stream import reader as reader_module
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.reader import (
     IO_KEY,
+    IndexArrays,
     ReaderConfig,
     ShardDataset,
     UnreadableSample,
@@ -82,7 +83,11 @@ SELECT = {"s1grd": [0, 8, 9, 10, 11, 15], "s2rgbm": [18, 19, 20], "gssic": list(
 def _reader(root, mods, bands=None, **cfg) -> tuple[ShardDataset, np.ndarray]:
     dm = M3LEODataModule(str(root), inputs=mods, batch_size=1, num_workers=0)
     dm.setup()
-    ds = ShardDataset(dm.root, None, dm._index, [dm.modalities[m] for m in mods],
+    index = dm._index
+    if bands:  # the digests of the bands read, as the DataModule holds them for its transforms' bands
+        index = IndexArrays.from_table(dm.shard_root.read_index(), mods, dm.region_names, band_checksums=bands,
+                                       shard_bytes={s["path"]: s["bytes"] for s in dm.shard_root.manifest["shards"]})
+    ds = ShardDataset(dm.root, None, index, [dm.modalities[m] for m in mods],
                       compressed=dm.shard_root.compressed, config=ReaderConfig(**cfg), bands=bands)
     return ds, dm.catalog("train").rows
 
@@ -335,3 +340,104 @@ def test_an_absurd_member_size_in_the_index_is_refused_before_any_allocation(une
     sub.substitutes = {int(sub.index.region[row]): np.asarray([r for r in rows if r != row])}
     batch = sub.__getitems__([row])
     assert batch["key"] != [key] and io_from_tensor(batch[IO_KEY])[0].substitutions == 1
+
+
+# -- checksums: altered bytes never reach a batch --------------------------------------------------------------
+
+def _flip(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def _train_rows(root: Path, n: int, column: str = "biomass_offset") -> list[dict]:
+    t = pq.read_table(root / "index.parquet").to_pylist()
+    return [r for r in t if r["split"] == "train" and r[column] is not None][:n]
+
+
+@pytest.mark.parametrize("path,bands", [("inline", None), ("pool", None), ("pread", None),
+                                        ("inline", {"biomass": [1]}), ("pread", {"biomass": [1]})])
+def test_a_flipped_payload_byte_is_named_and_substituted(uneven_shards, tmp_path, monkeypatch, path, bands):
+    """One byte flipped inside a member's pixels (in the band a selective read fetches): the read fails naming
+    shard, key and member; under ``substitute`` another sample of the region takes the slot with its own, intact
+    bytes, and the mismatch is counted."""
+    if path == "pread":
+        monkeypatch.setattr(ShardDataset, "_fetch_into", lambda self, req, st, c, out: self._fetch(req, st, c, out))
+    root = tmp_path / "flipped"
+    shutil.copytree(uneven_shards, root)
+    r = _train_rows(root, 1)[0]
+    clean, _ = _reader(uneven_shards, ["biomass"], bands)
+    m = clean.modalities[0]
+    header = r["biomass_nbytes"] - m.nbytes
+    _flip(root / r["shard"], r["biomass_offset"] + header + m.nbytes // 2 + 77)  # band 1 (agb_se) of 2
+    cfg = {"inline_local": path == "inline", "coalesce_gap": 0}
+    ds, rows = _reader(root, ["biomass"], bands, **cfg)
+    row = list(ds.index.key).index(r["key"].encode())
+    with pytest.raises(UnreadableSample) as err:
+        ds.__getitems__([row])
+    msg = str(err.value)
+    assert r["shard"] in msg and r["key"] in msg and "biomass" in msg and "checksum mismatch" in msg
+    assert "read twice" in msg and ("band agb_se" in msg if bands else "its bytes" in msg)
+    sub, _ = _reader(root, ["biomass"], bands, on_unreadable="substitute", **cfg)
+    sub.substitutes = {int(sub.index.region[row]): np.asarray([x for x in rows if x != row])}
+    batch = sub.__getitems__([row])
+    io = io_from_tensor(batch[IO_KEY])[0]
+    assert batch["key"] != [r["key"]] and io.substitutions == 1 and io.checksum_failures == 1
+    other = list(clean.index.key).index(batch["key"][0].encode())
+    assert _equal(batch["biomass"], clean.__getitems__([other])["biomass"])
+
+
+def test_a_flipped_byte_in_a_compressed_member_is_caught_before_decoding(zstd_shards, tmp_path):
+    root = tmp_path / "flipped-zstd"
+    shutil.copytree(zstd_shards, root)
+    r = _train_rows(root, 1, "gssic_offset")[0]
+    _flip(root / r["shard"], r["gssic_offset"] + r["gssic_nbytes"] // 2)
+    ds, _ = _reader(root, ["gssic"], {"gssic": [1, 5]})
+    with pytest.raises(UnreadableSample, match=rf"{r['shard']} key {r['key']} member gssic: checksum mismatch"):
+        ds.__getitems__([list(ds.index.key).index(r["key"].encode())])
+
+
+def test_swapped_index_rows_are_caught_and_pass_unverified(uneven_shards, tmp_path):
+    """Two index rows whose biomass ranges are swapped (same shard, same sizes): verified, each read fails naming
+    its key; with verification off each sample silently gets the other's pixels (what the digests prevent)."""
+    import pyarrow as pa
+
+    root = tmp_path / "swapped"
+    shutil.copytree(uneven_shards, root)
+    t = pq.read_table(root / "index.parquet")
+    d = t.to_pydict()
+    a = next(i for i, s in enumerate(d["split"]) if s == "train")
+    b = next(i for i in range(a + 1, len(d["key"])) if d["shard"][i] == d["shard"][a] and d["split"][i] == "train")
+    off = d["biomass_offset"]
+    off[a], off[b] = off[b], off[a]
+    t = t.set_column(t.schema.get_field_index("biomass_offset"), "biomass_offset", pa.array(off, pa.int64()))
+    pq.write_table(t, root / "index.parquet")
+    ds, _ = _reader(root, ["biomass"])
+    rows = [list(ds.index.key).index(d["key"][i].encode()) for i in (a, b)]
+    for i, row in zip((a, b), rows):
+        with pytest.raises(UnreadableSample, match=f"key {d['key'][i]} member biomass: checksum mismatch"):
+            ds.__getitems__([row])
+    clean, _ = _reader(uneven_shards, ["biomass"])
+    unverified, _ = _reader(root, ["biomass"], verify=False)
+    got = unverified.__getitems__(rows)["biomass"]
+    assert _equal(got, clean.__getitems__(rows[::-1])["biomass"])
+
+
+def test_a_range_past_the_shards_end_is_refused_from_the_manifest(uneven_shards, tmp_path):
+    import pyarrow as pa
+
+    root = tmp_path / "past-end"
+    shutil.copytree(uneven_shards, root)
+    t = pq.read_table(root / "index.parquet")
+    d = t.to_pydict()
+    i = next(i for i, s in enumerate(d["split"]) if s == "train")
+    off = d["biomass_offset"]
+    off[i] = os.path.getsize(root / d["shard"][i]) - 100
+    t = t.set_column(t.schema.get_field_index("biomass_offset"), "biomass_offset", pa.array(off, pa.int64()))
+    pq.write_table(t, root / "index.parquet")
+    ds, _ = _reader(root, ["biomass"])
+    with pytest.raises(UnreadableSample, match=rf"key {d['key'][i]} member biomass: the index says it ends at byte "
+                                               rf"\d+, the shard has \d+ \(manifest\)"):
+        ds.__getitems__([list(ds.index.key).index(d["key"][i].encode())])

@@ -351,3 +351,34 @@ def test_pretrain_with_an_optional_modality_uses_every_sample_of_every_region(mi
     keys = [line.split("\t")[2] for line in _keys(tmp_path / "keys_req")]
     assert len(keys) == 8 and set(keys) <= with_gunw
     assert "excluded for missing members" in caplog.text and "gunw:" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_substitutes_corrupt_members_and_never_consumes_them(small_shards, tmp_path):
+    """Training over a root where two train samples' s1grd members have a flipped byte in every band, with
+    ``data.on_unreadable=substitute``: the run completes, the two keys are never consumed, and the mismatches and
+    substitutions reach the logged loader metrics."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from m3leo_stream.modalities import REGISTRY
+
+    root = tmp_path / "corrupt"
+    shutil.copytree(small_shards, root)
+    m = REGISTRY["s1grd"]
+    plane = m.nbytes // len(m.bands)
+    bad = [r for r in pq.read_table(root / "index.parquet").to_pylist() if r["split"] == "train"][:2]
+    for r in bad:
+        data = bytearray((root / r["shard"]).read_bytes())
+        start = r["s1grd_offset"] + r["s1grd_nbytes"] - m.nbytes
+        for b in range(len(m.bands)):
+            data[start + b * plane + 1000] ^= 0x5A
+        (root / r["shard"]).write_bytes(bytes(data))
+    res = run_exp("pretrain_mae", root, tmp_path / "run",
+                  ["trainer.precision=32-true", "data.on_unreadable=substitute", "trainer.max_steps=4",
+                   "trainer.val_check_interval=4", f"record_keys_dir={tmp_path / 'keys'}"])
+    keys = [line.split("\t")[2] for line in _keys(tmp_path / "keys")]
+    assert res["global_step"] == 4 and len(keys) == 16
+    assert not {r["key"] for r in bad} & set(keys)
+    assert res["metrics"]["loader/checksum_failures"] >= 2 and res["metrics"]["loader/substitutions"] >= 2

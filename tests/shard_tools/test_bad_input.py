@@ -213,6 +213,7 @@ def test_verify_names_corruption(src, tmp_path):
     shard.write_bytes(bytes(data))
     problems, _ = verify(str(out), progress=False)
     assert any(rows[0]["shard"] in p and "sha256" in p for p in problems)
+    assert any(f"member {rows[0]['key']}.esawc.npy hashes to" in p for p in problems)  # the member, by its digest
     t = pq.read_table(out / "index.parquet")
     offs = t.column("srtmdem_offset").to_pylist()
     i = next(k for k in range(1, len(offs)) if offs[k] is not None)
@@ -221,3 +222,27 @@ def test_verify_names_corruption(src, tmp_path):
                    out / "index.parquet")
     problems, _ = verify(str(out), progress=False)
     assert any(f"{rows[i]['key']}.srtmdem.npy" in p and "index range" in p for p in problems)
+
+
+def test_verify_names_swapped_digests_and_band_chunks(src, tmp_path):
+    """An index whose member digests were swapped between two rows, or whose band digests differ from the bytes:
+    each is a problem naming the shard and member (the tar and its sha256 are intact)."""
+    out = tmp_path / "out"
+    build(BuildConfig(str(src), str(out), shard_size=1_000_000, progress=False))
+    t = pq.read_table(out / "index.parquet")
+    d = t.to_pydict()
+    sums = d["esawc_xxh3"]
+    a, b = [i for i, x in enumerate(sums) if x is not None][:2]
+    sums[a], sums[b] = sums[b], sums[a]
+    t = t.set_column(t.column_names.index("esawc_xxh3"), "esawc_xxh3", pa.array(sums, pa.uint64()))
+    chunks = d["srtmdem_band_xxh3"]
+    c = next(i for i, x in enumerate(chunks) if x is not None)
+    chunks[c] = [chunks[c][0], chunks[c][1] ^ 1, *chunks[c][2:]]
+    col = t.column_names.index("srtmdem_band_xxh3")
+    t = t.set_column(col, "srtmdem_band_xxh3", pa.array(chunks, t.schema.field(col).type))
+    pq.write_table(t, out / "index.parquet")
+    problems, _ = verify(str(out), progress=False)
+    for i in (a, b):
+        assert any(d["shard"][i] in p and f"member {d['key'][i]}.esawc.npy hashes to" in p for p in problems)
+    assert any(f"member {d['key'][c]}.srtmdem.npy: the digest of its band 0 differs" in p for p in problems)
+    assert not any("sha256" in p for p in problems)
