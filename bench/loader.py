@@ -420,6 +420,36 @@ def band_selection(root: str, workers: int, batch: int, epochs: int, repeats: in
     return out
 
 
+def hash_floor(root: str, mods: list[str], repeats: int) -> dict[str, float]:
+    """What any reader that hashes every byte it reads pays on page-cached shards: CPU time of ``preadv``-ing the
+    train members of ``mods`` into a buffer, with and without XXH3-64 of the buffer after (one thread)."""
+    import xxhash
+
+    t = pq.read_table(Path(root) / sf.INDEX).to_pydict()
+    ranges = [(str(Path(root) / t["shard"][i]), t[sf.offset_column(m)][i], t[sf.nbytes_column(m)][i])
+              for i in range(len(t["key"])) if t["split"][i] == "train" for m in mods
+              if t[sf.offset_column(m)][i] is not None]
+    buf = memoryview(bytearray(max(n for _, _, n in ranges)))
+    fds = {p: os.open(p, os.O_RDONLY) for p in {p for p, _, _ in ranges}}
+    times: dict[str, list[float]] = {"preadv": [], "preadv+xxh3": []}
+    try:
+        for _ in range(max(3, repeats)):
+            for label in times:
+                c = time.thread_time()
+                for p, off, n in ranges:
+                    os.preadv(fds[p], [buf[:n]], off)
+                    if label != "preadv":
+                        xxhash.xxh3_64_intdigest(buf[:n])
+                times[label].append(time.thread_time() - c)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    nbytes = sum(n for _, _, n in ranges)
+    rate = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+    return {"preadv_GB_per_cpu_s": rate["preadv"], "preadv_xxh3_GB_per_cpu_s": rate["preadv+xxh3"],
+            "cost": 1 - rate["preadv+xxh3"] / rate["preadv"]}
+
+
 def checksum_cost(root: str, workers: int, batch: int, repeats: int) -> dict:
     """Loader throughput with member checksums verified (the default) and off, side by side: per modality set, in
     thread and process mode, and reading only the bands of the ``pretrain_mae`` experiment's transforms (per-band
@@ -429,21 +459,56 @@ def checksum_cost(root: str, workers: int, batch: int, repeats: int) -> dict:
              for mode in ("thread", "process") if label != "all9" or mode == "thread"}
     cases["pretrain_mae bands, thread"] = {"mods": inputs + targets, "worker_mode": "thread",
                                            "transforms": transforms}
-    out = {}
+    out: dict = {"floor": {label: hash_floor(root, mods, repeats) for label, mods in SETS.items()}}
+    print("\nthe floor: CPU time of preadv of page-cached members, with XXH3-64 of each after (one thread):")
+    for label, f in out["floor"].items():
+        print(f"  {label:22s} preadv {f['preadv_GB_per_cpu_s']:6.2f} GB/cpu-s, +xxh3 {f['preadv_xxh3_GB_per_cpu_s']:6.2f}"
+              f" GB/cpu-s: cost {100 * f['cost']:+5.1f} %")
     print(f"\nchecksum cost ({workers} workers, batch {batch}, medians of {repeats}):")
     for label, case in cases.items():
         kw = {k: v for k, v in case.items() if k != "mods"}
         runs: dict[str, list] = {"verified": [], "unverified": []}
+        cpu: dict[str, list[float]] = {"verified": [], "unverified": []}
         for _ in range(max(1, repeats)):
             for name, verify in (("verified", True), ("unverified", False)):
+                c = time.process_time()
                 runs[name].append(run_loader(root, case["mods"], workers, batch, 0, verify_checksums=verify, **kw))
+                cpu[name].append((time.process_time() - c) / runs[name][-1][0])
         row = {k: median_rate(v) for k, v in runs.items()}
         row["cost"] = 1 - row["verified"]["samples_per_s"] / row["unverified"]["samples_per_s"]
+        if case["worker_mode"] == "thread":  # the reading threads' CPU is this process's: a figure load cannot skew
+            row["cpu_ms_per_sample"] = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
+            row["cpu_cost"] = row["cpu_ms_per_sample"]["verified"] / row["cpu_ms_per_sample"]["unverified"] - 1
         out[label] = row
+        cpu_note = f"  CPU/sample {100 * row['cpu_cost']:+5.1f} %" if "cpu_cost" in row else ""
         print(f"  {label:34s} verified {row['verified']['samples_per_s']:8.1f}  unverified "
               f"{row['unverified']['samples_per_s']:8.1f} samples/s  ({row['verified']['MB_per_s']:7.0f} MB/s)  "
-              f"cost {100 * row['cost']:+5.1f} %")
+              f"cost {100 * row['cost']:+5.1f} %{cpu_note}")
     return out
+
+
+def s3_checksum_cost(shards: Path, workers: int, batch: int, repeats: int) -> dict:
+    """Verified against unverified over S3 (moto on loopback), s1grd+s2rgbm+esawc, thread mode."""
+    import s3fs
+
+    proc, _ = start_moto()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        fs.put(str(shards), "bench/shards", recursive=True)
+        mods = SETS["s1grd+s2rgbm+esawc"]
+        runs: dict[str, list] = {"verified": [], "unverified": []}
+        for _ in range(max(1, repeats)):
+            for name, verify in (("verified", True), ("unverified", False)):
+                runs[name].append(run_loader("s3://bench/shards", mods, workers, batch, 0, verify_checksums=verify))
+    finally:
+        proc.terminate()
+    row = {k: median_rate(v) for k, v in runs.items()}
+    row["cost"] = 1 - row["verified"]["samples_per_s"] / row["unverified"]["samples_per_s"]
+    print(f"  {'S3 (moto), ' + '+'.join(mods):34s} verified {row['verified']['samples_per_s']:8.1f}  unverified "
+          f"{row['unverified']['samples_per_s']:8.1f} samples/s  ({row['verified']['MB_per_s']:7.0f} MB/s)  "
+          f"cost {100 * row['cost']:+5.1f} %")
+    return row
 
 
 def main() -> None:
@@ -492,6 +557,9 @@ def main() -> None:
         results.pop("sets")
         results["chips_per_region"], results["passes"] = args.chips_per_region, PASSES
         results["checksums"] = checksum_cost(str(shards), W, B, args.repeats)
+        if not args.skip_s3:
+            PASSES = args.s3_passes
+            results["checksums"]["s3"] = s3_checksum_cost(shards, W, B, args.repeats)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"\nwrote {args.out}")

@@ -246,3 +246,28 @@ def test_verify_names_swapped_digests_and_band_chunks(src, tmp_path):
         assert any(d["shard"][i] in p and f"member {d['key'][i]}.esawc.npy hashes to" in p for p in problems)
     assert any(f"member {d['key'][c]}.srtmdem.npy: the digest of its band 0 differs" in p for p in problems)
     assert not any("sha256" in p for p in problems)
+
+
+def test_finalize_refuses_records_without_digests_or_with_ranges_past_the_shard(src, tmp_path):
+    """A shard record from a build without member checksums, or one whose member range ends past the shard's size:
+    finalize names it and publishes nothing."""
+    from shard_tools.build import finalize
+
+    out = tmp_path / "out"
+    build(BuildConfig(str(src), str(out), shard_size=1_000_000, progress=False))
+    rec = sorted((out / "_build" / "shards").rglob("*.json"))[0]
+    good = rec.read_text()
+    for damage in ("no digests", "past the end"):
+        for name in ("manifest.json", "index.parquet"):
+            (out / name).unlink(missing_ok=True)
+        r = json.loads(good)
+        if damage == "no digests":
+            r["rows"] = {k: v for k, v in r["rows"].items() if not k.endswith("xxh3")}
+            match = "built without member checksums"
+        else:
+            r["rows"]["esawc_nbytes"][0] = r["bytes"]
+            match = rf"{r['path']} key {r['rows']['key'][0]} member esawc: its range ends at byte \d+, the shard has"
+        rec.write_text(json.dumps(r))
+        with pytest.raises(BuildError, match=match):
+            finalize(str(out))
+        _assert_nothing_partial(out)
