@@ -10,10 +10,12 @@ world size that divides the global batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,10 +28,20 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
 from .gpu_transforms import bands_needed, build_device_transforms
+from .index import IndexArrays, load_index
 from .modalities import Registry
-from .planner import PLANNER_VERSION, Catalog, EpochPlan, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas
+from .planner import (
+    PLANNER_VERSION,
+    Catalog,
+    EpochPlan,
+    PlanError,
+    build_catalog,
+    plan_eval,
+    plan_train_epoch,
+    region_quotas,
+)
 from .readahead import ReadAheadDataset
-from .reader import IO_KEY, IndexArrays, ReaderConfig, ShardDataset, io_from_tensor, passthrough
+from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough
 from .shard_root import ShardRoot
 from .storage import IOCounters
 
@@ -43,12 +55,21 @@ own host memory; pinned memory cannot be swapped, so this is what the node must 
 256."""
 
 
+@functools.lru_cache(maxsize=1)
+def _planning_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="m3leo-plan")
+
+
 class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's part of each global batch of an epoch plan. Lightning calls ``set_epoch``."""
 
     def __init__(self, plan_for_epoch: Callable[[int], EpochPlan], rank: int, world_size: int, epoch: int = 0,
-                 fingerprint: Mapping[str, Any] | None = None):
+                 fingerprint: Mapping[str, Any] | None = None, plan_ahead: bool = False):
+        """``plan_ahead``: once an epoch is planned, plan the next one on a background thread (it takes seconds at
+        millions of samples, and would otherwise stall the step at the epoch boundary)."""
         self._plan_for_epoch = plan_for_epoch
+        self._plan_ahead = plan_ahead
+        self._ahead: tuple[int, Future] | None = None
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
         self.fingerprint = dict(fingerprint or {})  # what a resumed run must share with the saved one
@@ -74,7 +95,10 @@ class PlannedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if epoch not in self._plans:
             for old in [e for e in self._plans if e not in (self.epoch, epoch)]:
                 del self._plans[old]
-            self._plans[epoch] = self._plan_for_epoch(epoch)
+            ahead, self._ahead = self._ahead, None
+            self._plans[epoch] = ahead[1].result() if ahead and ahead[0] == epoch else self._plan_for_epoch(epoch)
+            if self._plan_ahead and epoch + 1 not in self._plans:
+                self._ahead = (epoch + 1, _planning_thread().submit(self._plan_for_epoch, epoch + 1))
         return self._plans[epoch]
 
     def __len__(self) -> int:
@@ -306,6 +330,8 @@ class M3LEODataModule(pl.LightningDataModule):
     many of the ``inputs``.
     ``verify_checksums`` (on by default) checks every member read against the digest the index holds for it (format
     version 2); a member that differs is read again once, then counts as unreadable (``on_unreadable``).
+    ``cache_dir`` (default ``$SLURM_TMPDIR``, else the system's temporary directory) is node-local scratch: the index is
+    converted there once per node into fixed-width arrays every rank maps (:mod:`m3leo_stream.index`).
     """
 
     def __init__(
@@ -338,6 +364,7 @@ class M3LEODataModule(pl.LightningDataModule):
         optional: Sequence[str] = (),
         min_inputs_present: int = 1,
         verify_checksums: bool = True,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.root = str(root)
@@ -363,6 +390,7 @@ class M3LEODataModule(pl.LightningDataModule):
             raise ValueError(f"worker_mode must be 'thread' or 'process', not {worker_mode!r}")
         self.worker_mode = worker_mode
         self.readahead_bytes = int(readahead_bytes) if readahead_bytes is not None else None
+        self.cache_dir = cache_dir
         if self.readahead_bytes is not None and self.readahead_bytes <= 0:
             raise ValueError(f"readahead_bytes must be positive or None, not {readahead_bytes!r}")
         self.copy_ahead = copy_ahead
@@ -418,29 +446,22 @@ class M3LEODataModule(pl.LightningDataModule):
         if self.transforms_config is not None:  # read only the bands the device transforms use
             self.bands = bands_needed(self.transforms_config, root.modalities, inputs=self.inputs,
                                       targets=self.targets)
-        columns = ["key", "region", "split", "shard", "lon", "lat"]
         verify = self.reader_config.verify and sf.has_checksums(root.manifest)
         if self.reader_config.verify and not verify:
             log.warning("%s has no member checksums (format version %s): its bytes are read unverified; build it "
                         "again to have them", self.root, root.manifest.get("format_version"))
-        partial = {m: sel for m, sel in (self.bands or {}).items() if len(sel) < len(root.modalities[m].bands)}
-        for m in self.requested:
-            columns += [sf.offset_column(m), sf.nbytes_column(m)]
-            if verify:
-                columns.append(sf.checksum_column(m))
-                if m in partial and not root.compressed:
-                    columns.append(sf.band_checksums_column(m))
+        partial = [m for m, sel in (self.bands or {}).items()
+                   if len(sel) < len(root.modalities[m].bands) and not root.compressed]
         t = time.perf_counter()
-        table = root.read_index(columns=columns)
-        self._index = IndexArrays.from_table(table, self.requested, self.region_names,
-                                             shard_bytes={s["path"]: s["bytes"] for s in root.manifest["shards"]},
-                                             band_checksums=partial if verify else None)
+        self._index = load_index(root, self.requested, checksums=verify, chunks=partial,
+                                 split_names=sorted(set(self.splits.values())), cache_dir=self.cache_dir)
         self._table = {
-            "split": table.column("split").to_numpy(zero_copy_only=False),
+            "split": self._index.split,
             "shard": self._index.shard,
             **{sf.nbytes_column(m): self._index.nbytes[m] for m in self.requested},
         }
-        log.info("%s: index of %d samples read in %.2f s", self.root, table.num_rows, time.perf_counter() - t)
+        log.info("%s: index of %d samples (%.0f MB) ready in %.2f s", self.root, len(self._index),
+                 self._index.nbytes_held / 1e6, time.perf_counter() - t)
 
     def catalog(self, split: str) -> Catalog:
         """Eligible samples of ``split`` (train/val/test, mapped through ``splits``)."""
@@ -449,7 +470,8 @@ class M3LEODataModule(pl.LightningDataModule):
             assert self._table is not None
             cat = build_catalog(self._table, self.splits[split], self.region_names, self.requested, self.regions,
                                 region_codes=self._index.region, optional=self.optional,
-                                min_present=self.min_inputs_present, present_of=self.inputs)
+                                min_present=self.min_inputs_present, present_of=self.inputs,
+                                split_names=self._index.split_names)
             self._catalogs[split] = cat
             log.info("%s: %d samples; per region, samples having each modality (optional: %s): %s", split, len(cat),
                      self.optional or "none", "; ".join(
@@ -597,7 +619,7 @@ class M3LEODataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         # Lightning creates the iterator before calling set_epoch: start at the trainer's epoch already
         epoch = int(trainer.current_epoch) if trainer is not None else 0
-        sampler = PlannedBatchSampler(plan, rank, world, epoch=epoch, fingerprint=fingerprint)
+        sampler = PlannedBatchSampler(plan, rank, world, epoch=epoch, fingerprint=fingerprint, plan_ahead=True)
         first = sampler.plan
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:

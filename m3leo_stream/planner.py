@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -64,13 +65,15 @@ def build_catalog(
     optional: Sequence[str] = (),
     min_present: int = 0,
     present_of: Sequence[str] | None = None,
+    split_names: Sequence[str] | None = None,
 ) -> Catalog:
     """Select the rows of ``split`` in ``regions`` that carry every member of ``modalities`` not in ``optional``,
     and at least ``min_present`` members of ``present_of`` (default: ``modalities``).
 
     ``index`` maps column names of ``index.parquet`` to numpy arrays (``split``, ``region``, ``shard`` as strings;
     ``<modality>_nbytes`` with NaN or a negative value where the member is absent; ``region_codes``, indices into
-    ``region_names`` per row, may be given to spare the string work on big indexes). Rows lacking a required member
+    ``region_names`` per row, may be given to spare the string work on big indexes; with ``split_names``,
+    ``split`` holds codes into it). Rows lacking a required member
     are excluded here, counted per modality and logged, so no worker ever discovers a hole; rows lacking an optional
     member are kept (the reader leaves that member out and the batch says so in ``<modality>_present``).
     """
@@ -89,10 +92,13 @@ def build_catalog(
         if unknown:
             raise PlanError(f"unknown regions {unknown}; the shard root has {list(region_names)}")
     split_col = np.asarray(index["split"])
+    match: Any = split
+    if split_names is not None:  # codes: those of no known split are negative
+        match = list(split_names).index(split) if split in split_names else -(1 << 30)
     code = {name: i for i, name in enumerate(region_names)}
     if region_codes is None:
         region_codes = np.array([code[r] for r in np.asarray(index["region"])], dtype=np.int64)
-    keep = split_col == split
+    keep = split_col == match
     if regions is not None:
         keep &= np.isin(region_codes, [code[r] for r in regions])
     present: dict[str, np.ndarray] = {}
@@ -117,7 +123,7 @@ def build_catalog(
         keep &= ~few
     rows = np.flatnonzero(keep).astype(np.int64)
     if excluded:
-        log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == split).sum()) - len(rows),
+        log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == match).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
     region = np.asarray(region_codes, dtype=np.int64)[rows]
     presence = {

@@ -22,8 +22,8 @@ import time
 import weakref
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
@@ -31,9 +31,18 @@ import numpy as np
 import torch
 
 from . import shard_format as sf
+from .index import IndexArrays
 from .modalities import BANDS_KEY, Modality
 from .planner import PAD_FLAG
-from .storage import IOCounters, RetryPolicy, get_fs, is_local, join, single_attempt, with_retries
+from .storage import (
+    IOCounters,
+    RetryPolicy,
+    get_fs,
+    is_local,
+    join,
+    single_attempt,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,97 +84,6 @@ class ReaderConfig:
             self.retry = RetryPolicy(**self.retry)
 
 
-class BandDigests(NamedTuple):
-    """The chunk digests an index holds for some bands of a modality: ``digests[:, 0]`` is the ``.npy`` header's,
-    ``digests[:, 1 + i]`` that of band ``bands[i]`` (storage index)."""
-
-    bands: tuple[int, ...]
-    digests: np.ndarray  # (rows, 1 + len(bands)) uint64
-
-
-@dataclass(frozen=True)
-class IndexArrays:
-    """The index columns the reader needs, as compact numpy arrays (cheap to send to workers, no refcounts)."""
-
-    key: np.ndarray  # bytes, fixed width
-    region: np.ndarray  # int64 codes
-    lon: np.ndarray
-    lat: np.ndarray
-    shard: np.ndarray  # int32 codes into shard_names
-    shard_names: tuple[str, ...]
-    offsets: Mapping[str, np.ndarray]  # per modality, int64 (-1 where absent)
-    nbytes: Mapping[str, np.ndarray]
-    checksums: Mapping[str, np.ndarray] = field(default_factory=dict)  # per modality, uint64 member digests
-    band_checksums: Mapping[str, BandDigests] = field(default_factory=dict)  # for reads of some bands only
-    shard_bytes: np.ndarray | None = None  # int64 size of each shard (by code), from the manifest
-
-    @classmethod
-    def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str], *,
-                   shard_bytes: Mapping[str, int] | None = None,
-                   band_checksums: Mapping[str, Sequence[int]] | None = None) -> IndexArrays:
-        """From a pyarrow table of ``index.parquet`` holding at least the needed columns; the member digests are
-        taken where the table has them, the chunk digests of the bands named in ``band_checksums``."""
-        regions = _codes(table.column("region"))
-        unknown = sorted(set(regions[1]) - set(region_names))
-        if unknown:
-            raise ValueError(f"index rows name regions {unknown} that the manifest does not list")
-        remap = np.array([list(region_names).index(r) for r in regions[1]] or [0], dtype=np.int64)
-        shard, shard_names = _codes(table.column("shard"))
-        offsets, nbytes, sums, band_sums = {}, {}, {}, {}
-        for m in modalities:
-            offsets[m] = _int_col(table, sf.offset_column(m))
-            nbytes[m] = _int_col(table, sf.nbytes_column(m))
-            if sf.checksum_column(m) in table.column_names:
-                sums[m] = table.column(sf.checksum_column(m)).fill_null(0).to_numpy().astype(np.uint64)
-        for m, bands in (band_checksums or {}).items():
-            name = sf.band_checksums_column(m)
-            if name in table.column_names:
-                digests = _list_col(table, name)
-                held = sorted({int(b) for b in bands if 0 <= int(b) < digests.shape[1] - 1})  # the reader checks
-                band_sums[m] = BandDigests(tuple(held), digests[:, [0, *(1 + b for b in held)]])
-        sizes = None
-        if shard_bytes is not None:
-            missing = [n for n in shard_names if n not in shard_bytes]
-            if missing:
-                raise ValueError(f"index rows name shards the manifest does not list (e.g. {missing[0]})")
-            sizes = np.array([int(shard_bytes[n]) for n in shard_names], dtype=np.int64)
-        return cls(
-            key=table.column("key").to_numpy(zero_copy_only=False).astype("S"),
-            region=remap[regions[0]],
-            lon=table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64),
-            lat=table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64),
-            shard=shard.astype(np.int32),
-            shard_names=tuple(shard_names),
-            offsets=offsets,
-            nbytes=nbytes,
-            checksums=sums,
-            band_checksums=band_sums,
-            shard_bytes=sizes,
-        )
-
-
-def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
-    """Dictionary-encode a string column in Arrow (fast on millions of rows): (codes, names)."""
-    import pyarrow as pa
-
-    enc = column.dictionary_encode().combine_chunks() if isinstance(column, pa.ChunkedArray) else \
-        column.dictionary_encode()
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
-
-
-def _int_col(table: Any, name: str) -> np.ndarray:
-    col = table.column(name)
-    return col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _list_col(table: Any, name: str) -> np.ndarray:
-    """A fixed-size list column of uint64 as a (rows, size) array (zeros where null)."""
-    col = table.column(name).combine_chunks()
-    size = col.type.list_size
-    values = col.values.fill_null(0).to_numpy().astype(np.uint64).reshape(-1, size)
-    return values[col.offset:col.offset + len(col)]
-
-
 _MEMBER, _HEADER, _BANDS = "member", "header", "bands"  # what a part of a request is
 _MAX_HEADER = 65536  # a member's ``.npy`` header is at most this long (format 1.0 writes < 64 KiB)
 try:
@@ -175,8 +93,9 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
 
 
 class _Part(NamedTuple):
-    """A byte range of one member: the whole member, its ``.npy`` header, or a run of consecutive selected bands
-    that lands at ``first:stop`` of the batch slot's (selected) bands."""
+    """A byte range of one member: the whole member, its ``.npy`` header (with verification, from the chunk-digest
+    member before it on), or a run of consecutive selected bands that lands at ``first:stop`` of the batch slot's
+    (selected) bands."""
 
     slot: int
     name: str
@@ -185,7 +104,8 @@ class _Part(NamedTuple):
     kind: str = _MEMBER
     first: int = 0
     stop: int = 0
-    check: tuple[int, ...] = ()  # digests from the index: the member's, the header's, or each band's of the run
+    check: tuple[int, ...] = ()  # from the index: the member's digest, or (header) that of its chunk digests
+    skip: int = 0  # header: bytes before the ``.npy`` header (the chunk-digest member, its padding, a tar header)
 
 
 class _Fetched(NamedTuple):
@@ -305,26 +225,23 @@ class ShardDataset(torch.utils.data.Dataset):
         self.compressed = compressed
         self.substitutes = dict(substitutes or {})  # region code -> candidate rows
         self.config = config or ReaderConfig()
-        self._band_chunks = self._band_digest_columns()  # modality -> storage band -> its column in the digests
+        self._chunked = self._chunk_verified()
         self._pid: int | None = None
         self._state_lock = threading.Lock()
         self._buffers = _BufferPool(self.config.pooled_batches, pinned=self.config.pinned)
 
-    def _band_digest_columns(self) -> dict[str, dict[int, int]]:
-        """For modalities read in part whose members have digests: where each selected band's digest is."""
-        out = {}
+    def _chunk_verified(self) -> frozenset[str]:
+        """The modalities read in part whose members are verified, through their chunk digests."""
+        out = set()
         for m in self.modalities:
             if self._runs[m.name] is None or self.compressed or not self.config.verify \
                     or m.name not in self.index.checksums:
                 continue
-            held = self.index.band_checksums.get(m.name)
-            lacking = sorted(set(self.bands[m.name]) - set(held.bands if held else ()))
-            if lacking:
-                raise ValueError(f"reading bands {list(self.bands[m.name])} of {m.name}, but the index arrays hold "
-                                 f"the digests of bands {list(held.bands) if held else []} only (build them with "
-                                 "IndexArrays.from_table(..., band_checksums=) for the bands read)")
-            out[m.name] = {b: 1 + i for i, b in enumerate(held.bands)}
-        return out
+            if m.name not in self.index.chunk_checksums:
+                raise ValueError(f"reading some bands of {m.name}, but the index arrays lack "
+                                 f"{sf.chunks_checksum_column(m.name)} (read that column from index.parquet too)")
+            out.add(m.name)
+        return frozenset(out)
 
     def __getstate__(self) -> dict[str, Any]:
         """For worker processes: per-process resources (locks, pools, files, buffers) are made anew there."""
@@ -410,7 +327,7 @@ class ShardDataset(torch.utils.data.Dataset):
         for name, p in present.items():
             batch[f"{name}_present"] = small(p)
         batch["key"] = [k.decode() for k in ix.key[rows]]
-        batch["region"] = small(ix.region[rows])
+        batch["region"] = small(ix.region[rows].astype(np.int64))
         batch["lon"] = small(ix.lon[rows])
         batch["lat"] = small(ix.lat[rows])
         batch["valid"] = small(valid)
@@ -474,20 +391,22 @@ class ShardDataset(torch.utils.data.Dataset):
                 sums = ix.checksums.get(m.name) if self.config.verify else None
                 if hlen is None:  # all bands, compressed, or a size that does not fit the registry: the whole member
                     check = () if sums is None else (int(sums[row]),)
-                    parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0, check))
+                    parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0, check, 0))
                     continue
-                chunk = self._band_chunks.get(m.name)
-                digests = () if chunk is None else tuple(int(d) for d in ix.band_checksums[m.name].digests[row])
-                parts.append((shard, off, hlen, int(slot), m.name, _HEADER, 0, 0, digests[:1]))
+                if m.name in self._chunked:  # the header part starts at the chunk digests, which check the rest
+                    start = sf.chunk_digests_range(off, len(m.bands))[0]
+                    parts.append((shard, start, off + hlen - start, int(slot), m.name, _HEADER, 0, 0,
+                                  (int(ix.chunk_checksums[m.name][row]),), off - start))
+                else:
+                    parts.append((shard, off, hlen, int(slot), m.name, _HEADER, 0, 0, (), 0))
                 band = m.nbytes // len(m.bands)
                 for b0, b1, pos in runs:
-                    check = () if chunk is None else tuple(digests[chunk[b]] for b in range(b0, b1))
                     parts.append((shard, off + hlen + b0 * band, (b1 - b0) * band, int(slot), m.name, _BANDS, pos,
-                                  pos + b1 - b0, check))
+                                  pos + b1 - b0, (), 0))
         parts.sort()
         requests: list[_Request] = []
-        for shard, off, nb, slot, name, kind, first, stop, check in parts:
-            part = _Part(slot, name, off, nb, kind, first, stop, check)
+        for shard, off, nb, slot, name, kind, first, stop, check, skip in parts:
+            part = _Part(slot, name, off, nb, kind, first, stop, check, skip)
             last = requests[-1] if requests else None
             if (last is not None and last.shard == shard and off - last.stop <= cfg.coalesce_gap
                     and off + nb - last.start <= cfg.max_request and off >= last.start):
@@ -497,13 +416,35 @@ class ShardDataset(torch.utils.data.Dataset):
                 requests.append(_Request(shard, off, off + nb, [part]))
         return requests
 
+    def _tasks(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Requests grouped so that the parts of a member read in part and verified through its chunk digests are
+        fetched, and checked, together (by one thread); every other request is a task of its own."""
+        group = list(range(len(requests)))
+
+        def find(i: int) -> int:
+            while group[i] != i:
+                group[i] = group[group[i]]
+                i = group[i]
+            return i
+
+        first: dict[tuple[int, str], int] = {}
+        for i, req in enumerate(requests):
+            for p in req.parts:
+                if p.kind != _MEMBER and p.name in self._chunked:
+                    j = first.setdefault((p.slot, p.name), i)
+                    group[find(i)] = find(j)
+        tasks: dict[int, list[_Request]] = {}
+        for i, req in enumerate(requests):
+            tasks.setdefault(find(i), []).append(req)
+        return list(tasks.values())
+
     def _implausible(self, rows: np.ndarray, slots: np.ndarray) -> dict[int, Exception]:
         """Slots with a member whose size in the index cannot be true for the registry's array (uncompressed: the
         array plus an ``.npy`` header; compressed: zstd's worst case on top): refused before anything is allocated
         or read, so a corrupt index cannot make the reader allocate what it claims."""
         ix, bad = self.index, {}
         for m in self.modalities:
-            nb = ix.nbytes[m.name][rows[slots]]
+            nb = ix.nbytes[m.name][rows[slots]].astype(np.int64)
             limit = member_bound(m, self.compressed)
             for slot, n in zip(slots[nb > limit], nb[nb > limit]):
                 row = int(rows[slot])
@@ -513,7 +454,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if ix.shard_bytes is None:
                 continue
             r = rows[slots]
-            end = ix.offsets[m.name][r] + nb
+            end = ix.offsets[m.name][r].astype(np.int64) + nb
             size = ix.shard_bytes[ix.shard[r]]
             for slot, e, n in zip(slots[end > size], end[end > size], size[end > size]):
                 row = int(rows[slot])
@@ -527,31 +468,34 @@ class ShardDataset(torch.utils.data.Dataset):
         implausible = self._implausible(rows, slots)
         if implausible:
             slots = np.array([s for s in slots if int(s) not in implausible], dtype=np.int64)
-        requests = self._plan_requests(rows, slots)
-        read = self._read_request
+        tasks = self._tasks(self._plan_requests(rows, slots))
+        read = self._read_task
         if st["local"] and self.config.inline_local:
-            futures = [_run_now(read, req, rows, st, counters, out) for req in requests]
+            futures = [_run_now(read, task, rows, st, counters, out) for task in tasks]
         else:
-            futures = [st["pool"].submit(read, req, rows, st, counters, out) for req in requests]
+            futures = [st["pool"].submit(read, task, rows, st, counters, out) for task in tasks]
         failed: dict[int, Exception] = dict(implausible)
         mods = {m.name: m for m in self.modalities}
-        for req, fut in zip(requests, futures):
+        fetched: list[tuple[_Request, bytes | bytearray]] = []
+        for task, fut in zip(tasks, futures):
             try:
-                data, bad, _ = fut.result()
-                for slot, name, msg in bad:
-                    key = self.index.key[int(rows[slot])].decode()
-                    failed.setdefault(slot, UnreadableSample(
-                        f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
-                if data is None:  # read straight into the batch arrays
-                    continue
+                results = fut.result()
             except Exception as e:  # noqa: BLE001 - reported per slot below
-                for part in req.parts:  # each slot's error names its key and member
+                for part in (p for req in task for p in req.parts):  # each slot's error names its key and member
                     key = self.index.key[int(rows[part.slot])].decode()
                     why = str(e) or type(e).__name__
                     failed.setdefault(part.slot, UnreadableSample(f"key {key} member {part.name}: {why}"))
                 continue
+            for req, (data, bad, _) in zip(task, results):
+                for slot, name, msg in bad:
+                    key = self.index.key[int(rows[slot])].decode()
+                    failed.setdefault(slot, UnreadableSample(
+                        f"{self.index.shard_names[req.shard]} key {key} member {name}: {msg}"))
+                if data is not None:  # else read straight into the batch arrays
+                    fetched.append((req, data))
+        for req, data in fetched:
             mv = memoryview(data)
-            for slot, name, off, nb, kind, first, stop, _ in req.parts:
+            for slot, name, off, nb, kind, first, stop, *_ in req.parts:
                 if slot in failed:
                     continue
                 row = int(rows[slot])
@@ -575,57 +519,76 @@ class ShardDataset(torch.utils.data.Dataset):
                     failed[slot] = UnreadableSample(str(e))
         return sorted(failed.items())
 
-    def _read_request(self, req: _Request, rows: np.ndarray, st: dict[str, Any], counters: IOCounters,
-                      out: dict[str, np.ndarray]) -> _Fetched:
-        """Fetch a request and check each part against its digests; parts that differ are read once more (bytes
-        can be corrupted in transit) and, if they still differ, reported as bad."""
+    def _read_task(self, task: list[_Request], rows: np.ndarray, st: dict[str, Any], counters: IOCounters,
+                   out: dict[str, np.ndarray]) -> list[_Fetched]:
+        """Fetch a task's requests and check each part against its digests; when some differ the task is read once
+        more (bytes can be corrupted in transit), and parts that still differ are reported as bad."""
         direct = st["local"] and not self.compressed
         fetch = self._fetch_into if direct else self._fetch
-        got = fetch(req, st, counters, out)
-        wrong = self._mismatched(req, got)
+        got = [fetch(req, st, counters, out) for req in task]
+        wrong = self._mismatched(task, got)
         if not wrong:
             return got
         counters.checksum_failures += len(wrong)
         counters.retries += 1
-        shard = self.index.shard_names[req.shard]
+        shard = self.index.shard_names[task[0].shard]
         for part, what in wrong:
             key = self.index.key[int(rows[part.slot])].decode()
             log.warning("%s key %s member %s: %s; reading it again", shard, key, part.name, what)
-        got = fetch(req, st, counters, out)
-        still = self._mismatched(req, got)
+        got = [fetch(req, st, counters, out) for req in task]
+        still = self._mismatched(task, got)
         if not still:
-            log.warning("%s bytes %d-%d: the second read matches the index (corrupted in transit)", shard, req.start,
-                        req.stop)
+            log.warning("%s: the second read matches the index (corrupted in transit)", shard)
             return got
-        return got._replace(bad=got.bad + [(part.slot, part.name, f"{what} (read twice; the shard or its index is "
-                                             "corrupt)") for part, what in still])
+        why = "(read twice; the shard or its index is corrupt)"
+        bad = [(part.slot, part.name, f"{what} {why}") for part, what in still]
+        return [got[0]._replace(bad=got[0].bad + bad), *got[1:]]
 
-    def _mismatched(self, req: _Request, got: _Fetched) -> list[tuple[_Part, str]]:
-        """The parts of a fetched request whose bytes do not hash to the index's digests, with what differs."""
-        wrong = []
-        bad = {slot for slot, _, _ in got.bad}
+    def _mismatched(self, task: list[_Request], got: list[_Fetched]) -> list[tuple[_Part, str]]:
+        """The parts of a fetched task whose bytes do not match the index's digests (a member read whole: its
+        digest; read in part: its chunk digests, which match the index's, then its header and each band against
+        them), with what differs; one per member."""
         mods = {m.name: m for m in self.modalities}
-        for i, part in enumerate(req.parts):
-            if not part.check or part.slot in bad:
+        bad = {slot for g in got for slot, _, _ in g.bad}
+        placed = []  # (part, its bytes: one buffer, or one per band for a run)
+        for req, g in zip(task, got):
+            for i, part in enumerate(req.parts):
+                if part.slot in bad or (part.kind == _MEMBER and not part.check) or \
+                        (part.kind != _MEMBER and part.name not in self._chunked):
+                    continue
+                if g.chunks is not None:
+                    chunks = g.chunks[i]
+                else:
+                    view = memoryview(g.data)[part.off - req.start:part.off - req.start + part.nbytes]
+                    chunks = _planes(view, mods[part.name], part.stop - part.first) if part.kind == _BANDS else [view]
+                placed.append((part, chunks))
+        wrong: dict[tuple[int, str], tuple[_Part, str]] = {}
+        digests: dict[tuple[int, str], np.ndarray] = {}  # the chunk digests of members read in part, once checked
+        for part, chunks in sorted(placed, key=lambda pc: pc[0].kind != _HEADER):
+            member = (part.slot, part.name)
+            if member in wrong:
                 continue
-            if got.chunks is not None:
-                chunks = got.chunks[i]
-            else:
-                view = memoryview(got.data)[part.off - req.start:part.off - req.start + part.nbytes]
-                chunks = _planes(view, mods[part.name], part.stop - part.first) if part.kind == _BANDS else [view]
+            m = mods[part.name]
             if part.kind == _MEMBER:
-                found: list[int] = [sf.digest(*chunks)]
+                have, want, what = sf.digest(*chunks), part.check[0], "bytes"
+            elif part.kind == _HEADER:
+                head = memoryview(chunks[0])
+                table = head[:8 * (1 + len(m.bands))]
+                have, want, what = sf.digest(table), part.check[0], "chunk digests"
+                if have == want:
+                    digests[member] = np.frombuffer(table, dtype="<u8")
+                    have, want, what = sf.digest(head[part.skip:]), int(digests[member][0]), ".npy header"
             else:
-                found = [sf.digest(c) for c in chunks]
-            for j, (have, want) in enumerate(zip(found, part.check)):
-                if have != want:
-                    m = mods[part.name]
-                    what = {_MEMBER: "bytes", _HEADER: ".npy header",
-                            _BANDS: f"band {m.bands[self.bands[part.name][part.first + j]]}"}[part.kind]
-                    wrong.append((part, f"checksum mismatch: its {what} hash to {have:016x}, the index says "
-                                        f"{want:016x}"))
-                    break
-        return wrong
+                if member not in digests:
+                    continue  # its header part failed
+                for j, c in enumerate(chunks):
+                    band = self.bands[part.name][part.first + j]
+                    have, want, what = sf.digest(c), int(digests[member][1 + band]), f"band {m.bands[band]}"
+                    if have != want:
+                        break
+            if have != want:
+                wrong[member] = (part, f"checksum mismatch: its {what} hash to {have:016x}, expected {want:016x}")
+        return list(wrong.values())
 
     def _fetch_into(self, req: _Request, st: dict[str, Any], counters: IOCounters,
                     out: dict[str, np.ndarray]) -> _Fetched:
@@ -638,7 +601,7 @@ class ShardDataset(torch.utils.data.Dataset):
         headers = []
         chunks: list[list[Any]] = []
         pos = req.start
-        for slot, name, off, nb, kind, first, stop, _ in req.parts:
+        for slot, name, off, nb, kind, first, stop, _, skip in req.parts:
             if off < pos:
                 return self._fetch(req, st, counters, out)
             if kind == _BANDS:
@@ -659,7 +622,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 iov.append(bytearray(off - pos))
             iov += bufs
             if head is not None:
-                headers.append((slot, name, head))
+                headers.append((slot, name, memoryview(head)[skip:]))
             pos = off + nb
         name = self.index.shard_names[req.shard]
         path = join(st["path"], name)
@@ -703,7 +666,7 @@ class ShardDataset(torch.utils.data.Dataset):
         counters.requests += 1
         counters.bytes += nbytes
         mv = memoryview(data)
-        heads = [(p.slot, p.name, mv[p.off - req.start:p.off - req.start + p.nbytes]) for p in req.parts
+        heads = [(p.slot, p.name, mv[p.off - req.start + p.skip:p.off - req.start + p.nbytes]) for p in req.parts
                  if p.kind == _HEADER]
         return _Fetched(data, _header_errors(heads, {m.name: m for m in self.modalities}))
 

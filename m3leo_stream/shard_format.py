@@ -11,10 +11,12 @@ A sample's members are ``<key>.json`` and ``<key>.<modality>.npy`` (``.npy.zst``
 C-order ``.npy`` (format 1.0, never pickled) in the modality's registry dtype and canonical shape, bands first.
 
 Checksums (format version 2): the index holds, per member, ``<modality>_xxh3`` (``json_xxh3`` for the metadata
-member), the XXH3-64 digest (``xxhash.xxh3_64``, seed 0) of the member's stored bytes, as uint64; and for
-uncompressed arrays ``<modality>_band_xxh3``, a fixed-size list of the digests of the member's chunks: its ``.npy``
-header, then each band plane (``(H, W)`` bytes, in storage order), so that a read of some bands only is verified
-exactly (compressed members are read whole). Version 1 roots have no checksums; they are read unverified.
+member), the XXH3-64 digest (``xxhash.xxh3_64``, seed 0) of the member's stored bytes, as uint64. An uncompressed
+array member is preceded in its sample by ``<key>.<modality>.xxh3``: the little-endian uint64 digests of the array
+member's chunks, its ``.npy`` header then each band plane (``(H, W)`` bytes, in storage order), whose own digest is
+the index's ``<modality>_chunks_xxh3``. A read of some bands only fetches that small member with the ``.npy`` header
+(it lies just before, :func:`chunk_digests_range`) and checks each fetched band exactly, while the index holds one
+number per member whatever the band count. Version 1 roots have no checksums; they are read unverified.
 """
 
 from __future__ import annotations
@@ -80,9 +82,21 @@ def checksum_column(member: str) -> str:
     return f"{member}_xxh3"
 
 
-def band_checksums_column(modality: str) -> str:
-    """The column of an uncompressed member's chunk digests: header, then each band plane."""
-    return f"{modality}_band_xxh3"
+def chunks_checksum_column(modality: str) -> str:
+    """The column of the digest of an uncompressed member's chunk-digest member."""
+    return f"{modality}_chunks_xxh3"
+
+
+def chunk_digests_name(key: str, modality: str) -> str:
+    """Tar member holding the chunk digests of ``<key>.<modality>.npy``."""
+    return f"{key}.{modality}.xxh3"
+
+
+def chunk_digests_range(offset: int, num_bands: int) -> tuple[int, int]:
+    """(data offset, size) of the chunk-digest member before the uncompressed array member whose data starts at
+    ``offset``: it holds ``1 + num_bands`` digests, and the array member's 512-byte tar header lies between them."""
+    size = 8 * (1 + num_bands)
+    return offset - 512 - (size + (-size) % 512), size
 
 
 def digest(*chunks: bytes | bytearray | memoryview | np.ndarray) -> int:
@@ -93,12 +107,14 @@ def digest(*chunks: bytes | bytearray | memoryview | np.ndarray) -> int:
     return h.intdigest()
 
 
-def chunk_digests(header: bytes | bytearray | memoryview, body: memoryview | np.ndarray, num_bands: int) -> list[int]:
-    """Digests of an uncompressed member's chunks: its ``.npy`` header, then each of its ``num_bands`` planes."""
+def chunk_digests(header: bytes | bytearray | memoryview, body: memoryview | np.ndarray, num_bands: int) -> bytes:
+    """The chunk-digest member of an uncompressed array member: digests of its ``.npy`` header, then of each of its
+    ``num_bands`` planes, as little-endian uint64."""
     body = memoryview(body).cast("B")
     plane = len(body) // max(1, num_bands)
-    return [xxhash.xxh3_64_intdigest(header)] + [xxhash.xxh3_64_intdigest(body[i * plane:(i + 1) * plane])
-                                                  for i in range(num_bands)]
+    digests = [xxhash.xxh3_64_intdigest(header)] + [xxhash.xxh3_64_intdigest(body[i * plane:(i + 1) * plane])
+                                                     for i in range(num_bands)]
+    return np.asarray(digests, dtype="<u8").tobytes()
 
 
 def index_schema(bands: Mapping[str, int], compressed: bool) -> Any:
@@ -112,7 +128,7 @@ def index_schema(bands: Mapping[str, int], compressed: bool) -> Any:
         fields += [pa.field(offset_column(member), pa.int64()), pa.field(nbytes_column(member), pa.int64()),
                    pa.field(checksum_column(member), pa.uint64())]
         if member != JSON_MEMBER and not compressed:
-            fields.append(pa.field(band_checksums_column(member), pa.list_(pa.uint64(), 1 + bands[member])))
+            fields.append(pa.field(chunks_checksum_column(member), pa.uint64()))
     return pa.schema(fields)
 
 

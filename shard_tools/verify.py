@@ -47,7 +47,9 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
     if not root.fs.exists(full):
         return [f"{path}: listed in the manifest but missing"]
     members: dict[str, tuple[int, int]] = {}
-    digests: dict[str, tuple[int, list[int] | None]] = {}  # member → (its digest, its chunk digests)
+    digests: dict[str, int] = {}  # member → its digest
+    chunks: dict[str, bytes] = {}  # array member → the chunk digests its bytes give
+    stored: dict[str, bytes] = {}  # array member → its chunk-digest member
     decoded: list[str] = []
     with root.fs.open(full, "rb") as f:
         reader = _HashingReader(f)
@@ -56,15 +58,17 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
                 for ti in tar:
                     members[ti.name] = (ti.offset_data, ti.size)
                     data = tar.extractfile(ti).read() if ti.isfile() else b""  # type: ignore[union-attr]
-                    digests[ti.name] = (sf.digest(data), None)
+                    digests[ti.name] = sf.digest(data)
                     parts = ti.name.split(".")
-                    if len(parts) >= 3 and parts[1] in modalities:
+                    if len(parts) == 3 and parts[1] in modalities and parts[2] == "xxh3":
+                        stored[f"{parts[0]}.{parts[1]}.npy"] = data
+                    elif len(parts) >= 3 and parts[1] in modalities:
                         m = modalities[parts[1]]
                         if not ti.name.endswith(".zst"):
                             try:
                                 start = sf.npy_header(data)[3]
-                                chunks = sf.chunk_digests(data[:start], memoryview(data)[start:], m["shape"][0])
-                                digests[ti.name] = (digests[ti.name][0], chunks)
+                                chunks[ti.name] = sf.chunk_digests(data[:start], memoryview(data)[start:],
+                                                                   m["shape"][0])
                             except sf.FormatError:
                                 pass  # the decode below says what is wrong
                         try:
@@ -107,22 +111,30 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
             if members[name] != (off, n):
                 problems.append(f"{path}: index range of {name} is ({off}, {n}), tar member is at {members[name]}")
             if checksums:
-                problems += _check_digests(path, name, r, mod, digests[name])
+                problems += _check_digests(path, name, r, mod, digests[name], chunks.get(name), stored.get(name))
     return problems
 
 
-def _check_digests(path: str, name: str, row: Mapping[str, Any], member: str,
-                   found: tuple[int, list[int] | None]) -> list[str]:
-    """The member's digests in the index against those of its bytes in the tar."""
+def _check_digests(path: str, name: str, row: Mapping[str, Any], member: str, found: int,
+                   chunks: bytes | None, stored: bytes | None) -> list[str]:
+    """The member's digest in the index against that of its bytes in the tar; for uncompressed arrays, also its
+    chunk-digest member against the chunks of its bytes and against the index."""
     want = row.get(sf.checksum_column(member))
-    if want != found[0]:
-        return [f"{path}: member {name} hashes to {found[0]:016x}, the index says "
+    if want != found:
+        return [f"{path}: member {name} hashes to {found:016x}, the index says "
                 f"{'nothing' if want is None else f'{want:016x}'}"]
-    chunks = row.get(sf.band_checksums_column(member))
-    if chunks is not None and found[1] is not None and list(chunks) != found[1]:
-        bad = next(i for i, (a, b) in enumerate(zip(chunks, found[1])) if a != b)
+    if chunks is None:
+        return []
+    if stored is None:
+        return [f"{path}: member {name} has no chunk-digest member before it"]
+    if stored != chunks:
+        n = min(len(stored), len(chunks)) // 8
+        bad = next((i for i in range(n) if stored[8 * i:8 * i + 8] != chunks[8 * i:8 * i + 8]), n)
         what = ".npy header" if bad == 0 else f"band {bad - 1}"
-        return [f"{path}: member {name}: the digest of its {what} differs from the index's"]
+        return [f"{path}: member {name}: the digest of its {what} differs from its chunk-digest member"]
+    if row.get(sf.chunks_checksum_column(member)) != sf.digest(stored):
+        return [f"{path}: member {name}: its chunk-digest member does not hash to the index's "
+                f"{sf.chunks_checksum_column(member)}"]
     return []
 
 

@@ -145,9 +145,9 @@ class ShardWriter:
         return offset, size
 
     def add_sample(self, key: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Write ``<key>.json`` then one ``.npy`` member per modality (bands first); return each member's index
-        columns: ``<mod>_offset``, ``<mod>_nbytes``, ``<mod>_xxh3`` and, uncompressed, ``<mod>_band_xxh3``
-        (``json_*`` for the metadata member)."""
+        """Write ``<key>.json`` then one ``.npy`` member per modality (bands first; uncompressed, each preceded by
+        its chunk digests); return each member's index columns: ``<mod>_offset``, ``<mod>_nbytes``, ``<mod>_xxh3``
+        and, uncompressed, ``<mod>_chunks_xxh3`` (``json_*`` for the metadata member)."""
         sf.check_key(key)
         meta_bytes = sf.dumps_json(meta)
         off, size = self._member(sf.member_name(key, None), [meta_bytes])
@@ -159,7 +159,9 @@ class ShardWriter:
                 parts: list[bytes | memoryview] = [self._zstd.compress(header + bytes(body))]
             else:
                 parts = [header, body]
-                ranges[sf.band_checksums_column(name)] = sf.chunk_digests(header, body, array.shape[0])
+                chunks = sf.chunk_digests(header, body, array.shape[0])
+                self._member(sf.chunk_digests_name(key, name), [chunks])
+                ranges[sf.chunks_checksum_column(name)] = sf.digest(chunks)
             off, size = self._member(sf.member_name(key, name, self.compress), parts)
             ranges[sf.offset_column(name)] = off
             ranges[sf.nbytes_column(name)] = size

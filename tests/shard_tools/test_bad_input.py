@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from m3leo_stream import shard_format as sf
 from shard_tools.build import BuildConfig, BuildError, build
 from shard_tools.cli import main as cli_main
 from shard_tools.rasters import geotiff_bytes
@@ -224,9 +225,10 @@ def test_verify_names_corruption(src, tmp_path):
     assert any(f"{rows[i]['key']}.srtmdem.npy" in p and "index range" in p for p in problems)
 
 
-def test_verify_names_swapped_digests_and_band_chunks(src, tmp_path):
-    """An index whose member digests were swapped between two rows, or whose band digests differ from the bytes:
-    each is a problem naming the shard and member (the tar and its sha256 are intact)."""
+def test_verify_names_swapped_digests_and_bad_chunk_digests(src, tmp_path):
+    """An index whose member digests were swapped between two rows, or whose digest of a member's chunk digests
+    is wrong: each is a problem naming the shard and member (the tar and its sha256 are intact); then a chunk
+    digest altered in the tar is named too."""
     out = tmp_path / "out"
     build(BuildConfig(str(src), str(out), shard_size=1_000_000, progress=False))
     t = pq.read_table(out / "index.parquet")
@@ -235,17 +237,24 @@ def test_verify_names_swapped_digests_and_band_chunks(src, tmp_path):
     a, b = [i for i, x in enumerate(sums) if x is not None][:2]
     sums[a], sums[b] = sums[b], sums[a]
     t = t.set_column(t.column_names.index("esawc_xxh3"), "esawc_xxh3", pa.array(sums, pa.uint64()))
-    chunks = d["srtmdem_band_xxh3"]
+    chunks = d["srtmdem_chunks_xxh3"]
     c = next(i for i, x in enumerate(chunks) if x is not None)
-    chunks[c] = [chunks[c][0], chunks[c][1] ^ 1, *chunks[c][2:]]
-    col = t.column_names.index("srtmdem_band_xxh3")
-    t = t.set_column(col, "srtmdem_band_xxh3", pa.array(chunks, t.schema.field(col).type))
+    chunks[c] ^= 1
+    t = t.set_column(t.column_names.index("srtmdem_chunks_xxh3"), "srtmdem_chunks_xxh3", pa.array(chunks, pa.uint64()))
     pq.write_table(t, out / "index.parquet")
     problems, _ = verify(str(out), progress=False)
     for i in (a, b):
         assert any(d["shard"][i] in p and f"member {d['key'][i]}.esawc.npy hashes to" in p for p in problems)
-    assert any(f"member {d['key'][c]}.srtmdem.npy: the digest of its band 0 differs" in p for p in problems)
+    assert any(f"member {d['key'][c]}.srtmdem.npy: its chunk-digest member does not hash" in p for p in problems)
     assert not any("sha256" in p for p in problems)
+    shard = out / d["shard"][c]
+    data = bytearray(shard.read_bytes())
+    start = sf.chunk_digests_range(d["srtmdem_offset"][c], 2)[0]  # srtmdem: elevation, slope
+    data[start + 8] ^= 1  # band 0's digest
+    shard.write_bytes(bytes(data))
+    problems, _ = verify(str(out), progress=False)
+    assert any(f"member {d['key'][c]}.srtmdem.npy: the digest of its band 0 differs from its chunk-digest member" in p
+               for p in problems)
 
 
 def test_finalize_refuses_records_without_digests_or_with_ranges_past_the_shard(src, tmp_path):

@@ -151,7 +151,8 @@ def test_plain_webdataset_reads_one_sample_per_chip(small_shards):
     rows = root.read_index().to_pylist()
     assert set(members) == {r["key"] for r in rows}
     for r in rows:
-        expected = {"json"} | {f"{m}.npy" for m in root.modalities if r[sf.offset_column(m)] is not None}
+        present = [m for m in root.modalities if r[sf.offset_column(m)] is not None]
+        expected = {"json"} | {f"{m}.npy" for m in present} | {f"{m}.xxh3" for m in present}  # + chunk digests
         assert members[r["key"]] == expected
 
 
