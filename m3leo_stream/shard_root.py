@@ -45,7 +45,11 @@ class ShardRoot:
         try:
             with self.fs.open(path, "rb") as f:
                 return sf.loads_manifest(f.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            if not self.fs.exists(self.path):
+                raise FileNotFoundError(f"{self.url}: no such shard root (it does not exist)") from None
+            if not self.fs.isdir(self.path):
+                raise NotADirectoryError(f"{self.url}: not a shard root (a file, not a directory)") from None
             raise FileNotFoundError(f"{self.url}: no {sf.MANIFEST} (is this a finalized shard root?)") from None
 
     @cached_property
