@@ -45,7 +45,11 @@ class ShardRoot:
         try:
             with self.fs.open(path, "rb") as f:
                 return sf.loads_manifest(f.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            if not self.fs.exists(self.path):
+                raise FileNotFoundError(f"{self.url}: no such shard root (it does not exist)") from None
+            if not self.fs.isdir(self.path):
+                raise NotADirectoryError(f"{self.url}: not a shard root (a file, not a directory)") from None
             raise FileNotFoundError(f"{self.url}: no {sf.MANIFEST} (is this a finalized shard root?)") from None
 
     @cached_property
@@ -69,15 +73,30 @@ class ShardRoot:
         return self.modalities[name]
 
     def read_index(self, columns: list[str] | None = None, filters: Any = None):
-        """``index.parquet`` as a pyarrow Table (only ``columns`` when given)."""
+        """``index.parquet`` as a pyarrow Table (only ``columns`` when given).
+
+        The file is copied into an Arrow-allocated buffer and parsed from there, never from the Python file object:
+        ``pq.read_table`` returns before its scan has been torn down, and that teardown runs on an Arrow thread-pool
+        worker. Reading a Python file object leaves Python-owned buffers (``arrow::py::PyBuffer``) in the scan's
+        read cache, whose destructor takes the GIL; when the worker gets there after the main thread has started
+        interpreter finalization, Python ends the worker with ``pthread_exit``, its forced unwind meets a
+        ``noexcept`` destructor and the process aborts (``terminate called without an active exception``, exit
+        134) -- in a short command such as ``m3leo-shards inspect``, about one run in ten. With only Arrow-owned
+        memory the teardown never touches Python (apache/arrow#39862, #36389, #49942).
+        """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         path = self.file(sf.INDEX)
         try:
             with self.fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=columns, filters=filters)
+                data = f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: no {sf.INDEX} (is this a finalized shard root?)") from None
+        buf = pa.allocate_buffer(len(data))
+        memoryview(buf).cast("B")[:] = data
+        del data
+        return pq.read_table(pa.BufferReader(buf), columns=columns, filters=filters)
 
     def read_range(self, shard: str, offset: int, nbytes: int) -> bytes:
         return self.fs.cat_file(self.file(shard), start=offset, end=offset + nbytes)

@@ -20,13 +20,21 @@ def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _folders(values: Sequence[str] | None) -> dict[str, str]:
+def _folders(values: Sequence[str] | None, modalities_file: str | None) -> dict[str, str]:
+    """``--folder MODALITY=FOLDER`` values as a dict; a modality the registry (and the file) lacks is an error."""
+    from m3leo_stream.modalities import REGISTRY, load_user_modalities
+
     out = {}
     for v in values or ():
         if "=" not in v:
-            raise SystemExit(f"--folder expects MODALITY=FOLDER, got {v!r}")
+            raise ValueError(f"--folder expects MODALITY=FOLDER (e.g. gunw=gunw_2020-04-01_2020-06-30), got {v!r}")
         k, f = v.split("=", 1)
         out[k.strip()] = f.strip()
+    if out:
+        known = load_user_modalities(modalities_file) if modalities_file else REGISTRY
+        for k, f in out.items():
+            if k not in known:
+                raise ValueError(f"--folder {k}={f}: unknown modality {k!r}; known: {', '.join(known)}")
     return out
 
 
@@ -51,11 +59,16 @@ def cmd_build(a: argparse.Namespace) -> int:
     from shard_tools.build import BuildConfig, BuildError, build, parse_size
     from shard_tools.downsample import parse_resolutions
 
+    try:
+        shard_size = parse_size(a.shard_size)
+    except ValueError:
+        raise ValueError(f"--shard-size {a.shard_size!r} is not a size (e.g. 1GB, 256MiB, 500k or bytes)") from None
     cfg = BuildConfig(
         src=a.src, out=a.out, regions=_csv(a.regions), modalities=_csv(a.modalities),
-        splits=_csv(a.splits) or ["train", "val", "test"], shard_size=parse_size(a.shard_size), compress=a.compress,
+        splits=_csv(a.splits) or ["train", "val", "test"], shard_size=shard_size, compress=a.compress,
         workers=a.workers, task_index=a.task_index, num_tasks=a.num_tasks, on_error=a.on_error,
-        year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, modalities_yaml=a.modalities_yaml,
+        year=a.year, folders=_folders(a.folder, a.modalities_file), gunw_pair_rule=a.gunw_pair_rule,
+        modalities_yaml=a.modalities_file,
         storage_options=parse_storage_options(a.storage_options),
         src_storage_options=parse_storage_options(a.src_storage_options) if a.src_storage_options else None,
         progress=not a.quiet, read_group_shards=a.read_group_shards, resolutions=parse_resolutions(a.resolution),
@@ -72,10 +85,9 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_probe(a: argparse.Namespace) -> int:
     from shard_tools.probe import ProbeConfig, build_would_fail, format_table, probe
 
-    if a.per_folder < 1:
-        raise ValueError("--per-folder must be at least 1")
-    cfg = ProbeConfig(src=a.src, per_folder=a.per_folder, regions=_csv(a.regions), modalities_yaml=a.modalities_yaml,
-                      year=a.year, folders=_folders(a.folder), gunw_pair_rule=a.gunw_pair_rule, on_error=a.on_error,
+    cfg = ProbeConfig(src=a.src, per_folder=a.per_folder, regions=_csv(a.regions), modalities_yaml=a.modalities_file,
+                      year=a.year, folders=_folders(a.folder, a.modalities_file), gunw_pair_rule=a.gunw_pair_rule,
+                      on_error=a.on_error,
                       storage_options=parse_storage_options(a.storage_options))
     reports = probe(cfg)
     fail = build_would_fail(reports, a.on_error)
@@ -102,7 +114,7 @@ def cmd_finalize(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from shard_tools.verify import verify
 
-    problems, summary = verify(a.out, parse_storage_options(a.storage_options), workers=a.workers,
+    problems, summary = verify(a.root, parse_storage_options(a.storage_options), workers=a.workers,
                                progress=not a.quiet)
     for p in problems:
         sys.stdout.write(f"PROBLEM: {p}\n")
@@ -111,17 +123,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from shard_tools.inspect import inspect_key, inspect_root
+    from shard_tools.inspect import format_key, format_root, inspect_key, inspect_root, list_keys
 
     so = parse_storage_options(a.storage_options)
-    _print_json(inspect_key(a.out, a.key, so) if a.key else inspect_root(a.out, so))
+    if a.keys:
+        rows = list_keys(a.root, so)
+        if a.json:
+            _print_json(rows)
+        else:
+            sys.stdout.write("".join(f"{r['key']}\t{r['region']}\t{r['split']}\t{r['shard']}\n" for r in rows))
+    elif a.key:
+        result = inspect_key(a.root, a.key, so)
+        _print_json(result) if a.json else sys.stdout.write(format_key(result) + "\n")
+    else:
+        summary = inspect_root(a.root, so)
+        _print_json(summary) if a.json else sys.stdout.write(format_root(summary) + "\n")
     return 0
 
 
 def cmd_card(a: argparse.Namespace) -> int:
     from shard_tools.card import write_card
 
-    path = write_card(a.out, parse_storage_options(a.storage_options))
+    path = write_card(a.root, parse_storage_options(a.storage_options))
     sys.stdout.write(f"wrote {path}\n")
     return 0
 
@@ -129,7 +152,7 @@ def cmd_card(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from shard_tools.verify import recompute_stats
 
-    path = recompute_stats(a.out, parse_storage_options(a.storage_options), progress=not a.quiet)
+    path = recompute_stats(a.root, parse_storage_options(a.storage_options), progress=not a.quiet)
     sys.stdout.write(f"wrote {path}\n")
     return 0
 
@@ -164,142 +187,250 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     return 0
 
 
+ROOT_HELP = "shard root: local directory or fsspec URL (s3://bucket/prefix, ...)"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none worth saying (None, False) or says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and "default" not in text and d not in (None, False, argparse.SUPPRESS)
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+class _RenamedOption(argparse.Action):
+    """An option name that is gone: say which one replaced it (kept out of --help)."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m3leo-shards", description="Repack M3LEO chips into region-grouped tar shards.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    from m3leo_stream import __version__
 
-    def storage(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'; "
-                             "by default S3 settings come from the AWS_* environment variables")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = argparse.ArgumentParser(
+        prog="m3leo-shards", formatter_class=HelpFormatter,
+        description="Repack M3LEO chips into region-grouped tar shards, and look at, check and describe shard roots.",
+        epilog="'m3leo-shards COMMAND --help' describes a command. Mistakes in arguments or data end with one "
+               "'m3leo-shards: error: ...' line on stderr and exit status 2; -v adds the traceback.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and the traceback of an error (also accepted after the command)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("synth", help="generate M3LEO-layout data (hub folders or the parquet release)")
-    s.add_argument("out")
-    s.add_argument("--regions", default="conus,europe")
-    s.add_argument("--chips-per-region", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        sp.set_defaults(func=func)
+        # SUPPRESS: a subcommand without -v leaves the value given before it alone
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and the traceback of an error")
+        return sp
+
+    def storage(sp: argparse.ArgumentParser, progress: bool = True) -> None:
+        sp.add_argument("--storage-options", default=None, metavar="JSON",
+                        help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' "
+                             "(default: none; S3 settings come from the AWS_* environment variables)")
+        if progress:
+            sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    def modalities_file(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--modalities-file", default=None, metavar="YAML", help=what)
+        sp.add_argument("--modalities-yaml", action=_RenamedOption, new="--modalities-file")
+
+    s = command("synth", "generate M3LEO-layout data (hub folders or the parquet release) for trying things out",
+                cmd_synth)
+    s.add_argument("out", metavar="OUT", help="directory or fsspec URL to write the regions to")
+    s.add_argument("--regions", default="conus,europe", help="comma-separated region names")
+    s.add_argument("--chips-per-region", type=_positive, default=20, help="chips generated in each region")
+    s.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same files)")
     s.add_argument("--modalities", default=None, help="comma-separated subset (default: all nine)")
     s.add_argument("--parquet", action="store_true", help="write the parquet-packed release instead of files")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=_positive, default=1, help="processes writing regions in parallel")
     storage(s)
-    s.set_defaults(func=cmd_synth)
 
-    b = sub.add_parser("build", help="build shards from a hub-layout source")
-    b.add_argument("src", help="local directory or fsspec URL holding one or more regions")
-    b.add_argument("out", help="local directory or fsspec URL (s3://bucket/prefix)")
-    b.add_argument("--regions", default=None)
-    b.add_argument("--modalities", default=None)
-    b.add_argument("--splits", default=None)
-    b.add_argument("--shard-size", default="1GB")
-    b.add_argument("--compress", choices=["none", "zstd"], default="none")
-    b.add_argument("--read-group-shards", type=int, default=None,
+    b = command("build", "build shards from a hub-layout or parquet source", cmd_build)
+    b.add_argument("src", metavar="SRC", help="local directory or fsspec URL holding one or more regions")
+    b.add_argument("out", metavar="OUT", help="shard root to write: local directory or fsspec URL (s3://bucket/prefix)")
+    b.add_argument("--regions", default=None, help="comma-separated regions to build (default: all under SRC)")
+    b.add_argument("--modalities", default=None,
+                   help="comma-separated modalities to store (default: all the source has)")
+    b.add_argument("--splits", default="train,val,test", help="comma-separated splits to build")
+    b.add_argument("--shard-size", default="1GB", help="target bytes per shard: 1GB, 256MiB, 500k or a number")
+    b.add_argument("--compress", choices=["none", "zstd"], default="none", help="member compression")
+    b.add_argument("--read-group-shards", type=_positive, default=None,
                    help="parquet sources: shards' worth of bytes in one reading group, whose shards (all splits) one "
-                        "worker builds with one reader, reading each row group once (default 16)")
-    b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0))
-    b.add_argument("--num-tasks", type=int, default=1)
-    b.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+                        "worker builds with one reader, reading each row group once (default: 16)")
+    b.add_argument("--workers", type=_positive, default=1, help="processes building shards in parallel")
+    b.add_argument("--task-index", type=_non_negative, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0),
+                   help="this task's number in an array job of --num-tasks (default: $SLURM_ARRAY_TASK_ID or 0)")
+    b.add_argument("--num-tasks", type=_positive, default=1,
+                   help="tasks sharing the build; after all, 'finalize' publishes the root")
+    b.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="an unreadable or invalid member stops the build (fail) or is left out and counted (skip)")
     b.add_argument("--year", type=int, default=2020, help="year of year-bearing folders (s1grd-YYYY, ...)")
     b.add_argument("--folder", action="append", metavar="MODALITY=FOLDER",
-                   help="read a modality from this data folder (e.g. gunw=gunw_2020-04-01_2020-06-30)")
+                   help="read a modality from this data folder (e.g. gunw=gunw_2020-04-01_2020-06-30); repeatable")
     b.add_argument("--gunw-pair-rule", default="longest", help="GUNW date pair: longest, shortest or days=N")
     b.add_argument("--resolution", action="append", metavar="MODALITY=PX",
                    help="store MODALITY at PX pixels per side instead of its canonical size (e.g. s1grd=224): an "
                         "exact block reduction by the integer factor canonical/PX, chosen by band kind (power mean "
                         "for SAR dB, mean, circular mean for phase, mode for classes), nodata-aware; repeatable")
-    b.add_argument("--modalities-yaml", "--modalities-file", dest="modalities_yaml", default=None,
-                   help="YAML file declaring extra or overriding modalities (user rasters ingested with ingest-raster)")
-    b.add_argument("--src-storage-options", default=None, help="JSON fsspec options for SRC (default: as OUT)")
+    modalities_file(b, "YAML file declaring extra or overriding modalities (e.g. user rasters ingested with "
+                       "ingest-raster; pass the same file to both)")
+    b.add_argument("--src-storage-options", default=None, metavar="JSON",
+                   help="fsspec options for SRC as JSON (default: those of OUT)")
     storage(b)
-    b.set_defaults(func=cmd_build)
 
-    pr = sub.add_parser("probe", help="sample a source's files and say what build would do with each folder")
-    pr.add_argument("src", help="local directory or fsspec URL (hf://datasets/..., s3://...) holding regions")
-    pr.add_argument("--per-folder", type=int, default=5, help="files sampled per dataset folder and region")
-    pr.add_argument("--json", action="store_true", help="print the reports as JSON")
-    pr.add_argument("--regions", default=None)
+    pr = command("probe", "sample a source's files and say what build would do with each folder", cmd_probe)
+    pr.add_argument("src", metavar="SRC",
+                    help="local directory or fsspec URL (hf://datasets/..., s3://...) holding regions")
+    pr.add_argument("--per-folder", type=_positive, default=5, help="files sampled per dataset folder and region")
+    pr.add_argument("--json", action="store_true", help="print the reports as JSON instead of a table")
+    pr.add_argument("--regions", default=None, help="comma-separated regions to probe (default: all under SRC)")
     pr.add_argument("--year", type=int, default=2020, help="as for build: which year-bearing folder is read")
-    pr.add_argument("--folder", action="append", metavar="MODALITY=FOLDER", help="as for build")
-    pr.add_argument("--gunw-pair-rule", default="longest")
+    pr.add_argument("--folder", action="append", metavar="MODALITY=FOLDER", help="as for build; repeatable")
+    pr.add_argument("--gunw-pair-rule", default="longest", help="as for build: longest, shortest or days=N")
     pr.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                     help="as for build: with skip, bad files do not make the exit code non-zero")
-    pr.add_argument("--modalities-yaml", "--modalities-file", dest="modalities_yaml", default=None)
-    storage(pr)
-    pr.set_defaults(func=cmd_probe)
+    modalities_file(pr, "as for build: YAML file declaring extra or overriding modalities")
+    storage(pr, progress=False)
 
-    g = sub.add_parser("grid", help="chip grid (geojson + stripe split csv, hub layout) for an AOI polygon")
+    g = command("grid", "chip grid (geojson + stripe split csv, hub layout) for an AOI polygon", cmd_grid)
     g.add_argument("--aoi", required=True, help="AOI polygon in lon/lat: a .geojson or .wkt file (or fsspec URL)")
     g.add_argument("--out", required=True, help="folder to hold the region (what build and ingest-raster read)")
     g.add_argument("--region", default=None, help="region name, letters and digits (default: the AOI file's stem)")
-    g.add_argument("--chip-size-m", type=float, default=4480.0)
+    g.add_argument("--chip-size-m", type=float, default=4480.0, help="chip side in metres")
     g.add_argument("--stripes", type=int, default=60, help="number of geographic split stripes")
     g.add_argument("--angle", type=int, default=9, help="stripe tilt from the meridian, degrees")
     g.add_argument("--fractions", default="60-20-20", help="train-val-test proportions of the stripe cycle")
-    storage(g)
-    g.set_defaults(func=cmd_grid)
+    storage(g, progress=False)
 
-    ig = sub.add_parser("ingest-raster", help="cut GeoTIFF/COG rasters (any CRS, mosaics) onto a region's chips")
+    ig = command("ingest-raster", "cut GeoTIFF/COG rasters (any CRS, mosaics) onto a region's chips", cmd_ingest)
     ig.add_argument("--chips", required=True, help="folder made by 'grid' (or any hub-layout region with a geojson)")
     ig.add_argument("--raster", required=True, action="append", nargs="+", metavar="PATH_OR_URL",
                     help="one or more rasters (local, http(s), s3://, any fsspec URL); several = a mosaic, the "
                          "first valid pixel wins")
     ig.add_argument("--modality", required=True, help="registry name, or one declared in --modalities-file")
-    ig.add_argument("--modalities-file", "--modalities-yaml", dest="modalities_file", default=None,
-                    help="YAML declaring user modalities (pass the same file to build)")
+    modalities_file(ig, "YAML file declaring user modalities (pass the same file to build)")
     ig.add_argument("--bands", nargs="+", default=None,
                     help="bands to take, by GeoTIFF description or 1-based number (default: all)")
-    ig.add_argument("--resampling", default="auto", choices=["auto", "bilinear", "nearest", "average", "mode"])
-    ig.add_argument("--workers", type=int, default=1)
+    ig.add_argument("--resampling", default="auto", choices=["auto", "bilinear", "nearest", "average", "mode"],
+                    help="auto: average (continuous) or mode (classes) where a chip pixel spans several source "
+                         "pixels, else bilinear or nearest")
+    ig.add_argument("--workers", type=_positive, default=1, help="processes cutting chips in parallel")
     ig.add_argument("--region", default=None, help="region to ingest into when --chips holds several")
     ig.add_argument("--folder", default=None, help="data folder name (default: the modality's, e.g. its name)")
-    ig.add_argument("--year", type=int, default=None, help="year for year-bearing folders (esaworldcover-YYYY ...)")
-    ig.add_argument("--src-nodata", type=float, default=None, help="nodata value of rasters that lack the tag")
+    ig.add_argument("--year", type=int, default=None,
+                    help="year for year-bearing folders (esaworldcover-YYYY ...; default: none)")
+    ig.add_argument("--src-nodata", type=float, default=None,
+                    help="nodata value of rasters that lack the tag (default: the rasters' own)")
     ig.add_argument("--compress", default="none", choices=["none", "deflate", "zstd", "lzw"],
                     help="chip GeoTIFF compression (upstream chips are uncompressed)")
     storage(ig)
-    ig.set_defaults(func=cmd_ingest)
 
-    f = sub.add_parser("finalize", help="merge the shares of an array-job build")
-    f.add_argument("out")
-    f.add_argument("--source", default=None, help="source URL to record in the manifest")
-    storage(f)
-    f.set_defaults(func=cmd_finalize)
+    f = command("finalize", "merge the shares of an array-job build and publish the root", cmd_finalize)
+    f.add_argument("out", metavar="OUT", help="the OUT all tasks of the build wrote to")
+    f.add_argument("--source", default=None, help="source URL to record in the manifest (default: the build's SRC)")
+    storage(f, progress=False)
 
-    v = sub.add_parser("verify", help="check checksums, index ranges and counts")
-    v.add_argument("out")
-    v.add_argument("--workers", type=int, default=4)
+    v = command("verify", "check a shard root's checksums, index ranges and counts", cmd_verify)
+    v.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    v.add_argument("--workers", type=_positive, default=4, help="threads reading shards")
     storage(v)
-    v.set_defaults(func=cmd_verify)
 
-    i = sub.add_parser("inspect", help="summary per region/split/modality, or one chip's members")
-    i.add_argument("out")
-    i.add_argument("--key", default=None)
-    storage(i)
-    i.set_defaults(func=cmd_inspect)
+    i = command("inspect", "what a shard root holds (samples per region and split, modalities, shards), one "
+                           "chip's members, or the list of keys", cmd_inspect)
+    i.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    what = i.add_mutually_exclusive_group()
+    what.add_argument("--key", default=None, help="show one chip: its metadata and, per member, shape, dtype, "
+                                                  "value range and valid fraction")
+    what.add_argument("--keys", action="store_true", help="list every sample's key, region, split and shard")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    storage(i, progress=False)
 
-    c = sub.add_parser("card", help="write a dataset card (README.md) at OUT")
-    c.add_argument("out")
-    storage(c)
-    c.set_defaults(func=cmd_card)
+    c = command("card", "write a dataset card (README.md) into a shard root", cmd_card)
+    c.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    storage(c, progress=False)
 
-    st = sub.add_parser("stats", help="recompute stats.json from the shards")
-    st.add_argument("out")
+    st = command("stats", "recompute a shard root's stats.json from its shards", cmd_stats)
+    st.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     storage(st)
-    st.set_defaults(func=cmd_stats)
     return p
+
+
+class _LogFormat(logging.Formatter):
+    """Progress logs with time and source; the CLI's own errors as one plain ``m3leo-shards: error: ...`` line
+    (after the traceback, which only -v attaches)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name != log.name or record.levelno < logging.ERROR:
+            return super().format(record)
+        line = f"{log.name}: error: {record.getMessage()}"
+        return f"{self.formatException(record.exc_info)}\n{line}" if record.exc_info else line
+
+
+# Mistakes in arguments, paths or input data: the message says what is wrong; no traceback unless -v.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]  # str(KeyError) is the repr of its message
+    if type(e).__module__.split(".")[0] == "yaml":
+        return "invalid YAML: " + " ".join(str(e).split())
+    return str(e) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    trace = bool(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s", e)
-        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except BrokenPipeError:  # 'm3leo-shards inspect ... | head': stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if isinstance(e, USER_ERRORS) or type(e).__module__.split(".")[0] == "yaml":
+            log.error("%s", _message(e), exc_info=trace or None)
+            return 2
+        log.error("%s: %s%s", type(e).__name__, _message(e), "" if trace else " (-v shows the traceback)",
+                  exc_info=trace or None)
+        return 1
 
 
 if __name__ == "__main__":
