@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
-from m3leo_stream.shift import (CONFIG_DIR, Embeddings, ShiftSettings, analyze, load_embeddings, match,
-                                mmd2_from_kernel, rbf_kernel, run)
+from m3leo_stream import shift
+from m3leo_stream.shift import CONFIG_DIR, Embeddings, ShiftSettings, analyze, load_embeddings, match, run
 
 DIM = 16
 LC = ["lc_tree_cover", "lc_grassland", "lc_cropland"]
@@ -65,15 +65,15 @@ def rows_of(result: dict, control: str, metric: str) -> dict[tuple[str, str], di
 def test_mmd_unbiased_and_ties_left_out():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 4))
-    k = rbf_kernel(x, 1.5)
+    k = shift.rbf_kernel(x, 1.5)
     a, b = np.arange(12), np.arange(12, 30)
     kaa, kbb = k[:12, :12], k[12:, 12:]
     want = ((kaa.sum() - np.trace(kaa)) / (12 * 11) + (kbb.sum() - np.trace(kbb)) / (18 * 17)
             - 2 * k[:12, 12:].mean())
-    assert mmd2_from_kernel(k, a, b) == pytest.approx(want)
+    assert shift.mmd2_from_kernel(k, a, b) == pytest.approx(want)
     # a resample holding copies of one chip: the copies are not compared with each other
     dup = np.array([0, 0, 1, 2])
-    assert mmd2_from_kernel(k, dup, b) == pytest.approx(
+    assert shift.mmd2_from_kernel(k, dup, b) == pytest.approx(
         np.mean([k[dup[i], dup[j]] for i in range(4) for j in range(4) if dup[i] != dup[j]])
         + (kbb.sum() - np.trace(kbb)) / (18 * 17) - 2 * k[np.ix_(dup, b)].mean())
 
