@@ -384,9 +384,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("save_encoder") and hasattr(task, "encoder"):
         url = _join(str(cfg.run_dir), "encoder.pt")
         if trainer.is_global_zero:
-            from m3leo_stream.models import save_encoder
+            from m3leo_stream.encoder_card import export_encoder  # + encoder.safetensors, encoder.card.json
 
-            save_encoder(task.encoder, url, {"channel_names": info["channel_names"], "run_id": run_id})
+            export_encoder(task.encoder, url, transforms, dm.shard_root.stats,
+                           {"channel_names": info["channel_names"], "run_id": run_id})
         results["encoder"] = url
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test_after_fit"):
