@@ -7,6 +7,8 @@ regression targets in physical units with ``<mod>_valid`` masks, ``region`` indi
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -134,6 +136,11 @@ class BaseTask(pl.LightningModule):
         self.run_info: dict[str, Any] = {}  # e.g. wandb_run_id; written into every checkpoint
         self.denormalize = None  # set by train.py: transforms.denormalize (for image panels)
 
+    def _save_hyperparameters(self) -> None:
+        """The caller's init arguments as hyperparameters (checkpoints keep them), ``data_info`` as a plain dict."""
+        self.save_hyperparameters(ignore=["data_info"], frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
+        self.hparams["data_info"] = dataclasses.asdict(self.data_info)
+
     # -- helpers ---------------------------------------------------------------------------------------------
     def input_dict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         missing = [m for m in self.inputs if m not in batch]
@@ -243,7 +250,7 @@ class PretrainTask(BaseTask):
                  optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                  val_mask_seed: int = 1234, seed: int = 0):
         super().__init__(data_info, optimizer, scheduler, seed)
-        self.save_hyperparameters(ignore=["data_info"])
+        self._save_hyperparameters()
         kw = {k: v for k, v in dict(model).items() if k not in ("name",)}
         self.model = MultiModalMAE(dict(self.data_info.in_channels), **kw)
         self.val_mask_seed = int(val_mask_seed)
@@ -336,7 +343,7 @@ class SegmentationTask(BaseTask):
                  optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                  class_weights: Sequence[float] | None = None, seed: int = 0):
         super().__init__(data_info, optimizer, scheduler, seed)
-        self.save_hyperparameters(ignore=["data_info"])
+        self._save_hyperparameters()
         d = self.data_info
         d.require("target", "num_classes", task="segmentation")
         self.target = str(d.target)
@@ -411,7 +418,7 @@ class RegressionTask(BaseTask):
                  optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                  seed: int = 0):
         super().__init__(data_info, optimizer, scheduler, seed)
-        self.save_hyperparameters(ignore=["data_info"])
+        self._save_hyperparameters()
         d = self.data_info
         d.require("target", "out_channels", task="regression")
         self.target = str(d.target)

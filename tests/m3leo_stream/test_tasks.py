@@ -213,5 +213,6 @@ def test_tasks_take_their_settings_typed_or_as_dicts():
     t = SegmentationTask(UNET, vars(seg_data({"s1grd": 2})), optimizer={"name": "sgd", "lr": 0.5},
                          scheduler={"name": "none"})
     assert isinstance(t.data_info, DataInfo) and t.data_info.num_classes == 3 and t.inputs == ["s1grd"]
+    assert t.hparams["data_info"]["num_classes"] == 3 and t.hparams["optimizer"]["name"] == "sgd"
     opt = t.configure_optimizers()
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5 and opt.defaults["momentum"] == 0.9
