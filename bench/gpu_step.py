@@ -299,8 +299,9 @@ def fit(a: argparse.Namespace, cfg, variant: str, plan: Plan, batch: dict[str, A
     task = build_task(cfg, info)
     timer, tail = make_recorder(plan, a.cuda)
     tcfg = _plain(cfg.trainer)
+    tcfg.update(enable_checkpointing=False, enable_model_summary=False)
     trainer = pl.Trainer(**tcfg, logger=False, callbacks=[timer, TrainingSpeed(plan.steps), tail],
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(a.work))
+                         default_root_dir=str(a.work))
     if a.cuda:
         torch.cuda.reset_peak_memory_stats()
     n = plan.total + 2

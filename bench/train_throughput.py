@@ -102,8 +102,7 @@ def _fit(args, batch_size: int, cached: bool) -> dict[str, float]:
     info, _ = describe_data(cfg, dm)
     task = build_task(cfg, info)
     rec = _Recorder(args.warmup)
-    trainer = pl.Trainer(**{k: v for k, v in dict(cfg.trainer).items()}, logger=False, callbacks=[rec.cb],
-                         enable_checkpointing=False)
+    trainer = pl.Trainer(**{**dict(cfg.trainer), "enable_checkpointing": False}, logger=False, callbacks=[rec.cb])
     if not cached:
         trainer.fit(task, datamodule=dm)
         return rec.result(batch_size)

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -342,14 +342,14 @@ class M3LEODataModule(pl.LightningDataModule):
         regions: Sequence[str] | None = None,
         region_weights: Mapping[str, float] | None = None,
         batch_size: int = 8,
-        num_workers: int = 2,
+        num_workers: int = 4,
         seed: int = 0,
         storage_options: Mapping[str, Any] | None = None,
         transforms: Mapping[str, Any] | None = None,
         eval_batch_size: int | None = None,
         samples_per_epoch: int | None = None,
         shuffle_shards: int = 8,
-        on_unreadable: str = "fail",
+        on_unreadable: Literal["fail", "substitute"] = "fail",
         io_threads: int = 8,
         coalesce_gap: int = 64 * 1024,
         retry: Mapping[str, float] | None = None,
@@ -357,7 +357,7 @@ class M3LEODataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         splits: Mapping[str, str] | None = None,
-        worker_mode: str = "thread",
+        worker_mode: Literal["thread", "process"] = "thread",
         readahead_bytes: int | None = DEFAULT_READAHEAD_BYTES,
         copy_ahead: bool | None = None,
         transforms_ahead: bool = False,

@@ -7,10 +7,13 @@ regression targets in physical units with ``<mod>_valid`` masks, ``region`` indi
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,20 +25,79 @@ from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet, load_encod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BaseTask", "PretrainTask", "RegressionTask", "SegmentationTask", "build_optimizer"]
+__all__ = ["BaseTask", "DataInfo", "OptimizerConfig", "PretrainTask", "RegressionTask", "SchedulerConfig",
+           "SegmentationTask", "build_optimizer"]
 
 
-def build_optimizer(params, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``cfg``: ``name`` (adamw | adam | sgd), ``lr``, ``weight_decay``, ``betas`` / ``momentum``."""
-    name = str(cfg.get("name", "adamw")).lower()
-    lr = float(cfg.get("lr", 1e-4))
-    wd = float(cfg.get("weight_decay", 0.0))
+@dataclass(frozen=True)
+class DataInfo:
+    """What a task needs to know of the data: per input its channels, the regions, and the (first) target —
+    its classes (categorical) or bands and their physical mean/std (regression). ``train.describe_data`` makes it."""
+
+    in_channels: dict[str, int]
+    channel_names: dict[str, list[str]]
+    region_names: list[str]
+    ignore_index: int = -100
+    input_px: int | None = None
+    target: str | None = None
+    target_px: int | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    out_channels: int | None = None
+    target_bands: list[str] | None = None
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.in_channels)
+
+    def require(self, *names: str, task: str) -> None:
+        """Raise unless the fields ``names`` are set (the target a task needs)."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{task} needs a target with {missing} (targets: {self.target or 'none'})")
+
+
+@dataclass
+class OptimizerConfig:
+    """``task.optimizer``: ``betas`` for adam(w), ``momentum`` for sgd."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedulerConfig:
+    """``task.scheduler``: linear warm-up over ``warmup_steps``, then ``name`` down to ``min_lr_ratio`` × lr at
+    ``total_steps`` (null: the trainer's estimate); ``none``: no scheduler."""
+
+    name: Literal["cosine", "linear", "constant", "none"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None
+
+
+def _config(cls: type, cfg: Any) -> Any:
+    """``cfg`` (None, a mapping or a ``cls``) as a ``cls``; an unknown key is a TypeError naming it."""
+    if cfg is None:
+        return cls()
+    return cfg if isinstance(cfg, cls) else cls(**cfg)
+
+
+def build_optimizer(params, cfg: OptimizerConfig | Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimiser ``cfg`` names (an :class:`OptimizerConfig` or its mapping)."""
+    c = _config(OptimizerConfig, cfg)
+    name, lr, wd = str(c.name).lower(), float(c.lr), float(c.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(c.betas))
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(c.betas))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(c.momentum))
     raise ValueError(f"unknown optimizer {name!r} (adamw, adam, sgd)")
 
 
@@ -56,18 +118,28 @@ def _lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
 
 
 class BaseTask(pl.LightningModule):
-    """Optimiser/schedule from config, input selection, and run information stored in checkpoints."""
+    """Optimiser/schedule from config, input selection, and run information stored in checkpoints. ``data_info``
+    (a :class:`DataInfo` or its dict) describes the data; ``optimizer``/``scheduler``: :class:`OptimizerConfig`,
+    :class:`SchedulerConfig` or their dicts (None: their defaults); ``seed``: the run's, for the task's own random
+    draws."""
 
-    def __init__(self, inputs: Sequence[str], region_names: Sequence[str], optimizer: Mapping[str, Any] | None = None,
-                 scheduler: Mapping[str, Any] | None = None):
+    def __init__(self, data_info: DataInfo | Mapping[str, Any], optimizer: OptimizerConfig | None = None,
+                 scheduler: SchedulerConfig | None = None, seed: int = 0):
         super().__init__()
-        self.inputs = list(inputs)
-        self.region_names = list(region_names)
-        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-4})
-        self.scheduler_cfg = dict(scheduler or {"name": "constant"})
+        self.seed = int(seed)
+        self.data_info = _config(DataInfo, data_info)
+        self.inputs = self.data_info.inputs
+        self.region_names = list(self.data_info.region_names)
+        self.channel_names = {m: list(c) for m, c in self.data_info.channel_names.items()}
+        self.optimizer_cfg = _config(OptimizerConfig, optimizer)
+        self.scheduler_cfg = _config(SchedulerConfig, scheduler)
         self.run_info: dict[str, Any] = {}  # e.g. wandb_run_id; written into every checkpoint
         self.denormalize = None  # set by train.py: transforms.denormalize (for image panels)
-        self.channel_names: dict[str, list[str]] = {}
+
+    def _save_hyperparameters(self) -> None:
+        """The caller's init arguments as hyperparameters (checkpoints keep them), ``data_info`` as a plain dict."""
+        self.save_hyperparameters(ignore=["data_info"], frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
+        self.hparams["data_info"] = dataclasses.asdict(self.data_info)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def input_dict(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -102,11 +174,12 @@ class BaseTask(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = build_optimizer(params, self.optimizer_cfg)
-        kind = str(self.scheduler_cfg.get("name", "constant")).lower()
+        sc = self.scheduler_cfg
+        kind = str(sc.name).lower()
         if kind in ("none", "null"):
             return opt
-        warmup = int(self.scheduler_cfg.get("warmup_steps", 0))
-        total = int(self.scheduler_cfg.get("total_steps") or 0)
+        warmup = int(sc.warmup_steps)
+        total = int(sc.total_steps or 0)
         if not total:
             try:
                 total = int(self.trainer.estimated_stepping_batches)
@@ -115,7 +188,7 @@ class BaseTask(pl.LightningModule):
             if not math.isfinite(total) or total <= 0:
                 total = warmup + 1
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(kind, warmup, total, float(self.scheduler_cfg.get("min_lr_ratio", 0.0))))
+            opt, _lr_lambda(kind, warmup, total, float(sc.min_lr_ratio)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -173,15 +246,14 @@ class BaseTask(pl.LightningModule):
 class PretrainTask(BaseTask):
     """Multi-modal MAE pretraining: reconstruction loss per modality and overall."""
 
-    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], region_names: Sequence[str],
-                 optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
-                 val_mask_seed: int = 1234, seed: int = 0, **_: Any):
-        super().__init__(list(in_channels), region_names, optimizer, scheduler)
-        self.save_hyperparameters()
+    def __init__(self, model: Mapping[str, Any], data_info: DataInfo | Mapping[str, Any],
+                 optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
+                 val_mask_seed: int = 1234, seed: int = 0):
+        super().__init__(data_info, optimizer, scheduler, seed)
+        self._save_hyperparameters()
         kw = {k: v for k, v in dict(model).items() if k not in ("name",)}
-        self.model = MultiModalMAE(dict(in_channels), **kw)
+        self.model = MultiModalMAE(dict(self.data_info.in_channels), **kw)
         self.val_mask_seed = int(val_mask_seed)
-        self.seed = int(seed)
         self.val_metric = RegionLossMean(self.model.modalities)
         self.test_metric = RegionLossMean(self.model.modalities)
 
@@ -230,17 +302,17 @@ class PretrainTask(BaseTask):
 
 def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int], out_channels: int,
                        input_px: int | None, target_px: int | None):
+    """``model``: ``name`` (unet | mae_seg) and that model's arguments (an unknown one is a TypeError)."""
     cfg = dict(model)
     name = cfg.pop("name", "unet")
     if name == "unet":
-        return UNet(dict(in_channels), out_channels, width=int(cfg.get("width", 32)), depth=int(cfg.get("depth", 4)))
+        return UNet(dict(in_channels), out_channels, **cfg)
     if name == "mae_seg":
-        enc_src = cfg.get("encoder")
+        enc_src, enc_cfg = cfg.pop("encoder", None), cfg.pop("encoder_config", None)
         if enc_src:
             encoder = load_encoder(str(enc_src))
-        elif cfg.get("encoder_config"):
-            encoder = __import__("m3leo_stream.models", fromlist=["MultiModalEncoder"]).MultiModalEncoder(
-                **cfg["encoder_config"])
+        elif enc_cfg:
+            encoder = __import__("m3leo_stream.models", fromlist=["MultiModalEncoder"]).MultiModalEncoder(**enc_cfg)
         else:
             raise ValueError("model.encoder (checkpoint path or URL of a pretraining run) is required for mae_seg")
         want = {m: c for m, c in in_channels.items()}
@@ -251,8 +323,7 @@ def _build_dense_model(model: Mapping[str, Any], in_channels: Mapping[str, int],
                              f"use the pretraining run's transforms band selection")
         if not input_px:
             raise ValueError("mae_seg needs the input side (input_px) to build its decoder stages")
-        return MAESegmentation(encoder, out_channels, int(cfg.get("decoder_channels", 256)),
-                               bool(cfg.get("freeze_encoder", False)), input_size=int(input_px),
+        return MAESegmentation(encoder, out_channels, **cfg, input_size=int(input_px),
                                output_size=int(target_px or input_px))
     raise ValueError(f"unknown dense model {name!r} (unet, mae_seg)")
 
@@ -268,18 +339,18 @@ class SegmentationTask(BaseTask):
 
     Metrics (val/test): ``miou``, ``oa``, ``iou/<class>``, and ``<region>/miou``, ``<region>/oa``."""
 
-    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, num_classes: int,
-                 region_names: Sequence[str], class_names: Sequence[str] | None = None, ignore_index: int = -100,
-                 optimizer: Mapping[str, Any] | None = None, scheduler: Mapping[str, Any] | None = None,
-                 class_weights: Sequence[float] | None = None, input_px: int | None = None,
-                 target_px: int | None = None, **_: Any):
-        super().__init__(list(in_channels), region_names, optimizer, scheduler)
-        self.save_hyperparameters()
-        self.target = target
-        self.num_classes = int(num_classes)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        self.ignore_index = int(ignore_index)
-        self.model = _build_dense_model(model, in_channels, self.num_classes, input_px, target_px)
+    def __init__(self, model: Mapping[str, Any], data_info: DataInfo | Mapping[str, Any],
+                 optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
+                 class_weights: Sequence[float] | None = None, seed: int = 0):
+        super().__init__(data_info, optimizer, scheduler, seed)
+        self._save_hyperparameters()
+        d = self.data_info
+        d.require("target", "num_classes", task="segmentation")
+        self.target = str(d.target)
+        self.num_classes = int(d.num_classes)  # type: ignore[arg-type]
+        self.class_names = list(d.class_names) if d.class_names else [str(i) for i in range(self.num_classes)]
+        self.ignore_index = int(d.ignore_index)
+        self.model = _build_dense_model(model, d.in_channels, self.num_classes, d.input_px, d.target_px)
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
         self.val_metric = RegionConfusion(self.num_classes, self.region_names, self.class_names, self.ignore_index)
@@ -343,18 +414,18 @@ class RegressionTask(BaseTask):
     to physical units; a prediction finer than the target grid is area-averaged onto it (mean-preserving). Targets
     stay floating point (upstream cast them to integers). Metrics: ``rmse``, ``mae``, ``<region>/rmse|mae``."""
 
-    def __init__(self, model: Mapping[str, Any], in_channels: Mapping[str, int], target: str, out_channels: int,
-                 region_names: Sequence[str], target_mean: Sequence[float] | None = None,
-                 target_std: Sequence[float] | None = None, optimizer: Mapping[str, Any] | None = None,
-                 scheduler: Mapping[str, Any] | None = None, input_px: int | None = None,
-                 target_px: int | None = None, **_: Any):
-        super().__init__(list(in_channels), region_names, optimizer, scheduler)
-        self.save_hyperparameters()
-        self.target = target
-        self.out_channels = int(out_channels)
-        self.model = _build_dense_model(model, in_channels, self.out_channels, input_px, target_px)
-        mean = torch.tensor(list(target_mean) if target_mean else [0.0] * self.out_channels, dtype=torch.float32)
-        std = torch.tensor(list(target_std) if target_std else [1.0] * self.out_channels, dtype=torch.float32)
+    def __init__(self, model: Mapping[str, Any], data_info: DataInfo | Mapping[str, Any],
+                 optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
+                 seed: int = 0):
+        super().__init__(data_info, optimizer, scheduler, seed)
+        self._save_hyperparameters()
+        d = self.data_info
+        d.require("target", "out_channels", task="regression")
+        self.target = str(d.target)
+        self.out_channels = int(d.out_channels)  # type: ignore[arg-type]
+        self.model = _build_dense_model(model, d.in_channels, self.out_channels, d.input_px, d.target_px)
+        mean = torch.tensor(d.target_mean if d.target_mean else [0.0] * self.out_channels, dtype=torch.float32)
+        std = torch.tensor(d.target_std if d.target_std else [1.0] * self.out_channels, dtype=torch.float32)
         self.register_buffer("target_mean", mean.view(1, -1, 1, 1))
         self.register_buffer("target_std", std.clamp(min=1e-6).view(1, -1, 1, 1))
         self.val_metric = RegionRegression(self.region_names)

@@ -10,6 +10,7 @@ Configs: ``configs/`` (README "Training").
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -25,11 +26,15 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from m3leo_stream.config import ConfigError, register, validate
+from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
+from m3leo_stream.tasks import DataInfo
 
 log = logging.getLogger("m3leo_stream.train")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+register()  # the configs' schemas (m3leo_stream.config)
 RUN_ID_FILE = "wandb_run_id.txt"
 _SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|^key$)", re.IGNORECASE)
 
@@ -155,26 +160,13 @@ def manifest_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- building blocks -----------------------------------------------------------------------------------------------
 
-def build_datamodule(cfg: DictConfig):
-    """The M3LEODataModule of ``cfg.data`` with ``cfg.transforms`` as device-transform config."""
-    from m3leo_stream.datamodule import DEFAULT_READAHEAD_BYTES, M3LEODataModule
-
-    d = _plain(cfg.data)
-    return M3LEODataModule(
-        root=d["root"], inputs=d["inputs"], targets=d.get("targets") or [], regions=d.get("regions"),
-        region_weights=d.get("region_weights"), batch_size=d["batch_size"], num_workers=d["num_workers"],
-        seed=d.get("seed", cfg.seed), storage_options=d.get("storage_options"), transforms=_plain(cfg.transforms),
-        eval_batch_size=d.get("eval_batch_size"), samples_per_epoch=d.get("samples_per_epoch"),
-        shuffle_shards=d.get("shuffle_shards", 8), on_unreadable=d.get("on_unreadable", "fail"),
-        prefetch_factor=d.get("prefetch_factor", 2), worker_mode=d.get("worker_mode", "thread"),
-        readahead_bytes=d.get("readahead_bytes", DEFAULT_READAHEAD_BYTES), copy_ahead=d.get("copy_ahead"),
-        transforms_ahead=bool(d.get("transforms_ahead", False)), optional=d.get("optional") or (),
-        min_inputs_present=int(d.get("min_inputs_present", 1)),
-        verify_checksums=bool(d.get("verify_checksums", True)),
-    )
+def build_datamodule(cfg: DictConfig) -> M3LEODataModule:
+    """The M3LEODataModule of ``cfg.data`` (its arguments, checked by the schema) with ``cfg.transforms`` as
+    device-transform config."""
+    return M3LEODataModule(**_plain(cfg.data), transforms=_plain(cfg.transforms))
 
 
-def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
+def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
     """Channels per input, classes / bands per target, regions — from a transforms instance built here (the
     DataModule builds its own per rank once the trainer is attached)."""
     from m3leo_stream.gpu_transforms import build_device_transforms
@@ -195,7 +187,7 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
         mod = dm.modalities[target]
         if target in t.num_classes:
             info["num_classes"] = t.num_classes[target]
-            info["class_names"] = t.class_names[target]
+            info["class_names"] = list(t.class_names[target])
         else:
             plan = getattr(t, "targets", {}).get(target)
             bands = list(getattr(plan, "bands", range(len(mod.bands))))
@@ -209,16 +201,13 @@ def describe_data(cfg: DictConfig, dm) -> tuple[dict[str, Any], Any]:
                 std.append(float((st.get("std") or [1.0] * (j + 1))[j] or 1.0) * s)
             info.update(out_channels=len(bands), target_bands=[mod.bands[i] for i in bands], target_mean=mean,
                         target_std=std)
-    return info, t
+    return DataInfo(**info), t
 
 
-def build_task(cfg: DictConfig, info: Mapping[str, Any]) -> pl.LightningModule:
-    task_cfg = _plain(cfg.task)
-    model_cfg = _plain(cfg.model)
-    kw = {k: v for k, v in info.items() if k not in ("channel_names",)}
-    task = hydra.utils.instantiate(task_cfg, model=model_cfg, **kw, seed=int(cfg.seed), _convert_="all",
-                                   _recursive_=False)
-    return task
+def build_task(cfg: DictConfig, info: DataInfo) -> pl.LightningModule:
+    """The task of ``cfg.task`` (its ``_target_`` and arguments) on ``cfg.model`` and the data ``info``."""
+    make = hydra.utils.instantiate(cfg.task, _partial_=True, _convert_="all", _recursive_=False)
+    return make(model=_plain(cfg.model), data_info=info, seed=int(cfg.seed))
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
@@ -329,6 +318,7 @@ def _write_text(url: str, text: str, storage_options: Mapping[str, Any] | None =
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) the configured experiment; returns where things are (also printed)."""
+    validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # "high": TF32 matmuls on GPUs that have it
@@ -341,7 +331,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     info, transforms = describe_data(cfg, dm)
     task = build_task(cfg, info)
-    task.channel_names = info["channel_names"]
     task.denormalize = transforms.denormalize
 
     run_id = stable_run_id(ckpt_path, ckpt_dir, so)
@@ -364,7 +353,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _write_text(_join(str(cfg.run_dir), "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(resolved)), so)
     if logger:
         logger.log_hyperparams({**resolved, "dataset": manifest_summary(dm.shard_root.manifest),
-                                "data_info": scrub(dict(info))})
+                                "data_info": scrub(dataclasses.asdict(info))})
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
     if requeue_cb.requested:  # stopped by the signal: last.ckpt gets that step and the requeued job goes on from it
@@ -387,7 +376,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             from m3leo_stream.encoder_card import export_encoder  # + encoder.safetensors, encoder.card.json
 
             export_encoder(task.encoder, url, transforms, dm.shard_root.stats,
-                           {"channel_names": info["channel_names"], "run_id": run_id})
+                           {"channel_names": info.channel_names, "run_id": run_id})
         results["encoder"] = url
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test_after_fit"):
@@ -424,7 +413,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

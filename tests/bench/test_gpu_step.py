@@ -100,10 +100,10 @@ def _model_flops(root: Path, res: dict) -> int:
                                 f"transforms.grid.size={px}"])
     info, _ = describe_data(cfg, build_datamodule(cfg))
     m = res["config"]["model"]
-    model = MultiModalMAE(info["in_channels"], size=m["size"], patch_size=m["patch_size"], dim=m["dim"],
+    model = MultiModalMAE(info.in_channels, size=m["size"], patch_size=m["patch_size"], dim=m["dim"],
                           depth=m["depth"], heads=m["heads"], decoder_dim=m["decoder_dim"],
                           decoder_depth=m["decoder_depth"], decoder_heads=m["decoder_heads"])
-    batch = {k: torch.randn(b, c, px, px) for k, c in info["in_channels"].items()}
+    batch = {k: torch.randn(b, c, px, px) for k, c in info.in_channels.items()}
     with FlopCounterMode(display=False) as fc:
         model(batch)["loss"].backward()
     return int(fc.get_total_flops())

@@ -9,9 +9,26 @@ import pytest
 import torch
 
 from m3leo_stream.metrics import RegionConfusion, RegionRegression
-from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
+from m3leo_stream.tasks import DataInfo, PretrainTask, RegressionTask, SegmentationTask
 
 REGIONS = ["conus", "europe"]
+UNET = {"name": "unet", "width": 4, "depth": 2}
+TINY_MAE = {"size": "tiny", "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "decoder_dim": 32, "decoder_depth": 1,
+            "decoder_heads": 2}
+
+
+def data(in_channels: dict[str, int], **target) -> DataInfo:
+    """The description of the data these tests' batches have: ``in_channels`` and ``target`` fields."""
+    return DataInfo(in_channels=in_channels, channel_names={m: [f"b{i}" for i in range(c)] for m, c in
+                                                            in_channels.items()}, region_names=REGIONS, **target)
+
+
+def seg_data(in_channels: dict[str, int], **kw) -> DataInfo:
+    return data(in_channels, target="esawc", num_classes=3, **kw)
+
+
+def reg_data(in_channels: dict[str, int], **kw) -> DataInfo:
+    return data(in_channels, target="biomass", out_channels=1, **kw)
 
 
 def test_region_confusion_hand_built():
@@ -70,8 +87,7 @@ def seg_batch(b=4, px=16, k=3):
 
 
 def test_segmentation_task_metrics_exclude_padding():
-    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2, "s2rgbm": 3}, "esawc", 3, REGIONS,
-                         ["a", "b", "c"])
+    t = SegmentationTask(UNET, seg_data({"s1grd": 2, "s2rgbm": 3}, class_names=["a", "b", "c"]))
     b = seg_batch()
     logits, y = t.logits_and_target(b)
     assert (y[3] == -100).all()  # padding row ignored
@@ -91,8 +107,7 @@ def test_segmentation_loss_is_cross_entropys_mean_without_asking_the_device(weig
     logits = torch.randn(3, 3, 8, 8, generator=g, requires_grad=True)
     y = torch.randint(0, 3, (3, 8, 8), generator=g)
     y[0, :4] = -100
-    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "esawc", 3, REGIONS,
-                         class_weights=weights)
+    t = SegmentationTask(UNET, seg_data({"s1grd": 2}), class_weights=weights)
     want = torch.nn.functional.cross_entropy(logits, y, weight=None if weights is None else torch.tensor(weights),
                                              ignore_index=-100)
     assert torch.allclose(t.loss(logits, y), want)
@@ -103,7 +118,7 @@ def test_segmentation_loss_is_cross_entropys_mean_without_asking_the_device(weig
 
 def test_eval_loss_is_over_the_whole_set():
     """val/loss is the mean over every labelled pixel of the evaluation set, not a mean of batch means."""
-    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "esawc", 3, REGIONS)
+    t = SegmentationTask(UNET, seg_data({"s1grd": 2}))
     g = torch.Generator().manual_seed(1)
     logits = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(2)]
     ys = [torch.randint(0, 3, (2, 4, 4), generator=g) for _ in range(2)]
@@ -115,8 +130,7 @@ def test_eval_loss_is_over_the_whole_set():
 
 
 def test_pretrain_masks_differ_across_ranks_and_repeat_per_step(monkeypatch):
-    t = PretrainTask({"size": "tiny", "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "decoder_dim": 32,
-                      "decoder_depth": 1, "decoder_heads": 2}, {"s1grd": 2}, REGIONS, seed=3)
+    t = PretrainTask(TINY_MAE, data({"s1grd": 2}), seed=3)
 
     def masks(rank: int) -> torch.Tensor:
         monkeypatch.setattr(PretrainTask, "global_rank", property(lambda self: rank))
@@ -126,8 +140,7 @@ def test_pretrain_masks_differ_across_ranks_and_repeat_per_step(monkeypatch):
 
 
 def test_regression_keeps_float_targets_and_coarse_grid():
-    t = RegressionTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "biomass", 1, REGIONS,
-                       target_mean=[100.0], target_std=[50.0])
+    t = RegressionTask(UNET, reg_data({"s1grd": 2}, target_mean=[100.0], target_std=[50.0]))
     y = torch.full((2, 1, 5, 5), 123.75)
     b = {"s1grd": torch.randn(2, 2, 20, 20), "biomass": y, "biomass_valid": torch.ones(2, 1, 5, 5, dtype=torch.bool),
          "region": torch.tensor([0, 1]), "valid": torch.tensor([True, True])}
@@ -146,8 +159,7 @@ def test_regression_keeps_float_targets_and_coarse_grid():
 
 
 def test_pretrain_task_step_and_checkpoint_info():
-    t = PretrainTask({"size": "tiny", "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "decoder_dim": 32,
-                      "decoder_depth": 1, "decoder_heads": 2}, {"s1grd": 2, "s2rgbm": 3}, REGIONS)
+    t = PretrainTask(TINY_MAE, data({"s1grd": 2, "s2rgbm": 3}))
     b = {"s1grd": torch.randn(2, 2, 16, 16), "s2rgbm": torch.randn(2, 3, 16, 16), "valid": torch.tensor([True, True]),
          "region": torch.tensor([0, 1])}
     t._eval_step(b, 0, t.val_metric, "val")
@@ -166,17 +178,41 @@ def test_pretrain_task_step_and_checkpoint_info():
 def test_image_panels_for_segmentation_and_regression():
     from m3leo_stream.callbacks import ImagePanels
 
-    t = SegmentationTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2, "s2rgbm": 3}, "esawc", 3, REGIONS)
+    t = SegmentationTask(UNET, seg_data({"s1grd": 2, "s2rgbm": 3}))
     t.channel_names = {"s1grd": ["summer_vv_asc", "summer_vh_asc"], "s2rgbm": ["07_red", "07_green", "07_blue"]}
     panels = ImagePanels(max_images=2).panels(t, seg_batch())
     assert set(panels) == {"s1grd", "s2rgbm", "prediction"}
     cap, img = panels["prediction"][0]
     assert img.shape == (16, 32, 3) and img.dtype.name == "uint8" and "prediction | label" in cap
     assert panels["s2rgbm"][0][1].shape == (16, 16, 3)
-    r = RegressionTask({"name": "unet", "width": 4, "depth": 2}, {"s1grd": 2}, "biomass", 1, REGIONS)
+    r = RegressionTask(UNET, reg_data({"s1grd": 2}))
     b = {"s1grd": torch.randn(2, 2, 20, 20), "biomass": torch.rand(2, 1, 5, 5) * 100,
          "biomass_valid": torch.ones(2, 1, 5, 5, dtype=torch.bool), "region": torch.tensor([0, 1]),
          "valid": torch.tensor([True, True]), "key": ["a", "b"]}
     panels = ImagePanels(max_images=1).panels(r, b)
     assert panels["prediction"][0][1].shape == (5, 10, 3)
     assert r.training  # panels put the module back in training mode
+
+
+def test_a_misspelled_task_or_model_key_is_an_error():
+    with pytest.raises(TypeError, match="optimzer"):
+        SegmentationTask(UNET, seg_data({"s1grd": 2}), optimzer={"lr": 1.0})
+    with pytest.raises(TypeError, match="lrr"):
+        SegmentationTask(UNET, seg_data({"s1grd": 2}), optimizer={"lrr": 1.0})
+    with pytest.raises(TypeError, match="widht"):
+        SegmentationTask({"name": "unet", "widht": 4}, seg_data({"s1grd": 2}))
+    with pytest.raises(TypeError, match="dimm"):
+        PretrainTask({**TINY_MAE, "dimm": 3}, data({"s1grd": 2}))
+    with pytest.raises(TypeError, match="num_clases"):
+        SegmentationTask(UNET, {**vars(seg_data({"s1grd": 2})), "num_clases": 3})
+    with pytest.raises(ValueError, match="segmentation needs a target"):
+        SegmentationTask(UNET, data({"s1grd": 2}))
+
+
+def test_tasks_take_their_settings_typed_or_as_dicts():
+    t = SegmentationTask(UNET, vars(seg_data({"s1grd": 2})), optimizer={"name": "sgd", "lr": 0.5},
+                         scheduler={"name": "none"})
+    assert isinstance(t.data_info, DataInfo) and t.data_info.num_classes == 3 and t.inputs == ["s1grd"]
+    assert t.hparams["data_info"]["num_classes"] == 3 and t.hparams["optimizer"]["name"] == "sgd"
+    opt = t.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5 and opt.defaults["momentum"] == 0.9

@@ -109,7 +109,7 @@ def test_regression_target_stays_float(small_shards):
                        *SMALL_INPUTS, "transforms.grid.size=64"])
     dm = build_datamodule(cfg)
     info, t = describe_data(cfg, dm)
-    assert info["out_channels"] == 1 and info["target_bands"] == ["agb"]
+    assert info.out_channels == 1 and info.target_bands == ["agb"]
     batch = t(next(iter(dm.val_dataloader())), step=0)
     y = batch["biomass"]
     assert y.dtype == torch.float32 and y.shape[-1] == 45

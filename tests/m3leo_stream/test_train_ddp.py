@@ -95,7 +95,7 @@ def test_finetune_from_mae_trains_under_ddp(small_shards, tmp_path):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", over)
     info, _ = describe_data(cfg, build_datamodule(cfg))
-    enc = MultiModalEncoder(info["in_channels"], size="custom", dim=32, depth=1, heads=2, patch_size=8)
+    enc = MultiModalEncoder(info.in_channels, size="custom", dim=32, depth=1, heads=2, patch_size=8)
     save_encoder(enc, str(tmp_path / "encoder.pt"))
     check_ranks(run_ddp([*over, f"model.encoder={tmp_path / 'encoder.pt'}"], tmp_path / "out"))
 

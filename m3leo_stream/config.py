@@ -1,0 +1,282 @@
+"""The training config's schema: structured configs (dataclasses) registered with Hydra's ConfigStore.
+
+Composition checks every key and type against them: an unknown or misspelled key is an error that names it. Where a
+section is the arguments of one class (``data``: :class:`M3LEODataModule`, ``model``: the models, ``task``: the
+tasks, ``trainer``: Lightning's ``Trainer``), its schema is derived from that class's signature by
+:func:`schema_of`, so the signature states the defaults and a new argument is a config key without an edit here. The
+YAML files in ``configs/`` set what the training runs use where that differs; ``--cfg job`` prints every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING as _NO_DEFAULT
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from m3leo_stream.datamodule import M3LEODataModule
+from m3leo_stream.gpu_transforms import DEFAULT_CONFIG
+from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet
+from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
+
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "register", "schema_of", "validate"]
+
+_PRIMITIVE = (int, float, bool, str)
+
+
+def _field_type(t: Any) -> Any:
+    """``t`` as a type OmegaConf validates: optional primitives, lists, string-keyed dicts and dataclasses kept
+    (sequences as lists, mappings as dicts, a ``Literal`` of strings as ``str``), an optional dict and anything else
+    ``Any``."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = _field_type(rest[0]) if len(rest) == 1 else Any
+        if typing.get_origin(inner) is dict:  # OmegaConf 2.3 cannot merge a dict into an Optional[Dict] None
+            return Any
+        return Optional[inner] if len(rest) < len(args) and inner is not Any else inner
+    if origin is Literal:
+        return str if all(isinstance(a, str) for a in args) else Any
+    if origin in (list, tuple, Sequence, typing.Sequence) or t in (list, tuple):
+        item = args[0] if args and (origin is not tuple or len(set(args) - {Ellipsis}) == 1) else Any
+        return list[_field_type(item)]
+    if origin in (dict, Mapping, typing.Mapping) or t in (dict,):
+        return dict[str, _field_type(args[1]) if args else Any]
+    if dataclasses.is_dataclass(t):
+        return schema_of(t, t.__name__)
+    return t if t in _PRIMITIVE or t is Any else Any
+
+
+def _field(default: Any) -> Any:
+    """A dataclass field with ``default`` (``???`` for none; a copy per instance for lists, dicts, dataclasses)."""
+    if default is inspect.Parameter.empty:
+        return dataclasses.field(default=MISSING)
+    if dataclasses.is_dataclass(default):
+        node, values = _field_type(type(default)), dataclasses.asdict(default)
+        return dataclasses.field(default_factory=lambda: node(**values))
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: list(default))
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default))
+    return dataclasses.field(default=default)
+
+
+def _parameters(obj: Any) -> list[tuple[str, Any]]:
+    """(name, default or ``inspect.Parameter.empty``) of a dataclass's fields or a callable's named parameters."""
+    if not dataclasses.is_dataclass(obj):
+        return [(p.name, p.default) for p in inspect.signature(obj).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    out = []
+    for f in dataclasses.fields(obj):
+        if f.default is not _NO_DEFAULT:
+            out.append((f.name, f.default))
+        elif f.default_factory is not _NO_DEFAULT:
+            out.append((f.name, f.default_factory()))
+        else:
+            out.append((f.name, inspect.Parameter.empty))
+    return out
+
+
+_schemas: dict[Any, type] = {}
+
+
+def schema_of(obj: Callable[..., Any], name: str | None = None, *, exclude: Sequence[str] = (),
+              extra: Sequence[tuple[str, Any, Any]] = ()) -> type:
+    """A dataclass with one field per parameter of ``obj`` (a class's ``__init__``, a function or a dataclass)
+    but ``exclude``: its type (see :func:`_field_type`) and default, a required one ``???``. ``extra``: more
+    ``(name, type, default)`` fields, first."""
+    key = (obj, name, tuple(exclude), tuple(extra))
+    if key in _schemas:
+        return _schemas[key]
+    fn = obj.__init__ if inspect.isclass(obj) and not dataclasses.is_dataclass(obj) else obj
+    hints = typing.get_type_hints(fn)
+    fields = [(n, t, dataclasses.field(default=d)) for n, t, d in extra]
+    for arg, default in _parameters(obj if dataclasses.is_dataclass(obj) else fn):
+        if arg not in ("self", *exclude):
+            t = _field_type(hints.get(arg, Any))
+            fields.append((arg, t, _field(default)))
+    cls = dataclasses.make_dataclass(name or f"{obj.__name__}Config", fields)
+    cls.__module__ = __name__
+    _schemas[key] = cls
+    return cls
+
+
+def _target(cls: type) -> tuple[str, str, str]:
+    return ("_target_", str, f"{cls.__module__}.{cls.__qualname__}")
+
+
+# --- the sections --------------------------------------------------------------------------------------------------
+
+DataConfig = schema_of(M3LEODataModule, "DataConfig", exclude=("transforms",))
+"""``data``: every argument of :class:`M3LEODataModule` but ``transforms`` (the ``transforms`` section)."""
+
+TrainerConfig = schema_of(pl.Trainer, "TrainerConfig", exclude=("logger", "callbacks", "plugins", "default_root_dir"))
+"""``trainer``: Lightning's ``Trainer`` arguments but those ``train.run`` sets (logger, callbacks, plugins, root
+directory)."""
+
+MODELS: dict[str, type] = {
+    "mae": schema_of(MultiModalMAE, "MAEConfig", exclude=("in_channels",), extra=[("name", str, "mae")]),
+    "unet": schema_of(UNet, "UNetConfig", exclude=("in_channels", "out_channels"), extra=[("name", str, "unet")]),
+    "mae_seg": schema_of(MAESegmentation, "MAESegConfig", exclude=("encoder", "num_classes", "input_size",
+                                                                    "output_size"),
+                         extra=[("name", str, "mae_seg"), ("encoder", Optional[str], None),
+                                ("encoder_config", Any, None)]),
+}
+"""``model``, by ``name``: the model class's arguments but those the task derives from the data; ``mae_seg`` loads
+its encoder from ``encoder`` (``encoder.pt`` or a pretraining checkpoint) or builds it from ``encoder_config``."""
+
+
+def task_schema(cls: type) -> type:
+    """``task`` for the task class ``cls``: its ``_target_`` and arguments but ``model`` (the ``model`` section),
+    ``data_info`` and ``seed`` (set by ``train``)."""
+    return schema_of(cls, f"{cls.__name__}Config", exclude=("model", "data_info", "seed"), extra=[_target(cls)])
+
+
+TASKS: dict[str, type] = {"pretrain": task_schema(PretrainTask), "segmentation": task_schema(SegmentationTask),
+                          "regression": task_schema(RegressionTask)}
+
+
+def _schema_of_dict(name: str, d: Mapping[str, Any], open_keys: Sequence[str] = ()) -> type:
+    """A dataclass of the keys of ``d`` (nested dicts: nested dataclasses), values of any type, ``d``'s values as
+    defaults; the dicts at ``open_keys`` (dotted) take any keys."""
+    fields = []
+    for k, v in d.items():
+        if k in open_keys or not isinstance(v, Mapping):
+            fields.append((k, dict[str, Any] if isinstance(v, Mapping) else Any, _field(v)))
+        else:
+            sub = _schema_of_dict(f"{name}_{k}", v, [o.split(".", 1)[1] for o in open_keys if o.startswith(k + ".")])
+            fields.append((k, sub, dataclasses.field(default_factory=sub)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+TransformsConfig = _schema_of_dict("TransformsConfig", DEFAULT_CONFIG, ["modalities", "kinds.categorical"])
+"""``transforms``: the keys of :data:`gpu_transforms.DEFAULT_CONFIG` (its values the defaults); ``modalities``
+takes per-modality overrides."""
+
+
+@dataclasses.dataclass
+class DDPConfig:
+    """``ddp``: ``DDPStrategy`` options (``timeout_s``: the collective timeout in seconds)."""
+
+    find_unused_parameters: bool = MISSING
+    static_graph: bool = MISSING
+    gradient_as_bucket_view: bool = MISSING
+    bucket_cap_mb: int = MISSING
+    timeout_s: Optional[float] = MISSING
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """``checkpoint``: where and when ``last.ckpt`` and the best checkpoints are written."""
+
+    dir: str = MISSING
+    every_n_train_steps: Optional[int] = MISSING
+    monitor: Optional[str] = MISSING
+    mode: str = MISSING  # min | max
+    save_top_k: int = MISSING
+
+
+@dataclasses.dataclass
+class CallbacksConfig:
+    """``callbacks``: how often the training callbacks log."""
+
+    log_every_n_steps: int = MISSING
+    panels_every_n_steps: int = MISSING
+    panels_max_images: int = MISSING
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """``logger.wandb``: ``WandbLogger`` settings (``mode`` null: online when an API key is configured)."""
+
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    name: Optional[str] = MISSING
+    mode: Optional[str] = MISSING  # online | offline | disabled | null
+    save_dir: Optional[str] = MISSING
+    tags: list[str] = MISSING
+    log_model: bool = MISSING
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    wandb: Optional[WandbConfig] = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The whole training config (``configs/train.yaml``)."""
+
+    data: DataConfig = MISSING  # type: ignore[valid-type]
+    transforms: TransformsConfig = MISSING  # type: ignore[valid-type]
+    model: Any = MISSING  # one of MODELS, by the chosen config
+    task: Any = MISSING  # one of TASKS
+    trainer: TrainerConfig = MISSING  # type: ignore[valid-type]
+    logger: Optional[LoggerConfig] = None
+    ddp: DDPConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    callbacks: CallbacksConfig = MISSING
+    experiment_name: str = MISSING
+    seed: int = MISSING
+    run_dir: str = MISSING
+    resume: Optional[str] = MISSING  # auto | null | checkpoint path or URL
+    record_keys_dir: Optional[str] = MISSING
+    test_after_fit: bool = MISSING
+    save_encoder: bool = MISSING
+    matmul_precision: str = MISSING  # highest | high | medium
+
+
+def register(cs: ConfigStore | None = None) -> None:
+    """Store the schemas: ``train_schema`` (the primary config's) and, per group, ``<option>_schema`` that the
+    group's YAML files extend."""
+    cs = cs or ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, node in MODELS.items():
+        cs.store(group="model", name=f"{name}_schema", node=node)
+    for name, node in TASKS.items():
+        cs.store(group="task", name=f"{name}_schema", node=node)
+
+
+class ConfigError(ValueError):
+    """A key or value the schema refuses; the message is one line that names the key."""
+
+
+def _check(schema: type, node: Any, where: str) -> None:
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node) if isinstance(node, DictConfig)
+                        else node)  # a plain tree: keys added to ``node`` with ``+`` are not taken as schema
+    except OmegaConfBaseException as e:
+        full = ".".join(p for p in (where, str(getattr(e, "full_key", "") or "")) if p)
+        key = str(getattr(e, "key", "") or "")
+        known = [f.name for f in dataclasses.fields(getattr(e, "object_type", None) or schema)] \
+            if dataclasses.is_dataclass(getattr(e, "object_type", None) or schema) else []
+        near = difflib.get_close_matches(key, known, n=1) if key and key not in known else []
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"config key {full}: {msg}{hint} (every key: --cfg job)") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed ``cfg`` against the schemas, including what Hydra's composition lets through (keys added
+    with ``+``) and ``model`` / ``task`` against the schema of their ``name`` / ``_target_``. Raises
+    :class:`ConfigError` naming the first key refused."""
+    _check(TrainConfig, cfg, "")
+    name = cfg.model.get("name")
+    if name not in MODELS:
+        raise ConfigError(f"config key model.name: unknown model {name!r} (one of {', '.join(MODELS)})")
+    _check(MODELS[name], cfg.model, "model")
+    try:
+        cls = get_class(str(cfg.task.get("_target_")))
+    except Exception as e:  # noqa: BLE001 - hydra's error for a target it cannot import
+        raise ConfigError(f"config key task._target_: {e}".splitlines()[0]) from None
+    _check(task_schema(cls), cfg.task, "task")
