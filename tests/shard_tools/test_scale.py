@@ -137,3 +137,39 @@ def test_tasks_read_only_their_share_of_the_plan(tmp_path, synth_src, monkeypatc
     assert {k: v for k, v in relisted.items() if k not in ("fingerprint", "tables")} == \
         {k: v for k, v in first.items() if k not in ("fingerprint", "tables")}
 
+
+def test_verify_and_stats_as_array_tasks(tmp_path, small_shards):
+    """3 verify tasks + merge report what one verify reports (nothing, then the same problems of a damaged
+    root); 3 stats tasks + merge rewrite stats.json byte for byte as the build wrote it."""
+    from shard_tools.verify import recompute_stats, stats_merge, verify, verify_merge
+
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root)
+    for i in range(3):
+        problems, summary = verify(str(root), progress=False, task_index=i, num_tasks=3, workers=2)
+        assert problems == [] and summary["task"] == f"{i}/3"
+    problems, summary = verify_merge(str(root), 3)
+    assert problems == [] and summary["shards"] == len(json.loads((root / "manifest.json").read_text())["shards"])
+    built = (root / "stats.json").read_bytes()
+    (root / "stats.json").unlink()
+    for i in range(3):
+        recompute_stats(str(root), progress=False, task_index=i, num_tasks=3)
+    stats_merge(str(root), 3)
+    assert (root / "stats.json").read_bytes() == built
+    (root / "stats.json").unlink()
+    recompute_stats(str(root), progress=False)
+    assert (root / "stats.json").read_bytes() == built
+    # damage one shard's byte and drop another's results: the merge names both
+    tar = sorted(root.rglob("*.tar"))[-1]
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    single, _ = verify(str(root), progress=False)
+    assert single
+    for i in range(3):
+        verify(str(root), progress=False, task_index=i, num_tasks=3)
+    problems, _ = verify_merge(str(root), 3)
+    assert problems == single
+    (root / "_build" / "verify" / "task-00000-of-00003.json").unlink()
+    problems, _ = verify_merge(str(root), 3)
+    assert any("verify task 0 of 3 left no results" in p for p in problems)
