@@ -22,7 +22,6 @@ errors) is written under ``_build/``; that record marks the shard as done, so a 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -573,42 +572,135 @@ def _clean_partials(fs, root: str, shards: Sequence[ShardJob]) -> None:
                     os.remove(os.path.join(d, name))
 
 
-def build(cfg: BuildConfig) -> dict[str, Any]:
-    """Build this task's share of the shards; with one task, finalize too. Returns the summary."""
+def _resolutions(header: Mapping[str, Any]) -> dict[str, int]:
+    """Stored px per side of the downsampled modalities of a plan header."""
+    return {n: int(e[MANIFEST_KEY]["px"]) for n, e in header["modality_entries"].items()
+            if n in header["modalities"] and MANIFEST_KEY in e}
+
+
+def _check_invalid(cfg: BuildConfig, invalid: Mapping[str, str]) -> None:
+    if invalid and cfg.on_error == "fail":
+        examples = "; ".join(list(invalid.values())[:5])
+        raise BuildError(f"{len(invalid)} invalid split rows (nothing was written): {examples}")
+
+
+def _check_args(cfg: BuildConfig, header: Mapping[str, Any]) -> None:
+    """A plan is used only by builds of the same content arguments (task and worker counts may differ)."""
+    if "tables" not in header:
+        raise BuildError(f"{cfg.out} holds a plan of an earlier version ({PLAN}); finish that build with that "
+                         "version, or build into a new output location")
+    want = json.loads(json.dumps({"format_version": sf.FORMAT_VERSION, "args": cfg.content_args()}))
+    if {k: header.get(k) for k in want} != want:
+        raise BuildError(f"{cfg.out} holds a build with other arguments or other source chips "
+                         f"({PLAN} differs); use a new output location")
+
+
+def plan_build(cfg: BuildConfig, registry: Registry | None = None, reuse: bool = False) -> dict[str, Any]:
+    """The plan step: list and size the source once and write the plan (``plan_io``) that every task reads its
+    share of. A plan already there is reused, without listing the source, when it has the same arguments and
+    task layout and the source fingerprint is unchanged (or ``reuse``, for object stores whose folders have no
+    modification times); otherwise the source is listed again, and a plan whose shards differ from the existing
+    one's is refused once shards are built. Returns the header."""
+    from shard_tools import plan_io
+
     cfg.check()
-    registry = registry_for(cfg)
-    plan = make_plan(cfg, registry)
-    if plan.invalid and cfg.on_error == "fail":
-        examples = "; ".join(list(plan.invalid.values())[:5])
-        raise BuildError(f"{len(plan.invalid)} invalid split rows (nothing was written): {examples}")
+    registry = registry or registry_for(cfg)
     out_fs, out_root = get_fs(cfg.out, cfg.storage_options)
-    summary_plan = plan.summary(cfg)
-    plan_path = join(out_root, PLAN)
-    if out_fs.exists(plan_path):
-        with out_fs.open(plan_path, "rb") as f:
-            existing = json.load(f)
-        if existing != json.loads(json.dumps(summary_plan)):
+    fs, src = get_fs(cfg.src, cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options)
+    existing = plan_io.read_header(out_fs, out_root)
+    fp = plan_io.fingerprint(fs, src, hub.discover_regions(fs, src, cfg.regions))
+    if existing is not None:
+        _check_args(cfg, existing)
+        same_source = existing.get("fingerprint") == fp and (fp["complete"] or reuse)
+        if same_source and existing.get("num_tasks") == cfg.num_tasks:
+            log.info("plan: reusing %s (same arguments and task count; source unchanged by its fingerprint)", PLAN)
+            _check_invalid(cfg, existing["invalid"])
+            return existing
+    plan = make_plan(cfg, registry)
+    _check_invalid(cfg, plan.invalid)
+    header = {k: v for k, v in plan.summary(cfg).items() if k != "shards"}
+    header = json.loads(json.dumps(header))
+    if existing is not None:
+        same = {k: existing.get(k) for k in header} == header and existing.get("num_shards") == len(plan.shards) \
+            and [s["path"] for s in plan_io.iter_shards(out_fs, out_root, existing)] == [s.path for s in plan.shards]
+        built = out_fs.exists(join(out_root, BUILD_DIR, "shards"))
+        if not same and built:
             raise BuildError(f"{cfg.out} holds a build with other arguments or other source chips "
                              f"({PLAN} differs); use a new output location")
+    header["fingerprint"] = fp
+    header["resources"] = resource_hints(plan, cfg.num_tasks)
+    written = plan_io.write_plan(out_fs, out_root, plan, header, cfg.num_tasks)
+    log.info("plan: %d chips in %d shards (%d reading groups) for %d tasks written to %s",
+             written["num_chips"], written["num_shards"], written["num_groups"], cfg.num_tasks, PLAN)
+    return written
+
+
+def resource_hints(plan: Plan, num_tasks: int) -> dict[str, Any]:
+    """Slurm ``--mem``/``--time`` suggestions derived from the plan (documented in the README): a build worker
+    holds about one chip's arrays and one shard's index rows (parquet groups also up to ``_group_pending_limit``);
+    a task's time follows its share of bytes at a conservative 20 MB/s per worker. finalize and verify hold
+    bounded memory (shard_tools.finalize), so their hints grow only with the sample count (8 bytes a sample)."""
+    sizes = [sum(sample_size({m.name: m for m in plan.modalities}, list(c.files)) for c in s.chips)
+             for s in plan.shards]
+    per_task = [0] * max(1, num_tasks)
+    for g, members in enumerate(plan.groups):
+        per_task[g % num_tasks] += sum(sizes[i] for i in members)
+    samples = sum(len(s.chips) for s in plan.shards)
+    largest = max(sizes, default=0)
+    gib = 2**30
+    return {
+        "largest_shard_bytes": largest, "largest_task_bytes": max(per_task), "samples": samples,
+        "shards": len(plan.shards),
+        "build_mem_per_worker_gib": round(2 + (3 * largest if any(s.group >= 0 for s in plan.shards) else 0) / gib, 1),
+        "build_hours_one_worker": round(max(per_task) / 20e6 / 3600, 2),
+        "finalize_mem_gib": round(2 + 16 * samples / gib, 1),
+        "verify_mem_gib": round(2 + 16 * samples / gib, 1),
+    }
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build this task's share of the shards; with one task, finalize too. Returns the summary.
+
+    The task reads its share of the plan written by the plan step (``m3leo-shards plan``): it lists nothing and
+    touches only the source files of its own shards. Without a plan (no plan step ran), the task plans itself,
+    listing the whole source, and writes the plan for the others."""
+    from shard_tools import plan_io
+
+    cfg.check()
+    registry = registry_for(cfg)
+    out_fs, out_root = get_fs(cfg.out, cfg.storage_options)
+    header = plan_io.read_header(out_fs, out_root)
+    if header is None:
+        plan = make_plan(cfg, registry)
+        _check_invalid(cfg, plan.invalid)
+        header = json.loads(json.dumps({k: v for k, v in plan.summary(cfg).items() if k != "shards"}))
+        header["resources"] = resource_hints(plan, cfg.num_tasks)
+        header = plan_io.write_plan(out_fs, out_root, plan, header, cfg.num_tasks)
+        # a reading group belongs to one task; without parquet regions each shard is a group: shard i, i % n
+        my_groups = [[plan.shards[i] for i in g] for n, g in enumerate(plan.groups)
+                     if n % cfg.num_tasks == cfg.task_index]
     else:
-        pipe_atomic(out_fs, plan_path, json.dumps(summary_plan, sort_keys=True).encode())
-    # a reading group belongs to one task; without parquet regions each shard is a group: shard i, task i % n
-    my_groups = [[plan.shards[i] for i in g] for n, g in enumerate(plan.groups) if n % cfg.num_tasks == cfg.task_index]
+        _check_args(cfg, header)
+        _check_invalid(cfg, header["invalid"])
+        my_groups = plan_io.read_share(out_fs, out_root, header, cfg.task_index, cfg.num_tasks)
+    invalid: dict[str, str] = header["invalid"]
+    resolutions = _resolutions(header)
     mine = [s for g in my_groups for s in g]
     _clean_partials(out_fs, out_root, mine)
     done = {s.path for s in mine if out_fs.exists(_record_path(out_root, s.path))}
     todo = [s for s in mine if s.path not in done]
     src_opts = cfg.src_storage_options if cfg.src_storage_options is not None else cfg.storage_options
-    sources = [registry[m.name] for m in plan.modalities]
+    sources = [registry[n] for n in header["modalities"]]
     tasks = [[ShardTask(s, cfg.out, cfg.storage_options, cfg.src, src_opts, sources, cfg.compress,
-                        cfg.on_error, cfg.year, cfg.gunw_pair_rule, plan.resolutions) for s in g if s.path not in done]
+                        cfg.on_error, cfg.year, cfg.gunw_pair_rule, resolutions) for s in g if s.path not in done]
              for g in my_groups]
     tasks = [g for g in tasks if g]
     log.info("plan: %d shards in all, %d for task %d/%d, %d already published, %d to build",
-             len(plan.shards), len(mine), cfg.task_index, cfg.num_tasks, len(mine) - len(todo), len(todo))
+             header["num_shards"], len(mine), cfg.task_index, cfg.num_tasks, len(mine) - len(todo), len(todo))
     totals: Counter = Counter()
     errors: list[str] = []
-    bar = tqdm(total=sum(len(s.chips) for s in todo), unit="chip", desc="build", disable=not cfg.progress)
+    chips_of = {s.path: len(s.chips) for s in todo}  # the bar's step per finished shard, looked up in O(1)
+    bar = tqdm(total=sum(chips_of.values()), unit="chip", desc="build", disable=not cfg.progress)
     try:
         for result in (r for results in _run(tasks, cfg.workers) for r in results):
             totals["shards"] += 1
@@ -618,17 +710,17 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             totals["skipped_members"] += result["skipped_members"]
             totals["empty_members"] += result["empty_members"]
             errors += result["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
-            bar.update(len(next(s.chips for s in todo if s.path == result["path"])))
+            bar.update(chips_of[result["path"]])
     finally:
         bar.close()
     summary: dict[str, Any] = {
         "task": f"{cfg.task_index}/{cfg.num_tasks}",
         "shards_built": totals["shards"], "shards_already_published": len(mine) - len(todo),
         "chips": totals["chips"], "bytes": totals["bytes"],
-        "skipped_chips": totals["skipped_chips"] + len(plan.invalid), "skipped_members": totals["skipped_members"],
+        "skipped_chips": totals["skipped_chips"] + len(invalid), "skipped_members": totals["skipped_members"],
         "empty_members": totals["empty_members"],
-        "errors": errors + list(plan.invalid.values())[:ERROR_EXAMPLES],
-        "discrepancies": plan.discrepancies.to_json(),
+        "errors": errors + list(invalid.values())[:ERROR_EXAMPLES],
+        "discrepancies": header["discrepancies"],
     }
     if cfg.num_tasks == 1:
         summary["finalized"] = finalize(cfg.out, cfg.storage_options, source=cfg.src)
@@ -696,117 +788,10 @@ def _nest(counts: Mapping[str, int]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _check_ranges(table: Any, shard_bytes: Mapping[str, int], members: Sequence[str]) -> None:
-    """Every member's byte range lies inside its shard (the records' sizes), as readers will check it."""
-    enc = table.column("shard").dictionary_encode().combine_chunks()
-    sizes = np.array([shard_bytes[n] for n in enc.dictionary.to_pylist()] or [0], dtype=np.int64)
-    size = sizes[enc.indices.to_numpy(zero_copy_only=False)]
-    for member in members:
-        off = table.column(sf.offset_column(member)).fill_null(0).to_numpy()
-        end = off + table.column(sf.nbytes_column(member)).fill_null(0).to_numpy()
-        bad = np.flatnonzero(end > size)
-        if len(bad):
-            i = int(bad[0])
-            raise BuildError(f"{table.column('shard')[i].as_py()} key {table.column('key')[i].as_py()} member "
-                             f"{member}: its range ends at byte {int(end[i])}, the shard has {int(size[i])}")
+def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``,
+    streaming in bounded memory (:func:`shard_tools.finalize.finalize`)."""
+    from shard_tools.finalize import finalize as streaming_finalize
 
-
-def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
-    """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from m3leo_stream import __version__
-
-    fs, root = get_fs(out, storage_options)
-    plan_path = join(root, PLAN)
-    if not fs.exists(plan_path):
-        raise BuildError(f"{out}: no {PLAN}; run 'm3leo-shards build' first")
-    with fs.open(plan_path, "rb") as f:
-        plan = json.load(f)
-    records = []
-    missing = []
-    for s in plan["shards"]:
-        rp = _record_path(root, s["path"])
-        if not fs.exists(rp):
-            missing.append(s["path"])
-            continue
-        with fs.open(rp, "rb") as f:
-            records.append(json.load(f))
-    if missing:
-        raise BuildError(f"{len(missing)} of {len(plan['shards'])} shards are not built yet "
-                         f"(e.g. {', '.join(missing[:3])}); run the remaining build tasks, then finalize")
-    entries = {n: plan["modality_entries"][n] for n in plan["modalities"]}
-    resolutions = {n: int(e[MANIFEST_KEY]["px"]) for n, e in entries.items() if MANIFEST_KEY in e}
-    other = [r["path"] for r in records if r.get("resolutions", {}) != resolutions]
-    if other:  # array tasks that started at once, with other --resolution values, each wrote the plan
-        found = next(r.get("resolutions", {}) for r in records if r["path"] == other[0])
-        raise BuildError(f"{len(other)} shards were built with other --resolution values than {PLAN} says "
-                         f"(e.g. {other[0]}: {found or 'canonical sizes'}, plan: {resolutions or 'canonical sizes'}); "
-                         "every task of a build must be given the same values: build again into a new output location")
-    modalities = [Modality.from_json(e) for e in entries.values()]
-    downsampled = {n: e[MANIFEST_KEY] for n, e in entries.items() if MANIFEST_KEY in e}
-    columns: dict[str, list[Any]] = {}
-    for r in records:
-        for col, vals in r["rows"].items():
-            columns.setdefault(col, []).extend(vals)
-    schema = sf.index_schema({m.name: len(m.bands) for m in modalities}, plan["args"]["compress"] == "zstd")
-    lacking = [r["path"] for r in records if sf.checksum_column(sf.JSON_MEMBER) not in r["rows"]]
-    if lacking:
-        raise BuildError(f"{len(lacking)} shards were built without member checksums, by an older version (e.g. "
-                         f"{lacking[0]}): build them again (delete their records under {BUILD_DIR}/shards/), "
-                         "then finalize")
-    table = pa.table({f.name: pa.array(columns.get(f.name, []), f.type) for f in schema}, schema=schema)
-    _check_ranges(table, {r["path"]: r["bytes"] for r in records}, [sf.JSON_MEMBER, *(m.name for m in modalities)])
-    keys = table.column("key").to_pylist()
-    dup = [k for k, n in Counter(zip(table.column("region").to_pylist(), keys)).items() if n > 1]
-    if dup:
-        raise BuildError(f"duplicate identifiers across shards: {dup[:5]}")
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=65536)
-    pipe_atomic(fs, join(root, sf.INDEX), sink.getvalue().to_pybytes())
-    stats = StatsSet(modalities)
-    for r in records:
-        if r["stats"]:
-            stats.merge_state(r["region"], r["stats"])
-    pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
-    errors: list[str] = []
-    empty: list[str] = []
-    seen: Counter = Counter()
-    counts: Counter = Counter()
-    per_split: dict[str, Counter] = {}
-    for r in records:
-        errors += r["errors"][: max(0, ERROR_EXAMPLES - len(errors))]
-        empty += r.get("empty_examples", [])[: max(0, ERROR_EXAMPLES - len(empty))]
-        counts["skipped_chips"] += r["skipped_chips"]
-        counts["skipped_members"] += r["skipped_members"]
-        counts["empty_members"] += r.get("empty_members", 0)
-        for k, n in r.get("encodings", {}).items():
-            seen[k] += n
-        per_split.setdefault(r["region"], Counter())[r["split"]] += r["num_samples"]
-    members = {m.name: table.num_rows - table.column(sf.offset_column(m.name)).null_count for m in modalities}
-    manifest = {
-        "format_version": sf.FORMAT_VERSION,
-        "checksum": sf.CHECKSUM,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "builder": {"tool": "m3leo-shards", "version": __version__, "args": plan["args"]},
-        "regions": plan["regions"],
-        "splits": {r: dict(c) for r, c in sorted(per_split.items())},
-        "num_samples": table.num_rows,
-        "members": members,
-        "compression": plan["args"]["compress"],
-        "modalities": {m.name: entry_json(m, downsampled) for m in modalities},
-        "source_folders": plan["folders"],
-        "shards": [{"path": r["path"], "region": r["region"], "split": r["split"], "num_samples": r["num_samples"],
-                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
-        "discrepancies": plan["discrepancies"],
-        "skipped": {"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
-                    "examples": (list(plan["invalid"].values()) + errors)[:ERROR_EXAMPLES]},
-        "empty_members": {"count": counts["empty_members"], "examples": empty},
-        "source_encodings": _nest(seen),
-    }
-    pipe_atomic(fs, join(root, sf.MANIFEST), json.dumps(manifest, indent=1, allow_nan=False).encode())
-    log.info("finalized %s: %d samples in %d shards", out, table.num_rows, len(records))
-    return {"samples": table.num_rows, "shards": len(records), "index": join(out, sf.INDEX)}
-
+    return streaming_finalize(out, storage_options, source, progress)

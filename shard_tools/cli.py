@@ -55,15 +55,15 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(a: argparse.Namespace) -> int:
-    from shard_tools.build import BuildConfig, BuildError, build, parse_size
+def _build_config(a: argparse.Namespace):
+    from shard_tools.build import BuildConfig, parse_size
     from shard_tools.downsample import parse_resolutions
 
     try:
         shard_size = parse_size(a.shard_size)
     except ValueError:
         raise ValueError(f"--shard-size {a.shard_size!r} is not a size (e.g. 1GB, 256MiB, 500k or bytes)") from None
-    cfg = BuildConfig(
+    return BuildConfig(
         src=a.src, out=a.out, regions=_csv(a.regions), modalities=_csv(a.modalities),
         splits=_csv(a.splits) or ["train", "val", "test"], shard_size=shard_size, compress=a.compress,
         workers=a.workers, task_index=a.task_index, num_tasks=a.num_tasks, on_error=a.on_error,
@@ -73,12 +73,31 @@ def cmd_build(a: argparse.Namespace) -> int:
         src_storage_options=parse_storage_options(a.src_storage_options) if a.src_storage_options else None,
         progress=not a.quiet, read_group_shards=a.read_group_shards, resolutions=parse_resolutions(a.resolution),
     )
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from shard_tools.build import BuildError, build
+
+    cfg = _build_config(a)
     try:
         summary = build(cfg)
     except BuildError as e:
         log.error("build failed: %s", e)
         return 1
     _print_json(summary)
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from shard_tools.build import BuildError, plan_build
+
+    try:
+        header = plan_build(_build_config(a), reuse=a.reuse_plan)
+    except BuildError as e:
+        log.error("plan failed: %s", e)
+        return 1
+    _print_json({k: header[k] for k in ("num_shards", "num_chips", "num_groups", "num_tasks", "tables", "resources")
+                 if k in header})
     return 0
 
 
@@ -112,10 +131,17 @@ def cmd_finalize(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from shard_tools.verify import verify
+    from shard_tools.verify import verify, verify_merge
 
-    problems, summary = verify(a.root, parse_storage_options(a.storage_options), workers=a.workers,
-                               progress=not a.quiet)
+    so = parse_storage_options(a.storage_options)
+    if a.merge:
+        problems, summary = verify_merge(a.root, a.num_tasks, so, results=a.results)
+    else:
+        problems, summary = verify(a.root, so, workers=a.workers, progress=not a.quiet, task_index=a.task_index,
+                                   num_tasks=a.num_tasks, results=a.results)
+        if a.num_tasks > 1:  # the merge step reports and fails; a task fails only when it could not run
+            _print_json(summary)
+            return 0
     for p in problems:
         sys.stdout.write(f"PROBLEM: {p}\n")
     _print_json(summary)
@@ -150,9 +176,14 @@ def cmd_card(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    from shard_tools.verify import recompute_stats
+    from shard_tools.verify import recompute_stats, stats_merge
 
-    path = recompute_stats(a.root, parse_storage_options(a.storage_options), progress=not a.quiet)
+    so = parse_storage_options(a.storage_options)
+    if a.merge:
+        path = stats_merge(a.root, a.num_tasks, so, results=a.results)
+    else:
+        path = recompute_stats(a.root, so, progress=not a.quiet, task_index=a.task_index, num_tasks=a.num_tasks,
+                               results=a.results)
     sys.stdout.write(f"wrote {path}\n")
     return 0
 
@@ -307,6 +338,24 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fsspec options for SRC as JSON (default: those of OUT)")
     storage(b)
 
+    pl = command("plan", "list and size the source once and write the plan every build task reads its share of",
+                 cmd_plan)
+    pl.conflict_handler = "resolve"
+    for action in b._actions[1:]:
+        pl._add_action(action)
+    pl.add_argument("--reuse-plan", action="store_true",
+                    help="reuse an existing plan of the same arguments without listing the source again even where "
+                         "its fingerprint cannot cover the data folders (object stores)")
+
+    def array(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0),
+                        help="this task's share of the shards (contiguous), with --num-tasks "
+                             "(default: $SLURM_ARRAY_TASK_ID)")
+        sp.add_argument("--num-tasks", type=_positive, default=1, help="tasks the work is split into")
+        sp.add_argument("--merge", action="store_true", help="the merge step after all --num-tasks tasks")
+        sp.add_argument("--results", default=None, help="where tasks leave results for the merge "
+                                                          "(default OUT/_build/<command>)")
+
     pr = command("probe", "sample a source's files and say what build would do with each folder", cmd_probe)
     pr.add_argument("src", metavar="SRC",
                     help="local directory or fsspec URL (hf://datasets/..., s3://...) holding regions")
@@ -362,6 +411,7 @@ def make_parser() -> argparse.ArgumentParser:
     v = command("verify", "check a shard root's checksums, index ranges and counts", cmd_verify)
     v.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     v.add_argument("--workers", type=_positive, default=4, help="threads reading shards")
+    array(v)
     storage(v)
 
     i = command("inspect", "what a shard root holds (samples per region and split, modalities, shards), one "
@@ -380,6 +430,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     st = command("stats", "recompute a shard root's stats.json from its shards", cmd_stats)
     st.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    array(st)
     storage(st)
     return p
 

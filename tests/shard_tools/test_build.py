@@ -294,7 +294,10 @@ def test_rerun_removes_only_its_own_partial_files(tmp_path, synth_src):
     out = tmp_path / "shares"
     cfg = BuildConfig(str(synth_src), str(out), shard_size=40_000_000, task_index=0, num_tasks=2, progress=False)
     build(cfg)
-    planned = [s["path"] for s in json.loads((out / "_build" / "plan.json").read_text())["shards"]]
+    from shard_tools import plan_io
+
+    header = plan_io.read_header(ShardRoot(str(out)).fs, str(out))
+    planned = [s["path"] for s in plan_io.iter_shards(ShardRoot(str(out)).fs, str(out), header)]
     mine, theirs = planned[0::2], planned[1::2]
     assert all((out / p).exists() for p in mine) and not any((out / p).exists() for p in theirs)
     for p in mine + theirs:
