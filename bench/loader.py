@@ -553,13 +553,16 @@ def main() -> None:
     W, B = args.workers, args.batch_size
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "CPU"},
                      "workers": W, "batch_size": B, "sets": {}}
-    if args.checksums_only:
+    if args.checksums_only or args.bands_only:  # one section only
         results.pop("sets")
         results["chips_per_region"], results["passes"] = args.chips_per_region, PASSES
-        results["checksums"] = checksum_cost(str(shards), W, B, args.repeats)
-        if not args.skip_s3:
-            PASSES = args.s3_passes
-            results["checksums"]["s3"] = s3_checksum_cost(shards, W, B, args.repeats)
+        if args.checksums_only:
+            results["checksums"] = checksum_cost(str(shards), W, B, args.repeats)
+            if not args.skip_s3:
+                PASSES = args.s3_passes
+                results["checksums"]["s3"] = s3_checksum_cost(shards, W, B, args.repeats)
+        else:
+            results["band_selection"] = band_selection(str(shards), W, B, args.band_epochs, args.repeats)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"\nwrote {args.out}")
@@ -567,15 +570,6 @@ def main() -> None:
             shutil.rmtree(work)
         return
     results["band_selection"] = band_selection(str(shards), W, B, args.band_epochs, args.repeats)
-    if args.bands_only:
-        results.pop("sets")
-        results["chips_per_region"] = args.chips_per_region
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        print(f"\nwrote {args.out}")
-        if not args.work:
-            shutil.rmtree(work)
-        return
 
     for label, mods in SETS.items():
         dm = M3LEODataModule(str(shards), inputs=mods, batch_size=B, num_workers=0)
