@@ -462,8 +462,8 @@ def checksum_cost(root: str, workers: int, batch: int, repeats: int) -> dict:
     out: dict = {"floor": {label: hash_floor(root, mods, repeats) for label, mods in SETS.items()}}
     print("\nthe floor: CPU time of preadv of page-cached members, with XXH3-64 of each after (one thread):")
     for label, f in out["floor"].items():
-        print(f"  {label:22s} preadv {f['preadv_GB_per_cpu_s']:6.2f} GB/cpu-s, +xxh3 {f['preadv_xxh3_GB_per_cpu_s']:6.2f}"
-              f" GB/cpu-s: cost {100 * f['cost']:+5.1f} %")
+        print(f"  {label:22s} preadv {f['preadv_GB_per_cpu_s']:6.2f} GB/cpu-s, "
+              f"+xxh3 {f['preadv_xxh3_GB_per_cpu_s']:6.2f} GB/cpu-s: cost {100 * f['cost']:+5.1f} %")
     print(f"\nchecksum cost ({workers} workers, batch {batch}, medians of {repeats}):")
     for label, case in cases.items():
         kw = {k: v for k, v in case.items() if k != "mods"}
