@@ -340,9 +340,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     pl = command("plan", "list and size the source once and write the plan every build task reads its share of",
                  cmd_plan)
-    pl.conflict_handler = "resolve"
-    for action in b._actions[1:]:
-        pl._add_action(action)
+    for action in b._actions:  # build's options, but for those plan has already (help, -v)
+        if not any(o in pl._option_string_actions for o in action.option_strings):
+            pl._add_action(action)
     pl.add_argument("--reuse-plan", action="store_true",
                     help="reuse an existing plan of the same arguments without listing the source again even where "
                          "its fingerprint cannot cover the data folders (object stores)")
