@@ -241,6 +241,7 @@ def register(cs: ConfigStore | None = None) -> None:
     group's YAML files extend."""
     cs = cs or ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="data", name="default_schema", node=DataConfig)  # data/default.yaml extends it (train, embed)
     for name, node in MODELS.items():
         cs.store(group="model", name=f"{name}_schema", node=node)
     for name, node in TASKS.items():

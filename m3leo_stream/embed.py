@@ -45,12 +45,14 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from m3leo_stream.config import register
 from m3leo_stream.modalities import BANDS_KEY, Modality
 from m3leo_stream.models.mae import MultiModalEncoder
 
 log = logging.getLogger("m3leo_stream.embed")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+register()  # the schemas the config groups extend (m3leo_stream.config)
 Pooling = Literal["mean", "max", "mean_max", "modality_mean"]
 TransformsFrom = Literal["card", "config"]
 Split = Literal["train", "val", "test"]

@@ -97,6 +97,7 @@ class SynthConfig:
     rows_per_group: int = 4
     storage_options: dict[str, Any] | None = None
     absent: dict[str, tuple[str, ...]] | None = None  # region -> modalities it has no file of (Europe has no GUNW)
+    s2_offset: dict[str, float] | None = None  # region -> digital numbers added to its S2 bands: a known domain shift
 
 
 def _rng(*parts: object) -> np.random.Generator:
@@ -161,8 +162,9 @@ def _lookup(lc: np.ndarray, column: int) -> np.ndarray:
 class ChipSynth:
     """Generates every modality of one chip from a shared land-cover map."""
 
-    def __init__(self, seed: int, region: str, chip: grid.Chip):
+    def __init__(self, seed: int, region: str, chip: grid.Chip, s2_offset: float = 0.0):
         self.seed, self.region, self.chip = seed, region, chip
+        self.s2_offset = float(s2_offset)
         self.lc = _landcover(_rng(seed, region, chip.identifier, "lc"), (448, 448))
 
     def rng(self, name: str) -> np.random.Generator:
@@ -218,7 +220,7 @@ class ChipSynth:
             green = 1.0 + 0.15 * math.sin((month - 3) / 12 * 2 * math.pi)
             for c in range(3):
                 out[3 * month + c] = base[..., c] * (green if c == 1 else 1.0)
-        out += rng.normal(0, 6.0, out.shape).astype(np.float32)
+        out += rng.normal(0, 6.0, out.shape).astype(np.float32) + np.float32(self.s2_offset)
         dn = np.clip(np.rint(out), 1, 255).astype(np.uint8)
         for month in range(12):
             if rng.random() < 0.1:  # no clear scene this month
@@ -402,10 +404,10 @@ def _region_layout(region: str) -> tuple[str, int]:
     return str(facts["grid_hash"]), int(facts["angle"])  # type: ignore[call-overload]
 
 
-def _chip_files(args: tuple[int, str, grid.Chip, tuple[str, ...]]) -> list[tuple[str, bytes]]:
+def _chip_files(args: tuple[int, str, grid.Chip, tuple[str, ...], float]) -> list[tuple[str, bytes]]:
     """The files of one chip: each of ``modalities`` unless it is missing for this chip."""
-    seed, region, chip, modalities = args
-    synth = ChipSynth(seed, region, chip)
+    seed, region, chip, modalities, s2_offset = args
+    synth = ChipSynth(seed, region, chip, s2_offset)
     out = []
     for name in modalities:
         folder = folder_for(name, region)
@@ -449,7 +451,7 @@ def synth(cfg: SynthConfig, workers: int = 1, progress: bool = True) -> dict[str
         for region, repo, stem, chips, rows, grid_hash, angle in jobs:
             absent = set((cfg.absent or {}).get(region, ()))
             mods = tuple(m for m in cfg.modalities if m not in absent)
-            args = [(cfg.seed, region, c, mods) for c, _ in chips]
+            args = [(cfg.seed, region, c, mods, (cfg.s2_offset or {}).get(region, 0.0)) for c, _ in chips]
             results = pool.map(_chip_files, args, chunksize=2) if pool else map(_chip_files, args)
             files = 0
             if cfg.parquet:

@@ -155,3 +155,41 @@ def test_pooling_leaves_absent_inputs_out():
     torch.testing.assert_close(part[[0, 2]], full[[0, 2]])
     assert embed_batch(enc, x, "modality_mean").shape == (3, 64)
     assert embed_batch(enc, x, "mean_max").shape == (3, 64)
+
+
+@pytest.fixture(scope="module")
+def shifted_shards(tmp_path_factory) -> Path:
+    """Three regions from the same generator; china's S2 digital numbers are raised by 30 (a known shift)."""
+    from shard_tools.build import BuildConfig, build
+    from shard_tools.synth import SynthConfig, synth
+
+    src = tmp_path_factory.mktemp("shifted-src")
+    synth(SynthConfig(str(src), ("conus", "europe", "china"), 16, seed=9, modalities=("s2rgbm", "esawc"),
+                      s2_offset={"china": 30.0}), progress=False)
+    out = tmp_path_factory.mktemp("shifted-shards") / "root"
+    build(BuildConfig(str(src), str(out), shard_size=80_000_000, workers=1, progress=False))
+    return out
+
+
+def test_a_shift_built_into_the_shards_is_found_through_an_encoder(shifted_shards, tmp_path):
+    """Shards → (untrained, seeded) encoder → embeddings → shift analysis: the pair with china, whose S2 was
+    shifted at generation, ranks first with an MMD² interval excluding zero; conus–europe (same generator, no
+    shift) has an interval that includes it."""
+    from m3leo_stream.shift import ShiftSettings, analyze, load_embeddings
+
+    root = ShardRoot(str(shifted_shards))
+    t = build_device_transforms(TRANSFORMS, root.modalities, root.stats, inputs=["s2rgbm"], targets=[], train=False)
+    torch.manual_seed(0)
+    enc = MultiModalEncoder({"s2rgbm": len(t.channels["s2rgbm"])}, **TINY)
+    url = tmp_path / "encoder.pt"
+    export_encoder(enc, str(url), t, root.stats, {"run_id": "test"})
+    res = run(cfg_for(shifted_shards, url, tmp_path / "emb"))
+    emb = load_embeddings(res["embeddings"])
+    out = analyze(emb, ShiftSettings(n_boot=150, n_perm=50, seed=0, metrics=("mmd2",)), controls=("none",))
+    rows = {tuple(sorted((r["region_a"], r["region_b"]))): r for r in out["pairs"] if r["metric"] == "mmd2"}
+    top = min(rows.values(), key=lambda r: r["rank_mmd2"])
+    assert "china" in (top["region_a"], top["region_b"])
+    for pair in (("china", "conus"), ("china", "europe")):
+        assert rows[pair]["ci_lo"] > 0 and rows[pair]["significant"], rows[pair]
+    same = rows[("conus", "europe")]
+    assert same["ci_lo"] <= 0 <= same["ci_hi"] and not same["significant"], same
