@@ -363,6 +363,9 @@ def experiment_data(name: str) -> tuple[list[str], list[str], dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from m3leo_stream.config import register
+
+    register()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"])
     return (list(cfg.data.inputs), list(cfg.data.get("targets") or []),
