@@ -317,7 +317,9 @@ def open_index(path: str) -> IndexArrays:
     """Map the index arrays published in ``path`` by :func:`load_index`."""
     p = Path(path)
     meta = json.loads((p / META).read_text())
-    spec = _Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
+    m = meta["spec"]
+    spec = _Spec(tuple(m["modalities"]), tuple(m["region_names"]), tuple(m["split_names"]), tuple(m["shard_names"]),
+                 tuple(m["columns"]), int(m["key_width"]), str(m["int_dtype"]))
     arrays = {name: np.load(p / f"{name}.npy", mmap_mode="r") for name in spec.dtypes()}
     short = [name for name, a in arrays.items() if len(a) != meta["rows"]]
     if short:
