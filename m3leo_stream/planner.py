@@ -131,7 +131,8 @@ def build_catalog(
         for r, name in enumerate(region_names) if regions is None or name in regions
     }
     _, shard = np.unique(np.asarray(index["shard"])[rows], return_inverse=True)
-    return Catalog(split, region_names, rows, region, shard.astype(np.int64), excluded, presence)
+    # narrow codes: every rank holds its catalogue (at 17M samples, int64 region and shard codes took 220 MB more)
+    return Catalog(split, region_names, rows, region.astype(np.int16), shard.astype(np.int32), excluded, presence)
 
 
 def _present(nbytes: np.ndarray) -> np.ndarray:
