@@ -411,12 +411,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+"""What a user's input makes the run raise (bad keys or values, a root or checkpoint that is not there, modalities
+the root lacks, a plan that cannot be resumed): one line, not a traceback, unless ``HYDRA_FULL_ERROR=1``."""
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {e}  (HYDRA_FULL_ERROR=1 shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -299,6 +299,24 @@ def test_command_line(small_shards, tmp_path):
     assert not list(tmp_path.glob("*.log")), "hydra wrote log files into the working directory"
 
 
+@pytest.mark.parametrize("over,says", [
+    (["data.root=/nonexistent/shards"], "error: /nonexistent/shards: no such shard root (it does not exist)"),
+    (["data.inputs=[s1grd,nosuchmodality]"], "modalities ['nosuchmodality'] are not in this shard root"),
+])
+def test_a_user_mistake_is_one_line_without_a_traceback(small_shards, tmp_path, over, says):
+    """A root that is not there, or a modality the root lacks: one line on stderr and a non-zero exit; the
+    traceback only with HYDRA_FULL_ERROR=1."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "m3leo_stream.train", "experiment=pretrain_mae", f"data.root={small_shards}",
+           f"run_dir={tmp_path / 'run'}", "trainer.accelerator=cpu", *over]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and says in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len([ln for ln in p.stderr.splitlines() if "error:" in ln]) == 1
+    p = subprocess.run(cmd, cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.s3
 def test_checkpoints_on_s3_and_resume(small_shards, tmp_path, s3):
