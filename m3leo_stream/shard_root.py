@@ -110,9 +110,10 @@ class ShardRoot:
         data = self.read_range(row["shard"], int(off), int(n))
         where = f"{row['shard']} key {row.get('key')} member {modality}"
         want = row.get(sf.checksum_column(modality))
-        if want is not None and sf.digest(data) != want:
-            raise sf.FormatError(f"{where}: checksum mismatch: its bytes hash to {sf.digest(data):016x}, the index "
-                                 f"says {want:016x}")
+        have = sf.digest(data) if want is not None else None
+        if have != want:
+            raise sf.FormatError(f"{where}: checksum mismatch: its bytes hash to {have:016x}, the index says "
+                                 f"{want:016x}")
         if modality == sf.JSON_MEMBER:
             return json.loads(data)
         return sf.decode_array(data, compressed=self.compressed, where=where)
