@@ -105,20 +105,12 @@ def rank(root: str, cache_dir: str, in_memory: bool) -> dict:
 
     rss0 = _rss()
     t = time.perf_counter()
+    if in_memory:  # a cache_dir that cannot be written: the DataModule's own fall-back holds the arrays in memory
+        cache_dir = os.path.join(cache_dir, "not-a-directory")
+        Path(cache_dir).write_text("")
     dm = M3LEODataModule(root, inputs=MODS[:-1], targets=MODS[-1:], batch_size=8, num_workers=0,
                          cache_dir=cache_dir)
-    if in_memory:
-        from m3leo_stream.index import IndexArrays, index_columns
-
-        shard_root = dm.shard_root
-        table = shard_root.read_index(columns=index_columns(dm.requested, True, ()))
-        dm._index = IndexArrays.from_table(table, dm.requested, shard_root.regions,
-                                           shard_bytes={s["path"]: s["bytes"] for s in shard_root.manifest["shards"]})
-        del table
-        dm._table = {"split": dm._index.split, "shard": dm._index.shard,
-                     **{sf.nbytes_column(m): dm._index.nbytes[m] for m in dm.requested}}
-    else:
-        dm.setup("fit")
+    dm.setup("fit")
     setup_s = time.perf_counter() - t
     t = time.perf_counter()
     cat = dm.catalog("train")
