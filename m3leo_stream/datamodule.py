@@ -41,7 +41,7 @@ from .planner import (
     region_quotas,
 )
 from .readahead import ReadAheadDataset
-from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough
+from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough, read_in_part
 from .shard_root import ShardRoot
 from .storage import IOCounters
 
@@ -450,8 +450,7 @@ class M3LEODataModule(pl.LightningDataModule):
         if self.reader_config.verify and not verify:
             log.warning("%s has no member checksums (format version %s): its bytes are read unverified; build it "
                         "again to have them", self.root, root.manifest.get("format_version"))
-        partial = [m for m, sel in (self.bands or {}).items()
-                   if len(sel) < len(root.modalities[m].bands) and not root.compressed]
+        partial = read_in_part([root.modalities[m] for m in self.requested], self.bands, root.compressed)
         t = time.perf_counter()
         self._index = load_index(root, self.requested, checksums=verify, chunks=partial,
                                  split_names=sorted(set(self.splits.values())), cache_dir=self.cache_dir)

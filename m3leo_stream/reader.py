@@ -233,9 +233,9 @@ class ShardDataset(torch.utils.data.Dataset):
     def _chunk_verified(self) -> frozenset[str]:
         """The modalities read in part whose members are verified, through their chunk digests."""
         out = set()
+        partial = read_in_part(self.modalities, self.bands, self.compressed)
         for m in self.modalities:
-            if self._runs[m.name] is None or self.compressed or not self.config.verify \
-                    or m.name not in self.index.checksums:
+            if m.name not in partial or not self.config.verify or m.name not in self.index.checksums:
                 continue
             if m.name not in self.index.chunk_checksums:
                 raise ValueError(f"reading some bands of {m.name}, but the index arrays lack "
@@ -680,6 +680,16 @@ class ShardDataset(torch.utils.data.Dataset):
                     break
                 got += k
         return buf if got == nbytes else buf[:got]
+
+
+def read_in_part(modalities: Sequence[Modality], bands: Mapping[str, Sequence[int]] | None,
+                 compressed: bool) -> list[str]:
+    """The modalities of which only some bands are fetched (uncompressed members with a selection short of all their
+    bands): those whose reads are verified through the chunk digests."""
+    if compressed:
+        return []
+    selected = _band_selection(modalities, bands)
+    return [m.name for m in modalities if len(selected[m.name]) < len(m.bands)]
 
 
 def _band_selection(modalities: Sequence[Modality],
