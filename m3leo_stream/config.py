@@ -49,10 +49,10 @@ def _field_type(t: Any) -> Any:
         return str if all(isinstance(a, str) for a in args) else Any
     if origin in (list, tuple, Sequence, typing.Sequence) or t in (list, tuple):
         item = args[0] if args and (origin is not tuple or len(set(args) - {Ellipsis}) == 1) else Any
-        return list[_field_type(item)]
+        return list[_field_type(item)]  # type: ignore[misc]
     if origin in (dict, Mapping, typing.Mapping) or t in (dict,):
-        return dict[str, _field_type(args[1]) if args else Any]
-    if dataclasses.is_dataclass(t):
+        return dict[str, _field_type(args[1]) if args else Any]  # type: ignore[misc]
+    if isinstance(t, type) and dataclasses.is_dataclass(t):
         return schema_of(t, t.__name__)
     return t if t in _PRIMITIVE or t is Any else Any
 
@@ -61,7 +61,7 @@ def _field(default: Any) -> Any:
     """A dataclass field with ``default`` (``???`` for none; a copy per instance for lists, dicts, dataclasses)."""
     if default is inspect.Parameter.empty:
         return dataclasses.field(default=MISSING)
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
         node, values = _field_type(type(default)), dataclasses.asdict(default)
         return dataclasses.field(default_factory=lambda: node(**values))
     if isinstance(default, (list, tuple)):
@@ -111,7 +111,7 @@ def schema_of(obj: Callable[..., Any], name: str | None = None, *, exclude: Sequ
     return cls
 
 
-def _target(cls: type) -> tuple[str, str, str]:
+def _target(cls: type) -> tuple[str, type, str]:
     return ("_target_", str, f"{cls.__module__}.{cls.__qualname__}")
 
 
@@ -149,7 +149,7 @@ TASKS: dict[str, type] = {"pretrain": task_schema(PretrainTask), "segmentation":
 def _schema_of_dict(name: str, d: Mapping[str, Any], open_keys: Sequence[str] = ()) -> type:
     """A dataclass of the keys of ``d`` (nested dicts: nested dataclasses), values of any type, ``d``'s values as
     defaults; the dicts at ``open_keys`` (dotted) take any keys."""
-    fields = []
+    fields: list[tuple[str, Any, Any]] = []
     for k, v in d.items():
         if k in open_keys or not isinstance(v, Mapping):
             fields.append((k, dict[str, Any] if isinstance(v, Mapping) else Any, _field(v)))

@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import hydra
 import numpy as np
@@ -266,17 +266,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"inputs {unknown} are not modalities of the encoder ({encoder.modalities})")
     transforms_cfg = card["transforms"] if card is not None and source == "card" else _plain(cfg.transforms)
-    probe = build_datamodule(OmegaConf.merge(cfg, {"data": {"inputs": inputs, "targets": [], "optional": inputs}}))
+    probe = build_datamodule(cast(DictConfig, OmegaConf.merge(
+        cfg, {"data": {"inputs": inputs, "targets": [], "optional": inputs}})))
     have = probe.modalities
     covariates = [m for m in (cfg.get("land_cover"), cfg.get("terrain")) if m and m in have and m not in inputs]
     for m in (cfg.get("land_cover"), cfg.get("terrain")):
         if m and m not in have:
             log.info("%s is not in %s: no %s columns", m, cfg.data.root, "land-cover" if m == cfg.land_cover
                      else "terrain")
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     plain["data"].update(inputs=inputs, targets=covariates, optional=inputs + covariates)
     plain["transforms"] = transforms_cfg  # the whole config: the loader reads the bands these transforms use
-    dm = build_datamodule(OmegaConf.create(plain))
+    dm = build_datamodule(cast(DictConfig, OmegaConf.create(plain)))
     dm.setup("predict")
     if card is not None and source == "card":
         transforms = transforms_from_card(card, dm.modalities, train=False, seed=int(cfg.seed), rank=world.rank)

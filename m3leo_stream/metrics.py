@@ -21,6 +21,7 @@ class RegionConfusion(Metric):
     """Confusion matrices (regions × true × predicted) summed over the evaluation set and across ranks."""
 
     full_state_update = False
+    cm: torch.Tensor
 
     def __init__(self, num_classes: int, region_names: Sequence[str], class_names: Sequence[str] | None = None,
                  ignore_index: int = -100):
@@ -79,6 +80,9 @@ class RegionRegression(Metric):
     """RMSE and MAE over valid pixels, overall and per region, from sums accumulated over the evaluation set."""
 
     full_state_update = False
+    sq: torch.Tensor
+    abs: torch.Tensor
+    n: torch.Tensor
 
     def __init__(self, region_names: Sequence[str]):
         super().__init__()
@@ -124,6 +128,8 @@ class RegionLossMean(Metric):
     batch, not per sample."""
 
     full_state_update = False
+    err: torch.Tensor
+    w: torch.Tensor
 
     def __init__(self, names: Sequence[str]):
         super().__init__()
@@ -152,6 +158,8 @@ class WeightedMean(Metric):
     """Σ values / Σ weights over the evaluation set, summed across ranks (NaN when nothing was weighted)."""
 
     full_state_update = False
+    total: torch.Tensor
+    weight: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -78,7 +78,7 @@ class ReadAheadDataset(torch.utils.data.Dataset):
         hit = ahead is not None and ahead[0] == refs
         if self.count is not None:
             self.count(hit)
-        if hit:
+        if ahead is not None and hit:
             return ahead[1].result()
         if ahead is not None:
             ahead[1].cancel()

@@ -50,7 +50,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import hydra
 import numpy as np
@@ -217,27 +217,24 @@ def pair_metrics(a: np.ndarray, b: np.ndarray, a_low: np.ndarray, b_low: np.ndar
         k = rbf_kernel(pooled, sigma)
         value = mmd2_from_kernel(k, ia0, ib0)
         boots = np.array([mmd2_from_kernel(k, *boot_idx()) for _ in range(s.n_boot)])
-        perms = []
-        for _ in range(s.n_perm):
-            perm = rng.permutation(na + nb)
-            perms.append(mmd2_from_kernel(k, perm[:na], perm[na:]))
-        perms = np.array(perms)
+        null = np.array([mmd2_from_kernel(k, perm[:na], perm[na:])
+                         for perm in (rng.permutation(na + nb) for _ in range(s.n_perm))])
         lo, hi = _ci(boots, s.level)
         out["mmd2"] = {"value": value, "ci_lo": lo, "ci_hi": hi, "null": 0.0, "bandwidth": sigma,
-                       "p_value": float((1 + (perms >= value).sum()) / (1 + len(perms))),
+                       "p_value": float((1 + (null >= value).sum()) / (1 + len(null))),
                        "significant": bool(lo > 0.0 or hi < 0.0)}
     if "frechet" in s.metrics:
         value = frechet_distance(a_low, b_low)
         pooled = np.concatenate([a_low, b_low])
-        boots = []
+        fboots: list[float] = []
         for _ in range(s.n_boot):
             ia, ib = boot_idx()
-            boots.append(frechet_distance(pooled[ia], pooled[ib]))
-        perms = []
+            fboots.append(frechet_distance(pooled[ia], pooled[ib]))
+        perms: list[float] = []
         for _ in range(s.n_perm):
             perm = rng.permutation(na + nb)
             perms.append(frechet_distance(pooled[perm[:na]], pooled[perm[na:]]))
-        lo, hi = _ci(np.array(boots), s.level)
+        lo, hi = _ci(np.array(fboots), s.level)
         p = float((1 + (np.array(perms) >= value).sum()) / (1 + len(perms)))
         out["frechet"] = {"value": value, "ci_lo": lo, "ci_hi": hi, "null": float(np.mean(perms)), "p_value": p,
                           "significant": bool(p < s.alpha)}
@@ -245,11 +242,11 @@ def pair_metrics(a: np.ndarray, b: np.ndarray, a_low: np.ndarray, b_low: np.ndar
         y, pred = domain_predictions(a_low, b_low, s.cv_folds, s.seed)
         value = balanced_accuracy(y, pred)
         ia_, ib_ = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
-        boots = []
+        aboots: list[float] = []
         for _ in range(s.n_boot):
             idx = np.concatenate([rng.choice(ia_, len(ia_)), rng.choice(ib_, len(ib_))])
-            boots.append(balanced_accuracy(y[idx], pred[idx]))
-        lo, hi = _ci(np.array(boots), s.level)
+            aboots.append(balanced_accuracy(y[idx], pred[idx]))
+        lo, hi = _ci(np.array(aboots), s.level)
         out["domain_acc"] = {"value": value, "ci_lo": lo, "ci_hi": hi, "null": 0.5, "p_value": None,
                              "significant": bool(lo > 0.5)}
     return out
@@ -528,13 +525,14 @@ def log_wandb(cfg: DictConfig, result: Mapping[str, Any], probes: Sequence[Mappi
     os.makedirs(save_dir, exist_ok=True)
     run = wandb.init(project=w.project, entity=w.get("entity"), name=w.get("name") or cfg.experiment_name,
                      mode=mode, dir=save_dir, tags=list(w.get("tags") or []), job_type="shift",
-                     config={k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "logger"})
-    cols = ["control", "region_a", "region_b", "metric", "value", "ci_lo", "ci_hi", "null", "p_value",
+                     config={k: v for k, v in cast(dict, OmegaConf.to_container(cfg, resolve=True)).items()
+                             if k != "logger"})
+    cols: list[Any] = ["control", "region_a", "region_b", "metric", "value", "ci_lo", "ci_hi", "null", "p_value",
             "significant", "rank_mmd2", "n_a", "n_b"]
     table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in result["pairs"]])
     payload: dict[str, Any] = {"shift/pairs": table}
     if probes:
-        pc = list(probes[0])
+        pc: list[Any] = list(probes[0])
         payload["shift/probes"] = wandb.Table(columns=pc, data=[[p[c] for c in pc] for p in probes])
     for name, path in files["images"].items():
         payload[f"shift/{name}"] = wandb.Image(path)

@@ -414,6 +414,9 @@ class RegressionTask(BaseTask):
     to physical units; a prediction finer than the target grid is area-averaged onto it (mean-preserving). Targets
     stay floating point (upstream cast them to integers). Metrics: ``rmse``, ``mae``, ``<region>/rmse|mae``."""
 
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(self, model: Mapping[str, Any], data_info: DataInfo | Mapping[str, Any],
                  optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                  seed: int = 0):

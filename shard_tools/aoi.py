@@ -74,8 +74,8 @@ def read_aoi(text: str, where: str = "AOI"):
         raise ValueError(f"{where}: expected a polygon in lon/lat degrees, got {geom.geom_type}")
     if not geom.is_valid:
         geom = geom.buffer(0)
-    w, s, e, n = geom.bounds
-    if w < -180 or e > 180 or s < -90 or n > 90:
+    west, south, east, north = geom.bounds
+    if west < -180 or east > 180 or south < -90 or north > 90:
         raise ValueError(f"{where}: bounds {geom.bounds} are not lon/lat degrees (EPSG:4326 expected)")
     return geom
 

@@ -215,10 +215,10 @@ def _mean_power(a: np.ndarray, valid: np.ndarray, f: int, scale: Sequence[float]
             with np.errstate(over="ignore", invalid="ignore"):
                 np.power(10.0, a[b].astype(np.float64) * (float(sc) / 10.0), out=power[b])
             power[b][~valid[b]] = 0.0
-    sc = np.asarray(scale, np.float64)[:, None, None]
+    scales = np.asarray(scale, np.float64)[:, None, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = _sum(power, f, np.float64) / count
-        return 10.0 * np.log10(mean) / sc
+        return 10.0 * np.log10(mean) / scales
 
 
 def _circular_mean(a: np.ndarray, valid: np.ndarray, f: int) -> np.ndarray:
@@ -251,7 +251,7 @@ def _mode(a: np.ndarray, valid: np.ndarray, f: int) -> tuple[np.ndarray, np.ndar
     end = np.minimum.accumulate(nxt[..., ::-1], axis=-1)[..., ::-1]
     length = np.where(sok, end - start, -1)
     best = length.argmax(axis=-1)  # first maximum: the smallest value among the most frequent
-    return np.take_along_axis(s, best[..., None], axis=-1)[..., 0], ok.any(axis=-1)
+    return np.take_along_axis(s, best[..., None], axis=-1)[..., 0], np.asarray(ok.any(axis=-1))
 
 
 def _to_dtype(values: np.ndarray, has: np.ndarray, dtype: np.dtype, nodata: float | int | None) -> np.ndarray:
@@ -285,9 +285,10 @@ def block_reduce(m: Modality, array: np.ndarray, factor: int) -> np.ndarray:
     out = np.empty((c, h // factor, w // factor), dtype)
     kinds = ["categorical" if m.is_categorical else k for k in m.band_kinds]
     for kind in dict.fromkeys(kinds):
-        bands: list[int] | slice = [i for i, k in enumerate(kinds) if k == kind]
-        if bands == list(range(bands[0], bands[-1] + 1)):
-            bands = slice(bands[0], bands[-1] + 1)  # a view, not a copy
+        listed = [i for i, k in enumerate(kinds) if k == kind]
+        bands: list[int] | slice = listed
+        if listed == list(range(listed[0], listed[-1] + 1)):
+            bands = slice(listed[0], listed[-1] + 1)  # a view, not a copy
         a, ok = array[bands], valid[bands]
         if kind == "categorical":
             vals, has = _mode(a, ok, factor)

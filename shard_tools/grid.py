@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import reduce
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,8 +49,9 @@ def get_hash(text: str) -> str:
 
 
 # numpy's default print options: upstream hashes str() of an array, so the text must not follow np.set_printoptions
-_NP_STR = {"max_line_width": 75, "precision": 8, "suppress_small": False, "separator": " ", "prefix": "",
-           "floatmode": "maxprec", "sign": "-", "threshold": 1000, "edgeitems": 3, "legacy": False}
+_NP_STR: dict[str, Any] = {"max_line_width": 75, "precision": 8, "suppress_small": False, "separator": " ",
+                           "prefix": "", "floatmode": "maxprec", "sign": "-", "threshold": 1000, "edgeitems": 3,
+                           "legacy": False}
 
 
 def envelope_text(geom) -> str:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -382,12 +382,13 @@ def region_chips(region: str, n: int) -> list[tuple[grid.Chip, str]]:
     in the 60-20-20 pattern.
     """
     facts = grid.HUB_REGIONS.get(region, {"origin": (0.0, 0.0)})
-    lon0, lat0 = facts["origin"]  # type: ignore[misc]
+    origin = cast(tuple[float, float], facts["origin"])
+    lon0, lat0 = origin
     cols = max(1, min(n, 60))
     rows = math.ceil(n / cols)
     lats = grid.grid_rows(lat0, lat0 + rows * grid.CHIP_SIZE_M / grid.M_PER_DEG_LAT)[:rows]
     cycle = grid.split_cycle((60, 20, 20))
-    out = []
+    out: list[tuple[grid.Chip, str]] = []
     for r, lat in enumerate(lats):
         lons = grid.grid_cols(lon0, lon0 + 61 * 0.06, float(lat))[:cols]
         for c, lon in enumerate(lons):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +109,9 @@ class MultiModalEncoder(nn.Module):
         for p in self.modality_embed.values():
             nn.init.normal_(p, std=0.02)
         for conv in self.patch_embed.values():
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-            nn.init.zeros_(conv.bias)
+            weight, bias = cast(torch.Tensor, conv.weight), cast(torch.Tensor, conv.bias)
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            nn.init.zeros_(bias)
 
     def pos_embed(self, grid: int, device: torch.device) -> torch.Tensor:
         key = (grid, str(device))
@@ -137,7 +138,7 @@ class MultiModalEncoder(nn.Module):
         mods = list(modalities) if modalities is not None else self.present(inputs)
         grid = self.grid_of(inputs, mods)
         side = grid * self.patch_size
-        dtype = self.patch_embed[mods[0]].weight.dtype
+        dtype = next(self.patch_embed[mods[0]].parameters()).dtype
         toks = []
         for m in mods:
             x = _resize(inputs[m], side).to(dtype)
