@@ -11,7 +11,6 @@ first repeat of ``bench/build.py`` does). Both builds' outputs must be byte-iden
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform

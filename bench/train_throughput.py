@@ -87,7 +87,8 @@ class _Recorder:
     def result(self, batch_size: int) -> dict[str, float]:
         w, s = self.wait[self.warmup:], self.step[self.warmup:]
         total = sum(s)
-        return {"steps": len(s), "step_s": total / max(1, len(s)), "samples_per_s_per_device": batch_size * len(s) / total,
+        return {"steps": len(s), "step_s": total / max(1, len(s)),
+                "samples_per_s_per_device": batch_size * len(s) / total,
                 "data_wait_frac": sum(w) / total}
 
 

@@ -268,7 +268,7 @@ def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names
         # keys are laid out as wide as the first row group's; a longer one later means one pass to find the width
         width = int(pc.max(pc.binary_length(pf.read_row_group(0, columns=["key"]).column(0))).as_py() or 1) \
             if pf.metadata.num_row_groups else 1
-        for attempt in range(2):
+        for _ in range(2):
             spec = _Spec.of(pf.schema_arrow, modalities, root.regions, list(shard_bytes), split_names,
                             max(shard_bytes.values(), default=0), key_width=width, columns=columns)
             try:

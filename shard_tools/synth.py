@@ -191,7 +191,7 @@ class ChipSynth:
         vv = _lookup(self.lc, 0)
         out = np.empty((16, 448, 448), dtype=np.float32)
         i = 0
-        for s, season in enumerate(SEASONS):
+        for season in SEASONS:
             wet = 1.5 if season in ("winter", "spring") else -0.5
             for pol_offset in (0.0, -6.5):  # vv, vh
                 for orbit in (0.0, 0.8):  # asc, des
@@ -328,7 +328,7 @@ class ChipSynth:
         start = np.datetime64(GUNW_WINDOW[0])
         n_pairs = int(rng.integers(1, 5))
         pairs = []
-        for k in range(n_pairs):
+        for _ in range(n_pairs):
             first = start + np.timedelta64(int(rng.integers(0, 30)), "D")
             end = first + np.timedelta64(12 * int(rng.integers(1, 6)), "D")
             pairs.append(f"{str(end).replace('-', '')}_{str(first).replace('-', '')}")
@@ -389,7 +389,7 @@ def region_chips(region: str, n: int) -> list[tuple[grid.Chip, str]]:
     lats = grid.grid_rows(lat0, lat0 + rows * grid.CHIP_SIZE_M / grid.M_PER_DEG_LAT)[:rows]
     cycle = grid.split_cycle((60, 20, 20))
     out: list[tuple[grid.Chip, str]] = []
-    for r, lat in enumerate(lats):
+    for lat in lats:
         lons = grid.grid_cols(lon0, lon0 + 61 * 0.06, float(lat))[:cols]
         for c, lon in enumerate(lons):
             if len(out) == n:

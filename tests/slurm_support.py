@@ -122,7 +122,8 @@ def wait_job(job: str, timeout: float = 240, logs: list[Path] | None = None) -> 
 
 def describe(job: str, logs: list[Path] | None = None) -> str:
     """Job records and log tails, for assertion messages."""
-    parts = [f"records: {[{k: r.get(k) for k in ('JobId', 'JobState', 'ExitCode', 'Restarts', 'Reason')} for r in job_records(job)]}"]
+    fields = ("JobId", "JobState", "ExitCode", "Restarts", "Reason")
+    parts = [f"records: {[{k: r.get(k) for k in fields} for r in job_records(job)]}"]
     for p in logs or []:
         for f in sorted(Path(p).parent.glob(Path(p).name)) if any(c in str(p) for c in "*?") else [Path(p)]:
             text = f.read_text(errors="replace") if f.exists() else "(missing)"

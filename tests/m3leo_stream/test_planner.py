@@ -7,8 +7,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from m3leo_stream.planner import (PAD_FLAG, PlanError, build_catalog, plan_eval, plan_train_epoch, region_quotas,
-                                  train_order)
+from m3leo_stream.planner import (
+    PAD_FLAG,
+    PlanError,
+    build_catalog,
+    plan_eval,
+    plan_train_epoch,
+    region_quotas,
+    train_order,
+)
 
 
 def make_index(sizes: dict[tuple[str, str], int], missing_every: int = 0) -> dict[str, np.ndarray]:

@@ -23,7 +23,8 @@ def _modality(name: str, src, kind: str) -> Modality:
 
 def test_real_s1_s2_chip_round_trip_through_the_writer(real_data, tmp_path):
     arrays, mods = {}, {}
-    for name, fname, kind in (("s1", "Spain_7370579_S1Hand.tif", "sar_db"), ("s2", "Spain_7370579_S2Hand.tif", "optical")):
+    for name, fname, kind in (("s1", "Spain_7370579_S1Hand.tif", "sar_db"),
+                              ("s2", "Spain_7370579_S2Hand.tif", "optical")):
         path = real_data / "sen1floods11" / fname
         with rasterio.open(path) as src:
             m = _modality(name, src, kind)

@@ -33,7 +33,8 @@ def _overrides(root: Path, run: Path) -> list[str]:
     return [
         "experiment=demo", f"data.root={root}", "trainer.accelerator=cpu", "trainer.strategy=ddp",
         f"trainer.max_steps={MAX_STEPS}", "trainer.max_epochs=-1", f"data.batch_size={BATCH}", "data.num_workers=1",
-        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=2", "save_encoder=false", f"run_dir={run}", f"record_keys_dir={run / 'keys'}",
+        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=2", "save_encoder=false", f"run_dir={run}",
+        f"record_keys_dir={run / 'keys'}",
     ]
 
 
@@ -171,7 +172,8 @@ def test_finetune_from_environment_variables(slurm, tmp_path, tiny_shards):
     job = ss.sbatch(["--nodes=2", "--ntasks-per-node=1", *CPU_JOB, str(ss.REPO / "slurm" / "finetune.sh"),
                      "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.max_steps=4", "data.batch_size=1",
                      "data.num_workers=1", "transforms.grid.size=64", "model.width=8", "model.depth=2",
-                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.check_val_every_n_epoch=1"],
+                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+                     "trainer.check_val_every_n_epoch=1"],
                     cwd=tmp_path, env=env)
     log = tmp_path / "logs" / f"m3leo-finetune-{job}.out"
     ss.assert_completed(ss.wait_job(job, timeout=240, logs=[log]), job, [log])
