@@ -11,6 +11,8 @@ world size that divides the global batch.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import time
 import warnings
@@ -28,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
 from .gpu_transforms import bands_needed, build_device_transforms
-from .index import IndexArrays, load_index
+from .index import IndexArrays, load_index, node_arrays
 from .modalities import Registry
 from .planner import (
     PLANNER_VERSION,
@@ -53,6 +55,11 @@ DEFAULT_READAHEAD_BYTES = 4 * 2**30
 own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
 (s1grd + s2rgbm) it is ~310 samples: all ``num_workers × prefetch_factor`` batches at small batch sizes, one batch of
 256."""
+
+
+def _digest(facts: Mapping[str, Any]) -> str:
+    """A short name fingerprinting JSON-able ``facts``."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -466,11 +473,20 @@ class M3LEODataModule(pl.LightningDataModule):
         """Eligible samples of ``split`` (train/val/test, mapped through ``splits``)."""
         self.setup()
         if split not in self._catalogs:
-            assert self._table is not None
-            cat = build_catalog(self._table, self.splits[split], self.region_names, self.requested, self.regions,
-                                region_codes=self._index.region, optional=self.optional,
-                                min_present=self.min_inputs_present, present_of=self.inputs,
-                                split_names=self._index.split_names)
+            assert self._table is not None and self._index is not None
+            table, index = self._table, self._index
+
+            def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                c = build_catalog(table, self.splits[split], self.region_names, self.requested, self.regions,
+                                  region_codes=index.region, optional=self.optional,
+                                  min_present=self.min_inputs_present, present_of=self.inputs,
+                                  split_names=index.split_names)
+                return ({"rows": c.rows, "region": c.region, "shard": c.shard},
+                        {"region_names": c.region_names, "excluded": c.excluded, "presence": c.presence})
+
+            arrays, facts = node_arrays(index, f"catalog-{_digest(self._catalog_choice(split))}", build)
+            cat = Catalog(split=self.splits[split], region_names=tuple(facts["region_names"]), **arrays,
+                          excluded=facts["excluded"], presence=facts["presence"])
             self._catalogs[split] = cat
             log.info("%s: %d samples; per region, samples having each modality (optional: %s): %s", split, len(cat),
                      self.optional or "none", "; ".join(
@@ -494,7 +510,9 @@ class M3LEODataModule(pl.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------------------------
     def _dataset(self, cat: Catalog) -> ShardDataset:
         assert self._index is not None
-        subs = {r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
+        # substitution candidates are a copy of the split's rows in every worker: made only where they are used
+        subs = ({r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
+                if self.reader_config.on_unreadable == "substitute" else {})
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
@@ -593,6 +611,11 @@ class M3LEODataModule(pl.LightningDataModule):
             feed=feed, plan_ahead=ahead,
         )
 
+    def _catalog_choice(self, split: str) -> dict[str, Any]:
+        """What the catalogue of ``split`` depends on besides the index."""
+        return {"split": self.splits[split], "regions": self.regions, "modalities": self.requested,
+                "optional": self.optional, "min_present": self.min_inputs_present, "present_of": self.inputs}
+
     def _check_equal_lengths(self, n: int, split: str) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             lengths = [None] * torch.distributed.get_world_size()
@@ -606,15 +629,28 @@ class M3LEODataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         gb = self.batch_size * world
 
-        def plan(epoch: int) -> EpochPlan:
-            return plan_train_epoch(cat, seed=self.seed, epoch=epoch, global_batch=gb,
-                                    region_weights=self.region_weights, samples_per_epoch=self.samples_per_epoch,
-                                    shuffle_shards=self.shuffle_shards)
-
         fingerprint = {"planner": PLANNER_VERSION, "split": "train", "seed": self.seed, "global_batch": gb,
                        "samples": len(cat), "region_weights": self.region_weights,
                        "samples_per_epoch": self.samples_per_epoch, "shuffle_shards": self.shuffle_shards,
                        "policy": self.policy}
+        name = f"plan-{_digest({**fingerprint, 'catalog': self._catalog_choice('train')})}"
+
+        def plan(epoch: int) -> EpochPlan:
+            """The epoch's plan, computed by one process of the node and mapped by the others (all ranks plan the
+            same global order); the plans of epochs before the previous one are removed as this one is made."""
+            def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                p = plan_train_epoch(cat, seed=self.seed, epoch=epoch, global_batch=gb,
+                                     region_weights=self.region_weights, samples_per_epoch=self.samples_per_epoch,
+                                     shuffle_shards=self.shuffle_shards)
+                return {"refs": p.refs}, {}
+
+            def stale(other: str) -> bool:
+                head, _, e = other.rpartition("-e")
+                return head == name and e.isdigit() and int(e) < epoch - 1
+
+            assert self._index is not None
+            arrays, _ = node_arrays(self._index, f"{name}-e{epoch}", build, drop=stale)
+            return EpochPlan(arrays["refs"], gb)
         trainer = getattr(self, "trainer", None)
         # Lightning creates the iterator before calling set_epoch: start at the trainer's epoch already
         epoch = int(trainer.current_epoch) if trainer is not None else 0
@@ -633,7 +669,11 @@ class M3LEODataModule(pl.LightningDataModule):
     def _eval_dataloader(self, split: str) -> M3LEOLoader:
         cat = self.catalog(split)
         rank, world = self._rank_world()
-        plan = plan_eval(cat, global_batch=self.eval_batch_size * world)
+        gb = self.eval_batch_size * world
+        assert self._index is not None
+        arrays, _ = node_arrays(self._index, f"eval-{_digest({**self._catalog_choice(split), 'global_batch': gb})}",
+                                lambda: ({"refs": plan_eval(cat, global_batch=gb).refs}, {}))
+        plan = EpochPlan(arrays["refs"], gb)
         sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
         self._check_equal_lengths(plan.num_batches, split)
         return self._loader(self._dataset(cat), sampler, train=False, batch_size=self.eval_batch_size)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -236,14 +236,8 @@ def load_index(root: Any, modalities: Sequence[str], *, checksums: bool, chunks:
     final = base / fingerprint
     shard_bytes = {s["path"]: int(s["bytes"]) for s in manifest["shards"]}
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        with open(base / f"{fingerprint}.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # held while one process builds; the others then find it built
-            if not (final / META).exists():
-                for old in base.glob(f"{fingerprint}.tmp-*"):  # a process killed while building
-                    shutil.rmtree(old, ignore_errors=True)
-                _build(root, columns, modalities, split_names, shard_bytes, final)
-                _forget_unused(base, keep=final)
+        if _publish_once(final, lambda tmp: _build(root, columns, modalities, split_names, shard_bytes, tmp)):
+            _forget_unused(base, keep=final)
     except OSError as e:
         log.warning("%s: cannot keep the index in %s (%s); holding it in memory", root.url, base, e)
         table = root.read_index(columns=columns)
@@ -252,16 +246,34 @@ def load_index(root: Any, modalities: Sequence[str], *, checksums: bool, chunks:
     return open_index(str(final))
 
 
+def _publish_once(final: Path, build: Callable[[Path], None]) -> bool:
+    """Make the directory ``final`` exist once per node: under a lock beside it, the first process to ask builds it
+    into an empty temporary sibling (``build`` writes :data:`META` last) and renames that into place; the others wait
+    and find it. Whether this process built it; ``OSError`` where the directory cannot be written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f"{final.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while one process builds; the others then find it built
+        if (final / META).exists():
+            return False
+        for old in final.parent.glob(f"{final.name}.tmp-*"):  # a process killed while building
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        build(tmp)
+        if final.exists():  # an unfinished directory without META: replaced
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return True
+
+
 def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names: Sequence[str],
-           shard_bytes: Mapping[str, int], final: Path) -> None:
-    """Convert ``index.parquet`` row group by row group into ``.npy`` files under a temporary name, then publish."""
+           shard_bytes: Mapping[str, int], tmp: Path) -> None:
+    """Convert ``index.parquet`` row group by row group into ``.npy`` files in ``tmp``."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     t = time.perf_counter()
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     with root.fs.open(root.file(sf.INDEX), "rb") as f:
         pf = pq.ParquetFile(f)
         n = pf.metadata.num_rows
@@ -280,9 +292,8 @@ def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names
     np.save(tmp / "shard_bytes.npy", np.array([shard_bytes[s] for s in spec.shard_names], dtype=np.int64))
     meta = {"spec": {f.name: getattr(spec, f.name) for f in fields(spec)}, "rows": n, "url": root.url}
     (tmp / META).write_text(json.dumps(meta))
-    os.rename(tmp, final)
     pa.default_memory_pool().release_unused()  # what pyarrow's allocator kept from reading is given back
-    log.info("%s: index of %d samples converted to %s in %.1f s", root.url, n, final, time.perf_counter() - t)
+    log.info("%s: index of %d samples converted in %.1f s", root.url, n, time.perf_counter() - t)
 
 
 UNUSED_S = 30 * 86400  # index directories not opened for this long are removed when another is built
@@ -311,6 +322,39 @@ def _write_arrays(pf: Any, columns: list[str], spec: _Spec, n: int, tmp: Path) -
     finally:
         for fh in files.values():
             fh.close()
+
+
+def node_arrays(index: IndexArrays, name: str, build: Callable[[], tuple[Mapping[str, np.ndarray], dict[str, Any]]],
+                drop: Callable[[str], bool] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays derived from ``index`` (and JSON-able facts about them), computed once per node: the first process to
+    ask runs ``build`` and publishes its result as ``.npy`` files in ``<index directory>/derived/<name>/``, and every
+    process maps those, so a node holds them once, in its page cache. ``name`` must fingerprint whatever the result
+    depends on besides the index. ``drop``: the names of other derived directories the builder removes (e.g. the
+    plans of past epochs; a process still mapping one keeps its pages). Built in memory when the index is not
+    mapped or the directory cannot be written."""
+    if index.source is None:
+        arrays, facts = build()
+        return dict(arrays), facts
+    final = Path(index.source) / "derived" / name
+
+    def write(tmp: Path) -> None:
+        arrays, facts = build()
+        for k, v in arrays.items():
+            np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
+        (tmp / META).write_text(json.dumps({"arrays": list(arrays), "facts": facts}))
+        if drop is not None:
+            for d in final.parent.iterdir():
+                if d.is_dir() and d.name != name and "." not in d.name and drop(d.name):
+                    shutil.rmtree(d, ignore_errors=True)
+
+    try:
+        _publish_once(final, write)
+        meta = json.loads((final / META).read_text())
+        return {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}, meta["facts"]
+    except OSError as e:
+        log.warning("cannot keep %s in %s (%s); holding it in memory", name, final.parent, e)
+        arrays, facts = build()
+        return dict(arrays), facts
 
 
 def open_index(path: str) -> IndexArrays:

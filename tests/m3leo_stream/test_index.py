@@ -123,3 +123,48 @@ def test_open_index_refuses_files_of_another_length(uneven_shards, tmp_path):
     np.save(Path(ix.source) / "lon.npy", np.zeros(3))
     with pytest.raises(ValueError, match=r"\['lon'\] do not hold"):
         open_index(ix.source)
+
+
+PLANNING_RANK = """
+import json, sys
+from m3leo_stream.datamodule import M3LEODataModule
+dm = M3LEODataModule(sys.argv[1], inputs=["modisveg"], targets=["esawc"], batch_size=2, seed=0, cache_dir=sys.argv[2])
+dm.setup("fit")
+sampler = dm.train_dataloader().batch_sampler
+plans = [sampler.plan_for(e).refs for e in range(3)]
+print(json.dumps({"mapped": [type(p).__name__ for p in plans], "refs": [p.tolist() for p in plans],
+                  "rows": dm.catalog("train").rows.tolist()}))
+"""
+
+
+def test_ranks_of_a_node_share_one_catalogue_and_one_plan_per_epoch(uneven_shards, tmp_path):
+    """The catalogue and each epoch's plan are computed by one process and mapped by the others; the plans of epochs
+    before the previous one are removed as a new one is made; the mapped plan equals the planner's."""
+    from m3leo_stream.datamodule import M3LEODataModule
+    from m3leo_stream.planner import plan_train_epoch
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", PLANNING_RANK, str(uneven_shards), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    results = [eval(o.replace("true", "True").replace("false", "False")) for o in outs]
+    assert all(r == results[0] for r in results) and results[0]["mapped"] == ["memmap"] * 3
+    derived = next((tmp_path / "index").glob("*/derived"))
+    here = M3LEODataModule(str(uneven_shards), inputs=["modisveg"], targets=["esawc"], batch_size=2, seed=0,
+                           cache_dir=str(tmp_path))
+    here.setup("fit")
+    sampler = here.train_dataloader().batch_sampler
+    assert sampler.plan_for(5).refs.tolist() == plan_train_epoch(here.catalog("train"), seed=0, epoch=5,
+                                                                 global_batch=2).refs.tolist()
+    sampler._ahead[1].result()  # epoch 6, planned ahead, removed the plans of epochs before 5
+    names = sorted(p.name for p in derived.iterdir() if p.is_dir())
+    assert len([n for n in names if n.startswith("catalog-")]) == 1
+    assert sorted(n.rsplit("-e", 1)[1] for n in names if n.startswith("plan-")) == ["5", "6"], names
+    dm = M3LEODataModule(str(uneven_shards), inputs=["modisveg"], targets=["esawc"], batch_size=2, seed=0,
+                         cache_dir=str(tmp_path / "elsewhere"))
+    dm.setup("fit")
+    cat = dm.catalog("train")
+    assert cat.rows.tolist() == results[0]["rows"]
+    for e in range(3):
+        assert plan_train_epoch(cat, seed=0, epoch=e, global_batch=2).refs.tolist() == results[0]["refs"][e]
