@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -166,10 +165,22 @@ def vv_vh_pairs(bands: Sequence[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-def _nan_reduce(stack: np.ndarray, how: Literal["mean", "median"]) -> np.ndarray:
-    with warnings.catch_warnings():  # pixels without any valid entry stay NaN, which is what is wanted
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(stack, axis=0) if how == "median" else np.nanmean(stack, axis=0)
+def _nan_mean(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of the finite entries; NaN where there is none."""
+    ok = np.isfinite(stack)
+    n = ok.sum(axis=0)
+    total = np.where(ok, stack, 0).sum(axis=0)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+
+
+def _nan_median(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of the finite entries; NaN where there is none (a sort: several times np.nanmedian's
+    speed on a chip's twelve months)."""
+    n = np.isfinite(stack).sum(axis=0)
+    ordered = np.sort(np.where(np.isfinite(stack), stack, np.inf), axis=0)  # the finite ones first
+    lo = np.take_along_axis(ordered, (np.maximum(n - 1, 0) // 2)[None], axis=0)[0]
+    hi = np.take_along_axis(ordered, np.minimum(n // 2, len(stack) - 1)[None], axis=0)[0]
+    return np.where(n > 0, (lo + hi) / 2, np.nan).astype(np.float32)
 
 
 def _true_colour(m: Modality, phys: np.ndarray, bands: Sequence[str]) -> np.ndarray | None:
@@ -179,7 +190,7 @@ def _true_colour(m: Modality, phys: np.ndarray, bands: Sequence[str]) -> np.ndar
         return None
     stack = np.stack([phys[t] for t in triples])  # (T, 3, H, W)
     stack[~np.isfinite(stack).all(axis=1, keepdims=True).repeat(3, axis=1)] = np.nan  # a triple shows all or nothing
-    rgb = _nan_reduce(stack, "median").transpose(1, 2, 0)
+    rgb = _nan_median(stack).transpose(1, 2, 0)
     lo, hi = stretch_range(rgb, m.display.value_range)  # one range for the three: keeps the colour balance
     return _paint(_to_uint8(rgb, lo, hi), ~np.isfinite(rgb).all(-1), NODATA_RGB)
 
@@ -192,7 +203,7 @@ def _false_colour(m: Modality, phys: np.ndarray, bands: Sequence[str]) -> np.nda
     vh = phys[[b for _, b in pairs]]
     both = np.isfinite(vv) & np.isfinite(vh)
     vv, vh = np.where(both, vv, np.nan), np.where(both, vh, np.nan)
-    vv_mean, vh_mean = _nan_reduce(vv, "mean"), _nan_reduce(vh, "mean")
+    vv_mean, vh_mean = _nan_mean(vv), _nan_mean(vh)
     channels = [vv_mean, vh_mean, vv_mean - vh_mean]
     img = np.stack([_to_uint8(c, *stretch_range(c, None)) for c in channels], -1)
     return _paint(img, ~np.isfinite(vv_mean), NODATA_RGB)
