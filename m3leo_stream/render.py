@@ -4,8 +4,8 @@ What to draw comes from each modality's :class:`~m3leo_stream.modalities.Display
 triples (S2), SAR false colour (R = VV, G = VH, B = VV - VH, dB), class codes in their palette (ESA WorldCover),
 any other band through a colormap. Pixels without data are drawn in :data:`NODATA_RGB`, special values (e.g. MODIS
 water) in :data:`SPECIAL_RGB`. Arrays are ``(bands, H, W)`` numpy arrays in stored units (as in the shards) or in
-physical units (stored × scale, e.g. transformed inputs mapped back); ``bands`` names their channels when they are not
-all of the modality's, in storage order.
+physical units (stored × scale, e.g. transformed inputs mapped back); ``bands`` names their channels (default: all
+the modality's bands, in storage order).
 
 This module depends on the registry, numpy and matplotlib only (matplotlib's object API, no pyplot: figures are
 not registered with a GUI and are freed with their last reference).
@@ -36,7 +36,7 @@ __all__ = ["NODATA_RGB", "SPECIAL_RGB", "Units", "chip_figure", "chip_png", "cla
 Units = Literal["stored", "physical"]
 
 NODATA_RGB = (255, 0, 255)
-"""Colour of pixels without data (magenta: no modality's picture uses it)."""
+"""Colour of pixels without data (magenta: no palette or colormap of the registry draws it)."""
 SPECIAL_RGB = (96, 96, 96)
 """Colour of a modality's special values (``Modality.special_values``, e.g. MODIS tree cover's water)."""
 

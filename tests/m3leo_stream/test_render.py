@@ -182,3 +182,18 @@ def test_training_panels_draw_land_cover_predictions_in_its_palette():
     palette = render.class_palette(m)
     assert (label == render.upsample(palette[y[0].numpy()], 256)).all()
     _visible(panels["s2rgbm"][0][1])
+
+
+@pytest.mark.parametrize("months", [1, 2, 3, 12])
+def test_nan_aware_median_and_mean_agree_with_numpy(months):
+    import warnings
+
+    rng = np.random.default_rng(months)
+    a = rng.normal(size=(months, 3, 20, 20)).astype(np.float32)
+    a[rng.random(a.shape) < 0.5] = np.nan
+    with warnings.catch_warnings():  # numpy warns of the all-NaN pixels, which stay NaN in both
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median, mean = np.nanmedian(a, axis=0), np.nanmean(a, axis=0)
+    assert np.isnan(median).any() or months > 3
+    np.testing.assert_allclose(render._nan_median(a), median, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(render._nan_mean(a), mean, rtol=1e-5, atol=1e-6, equal_nan=True)
