@@ -253,8 +253,9 @@ class ImagePanels(pl.Callback):
                 tiles, what = [first], ["input"]
                 for kind, label in (("masked", "masked"), ("recon", "reconstruction")):
                     t = extra.get(f"{kind}/{mod}")
-                    if t is not None:
-                        tiles.append(draw(m, phys(mod, t[i:i + 1])[0]))
+                    tile = draw(m, phys(mod, t[i:i + 1])[0]) if t is not None else None
+                    if tile is not None:
+                        tiles.append(tile)
                         what.append(label)
                 rows.append((f"{keys[i]}: " + " | ".join(what), np.concatenate(tiles, 1)))
             if rows:
@@ -280,7 +281,7 @@ class ImagePanels(pl.Callback):
             else:
                 k = int(getattr(pl_module, "num_classes", int(pred.max()) + 1))
                 fits = target is not None and target.is_categorical and len(target.class_codes) == k
-                palette = render.class_palette(target if fits else k)
+                palette = render.class_palette(target) if target is not None and fits else render.class_palette(k)
                 tiles = [render.classes_rgb(p, palette), render.classes_rgb(y, palette)]
             rows.append((f"{keys[i]}: prediction | label",
                          np.concatenate([render.upsample(t, self.size) for t in tiles], 1)))

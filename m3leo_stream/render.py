@@ -265,6 +265,10 @@ def _caption(m: Modality, bands: Sequence[str]) -> str:
     return f"{m.name}: {names[i]}" + (f" [{unit}]" if unit not in ("", "1") else "") + f"\n{span}, {m.display.colormap}"
 
 
+def _hex(rgb: Sequence[int] | np.ndarray) -> str:
+    return "#" + "".join(f"{int(v):02x}" for v in rgb)
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = n if n <= 4 else math.ceil(math.sqrt(n))
     return math.ceil(n / cols), cols
@@ -292,7 +296,8 @@ def chip_figure(chip: Mapping[str, Any], modalities: Registry | Mapping[str, Mod
     rows, cols = _grid(len(shown))
     title = TITLE_PX if show_titles else 0
     top = 30 if suptitle else 0
-    pictures, legend = [], {}
+    pictures: list[tuple[Modality, np.ndarray]] = []
+    legend: dict[str, str] = {}  # label: #rrggbb
     for n in shown:
         m = modalities[n]
         arr = np.asarray(chip[n])
@@ -303,11 +308,11 @@ def chip_figure(chip: Mapping[str, Any], modalities: Registry | Mapping[str, Mod
             pal = class_palette(m)
             for k in np.unique(idx[idx >= 0]):
                 label = m.class_names[k] if m.class_names else str(m.class_codes[k])
-                legend.setdefault(label, tuple(pal[k] / 255))
+                legend.setdefault(label, _hex(pal[k]))
         if (img == NODATA_RGB).all(-1).any():
-            legend.setdefault("no data", tuple(np.array(NODATA_RGB) / 255))
+            legend.setdefault("no data", _hex(NODATA_RGB))
         if (img == SPECIAL_RGB).all(-1).any() and m.special_values:
-            legend.setdefault(" / ".join(m.special_values.values()), tuple(np.array(SPECIAL_RGB) / 255))
+            legend.setdefault(" / ".join(m.special_values.values()), _hex(SPECIAL_RGB))
     width = cols * (size + 2 * PAD_PX)
     per_row = max(1, width // 170)
     legend_px = (math.ceil(len(legend) / per_row) * 18 + 8) if legend else 0
