@@ -564,7 +564,7 @@ BUILTIN: tuple[Modality, ...] = (
         bands=("elevation", "slope"),
         file_band_names=("elevation", "slope"),
         units=("m", "deg"),
-        display=Display(colormap="terrain"),
+        display=Display(colormap="cividis"),  # not "terrain": its low end reads as sea
         dtype="int16",
         kind="continuous",
         nodata=-32768,
