@@ -299,7 +299,15 @@ class Modality:
         if isinstance(kw.get("display"), Mapping):
             kw["display"] = Display.from_json(kw["display"])
         kw["resolution_m"] = float(kw["resolution_m"])
-        return cls(**kw)
+        m = cls(**kw)
+        if "display" not in kw:  # an entry that states no display facts is drawn as the built-in of its name
+            builtin = next((b for b in BUILTIN if b.name == m.name), None)
+            if builtin is not None and builtin.display != m.display:
+                try:
+                    return dataclasses.replace(m, display=builtin.display)
+                except ValueError:  # the built-in's facts do not fit this entry's bands or classes
+                    pass
+        return m
 
 
 def _json_number(x: float | int | None) -> float | int | str | None:

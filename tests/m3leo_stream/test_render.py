@@ -110,6 +110,11 @@ def test_display_facts_are_checked_and_travel_with_the_manifest(tmp_path):
     for name in REGISTRY:
         assert again[name].display == REGISTRY[name].display, name
     assert REGISTRY["s2rgbm"].display.rgb_bands[6] == ("07_red", "07_green", "07_blue")
+    bare = {k: v for k, v in REGISTRY["s2rgbm"].to_json().items() if k != "display"}  # a manifest without them
+    assert Modality.from_json(bare).display == REGISTRY["s2rgbm"].display
+    one_month = {k: v for k, v in bare.items() if k not in ("band_kinds", "units", "scale", "file_band_names")}
+    one_month["bands"] = ["07_red", "07_green", "07_blue"]  # the built-in's twelve triples do not fit
+    assert Modality.from_json(one_month).display == Display()
     base = REGISTRY["esawc"].to_json()
     with pytest.raises(ValueError, match="palette has 2 colours for 11 class codes"):
         Modality.from_json({**base, "display": {"palette": ["#000000", "#ffffff"]}})
