@@ -7,17 +7,19 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from m3leo_stream import render
+from m3leo_stream.modalities import REGISTRY, Modality, Registry
+
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed", "class_colours", "false_colour_s1",
-           "rgb_s2"]
+__all__ = ["LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed"]
 
 
 class TrainingSpeed(pl.Callback):
@@ -170,96 +172,17 @@ class KeyRecorder(pl.Callback):
 
 # --- image panels ----------------------------------------------------------------------------------------------
 
-_WORLDCOVER_RGB = [(0, 100, 0), (255, 187, 34), (255, 255, 76), (240, 150, 255), (250, 0, 0), (180, 180, 180),
-                   (240, 240, 240), (0, 100, 200), (0, 150, 160), (0, 207, 117), (250, 230, 160)]
-
-
-def class_colours(k: int) -> np.ndarray:
-    """(K, 3) uint8 colours: the ESA WorldCover legend for 11 classes, a fixed random palette otherwise."""
-    if k == len(_WORLDCOVER_RGB):
-        return np.array(_WORLDCOVER_RGB, dtype=np.uint8)
-    rng = np.random.default_rng(0)
-    return rng.integers(40, 255, size=(k, 3), dtype=np.uint8)
-
-
-def _stretch(x: np.ndarray) -> np.ndarray:
-    """(H, W, C) float → uint8 by a 2–98 % percentile stretch per channel (NaN → 0)."""
-    out = np.zeros(x.shape, dtype=np.uint8)
-    for c in range(x.shape[-1]):
-        ch = x[..., c]
-        ok = np.isfinite(ch)
-        if not ok.any():
-            continue
-        lo, hi = np.percentile(ch[ok], [2, 98])
-        out[..., c] = (np.clip((np.nan_to_num(ch, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-    return out
-
-
-def _pick(names: Sequence[str], suffixes: Sequence[str]) -> list[int] | None:
-    """Indices of one channel per suffix sharing the same prefix (the middle such prefix, e.g. a summer month)."""
-    groups: dict[str, dict[str, int]] = {}
-    for i, n in enumerate(names):
-        for s in suffixes:
-            if n.endswith(s):
-                groups.setdefault(n[: -len(s)], {})[s] = i
-    full = [g for g in groups.values() if len(g) == len(suffixes)]
-    if not full:
-        return None
-    g = full[len(full) // 2]
-    return [g[s] for s in suffixes]
-
-
-def rgb_s2(x: torch.Tensor, names: Sequence[str]) -> np.ndarray | None:
-    """(C, H, W) S2 channels → (H, W, 3) uint8 true colour."""
-    idx = _pick(names, ("_red", "_green", "_blue")) if names else None
-    if idx is None:
-        idx = [0, 1, 2] if x.shape[0] >= 3 else None
-    if idx is None:
-        return None
-    return _stretch(x[idx].permute(1, 2, 0).float().cpu().numpy())
-
-
-def false_colour_s1(x: torch.Tensor, names: Sequence[str]) -> np.ndarray | None:
-    """(C, H, W) S1 dB channels → (H, W, 3) uint8: R = VV, G = VH, B = VV − VH."""
-    pair = None
-    for i, n in enumerate(names or []):
-        if "_vv_" in n or n.endswith("_vv"):
-            partner = n.replace("_vv", "_vh")
-            if partner in names:
-                pair = (i, list(names).index(partner))
-                break
-    if pair is None:
-        if x.shape[0] < 2:
-            return None
-        pair = (0, 1)
-    vv, vh = x[pair[0]].float(), x[pair[1]].float()
-    return _stretch(torch.stack([vv, vh, vv - vh], -1).cpu().numpy())
-
-
-def _classes(y: torch.Tensor, k: int) -> np.ndarray:
-    pal = class_colours(k)
-    a = y.cpu().numpy()
-    img = np.zeros(a.shape + (3,), dtype=np.uint8)
-    ok = (a >= 0) & (a < k)
-    img[ok] = pal[a[ok]]
-    return img
-
-
-def _upsample(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[0] == size:
-        return img
-    rep = max(1, int(round(size / img.shape[0])))
-    return np.repeat(np.repeat(img, rep, 0), rep, 1)
-
 
 class ImagePanels(pl.Callback):
     """Every ``every_n_steps`` training steps, log up to ``max_images`` panels of the current (transformed) batch
-    to W&B: S2 RGB, S1 false colour (inputs in physical units via the transforms' ``denormalize``), and the task's
-    reconstruction or prediction next to the label. Needs a WandbLogger; does nothing otherwise."""
+    to W&B, ``size`` pixels high: each input as :func:`m3leo_stream.render.picture` draws it (in physical units via
+    the transforms' ``denormalize``) next to the task's masked input and reconstruction, or the prediction next to
+    the label in the target's palette or colormap. Needs a WandbLogger; does nothing otherwise."""
 
-    def __init__(self, every_n_steps: int = 500, max_images: int = 4):
+    def __init__(self, every_n_steps: int = 500, max_images: int = 4, size: int = 256):
         self.every = max(1, int(every_n_steps))
         self.max_images = int(max_images)
+        self.size = int(size)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every or trainer.global_rank != 0:
@@ -270,7 +193,7 @@ class ImagePanels(pl.Callback):
         if not loggers or not isinstance(batch, Mapping):
             return
         try:
-            panels = self.panels(pl_module, batch)
+            panels = self.panels(pl_module, batch, getattr(trainer.datamodule, "modalities", None))
         except Exception as err:  # noqa: BLE001 - a drawing problem must never stop training
             log.warning("image panels failed: %s", err)
             return
@@ -284,7 +207,11 @@ class ImagePanels(pl.Callback):
             except Exception as err:  # noqa: BLE001 - e.g. pillow missing; never stop training for a picture
                 log.warning("image panels not logged: %s", err)
 
-    def panels(self, pl_module, batch: Mapping[str, Any]) -> dict[str, list[tuple[str, np.ndarray]]]:
+    def panels(self, pl_module, batch: Mapping[str, Any],
+               modalities: Registry | Mapping[str, Modality] | None = None) -> dict[str, list[tuple[str, np.ndarray]]]:
+        """``{panel name: [(caption, (size, k * size, 3) uint8 image)]}`` for the first ``max_images`` samples;
+        ``modalities``: the data's registry (default: the built-in one)."""
+        mods = REGISTRY if modalities is None else modalities
         n = min(self.max_images, int(batch[pl_module.inputs[0]].shape[0]))
         sub = {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] >= n else v)
                for k, v in batch.items()}
@@ -299,48 +226,63 @@ class ImagePanels(pl.Callback):
         keys = list(batch.get("key", [str(i) for i in range(n)]))[:n]
         out: dict[str, list[tuple[str, np.ndarray]]] = {}
 
-        def phys(mod: str, x: torch.Tensor) -> torch.Tensor:
-            if denorm is None:
-                return x
-            try:
-                return denorm(mod, x)
-            except Exception:  # noqa: BLE001 - e.g. a reconstruction of a modality the transforms do not know
-                return x
+        def phys(mod: str, x: torch.Tensor) -> np.ndarray:  # (B, C, H, W) in physical units
+            if denorm is not None:
+                try:
+                    x = denorm(mod, x)
+                except Exception:  # noqa: BLE001 - e.g. a reconstruction of a modality the transforms do not know
+                    pass
+            return x.float().cpu().numpy()
+
+        def draw(m: Modality, x: np.ndarray) -> np.ndarray | None:
+            channels = names.get(m.name) or list(m.bands)[:x.shape[0]]
+            known = [i for i, c in enumerate(channels) if c in m.bands]  # derived channels (ratios, sin/cos) aside
+            if not known:
+                return None
+            return render.upsample(render.picture(m, x[known], [channels[i] for i in known], "physical"), self.size)
 
         for mod in pl_module.inputs:
-            x = sub[mod]
-            draw = rgb_s2 if mod.startswith("s2") else false_colour_s1 if mod.startswith("s1") else None
-            if draw is None:
+            if mod not in mods:
                 continue
+            m = mods[mod]
             rows = []
             for i in range(n):
-                tiles = [draw(phys(mod, x[i:i + 1])[0], names.get(mod, []))]
-                for kind in ("masked", "recon"):
+                first = draw(m, phys(mod, sub[mod][i:i + 1])[0])
+                if first is None:  # no stored band among the channels (one-hot classes)
+                    break
+                tiles, what = [first], ["input"]
+                for kind, label in (("masked", "masked"), ("recon", "reconstruction")):
                     t = extra.get(f"{kind}/{mod}")
-                    if t is not None:
-                        tiles.append(draw(phys(mod, t[i:i + 1])[0], names.get(mod, [])))
-                tiles = [t for t in tiles if t is not None]
-                if tiles:
-                    rows.append((f"{keys[i]}: " + (" | ".join(["input", "masked", "reconstruction"][:len(tiles)])),
-                                 np.concatenate([_upsample(t, tiles[0].shape[0]) for t in tiles], 1)))
+                    tile = draw(m, phys(mod, t[i:i + 1])[0]) if t is not None else None
+                    if tile is not None:
+                        tiles.append(tile)
+                        what.append(label)
+                rows.append((f"{keys[i]}: " + " | ".join(what), np.concatenate(tiles, 1)))
             if rows:
                 out[mod] = rows
         if "pred" in extra and "label" in extra:
-            pred, label = extra["pred"], extra["label"]
-            rows = []
-            for i in range(n):
-                if pred.is_floating_point():
-                    both = torch.stack([pred[i], label[i]], -1).float().cpu().numpy()
-                    lo, hi = np.nanpercentile(both, [2, 98]) if np.isfinite(both).any() else (0.0, 1.0)
-                    tiles = [np.repeat(_stretch_fixed(t, lo, hi)[..., None], 3, -1) for t in (both[..., 0],
-                                                                                               both[..., 1])]
-                else:
-                    k = int(getattr(pl_module, "num_classes", int(pred.max()) + 1))
-                    tiles = [_classes(pred[i], k), _classes(label[i], k)]
-                rows.append((f"{keys[i]}: prediction | label", np.concatenate(tiles, 1)))
-            out["prediction"] = rows
+            out["prediction"] = self._prediction_rows(pl_module, extra["pred"], extra["label"], keys, n, mods)
         return out
 
-
-def _stretch_fixed(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return (np.clip((np.nan_to_num(a, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    def _prediction_rows(self, pl_module, pred: torch.Tensor, label: torch.Tensor, keys: list[str], n: int,
+                         mods: Registry | Mapping[str, Modality]) -> list[tuple[str, np.ndarray]]:
+        """Prediction | label per sample: class indices in the target's palette, values through its colormap
+        over one range for both."""
+        info = getattr(pl_module, "data_info", None)
+        target = mods.get(info.target) if info is not None and info.target else None
+        rows = []
+        for i in range(n):
+            p, y = pred[i].cpu().numpy(), label[i].float().cpu().numpy()
+            if pred.is_floating_point():
+                cmap = target.display.colormap if target is not None else "viridis"
+                both = np.stack([p.astype(np.float32), y])
+                lo_hi = render.stretch_range(both, target.display.value_range if target is not None else None)
+                tiles = [render.colormap_rgb(t, cmap, lo_hi) for t in both]
+            else:
+                k = int(getattr(pl_module, "num_classes", int(pred.max()) + 1))
+                fits = target is not None and target.is_categorical and len(target.class_codes) == k
+                palette = render.class_palette(target) if target is not None and fits else render.class_palette(k)
+                tiles = [render.classes_rgb(p, palette), render.classes_rgb(y, palette)]
+            rows.append((f"{keys[i]}: prediction | label",
+                         np.concatenate([render.upsample(t, self.size) for t in tiles], 1)))
+        return rows

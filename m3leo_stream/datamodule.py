@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -46,6 +46,9 @@ from .readahead import ReadAheadDataset
 from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough, read_in_part
 from .shard_root import ShardRoot
 from .storage import IOCounters
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -683,6 +686,32 @@ class M3LEODataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> M3LEOLoader:
         return self._eval_dataloader("test")
+
+    def plot(self, sample: str | Mapping[str, Any], show_titles: bool = True, suptitle: str | None = None,
+             modalities: Sequence[str] | None = None, size: int = 448) -> Figure:
+        """A matplotlib Figure of one chip, a panel per modality (TorchGeo's ``plot`` convention): true colour S2,
+        SAR false colour, land cover in its palette, other bands through a colormap, no data in magenta.
+
+        ``sample``: a key of this root (read directly, not through the loaders), or one raw sample as the dataset
+        yields it (``{modality: (bands, H, W)}`` in stored units, with ``bands`` naming the bands read).
+        ``modalities``: which to draw (default: the inputs and targets). Panels are ``size`` pixels square."""
+        from .modalities import BANDS_KEY
+        from .render import chip_figure
+
+        names = list(modalities or self.requested)
+        if isinstance(sample, str):
+            chip = self.shard_root.read_sample(sample, names)
+            if suptitle is None and show_titles:
+                suptitle = f"{sample} ({chip['region']}, {chip['split']})"
+            bands = None
+        else:
+            chip = {n: sample[n].numpy() if isinstance(sample[n], torch.Tensor) else np.asarray(sample[n])
+                    for n in names if n in sample}
+            if any(a.ndim != 3 for a in chip.values()):
+                raise ValueError("plot draws one sample of (bands, H, W) arrays (dataset[i]) or a key, not a batch")
+            bands = sample.get(BANDS_KEY)
+        return chip_figure(chip, self.modalities, names, bands=bands, size=size, show_titles=show_titles,
+                           suptitle=suptitle)
 
     # -- device side -------------------------------------------------------------------------------------------
     def device_transforms(self, train: bool) -> Any:

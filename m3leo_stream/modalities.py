@@ -89,6 +89,44 @@ class SourceEncoding:
 
 
 @dataclass(frozen=True)
+class Display:
+    """How a modality is drawn as a picture (:mod:`m3leo_stream.render`).
+
+    ``rgb_bands``: (red, green, blue) band triples for true colour; the picture is the per-pixel median of the
+    triples with data (S2: one triple per month, so cloud-masked months fill each other's gaps). ``palette``:
+    one ``#rrggbb`` colour per class code (categorical modalities). ``band``: the band a single-band picture shows
+    (default: the first), drawn through the matplotlib colormap ``colormap`` over ``value_range`` (physical units;
+    None: the chip's 2-98 % percentiles).
+    """
+
+    rgb_bands: tuple[tuple[str, str, str], ...] = ()
+    palette: tuple[str, ...] = ()
+    band: str | None = None
+    colormap: str = "viridis"
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for c in self.palette:
+            if not re.fullmatch(r"#[0-9a-fA-F]{6}", c):
+                raise ValueError(f"display palette colour {c!r} is not #rrggbb")
+        if any(len(t) != 3 for t in self.rgb_bands):
+            raise ValueError(f"display rgb_bands {self.rgb_bands!r}: each entry is a (red, green, blue) triple")
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"display value_range {self.value_range!r}: low must be below high")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Display:
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if "rgb_bands" in kw:
+            kw["rgb_bands"] = tuple(tuple(t) for t in kw["rgb_bands"] or ())
+        if "palette" in kw:
+            kw["palette"] = tuple(kw["palette"] or ())
+        if kw.get("value_range") is not None:
+            kw["value_range"] = tuple(float(v) for v in kw["value_range"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class Modality:
     """A modality of the registry.
 
@@ -120,6 +158,7 @@ class Modality:
     encodings: tuple[SourceEncoding, ...] = ()  # accepted source encodings besides the stored dtype as is
     unverified: tuple[str, ...] = ()
     user_declared: bool = False
+    display: Display = field(default_factory=Display)
 
     def __post_init__(self) -> None:
         n = len(self.bands)
@@ -151,6 +190,13 @@ class Modality:
             raise ValueError(f"modality {self.name!r}: categorical modalities need class_codes")
         if self.class_names and len(self.class_names) != len(self.class_codes):
             raise ValueError(f"modality {self.name!r}: class_names and class_codes differ in length")
+        shown = [b for t in self.display.rgb_bands for b in t] + ([self.display.band] if self.display.band else [])
+        unknown = sorted(set(shown) - set(self.bands))
+        if unknown:
+            raise ValueError(f"modality {self.name!r}: display names unknown bands {unknown}")
+        if self.display.palette and len(self.display.palette) != len(self.class_codes):
+            raise ValueError(f"modality {self.name!r}: display palette has {len(self.display.palette)} colours for "
+                             f"{len(self.class_codes)} class codes")
 
     @property
     def canonical_px(self) -> int:
@@ -250,8 +296,18 @@ class Modality:
             kw["encodings"] = tuple(SourceEncoding.from_json(e) for e in kw["encodings"] or ())
         if kw.get("nodata") == "nan":
             kw["nodata"] = float("nan")
+        if isinstance(kw.get("display"), Mapping):
+            kw["display"] = Display.from_json(kw["display"])
         kw["resolution_m"] = float(kw["resolution_m"])
-        return cls(**kw)
+        m = cls(**kw)
+        if "display" not in kw:  # an entry that states no display facts is drawn as the built-in of its name
+            builtin = next((b for b in BUILTIN if b.name == m.name), None)
+            if builtin is not None and builtin.display != m.display:
+                try:
+                    return dataclasses.replace(m, display=builtin.display)
+                except ValueError:  # the built-in's facts do not fit this entry's bands or classes
+                    pass
+        return m
 
 
 def _json_number(x: float | int | None) -> float | int | str | None:
@@ -339,6 +395,10 @@ _WORLDCOVER_NAMES = (
     "tree cover", "shrubland", "grassland", "cropland", "built-up", "bare / sparse vegetation",
     "snow and ice", "permanent water bodies", "herbaceous wetland", "mangroves", "moss and lichen",
 )
+_WORLDCOVER_PALETTE = (  # the ESA WorldCover product legend
+    "#006400", "#ffbb22", "#ffff4c", "#f096ff", "#fa0000", "#b4b4b4", "#f0f0f0", "#0064c8", "#0096a0", "#00cf75",
+    "#fae6a0",
+)
 
 BUILTIN: tuple[Modality, ...] = (
     Modality(
@@ -354,6 +414,7 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=-32768,
         resolution_m=10.0,
         encodings=(_S1_UINT16, _S1_INT16, _S1_UINT8, _S1_FLOAT32),
+        display=Display(colormap="gray"),
         description="Sentinel-1 GRD seasonal backscatter (sigma0, dB; 2023 exports: means truncated to whole dB), "
         "ascending and descending orbits; stored in 0.01 dB.",
         source="Google Earth Engine COPERNICUS/S1_GRD, seasonal means (M3LEO s1grd-YYYY, rramosp/geetiles)",
@@ -366,6 +427,7 @@ BUILTIN: tuple[Modality, ...] = (
         file_band_names=_S2_BANDS,
         dtype="uint8",
         kind="optical",
+        display=Display(rgb_bands=tuple((f"{m}_red", f"{m}_green", f"{m}_blue") for m in MONTHS)),
         units=("reflectance",) * 36,
         scale=(0.3 / 255,) * 36,
         nodata=0,
@@ -392,6 +454,7 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=float("nan"),
         resolution_m=90.0,
         nc_variables=_GSSIC_VARS,
+        display=Display(band="coherence_summer_12", colormap="magma", value_range=(0.0, 1.0)),
         scale=tuple(0.01 if b.startswith("coherence") else 1.0 for b in _GSSIC_BANDS),
         encodings=(SourceEncoding(
             "sartiles-gssic", "float32", nodata=float("nan"),
@@ -422,6 +485,7 @@ BUILTIN: tuple[Modality, ...] = (
         nc_group="/science/grids/data",
         nc_variables=_GUNW_VARS,
         nc_select_dim="datepair",
+        display=Display(band="coherence", colormap="magma", value_range=(0.0, 1.0)),
         description="ARIA Sentinel-1 geocoded unwrapped interferogram: amplitude, coherence and unwrapped phase of "
         "one date pair per chip, chosen at build time (the choice is recorded in each sample's json).",
         source="ASF ARIA S1 GUNW chipped by rramosp/sartiles, one window per folder (gunw_<start>_<end>, "
@@ -439,6 +503,7 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=0,
         class_codes=_WORLDCOVER_CODES,
         class_names=_WORLDCOVER_NAMES,
+        display=Display(palette=_WORLDCOVER_PALETTE),
         resolution_m=10.0,
         description="ESA WorldCover land cover, 11 classes coded 10..100; 0 = nodata.",
         source="ESA WorldCover v100 (2020) / v200 (2021)",
@@ -454,6 +519,7 @@ BUILTIN: tuple[Modality, ...] = (
         nodata=float("nan"),
         resolution_m=100.0,
         nc_variables=(NcVariable("agb"), NcVariable("agb_se")),
+        display=Display(colormap="YlGn", value_range=(0.0, 400.0)),
         encodings=(SourceEncoding("float64", "float64", nodata=float("nan"),
                                   description="float64 Mg/ha, NaN no data; stored as float32 (24-bit mantissa)"),),
         description="Above-ground biomass and its standard error.",
@@ -466,6 +532,7 @@ BUILTIN: tuple[Modality, ...] = (
         file_ext="tif",
         bands=("built_surface",),
         units=("m2",),
+        display=Display(colormap="inferno", value_range=(0.0, 10000.0)),
         dtype="float32",
         kind="continuous",
         nodata=float("nan"),
@@ -491,6 +558,7 @@ BUILTIN: tuple[Modality, ...] = (
         kind="continuous",
         nodata=253,
         special_values={200: "water"},
+        display=Display(colormap="Greens", value_range=(0.0, 100.0)),
         band_select_pattern=r"Percent_Tree_Cover_(?P<year>\d{4})",
         resolution_m=250.0,
         description="MODIS MOD44B.006 percent tree cover of one year (chosen at build time); 200 = water.",
@@ -504,6 +572,7 @@ BUILTIN: tuple[Modality, ...] = (
         bands=("elevation", "slope"),
         file_band_names=("elevation", "slope"),
         units=("m", "deg"),
+        display=Display(colormap="cividis"),  # not "terrain": its low end reads as sea
         dtype="int16",
         kind="continuous",
         nodata=-32768,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -117,3 +117,18 @@ class ShardRoot:
         if modality == sf.JSON_MEMBER:
             return json.loads(data)
         return sf.decode_array(data, compressed=self.compressed, where=where)
+
+    def read_sample(self, key: str, modalities: Sequence[str] | None = None) -> dict[str, Any]:
+        """The chip ``key``: its index fields (``key``, ``region``, ``split``, ``shard``, ``lon``, ``lat``), its
+        metadata member as ``json`` and each of ``modalities`` it holds (default: all) as a stored-unit array."""
+        names = [m.name for m in self.modalities.select(modalities)]
+        rows = self.read_index(filters=[("key", "=", key)]).to_pylist()
+        if not rows:
+            raise KeyError(f"no sample with key {key!r} in {self.url}")
+        row = rows[0]
+        sample: dict[str, Any] = {k: row[k] for k in sf.BASE_INDEX_COLUMNS}
+        sample[sf.JSON_MEMBER] = self.read_member(row, sf.JSON_MEMBER)
+        for name in names:
+            if row.get(sf.offset_column(name)) is not None:
+                sample[name] = self.read_member(row, name)
+        return sample

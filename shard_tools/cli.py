@@ -167,6 +167,26 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(a: argparse.Namespace) -> int:
+    from m3leo_stream.render import chip_png
+    from m3leo_stream.shard_root import ShardRoot
+
+    root = ShardRoot(a.root, parse_storage_options(a.storage_options))
+    mods = root.modalities  # a missing or unfinished root: one error line saying so
+    key = a.key
+    if key is None:
+        keys = root.read_index(["key"]).column("key")
+        if len(keys) == 0:
+            raise ValueError(f"{a.root}: the index holds no samples")
+        key = keys[0].as_py()
+    names = _csv(a.modalities)
+    if names is not None:
+        mods.select(names)  # an unknown name: one error line naming the known ones
+    path = chip_png(root, key, a.out, names, size=a.size)
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
 def cmd_card(a: argparse.Namespace) -> int:
     from shard_tools.card import write_card
 
@@ -423,6 +443,17 @@ def make_parser() -> argparse.ArgumentParser:
     what.add_argument("--keys", action="store_true", help="list every sample's key, region, split and shard")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     storage(i, progress=False)
+
+    sh = command("show", "draw one chip as a PNG: a panel per modality (true colour S2, SAR false colour, land "
+                         "cover in its legend's colours, other bands through a colormap, no data in magenta)", cmd_show)
+    sh.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    sh.add_argument("--key", default=None, help="the chip's key, as 'inspect --keys' lists them "
+                                                "(default: the index's first sample)")
+    sh.add_argument("-o", "--out", default="chip.png", metavar="PNG", help="the picture to write")
+    sh.add_argument("--modalities", default=None,
+                    help="comma-separated modalities to draw (default: all the chip holds)")
+    sh.add_argument("--size", type=_int_at_least(16), default=448, help="pixels per side of each panel")
+    storage(sh, progress=False)
 
     c = command("card", "write a dataset card (README.md) into a shard root", cmd_card)
     c.add_argument("root", metavar="ROOT", help=ROOT_HELP)

@@ -176,6 +176,7 @@ def test_pretrain_task_step_and_checkpoint_info():
 
 
 def test_image_panels_for_segmentation_and_regression():
+    from m3leo_stream import render
     from m3leo_stream.callbacks import ImagePanels
 
     t = SegmentationTask(UNET, seg_data({"s1grd": 2, "s2rgbm": 3}))
@@ -183,14 +184,16 @@ def test_image_panels_for_segmentation_and_regression():
     panels = ImagePanels(max_images=2).panels(t, seg_batch())
     assert set(panels) == {"s1grd", "s2rgbm", "prediction"}
     cap, img = panels["prediction"][0]
-    assert img.shape == (16, 32, 3) and img.dtype.name == "uint8" and "prediction | label" in cap
-    assert panels["s2rgbm"][0][1].shape == (16, 16, 3)
+    assert img.shape == (256, 512, 3) and img.dtype.name == "uint8" and "prediction | label" in cap
+    assert panels["s2rgbm"][0][1].shape == (256, 256, 3)  # 16 px inputs drawn at a size one can see
+    ignored = render.NODATA_RGB
+    assert (img[:64, 256:] == ignored).all() and not (img[64:, 256:] == ignored).all(-1).any()  # label's -100 rows
     r = RegressionTask(UNET, reg_data({"s1grd": 2}))
     b = {"s1grd": torch.randn(2, 2, 20, 20), "biomass": torch.rand(2, 1, 5, 5) * 100,
          "biomass_valid": torch.ones(2, 1, 5, 5, dtype=torch.bool), "region": torch.tensor([0, 1]),
          "valid": torch.tensor([True, True]), "key": ["a", "b"]}
-    panels = ImagePanels(max_images=1).panels(r, b)
-    assert panels["prediction"][0][1].shape == (5, 10, 3)
+    panels = ImagePanels(max_images=1, size=100).panels(r, b)
+    assert panels["prediction"][0][1].shape == (100, 200, 3)
     assert r.training  # panels put the module back in training mode
 
 

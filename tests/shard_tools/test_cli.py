@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from m3leo_stream import __version__
+from m3leo_stream.shard_root import ShardRoot
 from shard_tools.cli import HelpFormatter, main, make_parser
 from shard_tools.inspect import inspect_root
 
@@ -149,6 +150,46 @@ def test_read_only_commands_take_a_root_and_one_modalities_file_option(capsys):
     with pytest.raises(SystemExit) as e:
         make_parser().parse_args(["build", "src", "out", "--modalities-yaml", "m.yaml"])
     assert e.value.code == 2 and "--modalities-yaml is now --modalities-file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- show
+
+
+def test_show_writes_a_png_of_the_chip(small_shards, tmp_path, capsys):
+    import matplotlib.image
+    import numpy as np
+
+    from m3leo_stream import render
+    from m3leo_stream.modalities import REGISTRY
+
+    key = ShardRoot(str(small_shards)).read_index(["key"]).column("key")[3].as_py()
+    out = tmp_path / "pics" / "chip.png"
+    assert main(["show", str(small_shards), "--key", key, "-o", str(out), "--modalities", "esawc,s2rgbm",
+                 "--size", "256"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    img = (matplotlib.image.imread(out)[..., :3] * 255).round().astype(np.uint8)
+    assert img.shape[1] == 2 * (256 + 2 * render.PAD_PX) and img.shape[0] > 256 + render.TITLE_PX
+    colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
+    assert img.std() > 0 and len(colours) > 20
+    wc = {tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in REGISTRY["esawc"].display.palette}
+    assert len(wc & colours) >= 3  # land cover in the WorldCover legend's colours
+    # the default key is the index's first sample, and every modality it holds is drawn
+    assert main(["show", str(small_shards), "-o", str(tmp_path / "first.png"), "--size", "32"]) == 0
+    assert matplotlib.image.imread(tmp_path / "first.png").shape[1] == 3 * (32 + 2 * render.PAD_PX)
+
+
+def test_show_mistakes_are_one_error_line_and_exit_2(small_shards, tmp_path):
+    cases = [
+        (("show", str(small_shards), "--key", "nokey", "-o", str(tmp_path / "a.png")), "no sample with key 'nokey'"),
+        (("show", str(tmp_path / "missing"), "-o", str(tmp_path / "b.png")), "missing: no such shard root"),
+        (("show", str(small_shards), "--modalities", "s2rgbm,bogus", "-o", str(tmp_path / "c.png")),
+         "unknown modality 'bogus'"),
+    ]
+    for (args, words), p in zip(cases, _run_all([c[0] for c in cases])):
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (args, p.returncode, p.stderr)
+        assert len(err) == 1 and err[0].startswith("m3leo-shards: error: ") and words in err[0], (args, p.stderr)
+    assert not list(tmp_path.glob("*.png"))
 
 
 # ----------------------------------------------------------------------------------------------- user mistakes
