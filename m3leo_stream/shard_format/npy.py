@@ -22,7 +22,7 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
 def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
     """The ``.npy`` header and the raw C-order bytes of ``array``, without copying the data (a member is the two
     joined)."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")
     return _header_bytes(np.lib.format.header_data_from_array_1_0(array)), memoryview(array).cast("B")
 
 
