@@ -141,7 +141,7 @@ def write_card(out: str, storage_options: Mapping[str, Any] | None = None) -> st
     try:
         stats = root.stats
     except FileNotFoundError:
-        stats = {}
+        stats = sf.Stats({})
     path = root.file("README.md")
     pipe_atomic(root.fs, path, card_text(root.manifest, stats).encode())
     return path

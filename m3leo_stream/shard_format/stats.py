@@ -136,13 +136,19 @@ class Stats(Mapping[str, Any]):
 
     def value(self, modality: str, band: str, stat: Field | float, scope: str = GLOBAL) -> float:
         """One statistic of one band: a field of :data:`BAND_FIELDS`, or a percentile given as a number."""
-        pct = not isinstance(stat, str)
-        what = f"{'percentile ' + percentile_key(stat) if pct else stat} for band {band!r}"
+        holder: str | None = None  # the field holding the value lists (percentiles), or the scope itself
+        if isinstance(stat, str):
+            what, key = str(stat), str(stat)
+        else:
+            key = percentile_key(stat)
+            what, holder = f"percentile {key}", "percentiles"
+        what += f" for band {band!r}"
         s, i = self._index(modality, band, scope, what)
-        values = (s.get("percentiles") or {}).get(percentile_key(stat)) if pct else s.get(stat)
+        fields = (s.get(holder) or {}) if holder else s
+        values = fields.get(key)
         if values is None:
-            have = ", ".join(s.get("percentiles") or {}) if pct else ", ".join(k for k in BAND_FIELDS if k in s)
-            raise self._missing(what, modality, scope, f"it holds {'percentiles ' if pct else ''}{have or 'none'}")
+            have = ", ".join(fields) if holder else ", ".join(k for k in BAND_FIELDS if k in s)
+            raise self._missing(what, modality, scope, f"it holds {'percentiles ' if holder else ''}{have or 'none'}")
         v = values[i] if isinstance(values, list) and i < len(values) else None
         if v is None:
             raise self._missing(what, modality, scope, "the band has no valid pixel there")
