@@ -148,7 +148,8 @@ class Stats(Mapping[str, Any]):
         values = fields.get(key)
         if values is None:
             have = ", ".join(fields) if holder else ", ".join(k for k in BAND_FIELDS if k in s)
-            raise self._missing(what, modality, scope, f"it holds {'percentiles ' if holder else ''}{have or 'none'}")
+            kind = "percentiles" if holder else "per-band statistics"
+            raise self._missing(what, modality, scope, f"it holds {kind} {have}" if have else f"it holds no {kind}")
         v = values[i] if isinstance(values, list) and i < len(values) else None
         if v is None:
             raise self._missing(what, modality, scope, "the band has no valid pixel there")

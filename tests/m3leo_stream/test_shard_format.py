@@ -138,7 +138,9 @@ def test_a_band_without_valid_pixels_and_an_empty_file():
     assert stats.value("m", "a", "mean") == 1.5
     assert "has no mean for band 'b' of modality 'm': the band has no valid pixel there" in \
         _error(stats, "m", "b", "mean")
-    assert "has no max for band 'a' of modality 'm': it holds count, mean, std" in _error(stats, "m", "a", "max")
+    assert "has no max for band 'a' of modality 'm': it holds per-band statistics count, mean, std" in \
+        _error(stats, "m", "a", "max")
+    assert "has no percentile 2 for band 'a' of modality 'm': it holds no percentiles" in _error(stats, "m", "a", 2)
     assert stats.band("m", "b").mean is None and stats.band("m", "b").count == 0
     assert "stats.json has no mean for band 'a' of modality 'm': it has no statistics at all" in \
         _error(sf.Stats.of({}), "m", "a", "mean")
