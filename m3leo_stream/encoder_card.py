@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from m3leo_stream import shard_format as sf
 from m3leo_stream.gpu_transforms import DeviceTransforms, build_device_transforms
 from m3leo_stream.models.mae import MultiModalEncoder, load_encoder, save_encoder
 
@@ -51,11 +52,6 @@ def _canonical(obj: Any) -> str:
 def _finite(values: Sequence[float]) -> list[float | None]:
     """JSON-safe floats: ±inf (no clip bound) becomes None."""
     return [None if not math.isfinite(float(v)) else float(v) for v in values]
-
-
-def stats_subset(stats: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
-    """The ``stats.json`` entries of ``modalities`` (what the transforms of those inputs read)."""
-    return {m: stats[m] for m in modalities if m in stats}
 
 
 def stats_hash(stats: Mapping[str, Any]) -> str:
@@ -95,7 +91,7 @@ def build_card(encoder: MultiModalEncoder, transforms: DeviceTransforms, stats: 
     missing = [m for m in mods if m not in transforms.inputs]
     if missing:
         raise ValueError(f"encoder modalities {missing} are not inputs of the transforms ({list(transforms.inputs)})")
-    sub = stats_subset(stats, mods)
+    sub = sf.Stats.of(stats).subset(mods)  # what the transforms of those inputs read
     cfg = dict(transforms.config)
     card = {
         "card_version": CARD_VERSION,
@@ -161,7 +157,7 @@ def require_pipeline(card: Mapping[str, Any], transforms: DeviceTransforms, stat
                                + "\n(rebuild the transforms from the card: transforms_from_card, or embed's "
                                  "transforms_from=card)")
     if stats is not None and card.get("stats_hash"):
-        h = stats_hash(stats_subset(stats, card["modalities"]))
+        h = stats_hash(sf.Stats.of(stats).subset(card["modalities"]))
         if h != card["stats_hash"]:
             log.warning("statistics differ from the encoder card's (hash %s… vs %s…) where the inputs do not use "
                         "them; the normalisation matches", h[:12], card["stats_hash"][:12])

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import hashlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import BANDS_KEY, Modality
 
 log = logging.getLogger(__name__)
@@ -222,35 +224,17 @@ class _TargetPlan:
     out_px: int = 0
 
 
-def _band_stats(stats: Mapping[str, Any], m: Modality, scope: str) -> dict[str, Any] | None:
-    entry = stats.get(m.name) if stats else None
-    if not entry:
-        return None
-    if scope == "global":
-        s = entry.get("global")
-    else:
-        s = (entry.get("regions") or {}).get(scope)
-        if s is None:
-            raise KeyError(f"transforms: stats.json has no region {scope!r} for modality {m.name!r}; "
-                           f"regions: {', '.join(entry.get('regions') or {})}")
-    names = entry.get("bands", list(m.bands))
-    return {"index": {b: i for i, b in enumerate(names)}, **(s or {})}
+def _band_stats(stats: Mapping[str, Any], m: Modality, scope: str) -> Callable[..., float]:
+    """The statistics lookup of modality ``m`` in ``scope`` (``stats.json``'s, :meth:`shard_format.Stats.value`)."""
+    return functools.partial(sf.Stats.of(stats).value, m.name, scope=scope)
 
 
-def _stat(st: dict[str, Any] | None, m: Modality, band: str, key: str, pct: float | None = None) -> float:
-    """One stored-unit statistic of one band, with an error naming the band when stats.json lacks it."""
-    value = None
-    if st is not None and band in st["index"]:
-        i = st["index"][band]
-        if pct is None:
-            value = (st.get(key) or [None] * (i + 1))[i]
-        else:
-            value = ((st.get("percentiles") or {}).get(f"{pct:g}") or [None] * (i + 1))[i]
-    if value is None:
-        what = f"percentile {pct:g}" if pct is not None else key
-        raise KeyError(f"transforms: stats.json has no {what} for band {band!r} of modality {m.name!r}; "
-                       f"rebuild stats (m3leo-shards stats ROOT) or set transforms.modalities.{m.name}.mean/std/clip")
-    return float(value)
+def _stat(st: Callable[..., float], m: Modality, band: str, key: str, pct: float | None = None) -> float:
+    """One stored-unit statistic of one band; the error names what stats.json lacks."""
+    try:
+        return st(band, key if pct is None else pct)
+    except sf.StatsError as e:
+        raise sf.StatsError(f"transforms: {e}; or set transforms.modalities.{m.name}.mean/std/clip") from None
 
 
 def _per_band(value: Any, n: int, what: str, name: str) -> list[float] | None:

@@ -31,43 +31,40 @@ class ShardRoot:
     def file(self, rel: str) -> str:
         return join(self.path, rel)
 
-    def _read_json(self, rel: str) -> Any:
-        path = self.file(rel)
+    def _where(self, rel: str) -> str:
+        return f"{self.url.rstrip('/')}/{rel}"
+
+    def _read(self, rel: str) -> bytes:
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.load(f)
-        except FileNotFoundError:
+            with self.fs.open(self.file(rel), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            if rel == sf.MANIFEST and not self.fs.exists(self.path):
+                raise FileNotFoundError(f"{self.url}: no such shard root (it does not exist)") from None
+            if rel == sf.MANIFEST and not self.fs.isdir(self.path):
+                raise NotADirectoryError(f"{self.url}: not a shard root (a file, not a directory)") from None
             raise FileNotFoundError(f"{self.url}: no {rel} (is this a finalized shard root?)") from None
 
     @cached_property
-    def manifest(self) -> dict[str, Any]:
-        path = self.file(sf.MANIFEST)
-        try:
-            with self.fs.open(path, "rb") as f:
-                return sf.loads_manifest(f.read())
-        except (FileNotFoundError, NotADirectoryError):
-            if not self.fs.exists(self.path):
-                raise FileNotFoundError(f"{self.url}: no such shard root (it does not exist)") from None
-            if not self.fs.isdir(self.path):
-                raise NotADirectoryError(f"{self.url}: not a shard root (a file, not a directory)") from None
-            raise FileNotFoundError(f"{self.url}: no {sf.MANIFEST} (is this a finalized shard root?)") from None
+    def manifest(self) -> sf.Manifest:
+        return sf.Manifest.loads(self._read(sf.MANIFEST), where=self._where(sf.MANIFEST))
 
     @cached_property
-    def stats(self) -> dict[str, Any]:
-        return self._read_json(sf.STATS)
+    def stats(self) -> sf.Stats:
+        return sf.Stats.loads(self._read(sf.STATS), where=self._where(sf.STATS))
 
     @cached_property
     def modalities(self) -> Registry:
         """The registry entries the shards were built with (user-declared ones included)."""
-        return Registry.from_json(self.manifest["modalities"])
+        return Registry.from_json(self.manifest.modalities)
 
     @property
     def regions(self) -> list[str]:
-        return sf.manifest_regions(self.manifest)
+        return list(self.manifest.regions)
 
     @property
     def compressed(self) -> bool:
-        return self.manifest.get("compression") == "zstd"
+        return self.manifest.compressed
 
     def modality(self, name: str) -> Modality:
         return self.modalities[name]

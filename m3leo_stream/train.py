@@ -191,14 +191,12 @@ def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
         else:
             plan = getattr(t, "targets", {}).get(target)
             bands = list(getattr(plan, "bands", range(len(mod.bands))))
-            st = (dm.shard_root.stats.get(target) or {}).get("global") or {}
-            names = (dm.shard_root.stats.get(target) or {}).get("bands", list(mod.bands))
+            stats = dm.shard_root.stats
             mean, std = [], []
             for i in bands:
-                j = names.index(mod.bands[i]) if mod.bands[i] in names else i
                 s = float(mod.scale[i])
-                mean.append(float((st.get("mean") or [0.0] * (j + 1))[j] or 0.0) * s)
-                std.append(float((st.get("std") or [1.0] * (j + 1))[j] or 1.0) * s)
+                mean.append(stats.value(target, mod.bands[i], "mean") * s)
+                std.append((stats.value(target, mod.bands[i], "std") or 1.0) * s)  # std 0: a constant band
             info.update(out_channels=len(bands), target_bands=[mod.bands[i] for i in bands], target_mean=mean,
                         target_std=std)
     return DataInfo(**info), t

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from m3leo_stream import shard_format as sf
 from m3leo_stream.shard_root import ShardRoot
 from shard_tools.publish import pipe_atomic
 
@@ -18,6 +19,8 @@ def _fmt(x: Any) -> str:
 
 
 def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    """The card of a root with this manifest and ``stats.json`` (``{}`` when it has none)."""
+    stats = sf.Stats.of(stats)
     regions = manifest["regions"]
     lines = [
         "---",
@@ -91,20 +94,22 @@ def card_text(manifest: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
         if m.get("unverified"):
             lines.append("Not verified against the upstream files: " + "; ".join(m["unverified"]) + ".")
             lines.append("")
-        st = stats.get(name, {}).get("global", {})
         lines += ["| # | band | dtype | units | scale | kind | mean | std | p2 | p98 | nodata |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for i, band in enumerate(m["bands"]):
-            def s(key: str, sub: str | None = None) -> str:
-                vals = st.get(key, {}) if sub is None else st.get("percentiles", {}).get(sub)
-                return _fmt(vals[i]) if isinstance(vals, list) and i < len(vals) else "–"
-
-            nd = st.get("nodata_fraction")
+            try:
+                b = stats.band(name, band)
+            except sf.StatsError:  # a root without (these) statistics: dashes
+                b = None
+            mean, std, nd = (b.mean, b.std, b.nodata_fraction) if b else (None, None, None)
+            p2, p98 = (b.percentiles.get(sf.percentile_key(p)) for p in (2, 98)) if b else (None, None)
             lines.append(
                 f"| {i} | `{band}` | {m['dtype']} | {m['units'][i] or '–'} | {_fmt(m['scale'][i])} | "
-                f"{m['band_kinds'][i]} | {s('mean')} | {s('std')} | {s('percentiles', '2')} | "
-                f"{s('percentiles', '98')} | {_fmt(nd[i]) if nd else '–'} |")
-        hist = st.get("class_histogram")
+                f"{m['band_kinds'][i]} | {_fmt(mean)} | {_fmt(std)} | {_fmt(p2)} | {_fmt(p98)} | {_fmt(nd)} |")
+        try:
+            hist = stats.summary(name).get("class_histogram")
+        except sf.StatsError:
+            hist = None
         if hist:
             total = sum(hist.values())
             lines += ["", "Class histogram (train): " + ", ".join(f"{k}: {v / total:.1%}" for k, v in hist.items())]
@@ -136,7 +141,7 @@ def write_card(out: str, storage_options: Mapping[str, Any] | None = None) -> st
     try:
         stats = root.stats
     except FileNotFoundError:
-        stats = {}
+        stats = sf.Stats({})
     path = root.file("README.md")
     pipe_atomic(root.fs, path, card_text(root.manifest, stats).encode())
     return path

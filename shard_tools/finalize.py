@@ -169,7 +169,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     counts: Counter = Counter()
     per_split: dict[str, Counter] = {}
     present = Counter()
-    manifest_shards: list[dict[str, Any]] = []
+    manifest_shards: list[sf.ShardEntry] = []
     num_rows = 0
     tmp = _local_temp(fs, root, "index.parquet")
     published = False
@@ -233,27 +233,27 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     finally:
         if not published and os.path.exists(tmp):
             os.remove(tmp)
-    pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
-    manifest = {
-        "format_version": sf.FORMAT_VERSION,
-        "checksum": sf.CHECKSUM,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "builder": {"tool": "m3leo-shards", "version": __version__, "args": plan["args"]},
-        "regions": plan["regions"],
-        "splits": {r: dict(c) for r, c in sorted(per_split.items())},
-        "num_samples": num_rows,
-        "members": {m.name: present[m.name] for m in modalities},
-        "compression": plan["args"]["compress"],
-        "modalities": {m.name: entry_json(m, downsampled) for m in modalities},
-        "source_folders": plan["folders"],
-        "shards": manifest_shards,
-        "discrepancies": plan["discrepancies"],
-        "skipped": {"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
-                    "examples": (list(plan["invalid"].values()) + errors)[:b.ERROR_EXAMPLES]},
-        "empty_members": {"count": counts["empty_members"], "examples": empty},
-        "source_encodings": b._nest(seen),
-    }
-    pipe_atomic(fs, join(root, sf.MANIFEST), json.dumps(manifest, indent=1, allow_nan=False).encode())
+    pipe_atomic(fs, join(root, sf.STATS), sf.dumps_stats(stats.to_json()))
+    manifest = sf.Manifest(
+        format_version=sf.FORMAT_VERSION,
+        checksum=sf.CHECKSUM,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source=source,
+        builder={"tool": "m3leo-shards", "version": __version__, "args": plan["args"]},
+        regions=plan["regions"],
+        splits={r: dict(c) for r, c in sorted(per_split.items())},
+        num_samples=num_rows,
+        members={m.name: present[m.name] for m in modalities},
+        compression=plan["args"]["compress"],
+        modalities={m.name: entry_json(m, downsampled) for m in modalities},
+        source_folders=plan["folders"],
+        shards=manifest_shards,
+        discrepancies=plan["discrepancies"],
+        skipped={"chips": counts["skipped_chips"] + len(plan["invalid"]), "members": counts["skipped_members"],
+                 "examples": (list(plan["invalid"].values()) + errors)[:b.ERROR_EXAMPLES]},
+        empty_members={"count": counts["empty_members"], "examples": empty},
+        source_encodings=b._nest(seen),
+    )
+    pipe_atomic(fs, join(root, sf.MANIFEST), manifest.to_json())
     log.info("finalized %s: %d samples in %d shards", out, num_rows, len(manifest_shards))
     return {"samples": num_rows, "shards": len(manifest_shards), "index": join(out, sf.INDEX)}

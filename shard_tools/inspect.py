@@ -14,7 +14,7 @@ def inspect_root(out: str, storage_options: Mapping[str, Any] | None = None) -> 
     """Samples and members per region, split and modality, with shard counts and bytes."""
     root = ShardRoot(out, storage_options)
     m = root.manifest
-    mods = list(m["modalities"])
+    mods = list(m.modalities)
     index = root.read_index(["region", "split", *[sf.offset_column(x) for x in mods]]).to_pydict()
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for i, (region, split) in enumerate(zip(index["region"], index["split"])):
@@ -24,7 +24,7 @@ def inspect_root(out: str, storage_options: Mapping[str, Any] | None = None) -> 
             if index[sf.offset_column(x)][i] is not None:
                 cell["members"][x] += 1
     shards: dict[tuple[str, str], list[int]] = {}
-    for s in m["shards"]:
+    for s in m.shards:
         shards.setdefault((s["region"], s["split"]), []).append(s["bytes"])
     for (region, split), sizes in shards.items():
         cell = table.setdefault(region, {}).setdefault(split, {"samples": 0, "members": Counter()})
@@ -34,10 +34,10 @@ def inspect_root(out: str, storage_options: Mapping[str, Any] | None = None) -> 
         for cell in splits.values():
             cell["members"] = dict(cell["members"])
     return {
-        "root": out, "format_version": m["format_version"], "created": m["created"], "source": m.get("source"),
-        "compression": m.get("compression"), "samples": m["num_samples"], "shards": len(m["shards"]),
+        "root": out, "format_version": m.format_version, "created": m.created, "source": m.source,
+        "compression": m.compression, "samples": m.num_samples, "shards": len(m.shards),
         "modalities": {x: {"bands": len(v["bands"]), "shape": v["shape"], "dtype": v["dtype"], "kind": v["kind"]}
-                       for x, v in m["modalities"].items()},
+                       for x, v in m.modalities.items()},
         "regions": table,
     }
 

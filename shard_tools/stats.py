@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 
 from m3leo_stream.modalities import Modality
-
-PERCENTILES = (0.5, 1.0, 2.0, 98.0, 99.0, 99.5)
-
-
-def _pct_key(p: float) -> str:
-    return f"{p:g}"
+from m3leo_stream.shard_format.stats import PERCENTILES
+from m3leo_stream.shard_format.stats import percentile_key as _pct_key
 
 
 def _exact_int(dtype: np.dtype) -> bool:
@@ -342,6 +338,7 @@ class StatsSet:
         return {name: s.state() for name, s in self.regions.get(region, {}).items()}
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``stats.json`` (its bytes: :func:`m3leo_stream.shard_format.dumps_stats`)."""
         out: dict[str, Any] = {}
         for name, m in self.modalities.items():
             per_region = {r: scope[name] for r, scope in sorted(self.regions.items()) if name in scope}

@@ -372,7 +372,7 @@ def _publish_stats(root: ShardRoot, parts: Iterator[Iterator[str]] | Sequence[Se
                 if st["stats"]:
                     stats.merge_state(st["region"], st["stats"])
     path = root.file(sf.STATS)
-    pipe_atomic(root.fs, path, json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
+    pipe_atomic(root.fs, path, sf.dumps_stats(stats.to_json()))
     return path
 
 

@@ -8,7 +8,6 @@ The sha256 is computed while writing. With ``background=True`` the writing and h
 from __future__ import annotations
 
 import hashlib
-import io
 import queue
 import tarfile
 import threading
@@ -33,14 +32,6 @@ def _header(name: str, size: int) -> bytes:
     ti.uname = ti.gname = ""
     ti.type = tarfile.REGTYPE
     return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-
-
-def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
-    """The ``.npy`` header and the raw C-order bytes of ``array``, without copying the data."""
-    array = np.ascontiguousarray(array)
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(array))
-    return buf.getvalue(), memoryview(array).cast("B")
 
 
 class ShardWriter:
@@ -154,7 +145,7 @@ class ShardWriter:
         ranges: dict[str, Any] = {sf.offset_column(sf.JSON_MEMBER): off, sf.nbytes_column(sf.JSON_MEMBER): size,
                                   sf.checksum_column(sf.JSON_MEMBER): sf.digest(meta_bytes)}
         for name, array in arrays.items():
-            header, body = npy_parts(array)
+            header, body = sf.npy_parts(array)
             if self.compress:
                 parts: list[bytes | memoryview] = [self._zstd.compress(header + bytes(body))]
             else:
