@@ -27,7 +27,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
-from .gpu_transforms import bands_needed, build_device_transforms
+from .transforms import bands_needed, build_device_transforms
 from .index import IndexArrays, load_index
 from .modalities import Registry
 from .planner import (

@@ -18,7 +18,7 @@ from hydra.errors import ConfigCompositionException
 
 from m3leo_stream.config import ConfigError, DataConfig, schema_of, validate
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.gpu_transforms import DEFAULT_CONFIG
+from m3leo_stream.transforms import DEFAULT_CONFIG
 from m3leo_stream.train import CONFIG_DIR, build_datamodule
 
 REPO = Path(__file__).resolve().parents[2]

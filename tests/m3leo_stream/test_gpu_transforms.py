@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from m3leo_stream.gpu_transforms import DEFAULT_CONFIG, build_device_transforms, dihedral
+from m3leo_stream.transforms import DEFAULT_CONFIG, build_device_transforms, dihedral
 from m3leo_stream.modalities import REGISTRY, Modality, Registry
 from shard_tools.stats import StatsSet
 
@@ -396,7 +396,7 @@ MIXED = Registry([*(SMALL[n] for n in SMALL), REGISTRY["gssic"]])
 
 
 def test_bands_needed_is_what_the_transforms_read():
-    from m3leo_stream.gpu_transforms import bands_needed
+    from m3leo_stream.transforms import bands_needed
 
     cfg = {"modalities": {"s1grd": {"bands": ["summer_*"]}, "s2rgbm": {"bands": ["07_*"]}}}
     got = bands_needed(cfg, REGISTRY, inputs=["s1grd", "s2rgbm", "gssic"], targets=["esawc", "biomass"])
@@ -426,7 +426,7 @@ def _mixed_batch(b: int) -> dict:
 def test_selected_band_batches_give_bit_identical_outputs(train):
     """The same transforms on a batch carrying all bands and on one carrying exactly its selected bands (what the
     loader reads, named by ``batch["bands"]``): every output bit-identical, through crops, flips, noise, dropout."""
-    from m3leo_stream.gpu_transforms import bands_needed
+    from m3leo_stream.transforms import bands_needed
 
     full = _mixed_batch(6)
     stats = _stats(MIXED, {n: full[n].numpy() for n in ("sar", "opt", "lab", "crs", "gssic")})
