@@ -113,3 +113,21 @@ def test_band_names_must_match_the_selection(small_stats):
     # a superset of the selection in storage order is fine: the transforms pick theirs
     out = t({**b, "bands": {"opt": ["r", "g", "b"]}})
     assert torch.equal(out["opt"], t(b)["opt"])
+
+
+def test_ratio_channels_follow_the_registry_pairs():
+    """The VV − VH channels come from the modality's declared polarisation pairs, whatever the band names."""
+    from m3leo_stream.modalities import Modality, Registry
+
+    reg = Registry([Modality(name="sar", folder_pattern="sar", file_ext="tif", bands=("hh", "co", "cross"),
+                             dtype="int16", kind="sar_db", resolution_m=140.0, nodata=-32768,
+                             polarisation_pairs=(("co", "cross"),), description="", source="")])
+    x = torch.stack([torch.full((32, 32), v, dtype=torch.int16) for v in (1, 500, 200)])[None]
+    cfg = {"modalities": {"sar": {"ratio": True, "clip": None, "mean": 0.0, "std": 1.0}}}
+    t = build_device_transforms(cfg, reg, {}, inputs=["sar"], targets=[], train=False)
+    assert t.channels["sar"] == ["hh", "co", "cross", "co-cross"] and t.inputs["sar"].ratio_pairs == [(1, 2)]
+    out = t({"sar": x})["sar"][0, :, 0, 0]
+    assert out.tolist() == pytest.approx([1.0, 500.0, 200.0, 300.0 / math.sqrt(2)])
+    with pytest.raises(ValueError, match="ratio requested for 'sar' but no selected band has both a VV and a VH"):
+        build_device_transforms({"modalities": {"sar": {**cfg["modalities"]["sar"], "bands": ["hh", "co"]}}}, reg,
+                                {}, inputs=["sar"], targets=[], train=False)
