@@ -31,8 +31,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m3leo_stream.transforms import build_device_transforms  # noqa: E402
 from m3leo_stream.modalities import REGISTRY  # noqa: E402
+from m3leo_stream.transforms import build_device_transforms  # noqa: E402
 from shard_tools.stats import StatsSet  # noqa: E402
 
 INPUTS, TARGETS = ["s1grd", "s2rgbm"], ["esawc"]

@@ -25,9 +25,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.transforms import DEFAULT_CONFIG
 from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet
 from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
+from m3leo_stream.transforms import DEFAULT_CONFIG
 
 __all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "register", "schema_of", "validate"]
 

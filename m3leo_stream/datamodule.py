@@ -27,7 +27,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
-from .transforms import bands_needed, build_device_transforms
 from .index import IndexArrays, load_index
 from .modalities import Registry
 from .planner import (
@@ -44,6 +43,7 @@ from .readahead import ReadAheadDataset
 from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough, read_in_part
 from .shard_root import ShardRoot
 from .storage import IOCounters
+from .transforms import bands_needed, build_device_transforms
 
 log = logging.getLogger(__name__)
 
