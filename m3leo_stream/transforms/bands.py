@@ -131,14 +131,6 @@ class InputPlan:
         return [(r.vv, r.vh) for r in self.ratios]
 
     @property
-    def ratio_mean(self) -> torch.Tensor | None:
-        return _tensor([r.mean for r in self.ratios]) if self.ratios else None
-
-    @property
-    def ratio_std(self) -> torch.Tensor | None:
-        return _tensor([r.std for r in self.ratios]) if self.ratios else None
-
-    @property
     def scale(self) -> torch.Tensor:
         """(C,) physical per stored unit."""
         return _tensor([b.scale for b in self.band_plans])

@@ -31,34 +31,39 @@ class Normaliser:
     def _buffers(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
         key = (name, str(device))
         if key not in self._dev:
-            if name in self.inputs:
-                p = self.inputs[name]
-                v = lambda t: t.to(device, torch.float32).view(1, -1, 1, 1)  # noqa: E731
-                scale, lo, hi, mean, std = p.scale, p.lo, p.hi, p.mean, p.std
-                # standardise stored values in one fused step: clamp(x*scale, lo, hi) → (x*scale − mean)/std
-                # (clip bounds are converted to stored units; scales are positive)
-                self._dev[key] = {
-                    "lo": v(lo / scale), "hi": v(hi / scale), "a": v(scale / std), "b": v(-mean / std),
-                    "scale": v(scale),
-                    "linear": torch.tensor(p.linear, device=device, dtype=torch.long),
-                    "out_mean": v(p.out_mean), "out_std": v(p.out_std),
-                }
-                if p.ratios:
-                    self._dev[key]["ratio_a"] = torch.tensor([i for i, _ in p.ratio_pairs], device=device)
-                    self._dev[key]["ratio_b"] = torch.tensor([j for _, j in p.ratio_pairs], device=device)
-                    self._dev[key]["ratio_mean"] = v(p.ratio_mean)
-                    self._dev[key]["ratio_std"] = v(p.ratio_std)
-            else:
-                p = self.targets[name]
-                d: dict[str, torch.Tensor] = {}
-                if p.lut is not None:
-                    d["lut"] = p.lut.to(device)
-                if p.codes:
-                    d["codes"] = torch.tensor(p.codes, device=device)
-                if p.scale is not None:
-                    d["scale"] = p.scale.to(device).view(1, -1, 1, 1)
-                self._dev[key] = d
+            self._dev[key] = (self._input_buffers(self.inputs[name], device) if name in self.inputs else
+                              self._target_buffers(self.targets[name], device))
         return self._dev[key]
+
+    @staticmethod
+    def _input_buffers(p: InputPlan, device: torch.device) -> dict[str, torch.Tensor]:
+        v = lambda t: t.to(device, torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        scale, lo, hi, mean, std = p.scale, p.lo, p.hi, p.mean, p.std
+        # standardise stored values in one fused step: clamp(x*scale, lo, hi) → (x*scale − mean)/std
+        # (clip bounds are converted to stored units; scales are positive)
+        d = {
+            "lo": v(lo / scale), "hi": v(hi / scale), "a": v(scale / std), "b": v(-mean / std),
+            "scale": v(scale),
+            "linear": torch.tensor(p.linear, device=device, dtype=torch.long),
+            "out_mean": v(p.out_mean), "out_std": v(p.out_std),
+        }
+        if p.ratios:
+            d["ratio_a"] = torch.tensor([i for i, _ in p.ratio_pairs], device=device)
+            d["ratio_b"] = torch.tensor([j for _, j in p.ratio_pairs], device=device)
+            d["ratio_mean"] = v(torch.tensor([r.mean for r in p.ratios]))
+            d["ratio_std"] = v(torch.tensor([r.std for r in p.ratios]))
+        return d
+
+    @staticmethod
+    def _target_buffers(p: TargetPlan, device: torch.device) -> dict[str, torch.Tensor]:
+        d: dict[str, torch.Tensor] = {}
+        if p.lut is not None:
+            d["lut"] = p.lut.to(device)
+        if p.codes:
+            d["codes"] = torch.tensor(p.codes, device=device)
+        if p.scale is not None:
+            d["scale"] = p.scale.to(device).view(1, -1, 1, 1)
+        return d
 
     @staticmethod
     def _band_valid(x: torch.Tensor, invalid_values: Sequence[float]) -> torch.Tensor | None:
@@ -152,7 +157,8 @@ class Normaliser:
         # few full passes, in place (memory-bound on every device): clamp, ratio, standardise, mask
         parts = []
         sincos, reref, linear = p.phase_sincos, p.phase_reref, p.linear
-        scale, std = (p.scale, p.std) if sincos or reref else (None, None)  # float32, as the kernels use them
+        # phase bands: the float32 scale and std, as the kernels use them
+        scale, std = (p.scale.tolist(), p.std.tolist()) if sincos or reref else ([], [])
         heads = {j: xf[:, j:j + 1] * float(scale[j]) for j in sincos + reref}  # phase, before standardisation
         clipped = torch.clamp_(xf, buf["lo"], buf["hi"])
         ratio = None

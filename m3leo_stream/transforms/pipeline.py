@@ -195,32 +195,32 @@ class DeviceTransforms:
             out[name] = y
             out[f"{name}_valid"] = valid
             out[f"{name}_channel_valid"] = chan_valid
-        for name, p in self.targets.items():
+        for name, tp in self.targets.items():
             if name not in batch:
                 raise KeyError(f"transforms: batch has no target {name!r} (keys: {', '.join(map(str, batch))})")
             y, valid, chan = self.normaliser.target_channels(name, batch[name], carried.get(name))
-            if not p.categorical:  # which target bands the chip has (a missing one is never scored)
+            if not tp.categorical:  # which target bands the chip has (a missing one is never scored)
                 out[f"{name}_channel_valid"] = chan if chan is not None else \
                     torch.ones(bsz, y.shape[1], dtype=torch.bool, device=dev)
             if name in present:
                 pr = present[name]
                 out[f"{name}_present"] = pr
-                if p.categorical:
+                if tp.categorical:
                     y = y.masked_fill(~pr.view(-1, 1, 1), self.ignore_index)
                 else:
                     y = y * pr.view(-1, 1, 1, 1)
                     valid = valid & pr.view(-1, 1, 1, 1)
                     out[f"{name}_channel_valid"] = out[f"{name}_channel_valid"] & pr.view(-1, 1)
-            if p.categorical:
-                if any_crop or y.shape[-1] != p.out_px:
+            if tp.categorical:
+                if any_crop or y.shape[-1] != tp.out_px:
                     # class indices and -100 are exact in float32; nearest never mixes them
-                    y = warp(y.unsqueeze(1).float(), th, p.out_px, "nearest").squeeze(1).round().long()
+                    y = warp(y.unsqueeze(1).float(), th, tp.out_px, "nearest").squeeze(1).round().long()
                 else:
                     y = dihedral(y, d)
                 valid = (y != self.ignore_index).unsqueeze(1)
             else:
-                y = geom(y, y.shape[-1], p.out_px, "bilinear")
-                valid = geom_mask(valid, valid.shape[-1], p.out_px)
+                y = geom(y, y.shape[-1], tp.out_px, "bilinear")
+                valid = geom_mask(valid, valid.shape[-1], tp.out_px)
                 y = y * valid
             out[name] = y
             out[f"{name}_valid"] = valid
