@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # the generated gssic rmse bands are constant; the library's warning about it would repeat for every fit
-    logging.getLogger("m3leo_stream.gpu_transforms").addFilter(lambda r: "has std" not in r.getMessage())
+    logging.getLogger("m3leo_stream.transforms.bands").addFilter(lambda r: "has std" not in r.getMessage())
     warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")

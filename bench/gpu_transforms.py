@@ -2,7 +2,7 @@
 
 In ONE run, on batches of s1grd (16 bands int16) + s2rgbm (36 bands uint8) + esawc (uint8 codes) at 448 px:
 
-1. ``device``: :class:`m3leo_stream.gpu_transforms.DeviceTransforms` (train: percentile clip + standardise, LUT,
+1. ``device``: :class:`m3leo_stream.transforms.DeviceTransforms` (train: percentile clip + standardise, LUT,
    dihedral, random resized crop on half the samples, per-band noise) on whole batches already on the device.
 2. ``workers``: the upstream / TerraTorch way: the same transforms per sample (batch of one, CPU torch) inside
    ``Dataset.__getitem__`` of a ``DataLoader`` with ``--workers`` processes, collated to float batches.
@@ -31,8 +31,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m3leo_stream.gpu_transforms import build_device_transforms  # noqa: E402
 from m3leo_stream.modalities import REGISTRY  # noqa: E402
+from m3leo_stream.transforms import build_device_transforms  # noqa: E402
 from shard_tools.stats import StatsSet  # noqa: E402
 
 INPUTS, TARGETS = ["s1grd", "s2rgbm"], ["esawc"]

@@ -395,7 +395,7 @@ def bytes_per_sample(root: str, inputs: list[str], targets: list[str], transform
 def band_selection(root: str, workers: int, batch: int, epochs: int, repeats: int) -> dict:
     """Per experiment: bytes per sample reading all bands vs only the transforms' bands, and the ratio (repeats
     alternate the two; medians)."""
-    from m3leo_stream.gpu_transforms import bands_needed
+    from m3leo_stream.transforms import bands_needed
 
     out = {}
     for name in BAND_EXPERIMENTS:

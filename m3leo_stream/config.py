@@ -25,9 +25,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.gpu_transforms import DEFAULT_CONFIG
 from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet
 from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
+from m3leo_stream.transforms import DEFAULT_CONFIG
 
 __all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "register", "schema_of", "validate"]
 
@@ -160,7 +160,7 @@ def _schema_of_dict(name: str, d: Mapping[str, Any], open_keys: Sequence[str] = 
 
 
 TransformsConfig = _schema_of_dict("TransformsConfig", DEFAULT_CONFIG, ["modalities", "kinds.categorical"])
-"""``transforms``: the keys of :data:`gpu_transforms.DEFAULT_CONFIG` (its values the defaults); ``modalities``
+"""``transforms``: the keys of :data:`transforms.DEFAULT_CONFIG` (its values the defaults); ``modalities``
 takes per-modality overrides."""
 
 

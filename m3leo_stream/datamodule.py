@@ -29,7 +29,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
-from .gpu_transforms import bands_needed, build_device_transforms
 from .index import IndexArrays, load_index, node_arrays
 from .modalities import Registry
 from .planner import (
@@ -46,6 +45,7 @@ from .readahead import ReadAheadDataset
 from .reader import IO_KEY, ReaderConfig, ShardDataset, io_from_tensor, passthrough, read_in_part
 from .shard_root import ShardRoot
 from .storage import IOCounters
+from .transforms import bands_needed, build_device_transforms
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -241,8 +241,8 @@ def _batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Embed ``cfg.splits`` of ``cfg.data.root`` with ``cfg.encoder``; returns where things are."""
     from m3leo_stream.encoder_card import load_encoder_and_card, require_pipeline, transforms_from_card
-    from m3leo_stream.gpu_transforms import build_device_transforms
     from m3leo_stream.train import build_datamodule
+    from m3leo_stream.transforms import build_device_transforms
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pooling: Pooling = cfg.pooling

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from m3leo_stream import shard_format as sf
-from m3leo_stream.gpu_transforms import DeviceTransforms, build_device_transforms
 from m3leo_stream.models.mae import MultiModalEncoder, load_encoder, save_encoder
+from m3leo_stream.transforms import DeviceTransforms, build_device_transforms
 
 log = logging.getLogger(__name__)
 

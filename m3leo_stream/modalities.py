@@ -150,6 +150,8 @@ class Modality:
     class_codes: tuple[int, ...] = ()
     class_names: tuple[str, ...] = ()
     special_values: Mapping[int, str] = field(default_factory=dict)
+    # (VV band, VH band) of one acquisition; None: bands named *_vv* paired with the same name with _vh
+    polarisation_pairs: tuple[tuple[str, str], ...] | None = None
     file_band_names: tuple[str, ...] = ()  # band descriptions expected in upstream GeoTIFFs, when known
     band_select_pattern: str | None = None  # regex on GeoTIFF band descriptions; one band per matching year
     nc_group: str | None = None
@@ -197,6 +199,7 @@ class Modality:
         if self.display.palette and len(self.display.palette) != len(self.class_codes):
             raise ValueError(f"modality {self.name!r}: display palette has {len(self.display.palette)} colours for "
                              f"{len(self.class_codes)} class codes")
+        object.__setattr__(self, "polarisation_pairs", _checked_pairs(self))
 
     @property
     def canonical_px(self) -> int:
@@ -287,6 +290,8 @@ class Modality:
             kw["class_codes"] = tuple(int(c) for c in kw["class_codes"])
         if "special_values" in kw:
             kw["special_values"] = {int(k): v for k, v in (kw["special_values"] or {}).items()}
+        if kw.get("polarisation_pairs") is not None:
+            kw["polarisation_pairs"] = tuple(tuple(p) for p in kw["polarisation_pairs"])
         if "nc_variables" in kw:
             kw["nc_variables"] = tuple(
                 NcVariable(v["name"], tuple((k, tuple(vals)) for k, vals in v.get("dims", ())), v.get("band_name"))
@@ -310,6 +315,26 @@ class Modality:
         return m
 
 
+def _checked_pairs(m: Modality) -> tuple[tuple[str, str], ...]:
+    """``m.polarisation_pairs`` checked against its bands, or (None) found by the ``_vv`` / ``_vh`` naming."""
+    if m.polarisation_pairs is None:
+        return tuple((b, b.replace("_vv", "_vh")) for b in m.bands if "_vv" in b and b.replace("_vv", "_vh") in m.bands)
+    pairs = tuple((str(a), str(b)) for a, b in m.polarisation_pairs)
+    used = [b for p in pairs for b in p]
+    unknown = [b for b in used if b not in m.bands]
+    if unknown or len(set(used)) != len(used):
+        raise ValueError(f"modality {m.name!r}: polarisation_pairs must pair distinct bands of the modality; "
+                         f"got {[list(p) for p in pairs]}" + (f" (unknown: {unknown})" if unknown else ""))
+    return pairs
+
+
+def polarisation_pairs(m: Modality, names: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """Positions in ``names`` (default: ``m.bands``; e.g. the channel names of a transformed tensor) of the
+    (VV, VH) band pairs of ``m`` whose both bands ``names`` holds, in the order of the VV band in ``names``."""
+    pos = {n: i for i, n in enumerate(m.bands if names is None else names)}
+    return sorted((pos[a], pos[b]) for a, b in m.polarisation_pairs or () if a in pos and b in pos)
+
+
 def _json_number(x: float | int | None) -> float | int | str | None:
     if isinstance(x, float) and math.isnan(x):
         return "nan"
@@ -327,6 +352,7 @@ def _s1grd_bands() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 _S1_BANDS, _S1_FILE_BANDS = _s1grd_bands()
+_S1_PAIRS = tuple((f"{s}_vv_{d}", f"{s}_vh_{d}") for s in SEASONS for d in ("asc", "des"))
 _S2_BANDS = tuple(f"{m}_{c}" for m in MONTHS for c in ("red", "green", "blue"))
 
 _GSSIC_VARS = (
@@ -336,6 +362,7 @@ _GSSIC_VARS = (
     NcVariable("geometry", (("feature", ("inc", "lsmap")),)),
 )
 _GSSIC_BANDS = tuple(b for v in _GSSIC_VARS for b in v.band_names())
+_GSSIC_PAIRS = tuple((f"amplitude_{s}_vv", f"amplitude_{s}_vh") for s in SEASONS)
 
 
 def _gssic_band_kinds() -> tuple[str, ...]:
@@ -407,6 +434,7 @@ BUILTIN: tuple[Modality, ...] = (
         file_ext="tif",
         bands=_S1_BANDS,
         file_band_names=_S1_FILE_BANDS,
+        polarisation_pairs=_S1_PAIRS,
         dtype="int16",
         kind="sar_db",
         units=("dB",) * 16,
@@ -448,6 +476,7 @@ BUILTIN: tuple[Modality, ...] = (
         file_ext="nc",
         bands=_GSSIC_BANDS,
         band_kinds=_gssic_band_kinds(),
+        polarisation_pairs=_GSSIC_PAIRS,
         units=_gssic_units(),
         dtype="float32",
         kind="coherence",

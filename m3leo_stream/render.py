@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from m3leo_stream.modalities import Modality, Registry
+from m3leo_stream.modalities import Modality, Registry, polarisation_pairs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["NODATA_RGB", "SPECIAL_RGB", "Units", "chip_figure", "chip_png", "class_palette", "classes_rgb",
-           "colormap_rgb", "picture", "stretch_range", "upsample", "vv_vh_pairs"]
+           "colormap_rgb", "picture", "stretch_range", "upsample"]
 
 Units = Literal["stored", "physical"]
 
@@ -152,19 +152,6 @@ def _codes_to_index(m: Modality, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def vv_vh_pairs(bands: Sequence[str]) -> list[tuple[int, int]]:
-    """Channel indices of (VV, VH) pairs: a ``..._vv...`` band and the same name with ``_vh`` (``summer_vv_asc``,
-    ``summer_vh_asc``); derived ``_vv-vh`` channels are not pairs."""
-    names = list(bands)
-    pairs = []
-    for i, b in enumerate(names):
-        if "_vv" in b and "_vv-" not in b:
-            partner = b.replace("_vv", "_vh", 1)
-            if partner in names:
-                pairs.append((i, names.index(partner)))
-    return pairs
-
-
 def _nan_mean(stack: np.ndarray) -> np.ndarray:
     """Mean over axis 0 of the finite entries; NaN where there is none."""
     ok = np.isfinite(stack)
@@ -196,7 +183,7 @@ def _true_colour(m: Modality, phys: np.ndarray, bands: Sequence[str]) -> np.ndar
 
 
 def _false_colour(m: Modality, phys: np.ndarray, bands: Sequence[str]) -> np.ndarray | None:
-    pairs = vv_vh_pairs(bands)
+    pairs = polarisation_pairs(m, bands)
     if not pairs:
         return None
     vv = phys[[a for a, _ in pairs]]
@@ -256,7 +243,7 @@ def _caption(m: Modality, bands: Sequence[str]) -> str:
         return f"{m.name}: {m.bands[0]}"
     if any(all(b in names for b in t) for t in m.display.rgb_bands):
         return f"{m.name}: true colour"
-    if m.kind == "sar_db" and vv_vh_pairs(names):
+    if m.kind == "sar_db" and polarisation_pairs(m, names):
         return f"{m.name}: VV, VH, VV-VH"
     i = _single_band(m, names)
     unit = m.units[m.bands.index(names[i])]

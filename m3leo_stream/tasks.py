@@ -19,9 +19,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from m3leo_stream.gpu_transforms import seed_of
 from m3leo_stream.metrics import RegionConfusion, RegionLossMean, RegionRegression, WeightedMean
 from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet, load_encoder
+from m3leo_stream.transforms import seed_of
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ def build_datamodule(cfg: DictConfig) -> M3LEODataModule:
 def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
     """Channels per input, classes / bands per target, regions — from a transforms instance built here (the
     DataModule builds its own per rank once the trainer is attached)."""
-    from m3leo_stream.gpu_transforms import build_device_transforms
+    from m3leo_stream.transforms import build_device_transforms
 
     dm.setup("fit")
     t = build_device_transforms(_plain(cfg.transforms), dm.modalities, dm.shard_root.stats, inputs=dm.inputs,

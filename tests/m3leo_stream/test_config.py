@@ -18,8 +18,8 @@ from hydra.errors import ConfigCompositionException
 
 from m3leo_stream.config import ConfigError, DataConfig, schema_of, validate
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.gpu_transforms import DEFAULT_CONFIG
 from m3leo_stream.train import CONFIG_DIR, build_datamodule
+from m3leo_stream.transforms import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 DM_PARAMS = {n: p.default for n, p in inspect.signature(M3LEODataModule.__init__).parameters.items()

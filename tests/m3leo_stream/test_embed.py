@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from m3leo_stream import encoder_card
 from m3leo_stream.embed import CONFIG_DIR, embed_batch, run
 from m3leo_stream.encoder_card import PipelineMismatch, export_encoder, load_encoder_and_card, require_pipeline
-from m3leo_stream.gpu_transforms import build_device_transforms
 from m3leo_stream.models.mae import MultiModalEncoder
 from m3leo_stream.shard_root import ShardRoot
+from m3leo_stream.transforms import build_device_transforms
 
 TRANSFORMS = {"grid": {"size": 32}, "modalities": {"s2rgbm": {"bands": ["07_*"]}}}
 TINY = {"size": "custom", "patch_size": 8, "dim": 32, "depth": 1, "heads": 2}  # as test_train's TINY_MAE

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
+from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities, polarisation_pairs
 
 DESIGN = {  # modality: (bands, canonical px, dtype)
     "s1grd": (16, 448, "int16"), "s2rgbm": (36, 448, "uint8"), "gssic": (38, 50, "float32"),
@@ -64,6 +64,29 @@ def test_manifest_round_trip():
         assert (a.nodata == b.nodata) or (math.isnan(a.nodata) and math.isnan(b.nodata))
         assert a.nc_variables == b.nc_variables and a.special_values == b.special_values
         assert [e.to_json() for e in a.encodings] == [e.to_json() for e in b.encodings]
+
+
+def test_polarisation_pairs_are_declared_on_the_sar_modalities():
+    s1, g = REGISTRY["s1grd"], REGISTRY["gssic"]
+    assert s1.polarisation_pairs[0] == ("winter_vv_asc", "winter_vh_asc") and len(s1.polarisation_pairs) == 8
+    assert g.polarisation_pairs == tuple((f"amplitude_{s}_vv", f"amplitude_{s}_vh")
+                                         for s in ("winter", "spring", "summer", "fall"))
+    assert polarisation_pairs(REGISTRY["s2rgbm"]) == [] and polarisation_pairs(g)[0] == (0, 1)
+    # positions in a list of channel names: only pairs with both bands there, in the VV band's order
+    names = ["summer_vh_des", "x", "summer_vv_asc", "summer_vv_des", "summer_vh_asc", "fall_vv_asc"]
+    assert polarisation_pairs(s1, names) == [(2, 4), (3, 0)]
+    # an entry without declared pairs (a manifest written before they were declared, a user YAML) pairs by name
+    old = {k: v for k, v in s1.to_json().items() if k != "polarisation_pairs"}
+    assert Modality.from_json(old).polarisation_pairs == s1.polarisation_pairs
+    base = dict(name="x", folder_pattern="x", file_ext="tif", bands=("co", "cross", "y_vv"), dtype="int16",
+                kind="sar_db", resolution_m=10, description="", source="")
+    assert Modality(**base).polarisation_pairs == ()  # y_vv has no y_vh
+    m = Modality(**base, polarisation_pairs=(("co", "cross"),))
+    assert Modality.from_json(m.to_json()).polarisation_pairs == (("co", "cross"),)
+    with pytest.raises(ValueError, match=r"polarisation_pairs must pair distinct bands .*unknown: \['hv'\]"):
+        Modality(**base, polarisation_pairs=(("co", "hv"),))
+    with pytest.raises(ValueError, match="polarisation_pairs must pair distinct bands"):
+        Modality(**base, polarisation_pairs=(("co", "cross"), ("cross", "y_vv")))
 
 
 def test_source_encodings_follow_the_exporters():

@@ -9,7 +9,15 @@ import torch
 
 from m3leo_stream import render
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.modalities import BANDS_KEY, REGISTRY, Display, Modality, Registry, load_user_modalities
+from m3leo_stream.modalities import (
+    BANDS_KEY,
+    REGISTRY,
+    Display,
+    Modality,
+    Registry,
+    load_user_modalities,
+    polarisation_pairs,
+)
 from m3leo_stream.shard_root import ShardRoot
 
 
@@ -88,7 +96,7 @@ def test_sar_false_colour_from_vv_and_vh_in_stored_or_physical_units():
     assert (render.picture(m, phys, units="physical") == img).all()
     sub = m.band_index(["summer_vv_asc", "summer_vh_asc"])  # a subset of bands, named
     assert (render.picture(m, a[sub], bands=["summer_vv_asc", "summer_vh_asc"]) == img).all()
-    assert render.vv_vh_pairs(["summer_vv_asc", "summer_vh_asc", "summer_vv-vh_asc"]) == [(0, 1)]
+    assert polarisation_pairs(m, ["summer_vv_asc", "summer_vh_asc", "summer_vv-vh_asc"]) == [(0, 1)]
 
 
 def test_continuous_bands_use_their_colormap_range_and_mark_special_values():

@@ -371,7 +371,7 @@ def test_resolution_build_is_the_full_build_block_reduced(res_shards, small_shar
 
 def test_resolution_build_streams_at_the_stored_size(res_shards):
     from m3leo_stream.datamodule import M3LEODataModule
-    from m3leo_stream.gpu_transforms import DeviceTransforms
+    from m3leo_stream.transforms import DeviceTransforms
 
     dm = M3LEODataModule(str(res_shards), inputs=["s1grd", "s2rgbm"], targets=["esawc"], batch_size=2, seed=0,
                          num_workers=0)
