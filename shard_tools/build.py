@@ -27,9 +27,9 @@ import logging
 import os
 import tempfile
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -44,6 +44,7 @@ from shard_tools import hub
 from shard_tools.downsample import MANIFEST_KEY, block_reduce, check_resolutions, entry_json, provenance, stored_entries
 from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.grid import Chip
+from shard_tools.inflight import bounded_map
 from shard_tools.publish import pipe_atomic, put_atomic
 from shard_tools.rasters import ChipDataError, decode_chip_file
 from shard_tools.stats import StatsSet
@@ -365,18 +366,7 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
                 ahead.close()
         return
     with ThreadPoolExecutor(depth) as pool:
-        pending: deque = deque()
-        it = iter(chips)
-        for job in it:
-            pending.append((job, pool.submit(read_all, job)))
-            if len(pending) >= depth:
-                break
-        while pending:
-            job, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read_all, nxt)))
-            yield job, fut.result()
+        yield from bounded_map(pool, read_all, chips, depth)
 
 
 LOCAL_READ_AHEAD = 4  # chips of a local source whose files the kernel is asked to read ahead
@@ -754,26 +744,10 @@ def _run(tasks: list[list[ShardTask]], workers: int):
         return
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
-        pending = set()
         # largest groups first (stable), so that no worker is left with a big one at the end while others idle
-        it = iter(sorted(tasks, key=lambda g: -sum(len(t.shard.chips) for t in g)))
-        for t in it:
-            pending.add(pool.submit(build_group, t))
-            if len(pending) >= workers * 2:
-                break
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    result = fut.result()
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(build_group, nxt))
-                    yield result
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        largest_first = sorted(tasks, key=lambda g: -sum(len(t.shard.chips) for t in g))
+        for _, result in bounded_map(pool, build_group, largest_first, workers * 2, order="completion"):
+            yield result
 
 
 # ------------------------------------------------------------------ finalize

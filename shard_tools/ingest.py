@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import grid, hub
+from shard_tools.inflight import bounded_map
 from shard_tools.publish import put_atomic
 from shard_tools.rasters import GeoTiffEncoder
 
@@ -763,20 +764,5 @@ def _map(fn, jobs: list[_Job], workers: int):
             yield fn(j)
         return
     with ThreadPoolExecutor(workers) as pool:
-        pending = []
-        it = iter(jobs)
-        for j in it:
-            pending.append(pool.submit(fn, j))
-            if len(pending) >= workers * 4:
-                break
-        try:
-            while pending:
-                fut = pending.pop(0)
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(fn, nxt))
-                yield fut.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        for _, result in bounded_map(pool, fn, jobs, workers * 4):
+            yield result
