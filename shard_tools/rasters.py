@@ -3,7 +3,6 @@ canonical grid of a modality. Shared by ``synth``, ``build`` and ``ingest-raster
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from m3leo_stream.modalities import Modality
+from m3leo_stream.modalities import Modality, is_nan, nodata_value
 from shard_tools.tiff_raw import open_plain, read_pixels, read_tags
 
 
@@ -118,7 +117,7 @@ class GeoTiffEncoder:
         states = per_strip(~array.view(np.uint8).reshape(c, h, -1).any(axis=2)).astype(np.int8)
         nd = self.nodata
         if nd is not None and not (self.dtype.kind in "iu" and nd == 0):
-            is_nd = np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd
+            is_nd = np.isnan(array) if is_nan(nd) else array == nd
             states[per_strip(is_nd.all(axis=2)) & (states == 0)] = 2
         if self.dtype.kind == "f" and states.any():
             return None  # NaN payloads and -0.0: GDAL's fill bytes need not be the chip's
@@ -568,7 +567,7 @@ def resample(
     valid = torch.ones_like(values, dtype=torch.bool)
     if array.dtype.kind == "f":
         valid &= ~torch.isnan(values)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+    if nodata_value(nodata) is not None:
         valid &= values != nodata
     weights = valid.to(torch.float64)
     size = tuple(int(x) for x in shape)
@@ -578,7 +577,7 @@ def resample(
     ok = den >= 0.5
     out = (num / den.clamp_min(1e-12)).numpy()
     if array.dtype.kind == "f":
-        fill = np.nan if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)) else nodata
+        fill = np.nan if nodata_value(nodata) is None else nodata
         return np.where(ok.numpy(), out, fill).astype(array.dtype)
     info = np.iinfo(array.dtype)
     fill = nodata if nodata is not None else 0
