@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from m3leo_stream.modalities import REGISTRY, Modality, Registry, is_nan, load_user_modalities, nodata_mask, nodata_value
+from m3leo_stream.modalities import (
+    REGISTRY,
+    Modality,
+    Registry,
+    is_nan,
+    load_user_modalities,
+    nodata_mask,
+    nodata_value,
+)
 
 DESIGN = {  # modality: (bands, canonical px, dtype)
     "s1grd": (16, 448, "int16"), "s2rgbm": (36, 448, "uint8"), "gssic": (38, 50, "float32"),
