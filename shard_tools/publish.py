@@ -1,7 +1,8 @@
 """Atomic publication of files to a local directory or an object store.
 
 Local files are written under a temporary name in the same directory and renamed into place; object stores make
-an object visible only once its upload completes. Either way a reader never sees a partial file.
+an object visible only once its upload completes. Either way a reader never sees a partial file. An output that is
+written piece by piece (a shard, an index, a plan table) goes into a local staging file first (:func:`staged`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ libtiff write them) and de-interleaved with a cache-blocked numpy transpose. Onl
 the metadata (band count and descriptions, bounds, CRS) still comes from rasterio. Anything else — compression, a
 predictor, tiles, odd bit depths, strips that do not fit the file — returns ``None`` and the caller reads through
 rasterio, which reports the precise problem for damaged files.
+
+The TIFF tags are parsed here and only here (:func:`read_tags`): the GeoTIFF encoder in ``rasters`` reads the strip
+layout of its GDAL-written templates through it.
 """
 
 from __future__ import annotations

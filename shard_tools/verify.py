@@ -281,6 +281,7 @@ def verify(out: str, storage_options: Mapping[str, Any] | None = None, workers: 
                     "only", out, manifest.get("format_version"))
     found: dict[str, list[str]] = {}
     bar = tqdm(total=len(entries), unit="shard", desc="verify", disable=not progress)
+
     def check(shard: tuple[str, list[dict[str, Any]]]) -> list[str]:
         path, rows = shard
         return _check_shard(root, by_path[path], rows, modalities, checksums)
