@@ -39,7 +39,7 @@ from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_moda
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import grid, hub
 from shard_tools.inflight import bounded_map
-from shard_tools.publish import put_atomic
+from shard_tools.publish import fsync_path, put_atomic
 from shard_tools.rasters import GeoTiffEncoder
 
 log = logging.getLogger(__name__)
@@ -626,11 +626,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
             else:
                 put_atomic(fs, staged, dest)  # an object appears only once its upload completes
         if is_local(fs):
-            fd = os.open(dest_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the renames themselves
-            finally:
-                os.close(fd)
+            fsync_path(dest_dir)  # the renames themselves
     finally:
         early_sync.stop()
         bar.close()
@@ -737,11 +733,7 @@ def _sync_tree(folder: str, files: list[str]) -> None:
     except (OSError, AttributeError):
         pass
     for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 def _band_names(m: Modality, sources: list[RasterSource]) -> list[str]:

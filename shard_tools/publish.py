@@ -23,8 +23,9 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def _fsync(path: str) -> None:
-    """Flush a finished file to disk before it is renamed into place, so a crash cannot publish it empty."""
+def fsync_path(path: str) -> None:
+    """Flush a finished file to disk before it is renamed into place, so a crash cannot publish it empty; or a
+    directory's entries, after renames into it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,7 +75,7 @@ def _replace_local(path: str, fill: Callable[[str], None]) -> None:
     tmp = _partial_name(path)
     try:
         fill(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
