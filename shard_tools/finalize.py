@@ -158,7 +158,6 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     manifest_shards: list[dict[str, Any]] = []
     num_rows = 0
     tmp = staging_path(fs, join(root, sf.INDEX), join(root, BUILD_DIR))  # beside the build records
-    published = False
     try:
         writer = RowGroupWriter(tmp, schema)
         try:
@@ -215,9 +214,8 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
             if dup:
                 raise b.BuildError(f"duplicate identifiers across shards: {dup[:5]}")
         put_atomic(fs, tmp, join(root, sf.INDEX))
-        published = True
     finally:
-        if not published and os.path.exists(tmp):
+        if os.path.exists(tmp):  # not published, or uploaded from here
             os.remove(tmp)
     pipe_atomic(fs, join(root, sf.STATS), json.dumps(stats.to_json(), indent=1, allow_nan=False).encode())
     manifest = {
