@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -255,12 +255,7 @@ class Modality:
 
     def is_nodata(self, array: np.ndarray) -> np.ndarray:
         """Boolean mask of nodata pixels (the nodata value, and NaN for float arrays)."""
-        mask = np.zeros(array.shape, dtype=bool)
-        if array.dtype.kind == "f":
-            mask |= np.isnan(array)
-        if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
-            mask |= array == self.nodata
-        return mask
+        return nodata_mask(array, self.nodata)
 
     def to_json(self) -> dict[str, Any]:
         """The entry as written into ``manifest.json``."""
@@ -335,8 +330,29 @@ def polarisation_pairs(m: Modality, names: Sequence[str] | None = None) -> list[
     return sorted((pos[a], pos[b]) for a, b in m.polarisation_pairs or () if a in pos and b in pos)
 
 
+_N = TypeVar("_N")
+
+
+def is_nan(x: object) -> bool:
+    """Whether ``x`` is a float NaN, such as a NaN nodata value: ``isnan`` finds those pixels, ``==`` never does."""
+    return isinstance(x, float) and math.isnan(x)
+
+
+def nodata_value(nodata: _N | None) -> _N | None:
+    """``nodata`` where it is a value that ``==`` finds; None where there is none or it is NaN."""
+    return None if nodata is None or is_nan(nodata) else nodata
+
+
+def nodata_mask(array: np.ndarray, nodata: float | int | np.generic | np.ndarray | None) -> np.ndarray:
+    """Boolean mask of the nodata pixels of ``array``: NaN in a float array, and the pixels equal to ``nodata``."""
+    mask = np.isnan(array) if array.dtype.kind == "f" else np.zeros(array.shape, dtype=bool)
+    if nodata_value(nodata) is not None:
+        mask |= array == nodata
+    return mask
+
+
 def _json_number(x: float | int | None) -> float | int | str | None:
-    if isinstance(x, float) and math.isnan(x):
+    if is_nan(x):
         return "nan"
     return x
 

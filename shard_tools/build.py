@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -44,7 +42,8 @@ from shard_tools import hub
 from shard_tools.downsample import MANIFEST_KEY, block_reduce, check_resolutions, entry_json, provenance, stored_entries
 from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.grid import Chip
-from shard_tools.publish import pipe_atomic, put_atomic
+from shard_tools.inflight import bounded_map
+from shard_tools.publish import PARTIAL, pipe_atomic, staged
 from shard_tools.rasters import ChipDataError, decode_chip_file
 from shard_tools.stats import StatsSet
 from shard_tools.writer import ShardWriter, predicted_member_size
@@ -365,18 +364,7 @@ def _prefetch(reader: hub.SourceReader, chips: list[ChipJob], sequential: bool, 
                 ahead.close()
         return
     with ThreadPoolExecutor(depth) as pool:
-        pending: deque = deque()
-        it = iter(chips)
-        for job in it:
-            pending.append((job, pool.submit(read_all, job)))
-            if len(pending) >= depth:
-                break
-        while pending:
-            job, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read_all, nxt)))
-            yield job, fut.result()
+        yield from bounded_map(pool, read_all, chips, depth)
 
 
 LOCAL_READ_AHEAD = 4  # chips of a local source whose files the kernel is asked to read ahead
@@ -454,16 +442,11 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
     encodings: Counter = Counter()
     skipped_chips = skipped_members = empty_members = 0
     dest = join(out_root, shard.path)
-    if is_local(out_fs):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp_path = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
-    else:
-        fd, tmp_path = tempfile.mkstemp(suffix=".tar", prefix="m3leo-shard-")
-        os.close(fd)
     # parquet row groups are cached by the reader (not thread-safe); local files need no read-ahead
     sequential = is_local(src_fs) or any(r.in_parquet for c in shard.chips for r in c.files.values())
     try:
-        with open(tmp_path, "wb") as f, ShardWriter(f, task.compress, writeback=WRITEBACK, background=True) as writer:
+        with (staged(out_fs, dest) as tmp_path, open(tmp_path, "wb") as f,
+              ShardWriter(f, task.compress, writeback=WRITEBACK, background=True) as writer):
             for job, contents in _prefetch(reader, shard.chips, sequential):
                 arrays: dict[str, np.ndarray] = {}
                 info: dict[str, Any] = {}
@@ -535,12 +518,9 @@ def build_shard(task: ShardTask, reader: hub.SourceReader | None = None) -> dict
                     for name, array in arrays.items():
                         stats.add(job.region, name, array)
             nbytes, sha = writer.close()
-        put_atomic(out_fs, tmp_path, dest)
     finally:
         if own_reader:
             reader.close()
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     record = {
         "path": shard.path, "region": shard.region, "split": shard.split, "bytes": nbytes, "sha256": sha,
         "num_samples": writer.samples, "rows": rows, "stats": stats.state(shard.region) if stats else None,
@@ -568,7 +548,7 @@ def _clean_partials(fs, root: str, shards: Sequence[ShardJob]) -> None:
     for d, names in sorted(mine.items()):
         if os.path.isdir(d):
             for name in os.listdir(d):
-                if ".partial-" in name and name.split(".partial-", 1)[0] in names:
+                if PARTIAL in name and name.split(PARTIAL, 1)[0] in names:
                     os.remove(os.path.join(d, name))
 
 
@@ -754,26 +734,10 @@ def _run(tasks: list[list[ShardTask]], workers: int):
         return
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_worker_context(),
                              initializer=_worker_init, initargs=(dict(os.environ),)) as pool:
-        pending = set()
         # largest groups first (stable), so that no worker is left with a big one at the end while others idle
-        it = iter(sorted(tasks, key=lambda g: -sum(len(t.shard.chips) for t in g)))
-        for t in it:
-            pending.add(pool.submit(build_group, t))
-            if len(pending) >= workers * 2:
-                break
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    result = fut.result()
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(build_group, nxt))
-                    yield result
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        largest_first = sorted(tasks, key=lambda g: -sum(len(t.shard.chips) for t in g))
+        for _, result in bounded_map(pool, build_group, largest_first, workers * 2, order="completion"):
+            yield result
 
 
 # ------------------------------------------------------------------ finalize

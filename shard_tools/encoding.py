@@ -9,12 +9,11 @@ a nodata tag that is a valid class code, nodata pixels where the modality has no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from m3leo_stream.modalities import Modality, SourceEncoding
+from m3leo_stream.modalities import Modality, SourceEncoding, is_nan, nodata_value
 from shard_tools.rasters import ChipDataError, Decoded, resample
 
 
@@ -33,15 +32,11 @@ class Stored:
     source_nodata: int = 0  # source pixels that were nodata (before resampling)
 
 
-def _is_nan(x: float | int | None) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
 def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, chip: str) -> np.ndarray | None:
     """(C, H, W) bool of source pixels that hold no data, or None when every pixel holds data."""
     src = dec.array
     tag = dec.nodata
-    if tag is not None and not _is_nan(tag):
+    if nodata_value(tag) is not None:
         if m.is_categorical and int(tag) in m.class_codes:
             raise ChipDataError(where, chip, f"the file's nodata tag {tag} is class code {int(tag)} of {m.name}; "
                                              "reading it as nodata would erase that class")
@@ -52,7 +47,7 @@ def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, c
     if src.dtype.kind == "f":
         bad = np.isnan(src)
     for value in (enc.nodata, tag):
-        if value is None or _is_nan(value):
+        if nodata_value(value) is None:
             continue
         if src.dtype.kind in "iu" and not float(value).is_integer():
             continue  # a fractional tag on an integer file marks nothing
@@ -64,14 +59,14 @@ def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, c
 
 
 def _same(a: float | int | None, b: float | int | None) -> bool:
-    return a == b or (_is_nan(a) and _is_nan(b))
+    return a == b or (is_nan(a) and is_nan(b))
 
 
 def _as_stored(m: Modality, enc: SourceEncoding, dec: Decoded) -> bool:
     """The file holds stored values with the stored nodata already: nothing to map (no copy, no mask pass)."""
     return (enc.is_identity and dec.array.dtype == m.np_dtype and _same(enc.nodata, m.nodata)
             and (dec.nodata is None or _same(dec.nodata, m.nodata)) and dec.valid is None
-            and (dec.array.dtype.kind != "f" or _is_nan(m.nodata)))
+            and (dec.array.dtype.kind != "f" or is_nan(m.nodata)))
 
 
 def _out_of_range(m: Modality, enc: SourceEncoding, lo: float, hi: float, where: str, chip: str) -> ChipDataError:
@@ -103,7 +98,7 @@ def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarra
             if enc.offset:
                 a += out.type(enc.offset)
             nd = m.nodata
-            return a, nd is not None and not _is_nan(nd) and lo <= nd <= hi
+            return a, nodata_value(nd) is not None and lo <= nd <= hi
     f = values.astype(np.float64)
     f *= enc.gain
     f += enc.offset
@@ -156,7 +151,7 @@ def to_stored(m: Modality, dec: Decoded, where: str, chip: str) -> Stored:
         if np.may_share_memory(array, src):
             array = array.copy()
         array[invalid] = nd
-    if may_clash and nd is not None and not _is_nan(nd) and not (enc.is_identity and enc.nodata == nd):
+    if may_clash and nodata_value(nd) is not None and not (enc.is_identity and enc.nodata == nd):
         clash = array == nd
         if invalid is not None:
             clash &= ~invalid

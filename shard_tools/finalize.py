@@ -20,8 +20,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -31,9 +29,9 @@ from tqdm.auto import tqdm
 
 from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import Modality
-from m3leo_stream.storage import get_fs, is_local, join
+from m3leo_stream.storage import get_fs, join
 from shard_tools.downsample import MANIFEST_KEY, entry_json
-from shard_tools.publish import pipe_atomic, put_atomic
+from shard_tools.publish import pipe_atomic, put_atomic, staging_path
 from shard_tools.stats import StatsSet
 
 log = logging.getLogger(__name__)
@@ -117,18 +115,6 @@ class RowGroupWriter:
         self.writer.close()
 
 
-def _local_temp(fs: Any, root: str, name: str) -> str:
-    """A temporary file for an output being written: beside the root's build records on a local root (published
-    by a rename), in the local temporary directory otherwise (uploaded when complete)."""
-    if is_local(fs):
-        d = join(root, BUILD_DIR)
-        os.makedirs(d, exist_ok=True)
-        return os.path.join(d, f"{name}.partial-{uuid.uuid4().hex[:8]}")
-    fd, path = tempfile.mkstemp(prefix=f"m3leo-{name}-")
-    os.close(fd)
-    return path
-
-
 BUILD_DIR = "_build"
 
 
@@ -171,8 +157,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     present = Counter()
     manifest_shards: list[sf.ShardEntry] = []
     num_rows = 0
-    tmp = _local_temp(fs, root, "index.parquet")
-    published = False
+    tmp = staging_path(fs, join(root, sf.INDEX), join(root, BUILD_DIR))  # beside the build records
     try:
         writer = RowGroupWriter(tmp, schema)
         try:
@@ -229,9 +214,8 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
             if dup:
                 raise b.BuildError(f"duplicate identifiers across shards: {dup[:5]}")
         put_atomic(fs, tmp, join(root, sf.INDEX))
-        published = True
     finally:
-        if not published and os.path.exists(tmp):
+        if os.path.exists(tmp):  # not published, or uploaded from here
             os.remove(tmp)
     pipe_atomic(fs, join(root, sf.STATS), sf.dumps_stats(stats.to_json()))
     manifest = sf.Manifest(

@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
+from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities, nodata_mask, nodata_value
 from m3leo_stream.storage import get_fs, is_local, join
 from shard_tools import grid, hub
-from shard_tools.publish import put_atomic
+from shard_tools.inflight import bounded_map
+from shard_tools.publish import fsync_path, put_atomic
 from shard_tools.rasters import GeoTiffEncoder
 
 log = logging.getLogger(__name__)
@@ -288,21 +289,22 @@ def chip_pixels(chip: grid.Chip, m: Modality) -> int:
     return max(1, int(round(size_m / m.resolution_m)))
 
 
+def _tag_value(nodata: float | None, dtype: np.dtype) -> np.ndarray | None:
+    """A raster's nodata tag as a value of the raster's dtype, which is how GDAL compares it; None when the raster
+    has none or it is NaN."""
+    return None if nodata_value(nodata) is None else np.asarray(nodata).astype(dtype)
+
+
 def _is_nodata(a: np.ndarray, nodata: float | None) -> np.ndarray:
-    has_value = nodata is not None and not math.isnan(nodata)
-    if a.dtype.kind != "f":
-        return a == np.asarray(nodata).astype(a.dtype) if has_value else np.zeros(a.shape, bool)
-    bad = np.isnan(a)
-    if has_value:
-        bad |= a == np.asarray(nodata).astype(a.dtype)
-    return bad
+    return nodata_mask(a, _tag_value(nodata, a.dtype))
 
 
 def _is_valid(a: np.ndarray, nodata: float | None) -> np.ndarray:
     """``~_is_nodata(a, nodata)`` in one pass for integer arrays."""
-    if a.dtype.kind != "f" and nodata is not None and not math.isnan(nodata):
-        return a != np.asarray(nodata).astype(a.dtype)
-    return ~_is_nodata(a, nodata)
+    nd = _tag_value(nodata, a.dtype)
+    if a.dtype.kind != "f" and nd is not None:
+        return a != nd
+    return ~nodata_mask(a, nd)
 
 
 def _has_nodata(a: np.ndarray, nodata: float | None) -> bool:
@@ -312,9 +314,9 @@ def _has_nodata(a: np.ndarray, nodata: float | None) -> bool:
     lo = a.min()
     if a.dtype.kind == "f" and np.isnan(lo):
         return True
-    if nodata is None or math.isnan(nodata):
+    nd = _tag_value(nodata, a.dtype)
+    if nd is None:
         return False
-    nd = np.asarray(nodata).astype(a.dtype)
     if nd < lo or nd > a.max():
         return False
     return bool((a == nd).any())
@@ -624,11 +626,7 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
             else:
                 put_atomic(fs, staged, dest)  # an object appears only once its upload completes
         if is_local(fs):
-            fd = os.open(dest_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the renames themselves
-            finally:
-                os.close(fd)
+            fsync_path(dest_dir)  # the renames themselves
     finally:
         early_sync.stop()
         bar.close()
@@ -735,11 +733,7 @@ def _sync_tree(folder: str, files: list[str]) -> None:
     except (OSError, AttributeError):
         pass
     for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 def _band_names(m: Modality, sources: list[RasterSource]) -> list[str]:
@@ -763,20 +757,5 @@ def _map(fn, jobs: list[_Job], workers: int):
             yield fn(j)
         return
     with ThreadPoolExecutor(workers) as pool:
-        pending = []
-        it = iter(jobs)
-        for j in it:
-            pending.append(pool.submit(fn, j))
-            if len(pending) >= workers * 4:
-                break
-        try:
-            while pending:
-                fut = pending.pop(0)
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(fn, nxt))
-                yield fut.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        for _, result in bounded_map(pool, fn, jobs, workers * 4):
+            yield result

@@ -104,8 +104,7 @@ def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shard_tools.finalize import _local_temp
-    from shard_tools.publish import pipe_atomic, put_atomic
+    from shard_tools.publish import pipe_atomic, staged
 
     ident = uuid.uuid4().hex[:12]
     names = {"shards": f"plan-{ident}.shards.parquet", "chips": f"plan-{ident}.chips.parquet"}
@@ -118,12 +117,11 @@ def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks:
         for k, v in (("path", s.path), ("region", s.region), ("split", s.split), ("number", s.number),
                      ("group", g), ("position", p), ("chips", len(s.chips)), ("parquet_group", s.group)):
             shard_rows[k].append(v)
-    tmp = _local_temp(fs, root, names["shards"])
-    pq.write_table(pa.table(shard_rows), tmp, compression="zstd")
-    put_atomic(fs, tmp, join(root, "_build", names["shards"]))
+    with staged(fs, join(root, "_build", names["shards"])) as tmp:
+        pq.write_table(pa.table(shard_rows), tmp, compression="zstd")
     schema = _chip_schema(mods)
-    tmp = _local_temp(fs, root, names["chips"])
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+    with (staged(fs, join(root, "_build", names["chips"])) as tmp,
+          pq.ParquetWriter(tmp, schema, compression="zstd") as w):
         for task in range(num_tasks):
             cols: dict[str, list[Any]] = {f.name: [] for f in schema}
             for g in range(task, len(plan.groups), num_tasks):
@@ -147,7 +145,6 @@ def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks:
                             cols[f"{m}_size"].append(ref.size if ref else None)
             if cols["task"] or task == 0:
                 w.write_table(pa.table(cols, schema=schema), row_group_size=CHIP_ROW_GROUP)
-    put_atomic(fs, tmp, join(root, "_build", names["chips"]))
     header = {**header, "tables": names, "num_tasks": num_tasks, "num_shards": len(plan.shards),
               "num_chips": sum(len(s.chips) for s in plan.shards), "num_groups": len(plan.groups)}
     pipe_atomic(fs, join(root, HEADER), json.dumps(header, sort_keys=True).encode())

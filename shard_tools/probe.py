@@ -8,7 +8,6 @@ are read (for the parquet release: the ``path`` column and the ``content`` of th
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities
+from m3leo_stream.modalities import REGISTRY, Modality, Registry, is_nan, load_user_modalities
 from m3leo_stream.storage import get_fs, join
 from shard_tools import hub
 from shard_tools.encoding import EmptyMember, to_stored
@@ -109,7 +108,7 @@ def _num(x: Any) -> float | int | str | None:
     if x is None:
         return None
     v = np.asarray(x).item()
-    return "nan" if isinstance(v, float) and math.isnan(v) else v
+    return "nan" if is_nan(v) else v
 
 
 def probe_file(m: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any]) -> FileReport:

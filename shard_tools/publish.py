@@ -1,14 +1,18 @@
 """Atomic publication of files to a local directory or an object store.
 
 Local files are written under a temporary name in the same directory and renamed into place; object stores make
-an object visible only once its upload completes. Either way a reader never sees a partial file.
+an object visible only once its upload completes. Either way a reader never sees a partial file. An output that is
+written piece by piece (a shard, an index, a plan table) goes into a local staging file first (:func:`staged`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import fsspec
 
@@ -19,8 +23,9 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def _fsync(path: str) -> None:
-    """Flush a finished file to disk before it is renamed into place, so a crash cannot publish it empty."""
+def fsync_path(path: str) -> None:
+    """Flush a finished file to disk before it is renamed into place, so a crash cannot publish it empty; or a
+    directory's entries, after renames into it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,48 +56,84 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _libc(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+PARTIAL = ".partial-"  # marks a file being written beside its destination (a build's cleanup looks for it)
+
+
+def _makedirs_for(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    parent = _parent(path)
+    if is_local(fs) and parent:
+        os.makedirs(parent, exist_ok=True)
+
+
+def _partial_name(path: str) -> str:
+    return f"{path}{PARTIAL}{uuid.uuid4().hex[:8]}"
+
+
+def _replace_local(path: str, fill: Callable[[str], None]) -> None:
+    """Create local ``path`` whole: ``fill`` writes a temporary file beside it, which is flushed to disk and
+    renamed into place; the temporary file never outlives the call."""
+    tmp = _partial_name(path)
+    try:
+        fill(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def pipe_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it appears whole or not at all."""
     if is_local(fs):
-        parent = _parent(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _makedirs_for(fs, path)
+        _replace_local(path, lambda tmp: _write_bytes(tmp, data))
     else:
         fs.pipe_file(path, data)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
     """Publish a finished local file at ``path`` (moved when both are local, uploaded otherwise)."""
     if is_local(fs):
-        parent = _parent(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            shutil.move(local_path, tmp)
-            _fsync(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _makedirs_for(fs, path)
+        _replace_local(path, lambda tmp: shutil.move(local_path, tmp))
     else:
         fs.put_file(local_path, path)
 
 
+def staging_path(fs: fsspec.AbstractFileSystem, path: str, folder: str | None = None) -> str:
+    """A local file to write an output into before :func:`put_atomic` publishes it at ``path``: on a local file
+    system beside ``path`` (or in ``folder``), so that publishing is a rename on the same disk; in the system's
+    temporary directory otherwise, for the upload."""
+    name = path.rsplit("/", 1)[-1]
+    if is_local(fs):
+        where = _parent(path) if folder is None else folder
+        if where:
+            os.makedirs(where, exist_ok=True)
+        return _partial_name(os.path.join(where, name))
+    fd, tmp = tempfile.mkstemp(prefix=f"m3leo-{name}-")
+    os.close(fd)
+    return tmp
+
+
+@contextmanager
+def staged(fs: fsspec.AbstractFileSystem, path: str, folder: str | None = None) -> Iterator[str]:
+    """A :func:`staging_path` to write into; published at ``path`` when the block ends without an error, and
+    removed in every case, so that a failed write leaves neither a partial output nor a temporary file."""
+    tmp = staging_path(fs, path, folder)
+    try:
+        yield tmp
+        put_atomic(fs, tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Plain (non-atomic) write that creates local parent directories; for generated source data."""
-    if is_local(fs):
-        parent = _parent(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+    _makedirs_for(fs, path)
     fs.pipe_file(path, data)

@@ -3,7 +3,6 @@ canonical grid of a modality. Shared by ``synth``, ``build`` and ``ingest-raster
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from m3leo_stream.modalities import Modality
+from m3leo_stream.modalities import Modality, is_nan, nodata_value
+from shard_tools.tiff_raw import open_plain, read_pixels, read_tags
 
 
 class ChipDataError(ValueError):
@@ -96,10 +96,10 @@ class GeoTiffEncoder:
     # -- strips
 
     def _strip_geometry(self, tif: bytes) -> None:
-        tags = _tiff_tags(tif)
+        tags, _ = _template_tags(tif)
         c, h, w = self.shape
-        self.planar = _tag_values(tif, tags, self.PLANAR)[0] if self.PLANAR in tags else 1
-        self.rows = _tag_values(tif, tags, self.ROWS_PER_STRIP)[0] if self.ROWS_PER_STRIP in tags else h
+        self.planar = tags[self.PLANAR][0] if self.PLANAR in tags else 1
+        self.rows = tags[self.ROWS_PER_STRIP][0] if self.ROWS_PER_STRIP in tags else h
         self.per_band = -(-h // self.rows)
         self.n_strips = self.per_band * (c if self.planar == 2 else 1)
 
@@ -117,7 +117,7 @@ class GeoTiffEncoder:
         states = per_strip(~array.view(np.uint8).reshape(c, h, -1).any(axis=2)).astype(np.int8)
         nd = self.nodata
         if nd is not None and not (self.dtype.kind in "iu" and nd == 0):
-            is_nd = np.isnan(array) if isinstance(nd, float) and math.isnan(nd) else array == nd
+            is_nd = np.isnan(array) if is_nan(nd) else array == nd
             states[per_strip(is_nd.all(axis=2)) & (states == 0)] = 2
         if self.dtype.kind == "f" and states.any():
             return None  # NaN payloads and -0.0: GDAL's fill bytes need not be the chip's
@@ -151,16 +151,15 @@ class GeoTiffEncoder:
     def _make_layout(self, states: tuple[int, ...]) -> _TiffLayout | None:
         tif = geotiff_bytes(self._pattern(states, np.full(self.shape, self.fill, self.dtype)), self.TEMPLATE_BOUNDS,
                             self.crs, self.nodata, self.descriptions)
-        tags = _tiff_tags(tif)
-        offsets = _tag_values(tif, tags, self.STRIP_OFFSETS)
-        sizes = _tag_values(tif, tags, self.STRIP_BYTES)
+        tags, types = _template_tags(tif)
+        offsets, sizes = tags[self.STRIP_OFFSETS], tags[self.STRIP_BYTES]
         c, h, w = self.shape
         row_bytes = w * self.dtype.itemsize * (1 if self.planar == 2 else c)
         true = [min(self.rows, h - j * self.rows) * row_bytes for j in range(self.per_band)]
         true *= self.n_strips // self.per_band
         if len(offsets) != self.n_strips or any(s < t for s, t in zip(sizes, true)):
             raise ValueError("unexpected strips")
-        if any(tags[t][0] != 12 for t in (self.PIXEL_SCALE, self.TIEPOINT)):
+        if any(types[t] != 12 for t in (self.PIXEL_SCALE, self.TIEPOINT)):
             raise ValueError("unexpected georeferencing tags")
         t = _bounds_transform(self.TEMPLATE_BOUNDS, self.shape)
         patches = []
@@ -252,27 +251,12 @@ def _bounds_transform(bounds: tuple[float, float, float, float], shape: tuple[in
     return from_bounds(*bounds, shape[2], shape[1])
 
 
-def _tiff_tags(tif: bytes) -> dict[int, tuple[int, int, int]]:
-    """Tags of a little-endian classic TIFF with one IFD: tag → (type, count, position of the value field)."""
-    if tif[:4] != b"II*\x00":
-        raise ValueError("not a little-endian classic TIFF")
-    (ifd,) = struct.unpack_from("<I", tif, 4)
-    (n,) = struct.unpack_from("<H", tif, ifd)
-    tags = {}
-    for i in range(n):
-        tag, typ, count, _ = struct.unpack_from("<HHII", tif, ifd + 2 + 12 * i)
-        tags[tag] = (typ, count, ifd + 2 + 12 * i + 8)
-    if struct.unpack_from("<I", tif, ifd + 2 + 12 * n)[0] != 0:
-        raise ValueError("more than one IFD")
-    return tags
-
-
-def _tag_values(tif: bytes, tags: dict[int, tuple[int, int, int]], tag: int) -> list[int]:
-    typ, count, at = tags[tag]
-    fmt = {3: "H", 4: "I"}[typ]
-    if struct.calcsize(fmt) * count > 4:
-        (at,) = struct.unpack_from("<I", tif, at)
-    return list(struct.unpack_from(f"<{count}{fmt}", tif, at))
+def _template_tags(tif: bytes) -> tuple[dict[int, tuple], dict[int, int]]:
+    """Values and field types by tag of a GDAL-written template, which is patched as little-endian."""
+    byte_order, values, types = read_tags(tif)
+    if byte_order != "<":
+        raise ValueError("not a little-endian TIFF")
+    return values, types
 
 
 def netcdf_bytes(build) -> bytes:
@@ -334,8 +318,6 @@ def _open_tif(data: bytes | str):
 
 
 def _decode_tif(modality: Modality, data: bytes | str, where: str, chip: str, options: Mapping[str, Any]) -> Decoded:
-    from shard_tools.tiff_raw import open_plain
-
     plain = open_plain(data)  # plain uncompressed EPSG:4326 strips: no GDAL at all (same values, see tiff_raw)
     if plain is not None:
         with plain:
@@ -406,8 +388,6 @@ def _tif_bands(modality: Modality, descriptions: list[str | None], count: int, r
 def _read_tif_pixels(src, data: bytes | str, idx: list[int] | None) -> np.ndarray:
     """Bands ``idx`` (0-based; all when None) of an open rasterio dataset: straight from the strips for plain
     uncompressed files (see :mod:`shard_tools.tiff_raw`), through GDAL otherwise. Both give the same array."""
-    from shard_tools.tiff_raw import read_pixels
-
     want = (src.count if idx is None else len(idx), src.height, src.width)
     dtypes = set(src.dtypes) if idx is None else {src.dtypes[i] for i in idx}
     fast = read_pixels(data, idx) if len(dtypes) == 1 else None
@@ -587,7 +567,7 @@ def resample(
     valid = torch.ones_like(values, dtype=torch.bool)
     if array.dtype.kind == "f":
         valid &= ~torch.isnan(values)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+    if nodata_value(nodata) is not None:
         valid &= values != nodata
     weights = valid.to(torch.float64)
     size = tuple(int(x) for x in shape)
@@ -597,7 +577,7 @@ def resample(
     ok = den >= 0.5
     out = (num / den.clamp_min(1e-12)).numpy()
     if array.dtype.kind == "f":
-        fill = np.nan if nodata is None or (isinstance(nodata, float) and math.isnan(nodata)) else nodata
+        fill = np.nan if nodata_value(nodata) is None else nodata
         return np.where(ok.numpy(), out, fill).astype(array.dtype)
     info = np.iinfo(array.dtype)
     fill = nodata if nodata is not None else 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from m3leo_stream.modalities import Modality
+from m3leo_stream.modalities import Modality, nodata_mask, nodata_value
 from m3leo_stream.shard_format.stats import PERCENTILES
 from m3leo_stream.shard_format.stats import percentile_key as _pct_key
 
@@ -127,8 +127,7 @@ class ModalityStats:
         self.samples = 0
 
     def _nodata_is_value(self) -> bool:
-        nd = self.m.nodata
-        return nd is not None and not (isinstance(nd, float) and math.isnan(nd))
+        return nodata_value(self.m.nodata) is not None
 
     def add(self, array: np.ndarray) -> None:
         """Add one (C,H,W) array in the modality's dtype."""
@@ -141,10 +140,7 @@ class ModalityStats:
             return
         for b in range(c):
             v = flat[b]
-            valid = ~np.isnan(v) if v.dtype.kind == "f" else np.ones(v.shape, bool)
-            if self._nodata_is_value():
-                valid &= v != self.m.nodata
-            v = v[valid]
+            v = v[~nodata_mask(v, self.m.nodata)]
             n = v.size
             if n == 0:
                 continue

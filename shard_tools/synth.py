@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 from tqdm.auto import tqdm
 
-from m3leo_stream.modalities import REGISTRY, SEASONS, Modality
+from m3leo_stream.modalities import REGISTRY, SEASONS, Modality, is_nan
 from m3leo_stream.storage import get_fs, join
 from shard_tools import grid
 from shard_tools.publish import write_file
@@ -179,7 +179,7 @@ class ChipSynth:
 
     def _tif(self, m: Modality, array: np.ndarray, descriptions: Sequence[str] | None = None) -> bytes:
         nodata = m.nodata
-        if isinstance(nodata, float) and math.isnan(nodata) and array.dtype.kind != "f":
+        if is_nan(nodata) and array.dtype.kind != "f":
             nodata = None
         if m.encoding_for(array.dtype) in m.encodings:
             nodata = None  # an exporter encoding: geetiles writes no nodata tag (nodata is a value of the encoding)

@@ -7,6 +7,9 @@ libtiff write them) and de-interleaved with a cache-blocked numpy transpose. Onl
 the metadata (band count and descriptions, bounds, CRS) still comes from rasterio. Anything else — compression, a
 predictor, tiles, odd bit depths, strips that do not fit the file — returns ``None`` and the caller reads through
 rasterio, which reports the precise problem for damaged files.
+
+The TIFF tags are parsed here and only here (:func:`read_tags`): the GeoTIFF encoder in ``rasters`` reads the strip
+layout of its GDAL-written templates through it.
 """
 
 from __future__ import annotations
@@ -62,11 +65,23 @@ class _Source:
             self.f.close()
 
 
-class _Unsupported(Exception):
-    pass
+class _Unsupported(ValueError):
+    """Not a file of the plain kind read here (the caller reads it through GDAL)."""
 
 
-def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
+def read_tags(data: bytes | str) -> tuple[str, dict[int, tuple], dict[int, int]]:
+    """The byte order (``"<"`` or ``">"``), and the values and field types by tag, of the tags this module reads
+    (image layout, georeferencing, GDAL metadata and nodata) in a TIFF or BigTIFF with a single IFD. ASCII values
+    are one ``bytes``; others a tuple of numbers. Raises :class:`ValueError` (or ``struct.error`` for a truncated
+    file) for anything else."""
+    src = _Source(data)
+    try:
+        return _first_ifd(src)
+    finally:
+        src.close()
+
+
+def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple], dict[int, int]]:
     head = src.read(0, 16) if src.size >= 16 else src.read(0, 8)
     bo = {b"II": "<", b"MM": ">"}.get(head[:2])
     if bo is None:
@@ -85,7 +100,8 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
     raw = src.read(ifd + csize, n * entry_size + value_room)
     if any(raw[n * entry_size:]):
         raise _Unsupported  # a second IFD: an internal mask or overviews, which GDAL reads
-    tags: dict[int, tuple[int, ...]] = {}
+    tags: dict[int, tuple] = {}
+    types: dict[int, int] = {}
     for i in range(n):
         e = raw[i * entry_size: (i + 1) * entry_size]
         tag, typ = struct.unpack(bo + "HH", e[:4])
@@ -102,7 +118,8 @@ def _first_ifd(src: _Source) -> tuple[str, dict[int, tuple[int, ...]]]:
             (off,) = struct.unpack(bo + ("Q" if big else "I"), field)
             payload = src.read(off, nbytes)
         tags[tag] = (payload,) if typ == 2 else struct.unpack(f"{bo}{count}{_TYPES[typ]}", payload)
-    return bo, tags
+        types[tag] = typ
+    return bo, tags, types
 
 
 _local = threading.local()
@@ -134,7 +151,7 @@ def read_pixels(data: bytes | str, indexes: Sequence[int] | None = None) -> np.n
 
 
 def _read(src: _Source, indexes: Sequence[int] | None) -> np.ndarray:
-    bo, t = _first_ifd(src)
+    bo, t, _ = _first_ifd(src)
     return _pixels(src, bo, t, indexes)
 
 
@@ -252,7 +269,7 @@ def open_plain(data: bytes | str) -> PlainGeoTiff | None:
     except OSError:
         return None
     try:
-        bo, tags = _first_ifd(src)
+        bo, tags, _ = _first_ifd(src)
         return PlainGeoTiff(src, bo, tags)
     except (_Unsupported, struct.error, ValueError, OverflowError, MemoryError, UnicodeDecodeError):
         src.close()

@@ -10,7 +10,7 @@ import logging
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from m3leo_stream import shard_format as sf
 from m3leo_stream.shard_root import ShardRoot
 from m3leo_stream.storage import join
+from shard_tools.inflight import bounded_map
 from shard_tools.publish import pipe_atomic
 from shard_tools.stats import StatsSet
 
@@ -280,17 +281,15 @@ def verify(out: str, storage_options: Mapping[str, Any] | None = None, workers: 
                     "only", out, manifest.get("format_version"))
     found: dict[str, list[str]] = {}
     bar = tqdm(total=len(entries), unit="shard", desc="verify", disable=not progress)
+
+    def check(shard: tuple[str, list[dict[str, Any]]]) -> list[str]:
+        path, rows = shard
+        return _check_shard(root, by_path[path], rows, modalities, checksums)
+
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: dict[Any, str] = {}
-        for path, rows in scan.rows_of(list(by_path)):
-            pending[pool.submit(_check_shard, root, by_path[path], rows, modalities, checksums)] = path
-            while len(pending) >= 2 * max(1, workers):
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    found[pending.pop(fut)] = fut.result()
-                    bar.update(1)
-        for fut in list(pending):
-            found[pending.pop(fut)] = fut.result()
+        for (path, _), shard_problems in bounded_map(pool, check, scan.rows_of(list(by_path)), 2 * max(1, workers),
+                                                     order="completion"):
+            found[path] = shard_problems
             bar.update(1)
     bar.close()
     for e in entries:

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from m3leo_stream.modalities import REGISTRY, Modality, Registry, load_user_modalities, polarisation_pairs
+from m3leo_stream.modalities import (
+    REGISTRY,
+    Modality,
+    Registry,
+    is_nan,
+    load_user_modalities,
+    nodata_mask,
+    nodata_value,
+    polarisation_pairs,
+)
 
 DESIGN = {  # modality: (bands, canonical px, dtype)
     "s1grd": (16, 448, "int16"), "s2rgbm": (36, 448, "uint8"), "gssic": (38, 50, "float32"),
@@ -54,6 +63,20 @@ def test_nodata_masks():
     assert m.is_nodata(a).tolist() == [[[False, True]]]
     e = REGISTRY["esawc"]
     assert e.is_nodata(np.array([[[0, 10]]], np.uint8)).tolist() == [[[True, False]]]
+
+
+def test_nodata_value_mask_and_nan():
+    assert nodata_value(None) is None and nodata_value(float("nan")) is None
+    assert nodata_value(-9999.0) == -9999.0 and nodata_value(0) == 0
+    assert is_nan(float("nan")) and not is_nan(0) and not is_nan(None) and not is_nan("nan")
+    f = np.array([np.nan, -9999.0, 3.0], np.float32)
+    assert nodata_mask(f, -9999.0).tolist() == [True, True, False]  # NaN is no data in any float array
+    assert nodata_mask(f, float("nan")).tolist() == [True, False, False]
+    assert nodata_mask(f, None).tolist() == [True, False, False]
+    i = np.array([0, 255, 7], np.uint8)
+    assert nodata_mask(i, 255).tolist() == [False, True, False]
+    assert nodata_mask(i, None).tolist() == [False, False, False]
+    assert nodata_mask(i, float("nan")).tolist() == [False, False, False]
 
 
 def test_manifest_round_trip():

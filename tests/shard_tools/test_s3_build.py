@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import fsspec
 import numpy as np
@@ -54,3 +55,15 @@ def test_storage_options_flag_reaches_the_endpoint(s3, tmp_path, monkeypatch):
     out = f"s3://{bucket}/x"
     assert cli_main(["build", str(src), out, "--storage-options", opts, "-q"]) == 0
     assert ShardRoot(out, json.loads(opts)).manifest["num_samples"] == 3
+
+
+def test_build_to_s3_leaves_no_temporary_files(s3, tmp_path, monkeypatch):
+    bucket = s3.new_bucket()
+    src = tmp_path / "src"
+    synth(SynthConfig(str(src), ("europe",), 3, seed=2, modalities=("esawc",)), progress=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where shards, plan tables and the index are staged
+    build(BuildConfig(str(src), f"s3://{bucket}/out", progress=False))
+    assert ShardRoot(f"s3://{bucket}/out").manifest["num_samples"] == 3
+    assert sorted(p.name for p in scratch.iterdir()) == []

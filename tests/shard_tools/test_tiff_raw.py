@@ -9,7 +9,7 @@ from rasterio.transform import from_bounds
 
 from m3leo_stream.modalities import REGISTRY
 from shard_tools.rasters import decode_chip_file
-from shard_tools.tiff_raw import open_plain, read_pixels
+from shard_tools.tiff_raw import open_plain, read_pixels, read_tags
 
 BOUNDS = (10.0, 45.0, 10.04, 45.04)
 
@@ -65,6 +65,19 @@ def test_bigtiff():
     data = _tif(_array("uint8"), interleave="pixel", BIGTIFF="YES")
     assert data[2:4] == b"\x2b\x00"
     np.testing.assert_array_equal(read_pixels(data), _rasterio(data))
+
+
+@pytest.mark.parametrize("opts", [{}, {"ENDIANNESS": "BIG"}, {"BIGTIFF": "YES"}])
+def test_read_tags_gives_layout_and_georeferencing_with_their_types(opts):
+    data = _tif(_array("int16", shape=(3, 40, 30)), interleave="band", nodata=-9999, **opts)
+    byte_order, values, types = read_tags(data)
+    assert byte_order == (">" if opts.get("ENDIANNESS") else "<")
+    assert (values[256], values[257], values[277], values[284]) == ((30,), (40,), (3,), (2,))
+    assert len(values[273]) == len(values[279]) and types[33550] == types[33922] == 12
+    assert values[42113][0].rstrip(b"\0") == b"-9999" and types[42113] == 2
+    assert 262 not in values and 338 not in values  # photometric, extra samples: not read here
+    with pytest.raises(ValueError):
+        read_tags(b"not a tiff at all")
 
 
 @pytest.mark.parametrize("opts", [{"compress": "deflate"}, {"compress": "lzw", "predictor": 2},
