@@ -107,7 +107,8 @@ class RegionCatalog:
     invalid: dict[str, str]  # identifier → reason (e.g. duplicate split rows)
 
 
-def discover_regions(fs: fsspec.AbstractFileSystem, root: str, regions: Sequence[str] | None = None) -> list[RegionSource]:
+def discover_regions(fs: fsspec.AbstractFileSystem, root: str,
+                     regions: Sequence[str] | None = None) -> list[RegionSource]:
     """Find every region under ``root`` (directly or one folder down), optionally restricted to ``regions``."""
     candidates = fs.glob(join(root, "*_splits_*.csv")) + fs.glob(join(root, "*", "*_splits_*.csv"))
     found: dict[str, RegionSource] = {}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from m3leo_stream.modalities import Modality, polarisation_pairs
+from m3leo_stream.modalities import Modality, nodata_value, polarisation_pairs
 
 from .defaults import full_config, overrides, settings
 from .stats import band_stats, stat
@@ -262,7 +262,7 @@ def _clip_bounds(spec: Any, m: Modality, band: str, s: Mapping[str, Any], st, sc
 
 def _invalid_values(m: Modality, keep_special: bool) -> list[float]:
     vals = []
-    if m.nodata is not None and not (isinstance(m.nodata, float) and math.isnan(m.nodata)):
+    if nodata_value(m.nodata) is not None:
         vals.append(float(m.nodata))
     if not keep_special:
         vals.extend(float(k) for k in m.special_values)
@@ -359,7 +359,7 @@ def _lut(m: Modality, ignore: int) -> tuple[torch.Tensor | None, int]:
     for k, code in enumerate(m.class_codes):
         if info.min <= code <= info.max:
             lut[code + offset] = k
-    if m.nodata is not None and not (isinstance(m.nodata, float) and math.isnan(m.nodata)):
+    if nodata_value(m.nodata) is not None:
         if info.min <= m.nodata <= info.max:
             lut[int(m.nodata) + offset] = ignore
     return lut, offset
