@@ -77,6 +77,7 @@ class NodePlan:
         self._uses: dict[int, list[int]] = {}  # row -> positions at which a node rank reads it, ascending
         self._mine: list[tuple[int, int]] = []  # (position, row) this rank reads, ascending
         self._known = -1  # last epoch learned
+        self._kept_from = 0  # uses before this position are forgotten
         self._lock = threading.Lock()
 
     def now(self) -> int:
@@ -104,6 +105,10 @@ class NodePlan:
             start = (self.now() // EPOCH_STRIDE) * EPOCH_STRIDE
             if self._mine and self._mine[0][0] < start:
                 self._mine = self._mine[bisect.bisect_left(self._mine, (start, -1)):]
+            if start > self._kept_from:  # an epoch has passed: forget its uses
+                self._uses = {r: kept for r, ps in self._uses.items()
+                              if (kept := ps[bisect.bisect_left(ps, start):])}
+                self._kept_from = start
 
     def next_use(self, row: int, after: int) -> float:
         """The first position ``>= after`` at which a node rank reads ``row`` (``NEVER`` if none is planned in the
@@ -113,13 +118,33 @@ class NodePlan:
         i = bisect.bisect_left(uses, after)
         return uses[i] if i < len(uses) else NEVER
 
+    def consume(self, row: int) -> None:
+        """This rank is reading ``row`` for its next planned use: that use is no longer ahead (the reader runs
+        ahead of the consumer whose position ``now`` is)."""
+        after = self.now()
+        self._learn(after // EPOCH_STRIDE + 1)
+        with self._lock:
+            uses = self._uses.get(row)
+            if uses:
+                i = bisect.bisect_left(uses, after)
+                if i < len(uses):
+                    del uses[i]
+
     def ahead(self, n: int) -> list[int]:
-        """The rows this rank reads at the next ``n`` positions from ``now``, in plan order."""
+        """The rows this rank reads at its next ``n`` planned uses not yet read, in plan order."""
         now = self.now()
         self._learn(now // EPOCH_STRIDE + 1)
         with self._lock:
             i = bisect.bisect_left(self._mine, (now, -1))
-            return [row for _, row in self._mine[i:i + n]]
+            out: list[int] = []
+            for pos, row in self._mine[i:]:
+                if len(out) >= n:
+                    break
+                uses = self._uses.get(row, ())
+                j = bisect.bisect_left(uses, pos)
+                if j < len(uses) and uses[j] == pos:
+                    out.append(row)
+            return out
 
 
 @dataclass
@@ -169,6 +194,8 @@ class NodeCache:
     def get(self, row: int, counters: IOCounters) -> bytes | None:
         """The entry of ``row``, from disk or fetched now (and kept when the plan says so); None when storage gave
         no bytes that check (the caller reads directly and reports why)."""
+        if self.plan is not None:
+            self.plan.consume(row)
         try:
             if not self.enabled:
                 self.stats.direct += 1
@@ -280,14 +307,15 @@ class NodeCache:
         return out
 
     def _next_use(self, row: int, demand: bool) -> float:
-        """When ``row`` is needed next: for an entry fetched on demand, after the use being served."""
+        """What an entry is kept for: on demand, its next use (the one being served is consumed already). Fetched
+        ahead, the use after the upcoming one: a prefetch may displace only what a demand read of the same entry
+        would displace, so it moves fetches earlier without adding any."""
         if self.plan is None:
             return NEVER
-        now = self.plan.now()
-        if not demand:
-            return self.plan.next_use(row, now)
-        current = self.plan.next_use(row, now)
-        return self.plan.next_use(row, int(current) + 1) if current != NEVER else NEVER
+        nxt = self.plan.next_use(row, self.plan.now())
+        if demand or nxt == NEVER:
+            return nxt
+        return self.plan.next_use(row, int(nxt) + 1)
 
     def _victims(self, entries: dict[int, int], size: int, use: float) -> list[int] | None:
         """Entries to evict (farthest next use first, only those needed after ``use``) so that ``size`` more bytes

@@ -194,7 +194,8 @@ def test_eviction_is_by_next_use_in_the_plan(uneven_shards, tmp_path):
     assert after[2] == sorted([a, b]) and cache.stats.bypassed >= 1  # c not kept
     assert after[4] == sorted([a, d])  # b evicted, not a
     assert cache.stats.fetched == 4 and cache.stats.hits == 3 and io.cache_hits == 3
-    assert plan.next_use(a, 1) == 5 and plan.next_use(a, 6) == float("inf") and EPOCH_STRIDE > 6
+    fresh = NodePlan(lambda e: EpochPlan(refs if e == 0 else refs[:0], 1), lambda: (0, 1), 0, 1, [0])
+    assert fresh.next_use(a, 1) == 5 and fresh.next_use(a, 6) == float("inf") and EPOCH_STRIDE > 6
 
 
 def test_unwritable_cache_dir_degrades_to_direct_reads(uneven_shards, tmp_path, local_epochs):
