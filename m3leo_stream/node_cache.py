@@ -254,7 +254,8 @@ class NodeCache:
             try:
                 if not _lock_part(fd, part, self.stats, self._lock):
                     continue  # published (or replaced) while this rank waited: look again
-                if not demand and not self._admissible(row, self.source.entry_size(row), self._next_use(row, False)):
+                keep_for = self._next_use(row, demand)  # decided now: a demand read may consume the use meanwhile
+                if not demand and not self._admissible(row, self.source.entry_size(row), keep_for):
                     _unlink(part)
                     return None
                 data = self.source.fetch_entry(row, counters)
@@ -265,19 +266,19 @@ class NodeCache:
                     self.stats.fetched += 1
                     self.stats.fetched_bytes += len(data)
                     self.stats.prefetched += not demand
-                self._publish(row, fd, part, data, demand)
+                self._publish(row, fd, part, data, keep_for)
                 return data
             finally:
                 os.close(fd)  # releases the lock
 
-    def _publish(self, row: int, fd: int, part: Path, data: bytes, demand: bool) -> None:
+    def _publish(self, row: int, fd: int, part: Path, data: bytes, keep_for: float) -> None:
         try:
             os.ftruncate(fd, 0)
             view, done = memoryview(data), 0
             while done < len(data):
                 done += os.pwrite(fd, view[done:], done)
             with self._budget():
-                if self._make_room(row, len(data), self._next_use(row, demand)):
+                if self._make_room(row, len(data), keep_for):
                     os.rename(part, self._path(row))
                     return
             with self._lock:
