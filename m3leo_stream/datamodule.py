@@ -31,6 +31,7 @@ from . import shard_format as sf
 from .device_feed import DeviceFeed, FeedCounters, take
 from .index import IndexArrays, load_index, node_arrays
 from .modalities import Registry
+from .node_cache import NodePlan, node_ranks
 from .planner import (
     PLANNER_VERSION,
     Catalog,
@@ -168,6 +169,8 @@ class LoaderMetrics:
             "retries": float(self.io.retries),
             "substitutions": float(self.io.substitutions),
             "checksum_failures": float(self.io.checksum_failures),
+            "cache_hits": float(self.io.cache_hits),
+            "cache_bytes": float(self.io.cache_bytes),
             "wait_s": self.wait_s,
             "worker_read_s": self.read_s,
             "batches_read_ahead": float(self.read_ahead),
@@ -342,6 +345,9 @@ class M3LEODataModule(pl.LightningDataModule):
     version 2); a member that differs is read again once, then counts as unreadable (``on_unreadable``).
     ``cache_dir`` (default ``$SLURM_TMPDIR``, else the system's temporary directory) is node-local scratch: the index is
     converted there once per node into fixed-width arrays every rank maps (:mod:`m3leo_stream.index`).
+    ``cache_bytes`` (0: off) keeps up to that many bytes of the training samples' byte ranges there too, shared by the
+    node's ranks, fetched ahead in plan order and evicted by next use in the plan (:mod:`m3leo_stream.node_cache`;
+    thread mode, checksummed shard roots).
     """
 
     def __init__(
@@ -375,6 +381,7 @@ class M3LEODataModule(pl.LightningDataModule):
         min_inputs_present: int = 1,
         verify_checksums: bool = True,
         cache_dir: str | None = None,
+        cache_bytes: int = 0,
     ):
         super().__init__()
         self.root = str(root)
@@ -401,6 +408,10 @@ class M3LEODataModule(pl.LightningDataModule):
         self.worker_mode = worker_mode
         self.readahead_bytes = int(readahead_bytes) if readahead_bytes is not None else None
         self.cache_dir = cache_dir
+        self.cache_bytes = int(cache_bytes)
+        if self.cache_bytes and (worker_mode != "thread" or not verify_checksums):
+            raise ValueError("cache_bytes needs worker_mode='thread' (the cache follows the training thread's plan) "
+                             "and verify_checksums=True (it serves only bytes checked against the index)")
         if self.readahead_bytes is not None and self.readahead_bytes <= 0:
             raise ValueError(f"readahead_bytes must be positive or None, not {readahead_bytes!r}")
         self.copy_ahead = copy_ahead
@@ -511,15 +522,17 @@ class M3LEODataModule(pl.LightningDataModule):
         return 0, 1
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _dataset(self, cat: Catalog) -> ShardDataset:
+    def _dataset(self, cat: Catalog, cache: bool = False) -> ShardDataset:
+        """The reader of ``cat``; with ``cache`` (training) through the node cache when ``cache_bytes`` is set."""
         assert self._index is not None
         # substitution candidates are a copy of the split's rows in every worker: made only where they are used
         subs = ({r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
                 if self.reader_config.on_unreadable == "substitute" else {})
+        caching = {"cache_bytes": self.cache_bytes, "cache_dir": self.cache_dir} if cache else {}
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
                             substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pinned=self._pinned_reads), bands=self.bands,
+                                                             pinned=self._pinned_reads, **caching), bands=self.bands,
                             optional=self.optional)
 
     def _read_ahead_depth(self, batch_nbytes: int) -> int:
@@ -658,6 +671,9 @@ class M3LEODataModule(pl.LightningDataModule):
         # Lightning creates the iterator before calling set_epoch: start at the trainer's epoch already
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         sampler = PlannedBatchSampler(plan, rank, world, epoch=epoch, fingerprint=fingerprint, plan_ahead=True)
+        dataset = self._dataset(cat, cache=True)
+        if self.cache_bytes:
+            dataset.node_plan = NodePlan(plan, lambda: sampler.position, rank, world, node_ranks(rank, world), epoch)
         first = sampler.plan
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:
@@ -667,7 +683,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("train: %d eligible samples (%s), %d batches of %d per rank, world size %d", len(cat),
                  cat.region_counts(), first.num_batches, self.batch_size, world)
         self._check_equal_lengths(first.num_batches, "train")
-        return self._loader(self._dataset(cat), sampler, train=True, batch_size=self.batch_size)
+        return self._loader(dataset, sampler, train=True, batch_size=self.batch_size)
 
     def _eval_dataloader(self, split: str) -> M3LEOLoader:
         cat = self.catalog(split)

@@ -14,6 +14,8 @@ copied into the batch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -31,8 +33,9 @@ import numpy as np
 import torch
 
 from . import shard_format as sf
-from .index import IndexArrays
+from .index import IndexArrays, default_cache_dir
 from .modalities import BANDS_KEY, Modality
+from .node_cache import NodeCache, NodePlan
 from .planner import PAD_FLAG
 from .storage import (
     IOCounters,
@@ -76,6 +79,11 @@ class ReaderConfig:
     # check every member read against the index's digests (where the shard root has them); a mismatch is read
     # again once (it may have been corrupted in transit), then is an unreadable sample
     verify: bool = True
+    # a node-local cache of the samples' byte ranges (:mod:`m3leo_stream.node_cache`) of at most this many bytes
+    # under ``cache_dir`` (0: none); ``cache_prefetch`` samples of the plan are fetched into it ahead of need
+    cache_bytes: int = 0
+    cache_dir: str | None = None
+    cache_prefetch: int = 32
 
     def __post_init__(self) -> None:
         if self.on_unreadable not in ("fail", "substitute"):
@@ -226,6 +234,13 @@ class ShardDataset(torch.utils.data.Dataset):
         self.substitutes = dict(substitutes or {})  # region code -> candidate rows
         self.config = config or ReaderConfig()
         self._chunked = self._chunk_verified()
+        self.node_plan: NodePlan | None = None  # what the node cache evicts and prefetches by
+        if self.config.cache_bytes > 0:
+            unchecked = [m.name for m in self.modalities if m.name not in self.index.checksums]
+            if not self.config.verify or unchecked:
+                raise ValueError("the node cache serves only bytes it has checked against the index's digests: it "
+                                 "needs verify=True and a shard root with member digests (format version 2)"
+                                 + (f"; the index has none for {unchecked}" if unchecked else ""))
         self._pid: int | None = None
         self._state_lock = threading.Lock()
         self._buffers = _BufferPool(self.config.pooled_batches, pinned=self.config.pinned)
@@ -245,7 +260,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         """For worker processes: per-process resources (locks, pools, files, buffers) are made anew there."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_state_lock", "_buffers", "_proc")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_state_lock", "_buffers", "_proc", "node_plan")}
+        state["node_plan"] = None  # it follows the training thread's sampler: without it the cache does not prefetch
         state["_pid"] = None
         return state
 
@@ -267,11 +283,31 @@ class ShardDataset(torch.utils.data.Dataset):
         fs, path = get_fs(self.url, {**single_attempt(self.url, self.storage_options), "skip_instance_cache": True})
         if isinstance(getattr(fs, "retries", None), int):
             fs.retries = 1  # s3fs would retry silently; our policy retries (with a deadline) and counts
-        return {
+        st = {
             "fs": fs, "path": path, "local": is_local(fs),
             "pool": ThreadPoolExecutor(max(1, self.config.io_threads), thread_name_prefix="m3leo-read"),
             "fds": _FdCache(),
         }
+        if self.config.cache_bytes > 0:
+            st["cache"] = NodeCache(self.cache_path(), self.config.cache_bytes, _Entries(self), self.node_plan,
+                                    prefetch=self.config.cache_prefetch, threads=self.config.io_threads)
+            weakref.finalize(self, st["cache"].close)
+        return st
+
+    def cache_path(self) -> str:
+        """Where this reader's node cache lives: a directory per shard root and what is read of each sample (the
+        entries are that sample's requests), under ``cache_dir``."""
+        ix, cfg = self.index, self.config
+        fingerprint = hashlib.sha256(json.dumps({
+            "url": self.url, "samples": len(ix.key), "shards": list(map(str, ix.shard_names)),
+            "read": {name: list(b) for name, b in self.bands.items()}, "compressed": self.compressed,
+            "gap": cfg.coalesce_gap, "max_request": cfg.max_request, "chunked": sorted(self._chunked),
+        }, sort_keys=True).encode()).hexdigest()[:24]
+        return os.path.join(cfg.cache_dir or default_cache_dir(), "node-cache", fingerprint)
+
+    def cache(self) -> NodeCache | None:
+        """This process's node cache (None when ``cache_bytes`` is 0)."""
+        return self._state().get("cache")
 
     def __len__(self) -> int:
         return len(self.index.key)
@@ -468,8 +504,12 @@ class ShardDataset(torch.utils.data.Dataset):
         implausible = self._implausible(rows, slots)
         if implausible:
             slots = np.array([s for s in slots if int(s) not in implausible], dtype=np.int64)
-        tasks = self._tasks(self._plan_requests(rows, slots))
-        read = self._read_task
+        if st.get("cache") is not None:  # a task per sample: the cache's entries
+            tasks = [self._plan_requests(rows, np.array([s])) for s in slots]
+            read = self._read_cached
+        else:
+            tasks = self._tasks(self._plan_requests(rows, slots))
+            read = self._read_task
         if st["local"] and self.config.inline_local:
             futures = [_run_now(read, task, rows, st, counters, out) for task in tasks]
         else:
@@ -518,6 +558,26 @@ class ShardDataset(torch.utils.data.Dataset):
                 except sf.FormatError as e:
                     failed[slot] = UnreadableSample(str(e))
         return sorted(failed.items())
+
+    def _read_cached(self, task: list[_Request], rows: np.ndarray, st: dict[str, Any], counters: IOCounters,
+                     out: dict[str, np.ndarray]) -> list[_Fetched]:
+        """One sample's requests through the node cache (which checks what it serves), else read directly."""
+        data = st["cache"].get(int(rows[task[0].parts[0].slot]), counters)
+        if data is None:
+            return self._read_task(task, rows, st, counters, out)
+        return self._split(task, data)
+
+    def _split(self, task: list[_Request], data: bytes | bytearray) -> list[_Fetched]:
+        """A cache entry (a sample's requests end to end) as the requests' fetched bytes."""
+        mods = {m.name: m for m in self.modalities}
+        out, pos, mv = [], 0, memoryview(data)
+        for req in task:
+            chunk = mv[pos:pos + req.stop - req.start]
+            pos += req.stop - req.start
+            heads = [(p.slot, p.name, chunk[p.off - req.start + p.skip:p.off - req.start + p.nbytes])
+                     for p in req.parts if p.kind == _HEADER]
+            out.append(_Fetched(chunk, _header_errors(heads, mods)))
+        return out
 
     def _read_task(self, task: list[_Request], rows: np.ndarray, st: dict[str, Any], counters: IOCounters,
                    out: dict[str, np.ndarray]) -> list[_Fetched]:
@@ -680,6 +740,32 @@ class ShardDataset(torch.utils.data.Dataset):
                     break
                 got += k
         return buf if got == nbytes else buf[:got]
+
+
+class _Entries:
+    """A reader's samples as node-cache entries: the bytes of a sample's requests, end to end."""
+
+    def __init__(self, dataset: ShardDataset):
+        self.ds = dataset
+
+    def _task(self, row: int) -> list[_Request]:
+        return self.ds._plan_requests(np.array([row]), np.array([0]))
+
+    def entry_size(self, row: int) -> int:
+        return sum(req.stop - req.start for req in self._task(row))
+
+    def fetch_entry(self, row: int, counters: IOCounters) -> bytes | None:
+        """The entry from storage, None unless it matches the index (the direct read then reads and reports)."""
+        st, task = self.ds._state(), self._task(row)
+        got = [self.ds._fetch(req, st, counters) for req in task]
+        if any(g.bad for g in got) or self.ds._mismatched(task, got):
+            return None
+        return b"".join(g.data for g in got)
+
+    def entry_matches(self, row: int, data: bytes) -> bool:
+        task = self._task(row)
+        got = self.ds._split(task, data)
+        return not any(g.bad for g in got) and not self.ds._mismatched(task, got)
 
 
 def read_in_part(modalities: Sequence[Modality], bands: Mapping[str, Sequence[int]] | None,

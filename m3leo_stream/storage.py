@@ -156,6 +156,8 @@ class IOCounters:
     failures: int = 0
     substitutions: int = 0
     checksum_failures: int = 0  # members whose bytes did not match the index's digest when read
+    cache_hits: int = 0  # samples served from the node-local cache (their bytes are not in ``bytes``)
+    cache_bytes: int = 0
 
     def add(self, other: IOCounters) -> None:
         for f in fields(self):

@@ -5,6 +5,11 @@ for ``stall_s`` seconds and is then closed, and :meth:`outage` cuts all traffic 
 for a while. :meth:`corrupt` flips one byte in the bodies of the next HTTP responses, their length unchanged (what
 a faulty NIC, proxy or memory would do, and TCP's 16-bit checksum can miss). Faults are only injected while
 ``enabled`` is True.
+
+It can also behave like a distant object store, always: ``first_byte_s`` holds back each response's first byte
+until that long after its request arrived, and ``bandwidth`` (bytes/s) caps each connection's download rate. It
+counts the ``GET`` requests it forwards (``gets``) and the bytes it sends back (``bytes_out``). The benchmarks use it
+too (``bench/node_cache.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import time
 
 class FaultyProxy:
     def __init__(self, target_port: int, *, drop_every: int = 0, stall_every: int = 0, stall_s: float = 4.0,
-                 seed: int = 0):
+                 seed: int = 0, first_byte_s: float = 0.0, bandwidth: float = 0.0):
         self.target = ("127.0.0.1", target_port)
+        self.first_byte_s, self.bandwidth = first_byte_s, bandwidth
+        self.gets = self.bytes_out = 0
         self.drop_every, self.stall_every, self.stall_s = drop_every, stall_every, stall_s
         self.enabled = False
         self.connections = self.dropped = self.stalled = self.refused = self.flipped = 0
@@ -92,22 +99,32 @@ class FaultyProxy:
             return
         with self._lock:
             self._open.update((client, upstream))
-        state = {"sent": 0, "fault": fault}
-        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-        self._pump(upstream, client, (state, budget))
+        state = {"sent": 0, "fault": fault, "asked": None, "free_at": 0.0}
+        threading.Thread(target=self._pump, args=(client, upstream, None, state), daemon=True).start()
+        self._pump(upstream, client, (state, budget), state)
         with self._lock:
             self._open.discard(client)
             self._open.discard(upstream)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[dict, int] | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[dict, int] | None, conn: dict) -> None:
+        """Copy ``src`` to ``dst``: requests (``fault`` None) or responses, which are delayed and paced."""
         responses = _Responses(self) if fault is not None else None
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                if responses is not None:
+                if responses is None:
+                    if conn["asked"] is None:
+                        conn["asked"] = time.monotonic()
+                    if data.startswith(b"GET "):
+                        with self._lock:
+                            self.gets += 1
+                else:
                     data = responses.feed(data)
+                    self._shape(conn, len(data))
+                    with self._lock:
+                        self.bytes_out += len(data)
                 if fault is not None and fault[0]["fault"] and fault[0]["sent"] + len(data) > fault[1]:
                     kind = fault[0]["fault"]
                     dst.sendall(data[: max(0, fault[1] - fault[0]["sent"])])
@@ -125,6 +142,19 @@ class FaultyProxy:
         finally:
             _close(src)
             _close(dst)
+
+
+    def _shape(self, conn: dict, nbytes: int) -> None:
+        """Wait for the first byte of a response, then at most ``bandwidth`` bytes/s on this connection."""
+        asked, conn["asked"] = conn["asked"], None
+        now = time.monotonic()
+        if asked is not None and self.first_byte_s:
+            time.sleep(max(0.0, asked + self.first_byte_s - now))
+            now = time.monotonic()
+            conn["free_at"] = now
+        if self.bandwidth:
+            conn["free_at"] = max(conn["free_at"], now) + nbytes / self.bandwidth  # when a link of that rate
+            time.sleep(max(0.0, conn["free_at"] - now))  # would have delivered these bytes
 
 
 def _close(s: socket.socket) -> None:

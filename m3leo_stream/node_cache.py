@@ -1,0 +1,437 @@
+"""A node-local cache of the byte ranges the training plan reads, shared by the node's ranks.
+
+The epoch order is a pure function of seed, epoch and ranks (:mod:`m3leo_stream.planner`), so a node knows which
+samples its ranks read next and when. An entry is one sample's bytes exactly as the reader requests them (the members
+it reads, or their headers and selected bands; see :class:`~m3leo_stream.reader.ShardDataset`), one file per sample
+under ``<cache_dir>/node-cache/<fingerprint>/``:
+
+- **No double downloads.** A rank fetches an entry while holding ``flock`` on its ``.part`` file and publishes it by
+  renaming that file; a rank wanting the same entry meanwhile waits on the lock and then reads the published file.
+  A process killed while fetching leaves a ``.part`` nobody holds: the next rank takes it over.
+- **Eviction by next use.** When the byte budget is reached the entry whose next use in the node's plan is farthest
+  goes first (the optimal policy when the future is known); an entry needed later than everything held is not kept.
+- **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order.
+- **Checked on every read.** An entry is served only when its size and the index's XXH3 digests match; otherwise it
+  is removed and fetched again. So entries left by an earlier run (a requeue) are reused once they check.
+- **Degrades.** When the directory cannot be created or written (a full or read-only disk) the cache turns itself off
+  and the reader reads from storage directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from .planner import PAD_FLAG, EpochPlan
+from .storage import IOCounters
+
+log = logging.getLogger(__name__)
+
+EPOCH_STRIDE = 1 << 32  # a plan position is epoch * EPOCH_STRIDE + global batch number
+NEVER = float("inf")
+_ENTRY = re.compile(r"^[0-9]+$")
+
+
+class EntrySource(Protocol):
+    """What the cache needs from the reader: an entry's size, its bytes from storage, and whether bytes are it."""
+
+    def entry_size(self, row: int) -> int: ...
+
+    def fetch_entry(self, row: int, counters: IOCounters) -> bytes | None: ...
+
+    def entry_matches(self, row: int, data: bytes) -> bool: ...
+
+
+def node_ranks(rank: int, world_size: int, env: dict[str, str] | None = None) -> list[int]:
+    """The global ranks on this rank's node, assuming consecutive ranks per node (torchrun, Slurm's block
+    distribution): ``LOCAL_WORLD_SIZE``, else ``SLURM_NTASKS_PER_NODE`` (``8`` or ``8(x4)``), else this rank alone."""
+    env = os.environ if env is None else env
+    raw = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
+    m = re.match(r"\d+", raw)
+    local = max(1, min(int(m.group()) if m else 1, world_size))
+    first = rank - rank % local
+    return list(range(first, min(first + local, world_size)))
+
+
+class NodePlan:
+    """When this node's ranks read each sample: positions (epoch-major global batch numbers) per index row, learned
+    an epoch at a time from ``plan_for`` (the pure planning function); ``position`` says where this rank's consumer
+    is, as ``(epoch, batch)`` or None before the first batch."""
+
+    def __init__(self, plan_for: Callable[[int], EpochPlan], position: Callable[[], tuple[int, int] | None],
+                 rank: int, world_size: int, ranks: Sequence[int], first_epoch: int = 0):
+        self._plan_for, self._position = plan_for, position
+        self.rank, self.world_size, self.ranks = rank, world_size, list(ranks)
+        self._first_epoch = first_epoch
+        self._uses: dict[int, list[int]] = {}  # row -> positions at which a node rank reads it, ascending
+        self._mine: list[tuple[int, int]] = []  # (position, row) this rank reads, ascending
+        self._known = -1  # last epoch learned
+        self._kept_from = 0  # uses before this position are forgotten
+        self._lock = threading.Lock()
+
+    def now(self) -> int:
+        pos = self._position()
+        return self._first_epoch * EPOCH_STRIDE if pos is None else pos[0] * EPOCH_STRIDE + pos[1]
+
+    def _learn(self, upto: int) -> None:
+        """Know the epochs up to ``upto``; forget the uses before the epoch of ``now``."""
+        with self._lock:
+            if self._known < 0:
+                self._known = max(self._first_epoch, self.now() // EPOCH_STRIDE) - 1
+            while self._known < upto:
+                epoch = self._known + 1
+                plan = self._plan_for(epoch)
+                for g in range(plan.num_batches):
+                    pos = epoch * EPOCH_STRIDE + g
+                    for r in self.ranks:
+                        for ref in plan.rank_batch(g, r, self.world_size):
+                            if ref & PAD_FLAG:
+                                continue
+                            self._uses.setdefault(ref, []).append(pos)
+                            if r == self.rank:
+                                self._mine.append((pos, ref))
+                self._known = epoch
+            start = (self.now() // EPOCH_STRIDE) * EPOCH_STRIDE
+            if self._mine and self._mine[0][0] < start:
+                self._mine = self._mine[bisect.bisect_left(self._mine, (start, -1)):]
+            if start > self._kept_from:  # an epoch has passed: forget its uses
+                self._uses = {r: kept for r, ps in self._uses.items()
+                              if (kept := ps[bisect.bisect_left(ps, start):])}
+                self._kept_from = start
+
+    def next_use(self, row: int, after: int) -> float:
+        """The first position ``>= after`` at which a node rank reads ``row`` (``NEVER`` if none is planned in the
+        epochs known; the next epoch is learned when ``after`` reaches the current one)."""
+        self._learn(after // EPOCH_STRIDE + 1)
+        uses = self._uses.get(row, ())
+        i = bisect.bisect_left(uses, after)
+        return uses[i] if i < len(uses) else NEVER
+
+    def consume(self, row: int) -> None:
+        """This rank is reading ``row`` for its next planned use: that use is no longer ahead (the reader runs
+        ahead of the consumer whose position ``now`` is)."""
+        after = self.now()
+        self._learn(after // EPOCH_STRIDE + 1)
+        with self._lock:
+            uses = self._uses.get(row)
+            if uses:
+                i = bisect.bisect_left(uses, after)
+                if i < len(uses):
+                    del uses[i]
+
+    def ahead(self, n: int) -> list[int]:
+        """The rows this rank reads at its next ``n`` planned uses not yet read, in plan order."""
+        now = self.now()
+        self._learn(now // EPOCH_STRIDE + 1)
+        with self._lock:
+            i = bisect.bisect_left(self._mine, (now, -1))
+            out: list[int] = []
+            for pos, row in self._mine[i:]:
+                if len(out) >= n:
+                    break
+                uses = self._uses.get(row, ())
+                j = bisect.bisect_left(uses, pos)
+                if j < len(uses) and uses[j] == pos:
+                    out.append(row)
+            return out
+
+
+@dataclass
+class CacheStats:
+    """What a cache did in this process."""
+
+    hits: int = 0  # entries served from disk after their check
+    hit_bytes: int = 0
+    fetched: int = 0  # entries fetched from storage (on demand or ahead)
+    fetched_bytes: int = 0
+    prefetched: int = 0  # of those, fetched ahead of need
+    waited: int = 0  # times a rank found another fetching the same entry and waited for it
+    rejected: int = 0  # entries on disk whose size or digest did not match: removed and fetched again
+    evicted: int = 0
+    bypassed: int = 0  # fetched but not kept: needed later than everything held
+    direct: int = 0  # read past the cache (turned off: unwritable or full disk)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class NodeCache:
+    """Entries of ``source`` in ``directory`` within ``budget`` bytes, evicted by next use in ``plan`` (without a
+    plan: kept while they fit). ``prefetch`` of this rank's next samples are fetched ahead on ``threads`` threads."""
+
+    def __init__(self, directory: str | Path, budget: int, source: EntrySource, plan: NodePlan | None = None,
+                 prefetch: int = 32, threads: int = 4):
+        self.dir = Path(directory)
+        self.budget = int(budget)
+        self.source = source
+        self.plan = plan
+        self.prefetch = int(prefetch)
+        self.stats = CacheStats()
+        self.io = IOCounters()  # storage I/O of the prefetcher (a batch's own reads count in its counters)
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._pending: set[int] = set()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="m3leo-cache") if plan else None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / ".budget").touch()
+            self._clear_abandoned()
+        except OSError as e:
+            self._disable(e)
+
+    # -- serving ---------------------------------------------------------------------------------------------
+    def get(self, row: int, counters: IOCounters) -> bytes | None:
+        """The entry of ``row``, from disk or fetched now (and kept when the plan says so); None when storage gave
+        no bytes that check (the caller reads directly and reports why)."""
+        if self.plan is not None:
+            self.plan.consume(row)
+        try:
+            if not self.enabled:
+                self.stats.direct += 1
+                return self.source.fetch_entry(row, counters)
+            data = self._read(row)
+            if data is not None:
+                counters.cache_hits += 1
+                counters.cache_bytes += len(data)
+                return data
+            return self._fill(row, counters, demand=True)
+        finally:
+            self._top_up()
+
+    def _path(self, row: int) -> Path:
+        return self.dir / str(row)
+
+    def _read(self, row: int) -> bytes | None:
+        path = self._path(row)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("%s: unreadable cache entry (%s); reading from storage", path, e)
+            return None
+        if len(data) == self.source.entry_size(row) and self.source.entry_matches(row, data):
+            with self._lock:
+                self.stats.hits += 1
+                self.stats.hit_bytes += len(data)
+            return data
+        log.warning("%s: cache entry of %d bytes does not match the index (size %d or digest); fetching it again",
+                    path, len(data), self.source.entry_size(row))
+        with self._lock:
+            self.stats.rejected += 1
+        _unlink(path)
+        return None
+
+    def _fill(self, row: int, counters: IOCounters, demand: bool) -> bytes | None:
+        """Fetch ``row`` under the lock of its ``.part`` file and publish it (unless another rank did meanwhile)."""
+        part = self.dir / f"{row}.part"
+        while True:
+            if not demand:
+                if self._path(row).exists():
+                    return None
+            else:
+                data = self._read(row)
+                if data is not None:
+                    counters.cache_hits += 1
+                    counters.cache_bytes += len(data)
+                    return data
+            try:
+                fd = os.open(part, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as e:
+                self._disable(e)
+                return self.source.fetch_entry(row, counters) if demand else None
+            try:
+                if not _lock_part(fd, part, self.stats, self._lock):
+                    continue  # published (or replaced) while this rank waited: look again
+                keep_for = self._next_use(row, demand)  # decided now: a demand read may consume the use meanwhile
+                if not demand and not self._admissible(row, self.source.entry_size(row), keep_for):
+                    _unlink(part)
+                    return None
+                data = self.source.fetch_entry(row, counters)
+                if data is None:
+                    _unlink(part)
+                    return None
+                with self._lock:
+                    self.stats.fetched += 1
+                    self.stats.fetched_bytes += len(data)
+                    self.stats.prefetched += not demand
+                self._publish(row, fd, part, data, keep_for)
+                return data
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _publish(self, row: int, fd: int, part: Path, data: bytes, keep_for: float) -> None:
+        try:
+            os.ftruncate(fd, 0)
+            view, done = memoryview(data), 0
+            while done < len(data):
+                done += os.pwrite(fd, view[done:], done)
+            with self._budget():
+                if self._make_room(row, len(data), keep_for):
+                    os.rename(part, self._path(row))
+                    return
+            with self._lock:
+                self.stats.bypassed += 1
+            _unlink(part)
+        except OSError as e:
+            _unlink(part)
+            self._disable(e)
+
+    # -- budget and eviction ------------------------------------------------------------------------------------
+    @contextmanager
+    def _budget(self) -> Iterator[None]:
+        """The node-wide lock under which entries are counted, evicted and published."""
+        with open(self.dir / ".budget", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _entries(self) -> dict[int, int]:
+        out = {}
+        with os.scandir(self.dir) as it:
+            for e in it:
+                if _ENTRY.match(e.name):
+                    try:
+                        out[int(e.name)] = e.stat().st_size
+                    except FileNotFoundError:
+                        pass
+        return out
+
+    def _next_use(self, row: int, demand: bool) -> float:
+        """What an entry is kept for: on demand, its next use (the one being served is consumed already). Fetched
+        ahead, the use after the upcoming one: a prefetch may displace only what a demand read of the same entry
+        would displace, so it moves fetches earlier without adding any."""
+        if self.plan is None:
+            return NEVER
+        nxt = self.plan.next_use(row, self.plan.now())
+        if demand or nxt == NEVER:
+            return nxt
+        return self.plan.next_use(row, int(nxt) + 1)
+
+    def _victims(self, entries: dict[int, int], size: int, use: float) -> list[int] | None:
+        """Entries to evict (farthest next use first, only those needed after ``use``) so that ``size`` more bytes
+        fit; None when they cannot be made to fit."""
+        free = self.budget - sum(entries.values())
+        if size > self.budget:
+            return None
+        if free >= size:
+            return []
+        if self.plan is None:
+            return None
+        now = self.plan.now()
+        ranked = sorted(((self.plan.next_use(r, now), r) for r in entries), reverse=True)
+        out = []
+        for nu, r in ranked:
+            if free >= size or nu <= use:
+                break
+            out.append(r)
+            free += entries[r]
+        return out if free >= size else None
+
+    def _admissible(self, row: int, size: int, use: float) -> bool:
+        with self._budget():
+            return self._victims(self._entries(), size, use) is not None
+
+    def _make_room(self, row: int, size: int, use: float) -> bool:
+        entries = self._entries()
+        entries.pop(row, None)
+        victims = self._victims(entries, size, use)
+        if victims is None:
+            return False
+        for r in victims:
+            _unlink(self._path(r))
+        with self._lock:
+            self.stats.evicted += len(victims)
+        return True
+
+    # -- prefetch --------------------------------------------------------------------------------------------
+    def _top_up(self) -> None:
+        """Submit fetches of this rank's next samples not on disk, at most ``prefetch`` ahead."""
+        if self._pool is None or not self.enabled or self.plan is None:
+            return
+        try:
+            rows = self.plan.ahead(self.prefetch)
+        except Exception as e:  # noqa: BLE001 - planning fails loudly on the training thread; here it only stops prefetch
+            log.debug("no prefetch: %r", e)
+            return
+        with self._lock:
+            for row in rows:
+                if row not in self._pending and not self._path(row).exists():
+                    self._pending.add(row)
+                    self._pool.submit(self._prefetch_one, row)
+
+    def _prefetch_one(self, row: int) -> None:
+        try:
+            self._fill(row, self.io, demand=False)
+        except Exception as e:  # noqa: BLE001 - the demand read of this sample fetches it again and reports
+            log.debug("prefetch of row %d failed: %r", row, e)
+        finally:
+            with self._lock:
+                self._pending.discard(row)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+    def _clear_abandoned(self) -> None:
+        """Remove ``.part`` files of processes that died while fetching (nobody holds their lock)."""
+        for part in self.dir.glob("*.part"):
+            try:
+                fd = os.open(part, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, part):
+                    _unlink(part)
+            except OSError:
+                pass  # being fetched
+            finally:
+                os.close(fd)
+
+    def _disable(self, e: OSError) -> None:
+        if self.enabled:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.warning("node cache %s %s (%s): reading from storage directly", self.dir,
+                        "is on a full disk" if full else "cannot be written", e)
+        self.enabled = False
+
+
+def _lock_part(fd: int, part: Path, stats: CacheStats, lock: threading.Lock) -> bool:
+    """Lock ``part`` (waiting while another rank fetches that entry); False when the path no longer names the file
+    locked (it was published or replaced meanwhile)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with lock:
+            stats.waited += 1
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return _same_file(fd, part)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+

@@ -1,0 +1,220 @@
+"""The node-local cache driven by the plan (m3leo_stream/node_cache.py): over a real S3 endpoint (moto_server on
+127.0.0.1) behind a counting proxy, with ranks as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3leo_stream.datamodule import M3LEODataModule
+from m3leo_stream.node_cache import EPOCH_STRIDE, NodeCache, NodePlan, node_ranks
+from m3leo_stream.planner import EpochPlan
+from m3leo_stream.reader import _Entries
+from m3leo_stream.storage import IOCounters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from net_faults import FaultyProxy  # noqa: E402
+
+INPUTS, TARGETS = ["modisveg"], ["esawc"]
+WORKER = Path(__file__).with_name("node_cache_worker.py")
+
+
+@pytest.fixture()
+def s3_shards(s3, uneven_shards):
+    import s3fs
+
+    bucket = s3.new_bucket()
+    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
+    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
+    return f"s3://{bucket}/shards"
+
+
+@pytest.fixture()
+def proxy(s3):
+    p = FaultyProxy(s3.port)
+    yield p
+    p.close()
+
+
+def _dm(root: str, cache_dir: Path | str, cache_bytes: int, endpoint: str | None = None,
+        num_workers: int = 2) -> M3LEODataModule:
+    opts = {"endpoint_url": endpoint} if endpoint else None
+    dm = M3LEODataModule(root, inputs=INPUTS, targets=TARGETS, batch_size=1, num_workers=num_workers,
+                         storage_options=opts, cache_dir=str(cache_dir), cache_bytes=cache_bytes)
+    dm.setup()
+    return dm
+
+
+def _epoch(dm: M3LEODataModule, epoch: int, loader=None) -> list[tuple[list[str], bytes]]:
+    loader = loader or dm.train_dataloader()
+    loader.batch_sampler.set_epoch(epoch)
+    return [(b["key"], b"".join(b[m].numpy().tobytes() for m in INPUTS + TARGETS)) for b in loader]
+
+
+def _reader(loader):
+    return getattr(loader.dataset, "dataset", loader.dataset)  # thread mode wraps it for read-ahead
+
+
+@pytest.fixture()
+def local_epochs(uneven_shards, tmp_path):
+    dm = M3LEODataModule(str(uneven_shards), inputs=INPUTS, targets=TARGETS, batch_size=1, num_workers=0,
+                         cache_dir=str(tmp_path / "local"))
+    dm.setup()
+    return {e: _epoch(dm, e) for e in (0, 1)}
+
+
+def test_epoch_two_reads_nothing_from_s3_when_the_cache_holds_the_data(s3_shards, proxy, tmp_path, local_epochs):
+    dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url)
+    loader = dm.train_dataloader()
+    assert _epoch(dm, 0, loader) == local_epochs[0]
+    first, hits = proxy.gets, dm.loader_metrics()["cache_hits"]
+    assert first > 0
+    assert _epoch(dm, 1, loader) == local_epochs[1]
+    cache = _reader(loader).cache()
+    assert proxy.gets == first, "epoch 2 went to S3"
+    assert dm.loader_metrics()["cache_hits"] - hits == len(local_epochs[1])  # every sample, from disk
+    assert cache.stats.rejected == 0 and cache.enabled
+
+
+def test_corrupted_or_truncated_entries_are_fetched_again(s3_shards, proxy, tmp_path, local_epochs):
+    dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url)
+    loader = dm.train_dataloader()
+    _epoch(dm, 0, loader)
+    cache = _reader(loader).cache()
+    entries = sorted(p for p in cache.dir.iterdir() if p.name.isdigit())
+    flip, cut = entries[0], entries[1]
+    data = bytearray(flip.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flip.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    before = proxy.gets
+    assert _epoch(dm, 1, loader) == local_epochs[1]  # nothing wrong served
+    assert cache.stats.rejected == 2
+    assert proxy.gets - before == sum(len(_Entries(_reader(loader))._task(int(p.name))) for p in (flip, cut))
+
+
+def test_two_ranks_on_a_node_download_each_entry_once(s3, s3_shards, uneven_shards, tmp_path):
+    """Two processes ask for the same samples at the same moment: one fetches each entry, the other waits for it."""
+    proxy = FaultyProxy(s3.port, first_byte_s=0.05)
+    try:
+        go = tmp_path / "go"
+        dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url, num_workers=0)
+        ds = dm.train_dataloader().dataset
+        ds.node_plan = None  # no prefetch: only the rows asked for are fetched
+        rows = [int(r) for r in dm.catalog("train").rows[:24]]
+        want = sum(len(_Entries(ds)._task(r)) for r in rows)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        procs = [subprocess.Popen([sys.executable, str(WORKER), s3_shards, str(tmp_path / "c"), proxy.url, "same",
+                                   str(go), *map(str, rows)], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"  # set up (the index is built once, by one of them)
+        start = proxy.gets
+        go.touch()
+        stats = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert proxy.gets - start == want, "an entry was downloaded twice"
+        assert sum(s["fetched"] for s in stats) == len(rows)
+        assert sum(s["fetched"] + s["hits"] for s in stats) == 2 * len(rows)
+        assert sum(s["waited"] for s in stats) > 0 or min(s["hits"] for s in stats) > 0
+        # what both fetched is what a third reader serves from disk, checked
+        before = proxy.gets
+        batch = ds.__getitems__(rows)
+        assert proxy.gets == before and ds.cache().stats.hits == len(rows)
+        local = M3LEODataModule(str(uneven_shards), inputs=INPUTS, targets=TARGETS, batch_size=1, num_workers=0,
+                                cache_dir=str(tmp_path / "local"))
+        local.setup()
+        want_batch = local.train_dataloader().dataset.__getitems__(rows)
+        for m in INPUTS + TARGETS:
+            assert np.array_equal(batch[m].numpy(), want_batch[m].numpy(), equal_nan=True)
+    finally:
+        proxy.close()
+
+
+def test_a_rank_killed_mid_prefetch_leaves_nothing_wrong(s3, s3_shards, tmp_path, local_epochs):
+    proxy = FaultyProxy(s3.port, first_byte_s=0.02, bandwidth=2e6)  # slow enough to be killed while fetching
+    try:
+        cache_dir = tmp_path / "c"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        proc = subprocess.Popen([sys.executable, str(WORKER), s3_shards, str(cache_dir), proxy.url, "epoch", "-"],
+                                env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        parts: list[Path] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(cache_dir.glob("node-cache/*/*.part"))
+            done = list(cache_dir.glob("node-cache/*/[0-9]*[0-9]"))
+            if parts and len(done) >= 4:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and parts, "the rank finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert list(cache_dir.glob("node-cache/*/*.part")), "the kill left no fetch half done"
+        dm = _dm(s3_shards, cache_dir, 1 << 30, proxy.url)  # the requeued rank
+        loader = dm.train_dataloader()
+        assert _epoch(dm, 0, loader) == local_epochs[0]
+        cache = _reader(loader).cache()
+        assert cache.stats.hits > 0  # what the killed rank published is reused
+        assert not list(cache.dir.glob("*.part"))
+    finally:
+        proxy.close()
+
+
+def test_eviction_is_by_next_use_in_the_plan(uneven_shards, tmp_path):
+    """Plan a b c b d a d, room for two entries: c (never needed again) is not kept where LRU would evict a for it;
+    for d, b (not needed again) goes where LRU would evict a (the least recently used). Four fetches, the optimum;
+    LRU would fetch a twice."""
+    dm = _dm(str(uneven_shards), tmp_path / "c", 0, num_workers=0)
+    ds = dm.train_dataloader().dataset
+    a, b, c, d = (int(r) for r in dm.catalog("train").rows[:4])
+    src = _Entries(ds)
+    size = max(src.entry_size(r) for r in (a, b, c, d))
+    refs = np.array([a, b, c, b, d, a, d], dtype=np.int64)
+    clock = [(0, 0)]
+    plan = NodePlan(lambda e: EpochPlan(refs if e == 0 else refs[:0], 1), lambda: clock[0], 0, 1, [0])
+    cache = NodeCache(tmp_path / "entries", int(2.5 * size), src, plan, prefetch=0)
+    io = IOCounters()
+
+    def held() -> list[int]:
+        return sorted(int(p.name) for p in cache.dir.iterdir() if p.name.isdigit())
+
+    after = {}
+    for g, row in enumerate(refs):
+        clock[0] = (0, g)
+        assert cache.get(int(row), io) is not None
+        after[g] = held()
+    assert after[2] == sorted([a, b]) and cache.stats.bypassed >= 1  # c not kept
+    assert after[4] == sorted([a, d])  # b evicted, not a
+    assert cache.stats.fetched == 4 and cache.stats.hits == 3 and io.cache_hits == 3
+    fresh = NodePlan(lambda e: EpochPlan(refs if e == 0 else refs[:0], 1), lambda: (0, 1), 0, 1, [0])
+    assert fresh.next_use(a, 1) == 5 and fresh.next_use(a, 6) == float("inf") and EPOCH_STRIDE > 6
+
+
+def test_unwritable_cache_dir_degrades_to_direct_reads(uneven_shards, tmp_path, local_epochs):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    dm = _dm(str(uneven_shards), blocker / "sub", 1 << 30)  # the index falls back to memory, the cache off
+    loader = dm.train_dataloader()
+    assert _epoch(dm, 0, loader) == local_epochs[0]
+    cache = _reader(loader).cache()
+    assert not cache.enabled and cache.stats.direct > 0
+    assert dm.loader_metrics()["cache_hits"] == 0
+
+
+def test_node_ranks_from_the_launcher():
+    assert node_ranks(5, 8, {"LOCAL_WORLD_SIZE": "4"}) == [4, 5, 6, 7]
+    assert node_ranks(1, 4, {"SLURM_NTASKS_PER_NODE": "2(x2)"}) == [0, 1]
+    assert node_ranks(3, 4, {}) == [3]
+
+
+def test_the_cache_refuses_what_it_cannot_check(uneven_shards):
+    with pytest.raises(ValueError, match="verify_checksums"):
+        M3LEODataModule(str(uneven_shards), inputs=INPUTS, targets=TARGETS, cache_bytes=1, verify_checksums=False)
