@@ -36,7 +36,7 @@ Writes to ``out``: ``shift.json`` (everything), ``pairs.csv`` (one row per contr
 of the pair by ``mmd2`` within its control), ``probes.csv``, ``heatmap_<metric>_<control>.png`` and
 ``pca_regions.png`` (chips on the first two principal components, coloured by region); with a logger configured
 (``logger=wandb``) the tables and images also go to W&B (offline unless an API key is configured). Configs:
-``configs/shift.yaml``.
+``m3leo_stream/configs/shift.yaml``.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from m3leo_stream.configs import CONFIG_DIR
+
 log = logging.getLogger("m3leo_stream.shift")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 Control = Literal["none", "landcover", "terrain", "landcover_terrain"]
 Metric = Literal["mmd2", "frechet", "domain_acc"]
 METRICS: tuple[str, ...] = get_args(Metric)

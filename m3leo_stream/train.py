@@ -5,7 +5,7 @@ logging (offline when no API key is configured; ``WANDB_MODE`` wins), checkpoint
 and resumes (``resume=auto``: the latest checkpoint of ``checkpoint.dir``, restoring model, optimiser, scheduler,
 loader position and the W&B run). On SIGUSR1 (Slurm's warning before the time limit) it checkpoints at the next
 optimizer-step boundary and requeues the job (``m3leo_stream.requeue``); the requeued job resumes from it.
-Configs: ``configs/`` (README "Training").
+Configs: ``m3leo_stream/configs/`` (README "Training").
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3leo_stream.config import ConfigError, register, validate
+from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
 from m3leo_stream.tasks import DataInfo
 
 log = logging.getLogger("m3leo_stream.train")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register()  # the configs' schemas (m3leo_stream.config)
 RUN_ID_FILE = "wandb_run_id.txt"
 _SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|^key$)", re.IGNORECASE)
