@@ -194,6 +194,7 @@ class CallbacksConfig:
     log_every_n_steps: int = MISSING
     panels_every_n_steps: int = MISSING
     panels_max_images: int = MISSING
+    progress_every_n_steps: int = MISSING
 
 
 @dataclasses.dataclass
@@ -235,6 +236,7 @@ class TrainConfig:
     test_after_fit: bool = MISSING
     save_encoder: bool = MISSING
     matmul_precision: str = MISSING  # highest | high | medium
+    verbose: bool = MISSING  # debug logs, tracebacks, every dependency warning
 
 
 def register(cs: ConfigStore | None = None) -> None:

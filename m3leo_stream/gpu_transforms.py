@@ -72,6 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 _KIND_KEYS = ("sar_db", "optical", "coherence", "continuous", "phase", "categorical")
 _META_KEYS = ("key", "region", "lon", "lat", "valid")
+_ZERO_STD_REPORTED: set[tuple[str, tuple[int, ...]]] = set()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,10 +336,13 @@ def _input_plan(cfg: Mapping[str, Any], m: Modality, st, grid: int) -> _InputPla
         mean[j] = user_mean[j] if user_mean else _stat(st, m, b, "mean") * scale[j]
         std[j] = user_std[j] if user_std else _stat(st, m, b, "std") * scale[j]
         linear.append(j)
-    for j in range(n):
-        if not std[j] > 0:
-            log.warning("transforms: band %r of %r has std %r; using 1", names[j], m.name, std[j])
-            std[j] = 1.0
+    zero = [j for j in range(n) if not std[j] > 0]
+    if zero and (m.name, tuple(zero)) not in _ZERO_STD_REPORTED:  # once per process, not per transforms instance
+        _ZERO_STD_REPORTED.add((m.name, tuple(zero)))
+        log.warning("transforms: %r bands %s have std 0 (constant in stats.json); normalised with std 1", m.name,
+                    [names[j] for j in zero])
+    for j in zero:
+        std[j] = 1.0
     channels = [names[j] for j in linear]
     out_mean = [mean[j] for j in linear]
     out_std = [std[j] for j in linear]
