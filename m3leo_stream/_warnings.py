@@ -1,7 +1,8 @@
 """The dependencies' warnings and notices known to be harmless for these entry points, silenced in one place.
 
 Each filter names the message, the category and the module that issues it, so that any other warning still shows.
-The entry points call :func:`quiet_dependencies` unless run verbose (``-v`` / ``verbose=true``).
+The entry points call :func:`quiet_dependencies` unless run verbose (training: ``-v`` / ``verbose=true``; any
+entry point: ``HYDRA_FULL_ERROR=1``).
 """
 
 from __future__ import annotations

@@ -449,6 +449,10 @@ def _merge(fs, parts_root: str, splits: Sequence[str], catalogs: Mapping[str, An
 
 @hydra.main(config_path=CONFIG_DIR, config_name="embed", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        from m3leo_stream._warnings import quiet_dependencies
+
+        quiet_dependencies()
     run(cfg)
 
 

@@ -577,6 +577,10 @@ def _has(emb: Embeddings, control: str) -> bool:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="shift", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        from m3leo_stream._warnings import quiet_dependencies
+
+        quiet_dependencies()
     run(cfg)
 
 
