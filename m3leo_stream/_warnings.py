@@ -22,6 +22,8 @@ _FILTERS: tuple[tuple[str, type[Warning], str, str], ...] = (
     (r"The `srun` command is available on your system but is not used", Warning,
      r"lightning\.fabric\.plugins\.environments\.slurm",
      "a login node or a single-process run on a Slurm cluster; the sbatch scripts launch ranks with srun"),
+    (r"Experiment logs directory .* exists and is not empty", Warning, r"lightning\.fabric\.loggers\.csv_logs",
+     "a resumed run (W&B disabled) goes on in its own CSV directory, and Lightning appends to metrics.csv"),
 )
 _NOTICES = ("💡 Tip: For seamless cloud logging",)  # Lightning's advertisement, logged at INFO on every fit
 

@@ -165,6 +165,8 @@ def test_known_dependency_warnings_are_silenced_and_no_others():
                  "torchdata.stateful_dataloader.stateful_dataloader"),
                 ("The number of training batches (6) is smaller than the logging interval Trainer(log_every_n_steps"
                  "=10).", PossibleUserWarning, "lightning.pytorch.loops.fit_loop"),
+                ("Experiment logs directory /r/csv/abc exists and is not empty. Previous log files in this directory "
+                 "will be deleted when the new ones are saved!", UserWarning, "lightning.fabric.loggers.csv_logs"),
                 (srun, PossibleUserWarning, "m3leo_stream.train"),  # the same text from elsewhere still shows
                 ("'set_vital' is deprecated", DeprecationWarning, "torchdata.stateful_dataloader"),  # other category
         ]:
