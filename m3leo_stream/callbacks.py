@@ -128,10 +128,11 @@ class ProgressLog(pl.Callback):
         now = time.perf_counter()
         t0, s0 = self._last or (now, step)
         self._last = (now, step)
-        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in trainer.progress_bar_metrics.items())
-        rate = f" {(step - s0) / (now - t0):.2f} steps/s" if now > t0 and step > s0 else ""
+        parts = [f"{k} {float(v):.4g}" for k, v in trainer.progress_bar_metrics.items()]
+        if now > t0 and step > s0:
+            parts.append(f"{(step - s0) / (now - t0):.2f} steps/s")
         total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
-        log.info("step %d%s epoch %d %s%s", step, total, trainer.current_epoch, metrics, rate)
+        log.info("step %d%s (epoch %d): %s", step, total, trainer.current_epoch, ", ".join(parts))
 
 
 class LastCheckpoint(pl.Callback):
