@@ -227,7 +227,7 @@ class BestCheckpoint(ModelCheckpoint):
             self.kth_best_model_path = self.best_model_path = ""
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
             self.best_model_score = None
-        log.info("best checkpoints the resumed checkpoint records but that are gone: %s; best now: %s",
+        log.info("best checkpoints the resumed checkpoint records but that are gone: %s; the best is %s",
                  sorted(set(gone)), self.best_model_path or "none yet")
 
 
