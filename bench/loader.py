@@ -359,14 +359,16 @@ BAND_EXPERIMENTS = ("demo", "pretrain_mae")
 
 
 def experiment_data(name: str) -> tuple[list[str], list[str], dict]:
-    """(inputs, targets, transforms config) of ``configs/experiment/<name>.yaml``, composed as ``train.py`` does."""
+    """(inputs, targets, transforms config) of ``m3leo_stream/configs/experiment/<name>.yaml``, composed as
+    ``train.py`` does."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from m3leo_stream.config import register
+    from m3leo_stream.configs import CONFIG_DIR
 
     register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"])
     return (list(cfg.data.inputs), list(cfg.data.get("targets") or []),
             OmegaConf.to_container(cfg.transforms, resolve=True))

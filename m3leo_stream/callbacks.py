@@ -7,19 +7,23 @@ import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from m3leo_stream import render
 from m3leo_stream.modalities import REGISTRY, Modality, Registry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "TrainingSpeed"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "ProgressLog",
+           "TrainingSpeed"]
 
 
 class TrainingSpeed(pl.Callback):
@@ -106,6 +110,31 @@ class LoaderMetrics(pl.Callback):
                            rank_zero_only=True)
 
 
+class ProgressLog(pl.Callback):
+    """A log line every ``every_n_steps`` training steps and at the last: step of max, the progress-bar metrics
+    (loss) and steps/s since the previous line. For runs without a progress bar (batch jobs, the demo)."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every = max(1, int(every_n_steps))
+        self._last: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and not (trainer.max_steps > 0 and step >= trainer.max_steps):
+            return
+        now = time.perf_counter()
+        t0, s0 = self._last or (now, step)
+        self._last = (now, step)
+        parts = [f"{k} {float(v):.4g}" for k, v in trainer.progress_bar_metrics.items()]
+        if now > t0 and step > s0:
+            parts.append(f"{(step - s0) / (now - t0):.2f} steps/s")
+        total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        log.info("step %d%s (epoch %d): %s", step, total, trainer.current_epoch, ", ".join(parts))
+
+
 class LastCheckpoint(pl.Callback):
     """Write ``path`` (the run's ``last.ckpt``, any fsspec URL) inside the training loop every ``every_n_steps``
     steps and at the last step (``max_steps``), and at the end of training when fitting stopped otherwise
@@ -113,16 +142,27 @@ class LastCheckpoint(pl.Callback):
 
     Why not ModelCheckpoint(save_last=True): Lightning 2.6 also writes ``last`` in ``on_train_end`` when it has not
     saved one yet, i.e. AFTER the loop, and a checkpoint written after the loop records the epoch as finished, so a
-    run stopped by ``max_steps`` mid-epoch and resumed from it would skip the rest of that epoch."""
+    run stopped by ``max_steps`` mid-epoch and resumed from it would skip the rest of that epoch.
+
+    ``started_at_step`` is the global step fitting started at; None when the loop did not run (a resume that is at
+    ``max_steps`` already)."""
 
     def __init__(self, path: str, every_n_steps: int | None = None):
         self.path = path
         self.every = int(every_n_steps or 0)
         self._saved_step = -1
+        self._recorded_best: frozenset[str] | None = None  # the best files last.ckpt records; None: no last.ckpt
+        self.started_at_step: int | None = None
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
+        self._recorded_best = _best_files(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started_at_step = trainer.global_step
+        if trainer.ckpt_path:  # resumed: the checkpoint records what was restored
+            self._recorded_best = _best_files(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -134,6 +174,61 @@ class LastCheckpoint(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:
             self._save(trainer)
+
+    def refresh(self, trainer) -> None:
+        """Write ``path`` again if the best checkpoints it records are no longer the current ones (one was written
+        or removed since it was saved): a run resumed from it then names a best checkpoint that exists."""
+        if self._recorded_best is not None and _best_files(trainer) != self._recorded_best:
+            self._save(trainer)
+
+
+def _best_files(trainer) -> frozenset[str]:
+    return frozenset(p for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                     for p in (*cb.best_k_models, cb.best_model_path) if p)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint of the ``save_top_k`` best that keeps the run's ``last.ckpt`` (``last``) in step with it:
+    after each validation ``last`` is refreshed (:meth:`LastCheckpoint.refresh`), and a record restored from a
+    checkpoint forgets the files that are no longer there (a run resumed from an older ``last.ckpt`` after a
+    crash), so the best checkpoint it reports is always a file that exists."""
+
+    def __init__(self, last: LastCheckpoint, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.last = last
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        with warnings.catch_warnings():
+            # the directory is the run's own: its run id, last.ckpt and best files are what resume=auto goes on from
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.last.refresh(trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        fs = getattr(self, "_fs", None) or get_filesystem(self.dirpath or "")
+        gone = [p for p in self.best_k_models if not fs.exists(p)]
+        if self.best_model_path and not fs.exists(self.best_model_path):
+            gone.append(self.best_model_path)
+        if not gone:
+            return
+        for p in gone:
+            self.best_k_models.pop(p, None)
+        if self.best_k_models:
+            worst, best = (max, min) if self.mode == "min" else (min, max)
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.__getitem__)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+            self.best_model_path = best(self.best_k_models, key=self.best_k_models.__getitem__)
+            self.best_model_score = self.best_k_models[self.best_model_path]
+        else:
+            self.kth_best_model_path = self.best_model_path = ""
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+            self.best_model_score = None
+        log.info("best checkpoints the resumed checkpoint records but that are gone: %s; the best is %s",
+                 sorted(set(gone)), self.best_model_path or "none yet")
 
 
 class KeyRecorder(pl.Callback):

@@ -4,7 +4,8 @@ Composition checks every key and type against them: an unknown or misspelled key
 section is the arguments of one class (``data``: :class:`M3LEODataModule`, ``model``: the models, ``task``: the
 tasks, ``trainer``: Lightning's ``Trainer``), its schema is derived from that class's signature by
 :func:`schema_of`, so the signature states the defaults and a new argument is a config key without an edit here. The
-YAML files in ``configs/`` set what the training runs use where that differs; ``--cfg job`` prints every key.
+YAML files in ``m3leo_stream/configs/`` set what the training runs use where that differs; ``--cfg job`` prints every
+key.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class CallbacksConfig:
     log_every_n_steps: int = MISSING
     panels_every_n_steps: int = MISSING
     panels_max_images: int = MISSING
+    progress_every_n_steps: int = MISSING
 
 
 @dataclasses.dataclass
@@ -215,7 +217,7 @@ class LoggerConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The whole training config (``configs/train.yaml``)."""
+    """The whole training config (``m3leo_stream/configs/train.yaml``)."""
 
     data: DataConfig = MISSING  # type: ignore[valid-type]
     transforms: TransformsConfig = MISSING  # type: ignore[valid-type]
@@ -234,6 +236,7 @@ class TrainConfig:
     test_after_fit: bool = MISSING
     save_encoder: bool = MISSING
     matmul_precision: str = MISSING  # highest | high | medium
+    verbose: bool = MISSING  # debug logs, tracebacks, every dependency warning
 
 
 def register(cs: ConfigStore | None = None) -> None:

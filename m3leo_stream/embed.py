@@ -22,7 +22,7 @@ global batch; rank 0 merges and checks that each chip of each split is there exa
 
 Resumable: each rank writes its rows every ``part_batches`` batches to ``<out>/parts/<split>/`` (written whole,
 then renamed); a rerun (``resume=true``) with the same encoder, pooling, splits, world size and batch size starts
-each rank after its last complete part. Configs: ``configs/embed.yaml``.
+each rank after its last complete part. Configs: ``m3leo_stream/configs/embed.yaml``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import hydra
@@ -46,12 +45,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3leo_stream.config import register
+from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.modalities import BANDS_KEY, Modality
 from m3leo_stream.models.mae import MultiModalEncoder
 
 log = logging.getLogger("m3leo_stream.embed")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register()  # the schemas the config groups extend (m3leo_stream.config)
 Pooling = Literal["mean", "max", "mean_max", "modality_mean"]
 TransformsFrom = Literal["card", "config"]
@@ -450,6 +449,10 @@ def _merge(fs, parts_root: str, splits: Sequence[str], catalogs: Mapping[str, An
 
 @hydra.main(config_path=CONFIG_DIR, config_name="embed", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        from m3leo_stream._warnings import quiet_dependencies
+
+        quiet_dependencies()
     run(cfg)
 
 

@@ -131,7 +131,7 @@ class RequeueOnSignal(pl.Callback):
     def _stop(self, trainer: pl.Trainer) -> None:
         log.warning("got %s: saving a checkpoint at step %d to %s and stopping, to be requeued",
                     self.signum.name, trainer.global_step, self.path)
-        trainer.save_checkpoint(self.staging)  # all ranks; rank 0 writes, then a barrier
+        trainer.save_checkpoint(self.staging, weights_only=False)  # all ranks; rank 0 writes, then a barrier
         self.requested = True
         trainer.should_stop = True
 

@@ -36,7 +36,7 @@ Writes to ``out``: ``shift.json`` (everything), ``pairs.csv`` (one row per contr
 of the pair by ``mmd2`` within its control), ``probes.csv``, ``heatmap_<metric>_<control>.png`` and
 ``pca_regions.png`` (chips on the first two principal components, coloured by region); with a logger configured
 (``logger=wandb``) the tables and images also go to W&B (offline unless an API key is configured). Configs:
-``configs/shift.yaml``.
+``m3leo_stream/configs/shift.yaml``.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from m3leo_stream.configs import CONFIG_DIR
+
 log = logging.getLogger("m3leo_stream.shift")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 Control = Literal["none", "landcover", "terrain", "landcover_terrain"]
 Metric = Literal["mmd2", "frechet", "domain_acc"]
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -576,6 +577,10 @@ def _has(emb: Embeddings, control: str) -> bool:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="shift", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        from m3leo_stream._warnings import quiet_dependencies
+
+        quiet_dependencies()
     run(cfg)
 
 

@@ -5,7 +5,7 @@ logging (offline when no API key is configured; ``WANDB_MODE`` wins), checkpoint
 and resumes (``resume=auto``: the latest checkpoint of ``checkpoint.dir``, restoring model, optimiser, scheduler,
 loader position and the W&B run). On SIGUSR1 (Slurm's warning before the time limit) it checkpoints at the next
 optimizer-step boundary and requeues the job (``m3leo_stream.requeue``); the requeued job resumes from it.
-Configs: ``configs/`` (README "Training").
+Configs: ``m3leo_stream/configs/`` (README "Training").
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3leo_stream.config import ConfigError, register, validate
+from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
 from m3leo_stream.tasks import DataInfo
 
 log = logging.getLogger("m3leo_stream.train")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register()  # the configs' schemas (m3leo_stream.config)
 RUN_ID_FILE = "wandb_run_id.txt"
 _SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|^key$)", re.IGNORECASE)
@@ -209,26 +209,37 @@ def build_task(cfg: DictConfig, info: DataInfo) -> pl.LightningModule:
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from m3leo_stream.callbacks import ImagePanels, KeyRecorder, LastCheckpoint, LoaderMetrics, TrainingSpeed
+    from m3leo_stream.callbacks import (
+        BestCheckpoint,
+        ImagePanels,
+        KeyRecorder,
+        LastCheckpoint,
+        LoaderMetrics,
+        ProgressLog,
+        TrainingSpeed,
+    )
 
     ck = cfg.checkpoint
     every = int(cfg.callbacks.log_every_n_steps)
-    cbs: list[pl.Callback] = [LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0))]
+    last = LastCheckpoint(_join(str(ck.dir), "last.ckpt"), int(ck.every_n_train_steps or 0))
+    cbs: list[pl.Callback] = [last]
     best = None
     if ck.monitor:
         if ck.mode not in ("min", "max"):
             raise ValueError(f"checkpoint.mode must be min or max, got {ck.mode!r}")
         safe = str(ck.monitor).replace("/", "_")
-        best = ModelCheckpoint(dirpath=ck.dir, filename=f"best-{{step:08d}}-{safe}={{{ck.monitor}:.4f}}",
-                               monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
-                               save_last=False, auto_insert_metric_name=False)
+        best = BestCheckpoint(last, dirpath=ck.dir, filename=f"best-{{step:08d}}-{safe}={{{ck.monitor}:.4f}}",
+                              monitor=str(ck.monitor), mode=str(ck.mode), save_top_k=int(ck.save_top_k),
+                              save_last=False, auto_insert_metric_name=False)
         cbs.append(best)
     if cfg.trainer.get("enable_progress_bar", True):
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         cbs.append(TQDMProgressBar(refresh_rate=every))  # its metrics are read on the host: not every step
+    else:
+        cbs.append(ProgressLog(int(cfg.callbacks.progress_every_n_steps)))
     cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
@@ -251,6 +262,7 @@ def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
     logger = WandbLogger(project=w.project, entity=w.get("entity"), name=w.get("name") or cfg.experiment_name,
                          id=run_id, resume="allow", mode=mode, save_dir=save_dir, tags=list(w.get("tags") or []),
                          log_model=bool(w.get("log_model", False)))
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes None, which wandb >= 0.19 warns about
     return logger
 
 
@@ -318,6 +330,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) the configured experiment; returns where things are (also printed)."""
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.verbose:
+        logging.getLogger("m3leo_stream").setLevel(logging.DEBUG)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # "high": TF32 matmuls on GPUs that have it
     so = _plain(cfg.data.get("storage_options")) or None
@@ -354,6 +368,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 "data_info": scrub(dataclasses.asdict(info))})
 
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    from m3leo_stream.callbacks import LastCheckpoint
+
+    last_cb = next(c for c in callbacks if isinstance(c, LastCheckpoint))
+    trained = ckpt_path is None or last_cb.started_at_step is not None
     if requeue_cb.requested:  # stopped by the signal: last.ckpt gets that step and the requeued job goes on from it
         from lightning.pytorch.loggers import WandbLogger
 
@@ -367,7 +385,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     final = _join(ckpt_dir, "last.ckpt")
 
     results: dict[str, Any] = {"checkpoint": final, "best_checkpoint": best_cb.best_model_path if best_cb else None,
-                               "run_id": run_id, "global_step": int(trainer.global_step)}
+                               "run_id": run_id, "global_step": int(trainer.global_step), "trained": trained}
     if cfg.get("save_encoder") and hasattr(task, "encoder"):
         url = _join(str(cfg.run_dir), "encoder.pt")
         if trainer.is_global_zero:
@@ -387,11 +405,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         exp = logger.experiment
         results["wandb_dir"] = getattr(exp, "dir", None) and str(Path(exp.dir).parent)
         results["wandb_mode"] = wandb_mode(cfg.logger.wandb.get("mode"))
-        results["wandb_url"] = getattr(exp, "url", None)
+        results["wandb_url"] = getattr(exp, "url", None) if results["wandb_mode"] == "online" else None
         import wandb
 
         wandb.finish()
     if trainer.is_global_zero:
+        if not trained:
+            print(f"[m3leo] nothing to train: {ckpt_path} is at step {trainer.global_step}, trainer.max_steps is "
+                  f"{trainer.max_steps}. To train on, raise trainer.max_steps; to train afresh, rm -r {cfg.run_dir} "
+                  f"(or resume=null). Results of that run:")
         print(f"[m3leo] checkpoint: {final}")
         if results["best_checkpoint"]:
             print(f"[m3leo] best checkpoint ({cfg.checkpoint.monitor}, {cfg.checkpoint.mode}): "
@@ -416,15 +438,35 @@ the root lacks, a plan that cannot be resumed): one line, not a traceback, unles
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    verbose = bool(cfg.get("verbose")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if not verbose:
+        from m3leo_stream._warnings import quiet_dependencies
+
+        quiet_dependencies()
     try:
         run(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if verbose:
             raise
-        raise SystemExit(f"error: {e}  (HYDRA_FULL_ERROR=1 shows the traceback)") from None
+        hint = "" if isinstance(e, ConfigError) else "  (-v shows the traceback)"
+        raise SystemExit(f"error: {e}{hint}") from None
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m m3leo_stream.train``: :func:`main` with ``-v``/``--verbose`` accepted anywhere among the
+    overrides, as ``verbose=true`` plus ``HYDRA_FULL_ERROR=1`` (full tracebacks of composition errors too)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in VERBOSE_FLAGS for a in args):
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        args = [a for a in args if a not in VERBOSE_FLAGS] + ["verbose=true"]
+    sys.argv = [sys.argv[0], *args]
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -11,11 +11,16 @@ start=$(date +%s)
 if [ ! -f "$DEMO/shards/manifest.json" ]; then
   echo "[demo] generating M3LEO-layout data in $DEMO/src (2 regions × 20 chips)"
   rm -rf "$DEMO/src"
-  "$PY" -m shard_tools.cli synth "$DEMO/src" --regions conus,europe --chips-per-region 20 --seed 0 --workers 2 -q >/dev/null
+  "$PY" -m shard_tools.cli synth "$DEMO/src" --regions conus,europe --chips-per-region 20 --seed 0 --workers 2 >/dev/null
   echo "[demo] building shards in $DEMO/shards"
-  "$PY" -m shard_tools.cli build "$DEMO/src" "$DEMO/shards" --workers 2 -q >/dev/null
+  "$PY" -m shard_tools.cli build "$DEMO/src" "$DEMO/shards" --workers 2 >/dev/null  # progress on stderr
 fi
-echo "[demo] training experiment=demo (tiny MAE, CPU)"
-"$PY" -m m3leo_stream.train experiment=demo data.root="$DEMO/shards" run_dir="$DEMO/runs/demo" \
+RUN="$DEMO/runs/demo"
+if [ -f "$RUN/checkpoints/last.ckpt" ]; then
+  echo "[demo] $RUN has a checkpoint: training goes on from it (rm -r $RUN to train afresh)"
+fi
+echo "[demo] training experiment=demo (tiny MAE, CPU; a line every 50 steps)"
+"$PY" -m m3leo_stream.train experiment=demo data.root="$DEMO/shards" run_dir="$RUN" \
   trainer.enable_progress_bar=false "$@"
+# (the picture of a batch goes here, written next to the run)
 echo "[demo] done in $(( $(date +%s) - start )) s"

@@ -7,7 +7,7 @@
 #
 # Inputs (the calling script sets M3LEO_DEFAULT_EXPERIMENT and M3LEO_JOB_KIND first):
 #   arguments              Hydra overrides, e.g. data.batch_size=32 trainer.max_steps=100000 experiment=demo
-#   M3LEO_EXPERIMENT       experiment config (configs/experiment/<name>.yaml); an experiment=... argument wins
+#   M3LEO_EXPERIMENT       experiment config (m3leo_stream/configs/experiment/<name>.yaml); an experiment=... argument wins
 #   M3LEO_DATA_ROOT        shard root, local path or URL (s3://bucket/prefix)         -> data.root=...
 #   M3LEO_RUN_DIR          where checkpoints/config/W&B files go (default runs/<experiment> under the submit
 #                          directory)                                                 -> run_dir=...

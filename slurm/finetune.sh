@@ -7,7 +7,7 @@
 #     M3LEO_ENCODER=runs/pretrain_mae/encoder.pt sbatch slurm/finetune.sh [hydra overrides...]
 #     sbatch slurm/finetune.sh experiment=reg_biomass_unet data.root=s3://bucket/m3leo-shards
 #
-# Experiments (configs/experiment/): finetune_esawc_from_mae (the default; model.encoder = the pretrained encoder),
+# Experiments (m3leo_stream/configs/experiment/): finetune_esawc_from_mae (the default; model.encoder = the pretrained encoder),
 # seg_esawc_unet, reg_biomass_unet, reg_ghsbuilts_unet. Every #SBATCH default below is overridden by the same flag
 # on the sbatch command line. Environment variables (M3LEO_EXPERIMENT, M3LEO_DATA_ROOT, M3LEO_RUN_DIR,
 # M3LEO_ENCODER, M3LEO_OVERRIDES, PYTHON, NCCL_*, ...) are read by slurm/_launch.sh, which documents them;

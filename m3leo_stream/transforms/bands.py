@@ -32,6 +32,8 @@ Encoding = Literal["linear", "sincos", "rereference", "onehot", "physical", "cla
 ``physical`` (targets) stored × scale; ``classes`` (targets) class indices by a lookup table."""
 
 
+_ZERO_STD_REPORTED: set[tuple[str, tuple[int, ...]]] = set()
+
 @dataclass(frozen=True)
 class BandPlan:
     """One selected stored band: where it is, what it is, and how it is normalised (physical units)."""
@@ -335,10 +337,14 @@ def input_plan(cfg: Mapping[str, Any], m: Modality, stats: Mapping[str, Any], gr
     else:
         plans = [_band_plan(cfg, m, i, st, user_mean[j] if user_mean else None, user_std[j] if user_std else None)
                  for j, i in enumerate(bands)]
-    for j, p in enumerate(plans):
-        if not p.std > 0:
-            log.warning("transforms: band %r of %r has std %r; using 1", p.name, m.name, p.std)
-            plans[j] = BandPlan(p.index, p.name, p.kind, p.scale, p.encoding, p.lo, p.hi, p.mean, 1.0)
+    zero = [j for j, p in enumerate(plans) if not p.std > 0]
+    if zero and (m.name, tuple(zero)) not in _ZERO_STD_REPORTED:  # once per process, not per transforms instance
+        _ZERO_STD_REPORTED.add((m.name, tuple(zero)))
+        log.warning("transforms: %r bands %s have std 0 (constant in stats.json); normalised with std 1", m.name,
+                    [plans[j].name for j in zero])
+    for j in zero:
+        p = plans[j]
+        plans[j] = BandPlan(p.index, p.name, p.kind, p.scale, p.encoding, p.lo, p.hi, p.mean, 1.0)
     keep_special = bool(settings(cfg, m, m.kind).get("keep_special", False))
     invalid = _invalid_values(m, keep_special)
     return InputPlan(

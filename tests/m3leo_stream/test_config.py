@@ -24,7 +24,7 @@ from m3leo_stream.transforms import DEFAULT_CONFIG
 REPO = Path(__file__).resolve().parents[2]
 DM_PARAMS = {n: p.default for n, p in inspect.signature(M3LEODataModule.__init__).parameters.items()
              if n not in ("self", "transforms")}
-SET_BY_YAML = {"root", "inputs", "optional", "seed"}  # configs/data/default.yaml
+SET_BY_YAML = {"root", "inputs", "optional", "seed"}  # m3leo_stream/configs/data/default.yaml
 
 
 def compose_cfg(overrides: list[str]):
@@ -100,7 +100,7 @@ def test_misspelled_keys_of_every_model_and_task_are_errors():
 
 
 def test_every_experiment_validates():
-    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+    for f in sorted((REPO / "m3leo_stream" / "configs" / "experiment").glob("*.yaml")):
         validate(compose_cfg([f"experiment={f.stem}", "data.root=/x"]))
 
 

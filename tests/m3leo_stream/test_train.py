@@ -244,7 +244,7 @@ def test_run_helpers(tmp_path, monkeypatch):
 
 
 def test_all_experiments_compose_with_contract_keys():
-    for f in sorted((REPO / "configs" / "experiment").glob("*.yaml")):
+    for f in sorted((REPO / "m3leo_stream" / "configs" / "experiment").glob("*.yaml")):
         cfg = compose_cfg([f"experiment={f.stem}", "data.root=/x"])
         assert cfg.experiment_name == f.stem
         for key in ("data.root", "data.batch_size", "data.num_workers", "data.regions", "data.region_weights",

@@ -645,7 +645,7 @@ def test_user_modalities_flow_through_loader_and_device_transforms(tmp_path, use
     root = tmp_path / "shards"
     stats = json.loads((root / "stats.json").read_text())
     assert {"landuse", "ramp"} <= set(stats)
-    cfg = yaml.safe_load((REPO / "configs" / "transforms" / "default.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "m3leo_stream" / "configs" / "transforms" / "default.yaml").read_text())
     dm = M3LEODataModule(str(root), inputs=["ramp"], targets=["landuse"], batch_size=2, num_workers=0,
                          transforms=cfg)
     dm.setup()

@@ -60,7 +60,8 @@ DEMO_INPUTS = ("s1grd", "s2rgbm", "gssic")  # experiment=demo: a sample lacking 
 
 
 def _train_keys(root: Path) -> set[str]:
-    """Train samples the demo plans: its inputs are optional (configs/data), so those with at least one of them."""
+    """Train samples the demo plans: its inputs are optional (m3leo_stream/configs/data), so those with at least one
+    of them."""
     cols = ["key", "split", *(f"{m}_offset" for m in DEMO_INPUTS)]
     t = pq.read_table(root / "index.parquet", columns=cols).to_pylist()
     return {r["key"] for r in t if r["split"] == "train" and any(r[f"{m}_offset"] is not None for m in DEMO_INPUTS)}
