@@ -1,14 +1,15 @@
 """Per-task partial indexes: what ``finalize`` needs of one build task's shards, written by the task as it ends, so
 that finalize reads a few Parquet files rather than every shard record.
 
-``_build/parts/task-<i>-of-<n>.json`` (the commit point, written last) names ``task-<i>-of-<n>-<id>.parquet``: the
-index rows of the task's shards in plan order, in row groups of :data:`PART_ROW_GROUP` rows. The JSON holds, per
-shard and in the same order, what its record says besides its rows (:func:`shard_meta`, with the record's size)
-and the float bands' moments of its statistics state; and the task's statistics counts summed over its shards
-(histograms, pixel counts, min and max: integer sums and extrema, exact in any order). finalize adds up the counts of
-all partials first, then merges each shard's moments in plan order, which is exactly what merging the shards' whole
-states one after another does (``StatsSet.merge_counts``/``merge_moments``): its outputs are byte for byte those it
-writes from the records.
+``_build/parts/task-<i>-of-<n>.json`` (the commit point, written last) names ``task-<i>-of-<n>-<id>.parquet``, the
+index rows of the task's shards in plan order in row groups of :data:`PART_ROW_GROUP` rows, and
+``task-<i>-of-<n>-<id>.jsonl``, one line per shard in the same order: what its record says besides its rows and
+the float bands' moments of its statistics state (:func:`shard_meta`). The JSON lists the shards (path, rows,
+record size) and holds the task's statistics counts summed over its shards (histograms, pixel counts, min and max:
+integer sums and extrema, exact in any order). finalize adds up the counts of all partials first, then reads the
+partials shard by shard in plan order (their JSONL line by line) and merges each shard's moments in that order,
+which is exactly what merging the shards' whole states one after another does (``StatsSet.merge_counts`` /
+``merge_moments``): its outputs are byte for byte those it writes from the records.
 
 A partial is used only when every shard it lists is in the plan, in plan order, has a record of the size it noted
 (a shard rebuilt since, e.g. under another task layout, is read from its record), and is listed by no partial
@@ -86,42 +87,48 @@ def write_partial(fs: Any, root: str, header: Mapping[str, Any], task_index: int
     stats = StatsSet(Modality.from_json(header["modality_entries"][n]) for n in header["modalities"])
     resolutions = _resolutions(header)
     name = _name(task_index, num_tasks)
-    index_name = f"{name}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = _local_temp(fs, root, index_name)
-    metas: list[dict[str, Any]] = []
+    ident = uuid.uuid4().hex[:12]
+    index_name, meta_name = f"{name}-{ident}.parquet", f"{name}-{ident}.jsonl"
+    tmp, tmp_meta = _local_temp(fs, root, index_name), _local_temp(fs, root, meta_name)
+    listed: list[list[Any]] = []
     try:
         writer = RowGroupWriter(tmp, schema, PART_ROW_GROUP)
-        try:
-            for path, (r, size) in zip(paths, _read_records(fs, root, paths) if records is None else records,
-                                     strict=True):
-                if r["path"] != path:
-                    raise ValueError(f"task {task_index}/{num_tasks}: record of {r['path']} where the plan has {path}")
-                meta = shard_meta(r, stats, ERROR_EXAMPLES)
-                if not meta["checksums"] or meta["resolutions"] != resolutions:
-                    log.warning("task %d/%d: no partial index (%s was built %s); finalize reads the records",
-                                task_index, num_tasks, path, "without member checksums" if not meta["checksums"]
-                                else "with other --resolution values")
-                    return None
-                table = record_table(r, schema)
-                meta["rows"], meta["record_bytes"] = table.num_rows, size
-                writer.add(table)
-                if r["stats"]:
-                    stats.merge_counts(r["region"], r["stats"])
-                metas.append(meta)
-        finally:
-            writer.close()
+        with open(tmp_meta, "w") as lines:
+            try:
+                for path, (r, size) in zip(paths, _read_records(fs, root, paths) if records is None else records,
+                                           strict=True):
+                    if r["path"] != path:
+                        raise ValueError(f"task {task_index}/{num_tasks}: record of {r['path']} where the plan "
+                                         f"has {path}")
+                    meta = shard_meta(r, stats, ERROR_EXAMPLES)
+                    if not meta["checksums"] or meta["resolutions"] != resolutions:
+                        log.warning("task %d/%d: no partial index (%s was built %s); finalize reads the records",
+                                    task_index, num_tasks, path, "without member checksums"
+                                    if not meta["checksums"] else "with other --resolution values")
+                        return None
+                    table = record_table(r, schema)
+                    writer.add(table)
+                    if r["stats"]:
+                        stats.merge_counts(r["region"], r["stats"])
+                    lines.write(json.dumps(meta, allow_nan=False) + "\n")
+                    listed.append([path, table.num_rows, size])
+            finally:
+                writer.close()
         put_atomic(fs, tmp, join(root, PARTS, index_name))
+        put_atomic(fs, tmp_meta, join(root, PARTS, meta_name))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t in (tmp, tmp_meta):
+            if os.path.exists(t):
+                os.remove(t)
     head = join(root, PARTS, f"{name}.json")
-    previous = json.loads(fs.cat_file(head))["index"] if fs.exists(head) else None
-    body = {"task_index": task_index, "num_tasks": num_tasks, "index": index_name, "shards": metas,
-            "stats": {region: stats.state(region) for region in sorted(stats.regions)}}
+    previous = json.loads(fs.cat_file(head)) if fs.exists(head) else {}
+    body = {"task_index": task_index, "num_tasks": num_tasks, "index": index_name, "metas": meta_name,
+            "shards": listed, "stats": {region: stats.state(region) for region in sorted(stats.regions)}}
     pipe_atomic(fs, head, json.dumps(body, allow_nan=False).encode())
-    if previous and previous != index_name and fs.exists(join(root, PARTS, previous)):
-        fs.rm(join(root, PARTS, previous))
-    log.info("task %d/%d: partial index of %d shards written to %s", task_index, num_tasks, len(metas), head)
+    for old in (previous.get("index"), previous.get("metas")):
+        if old and old not in (index_name, meta_name) and fs.exists(join(root, PARTS, old)):
+            fs.rm(join(root, PARTS, old))
+    log.info("task %d/%d: partial index of %d shards written to %s", task_index, num_tasks, len(listed), head)
     return head
 
 
@@ -137,10 +144,11 @@ class PartReader:
         if not pf.schema_arrow.remove_metadata().equals(schema):
             self.file.close()
             raise ValueError("its index columns differ from the plan's")
-        if pf.metadata.num_rows != sum(m["rows"] for m in body["shards"]):
+        if pf.metadata.num_rows != sum(rows for _, rows, _ in body["shards"]):
             self.file.close()
             raise ValueError("its row count differs from its shards'")
-        self.metas = deque(body["shards"])
+        self.meta_file = fs.open(join(root, PARTS, body["metas"]), "rb")
+        self.listed = deque(body["shards"])
         self.schema = schema
         self.batches = pf.iter_batches(batch_size=PART_ROW_GROUP)
         self.buffer: Any = None
@@ -150,9 +158,11 @@ class PartReader:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        meta = self.metas.popleft()
-        if meta["path"] != path:
+        listed, rows, _ = self.listed.popleft()
+        meta = json.loads(self.meta_file.readline())
+        if not listed == meta["path"] == path:
             raise ValueError(f"partial index {self.name} lists {meta['path']} where the plan has {path}")
+        meta["rows"] = rows
         parts = [self.buffer] if self.buffer is not None else []
         have = self.buffer.num_rows if self.buffer is not None else 0
         while have < meta["rows"]:
@@ -168,6 +178,7 @@ class PartReader:
 
     def close(self) -> None:
         self.file.close()
+        self.meta_file.close()
 
 
 def open_partials(fs: Any, root: str, schema: Any, positions: Mapping[str, int], record_sizes: Mapping[str, int],
@@ -181,15 +192,15 @@ def open_partials(fs: Any, root: str, schema: Any, positions: Mapping[str, int],
     for head in sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json")):
         body = json.loads(fs.cat_file(head))
         shards = body["shards"]
-        order = [positions.get(m["path"], -1) for m in shards]
+        order = [positions.get(path, -1) for path, _, _ in shards]
         why = None
         if min(order, default=0) < 0:
             why = "it lists shards that are not in the plan"
         elif any(b <= a for a, b in zip(order, order[1:])):
             why = "its shards are not in plan order"
-        elif any(record_sizes.get(m["path"]) != m["record_bytes"] for m in shards):
+        elif any(record_sizes.get(path) != size for path, _, size in shards):
             why = "shard records were written again since"
-        elif any(m["path"] in taken for m in shards):
+        elif any(path in taken for path, _, _ in shards):
             why = "another partial index already covers its shards"
         reader = None
         if why is None:
@@ -200,8 +211,8 @@ def open_partials(fs: Any, root: str, schema: Any, positions: Mapping[str, int],
         if reader is None:
             log.warning("finalize: not using %s (%s): its shards are read from their records", head, why)
             continue
-        for m in shards:
-            taken[m["path"]] = reader
+        for path, _, _ in shards:
+            taken[path] = reader
         for region, states in body["stats"].items():
             stats.merge_counts(region, states)
     return taken

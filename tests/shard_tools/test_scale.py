@@ -118,7 +118,7 @@ def test_finalize_falls_back_to_records_where_partials_are_missing_or_stale(tmp_
     parts = out / "_build" / "parts"
     (parts / "task-00000-of-00003.json").unlink()
     body = json.loads((parts / "task-00001-of-00003.json").read_text())
-    record = out / "_build" / "shards" / (body["shards"][0]["path"][: -len(".tar")] + ".json")
+    record = out / "_build" / "shards" / (body["shards"][0][0][: -len(".tar")] + ".json")
     record.write_text(json.dumps(json.loads(record.read_text()), indent=1))  # same content, another size
     with caplog.at_level("WARNING", logger="shard_tools.partials"):
         finalize(str(out), source=str(synth_src))
@@ -132,8 +132,8 @@ def test_damaged_partial_index_is_refused_by_name(tmp_path, synth_src):
     _array_build(out, synth_src)
     head = out / "_build" / "parts" / "task-00002-of-00003.json"
     body = json.loads(head.read_text())
-    body["shards"][0]["rows"] += 1
-    body["shards"][-1]["rows"] -= 1
+    body["shards"][0][1] += 1
+    body["shards"][-1][1] -= 1
     head.write_text(json.dumps(body))
     with pytest.raises(Exception, match="partial index task-00002-of-00003-.*damaged"):
         finalize(str(out))
