@@ -1,17 +1,19 @@
-"""``m3leo-shards finalize``, streaming: merge the shard records of all tasks into ``index.parquet``, ``stats.json``
-and ``manifest.json`` in memory bounded independently of the shard count.
+"""``m3leo-shards finalize``, streaming: merge the shards of all tasks into ``index.parquet``, ``stats.json`` and
+``manifest.json`` in memory bounded independently of the shard count.
 
-The records are read one at a time in plan order. Each one's index rows become an Arrow table that is appended to
-a buffer of at most one row group (:data:`ROW_GROUP` rows, as ``pq.write_table`` cut them before) and written by a
-``ParquetWriter`` to a temporary file as soon as a row group is complete; its statistics state is merged into one
-:class:`StatsSet` in the same order as before, so every output is byte for byte what the single in-memory merge wrote.
-Nothing is published until every record has been read and checked: the index, then ``stats.json``, then
+The shards are taken one at a time in plan order: from the partial index of the array task that built them
+(``shard_tools.partials``: its rows and metadata read in step, its statistics counts added up front), or, where no
+usable partial covers a shard (a one-task build, a task that wrote none), from its record. Each shard's index rows
+are appended to a buffer of at most one row group (:data:`ROW_GROUP` rows, as ``pq.write_table`` cut them before) and
+written by a ``ParquetWriter`` to a temporary file as soon as a row group is complete; its statistics are merged
+into one :class:`StatsSet` in the same order as before, so every output is byte for byte what the single in-memory
+merge wrote. Nothing is published until every shard has been read and checked: the index, then ``stats.json``, then
 ``manifest.json`` (the commit point readers look for) are put into place last, each atomically.
 
-Memory: one record, at most two row groups of Arrow rows (about 1.6 KB a sample with all nine modalities: ~200 MB),
-the statistics accumulator (regions x modalities dense histograms, independent of shards), 8 bytes per sample (the
-hashes of the duplicate-key check) and about 0.3 KB per shard (the manifest's shard list, which ``manifest.json``
-holds anyway).
+Memory: one record (or about one row group of each partial), at most two row groups of Arrow rows (about 0.4 KB a
+sample with all nine modalities: ~30 MB), the statistics accumulator (regions x modalities dense histograms,
+independent of shards), 8 bytes per sample (the hashes of the duplicate-key check) and about 0.4 KB per shard (the
+manifest's shard list, which ``manifest.json`` holds anyway, and the partials' list of their shards).
 """
 
 from __future__ import annotations
