@@ -379,6 +379,11 @@ def report(res: dict) -> None:
             f"{max(mem[c]['partials']['task_seconds']):>17.0f}s" if mem[c].get("partials", {}).get("task_seconds")
             else f"{'-':>18}" for c in counts))
         print(f"{'records (+partials) made':26}" + "".join(f"{mem[c]['setup_seconds']:>17.0f}s" for c in counts))
+        print("CPU seconds (the wall times above include waiting for a shared machine's cores)")
+        for op, label in OPS.items():
+            if any(mem[c].get(op, {}).get("cpu_seconds") for c in counts):
+                print(f"{label:26}" + "".join(f"{mem[c][op]['cpu_seconds']:>17.1f}s" if mem[c].get(op, {}).get(
+                    "cpu_seconds") is not None else f"{'-':>18}" for c in counts))
         print("index, stats and manifest byte-identical across the finalizes run: "
               + ", ".join(f"{c}: {mem[c]['identical']} ({'/'.join(mem[c]['outputs'])})" for c in counts))
         for op in ("finalize", "verify", "verify_task", "stats"):
