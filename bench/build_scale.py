@@ -1,21 +1,27 @@
-"""Build-side scaling without pixels: peak memory of finalize, verify and stats at two shard counts, side by side
-with the branch point's in-memory versions, and the per-task cost of reading a share of the plan.
+"""Build-side scaling without pixels: peak memory and time of finalize, verify and stats at several shard counts,
+side by side with the branch point's in-memory versions, and the per-task cost of reading a share of the plan.
 
 Records: ``--shards`` synthetic shard records with the real layout (every index column of all nine modalities,
-per-band digests, train shards' statistics states from real ``ModalityStats`` of random chips (200 values a band),
-6 regions, 60/20/20
-splits), ``--samples-per-shard`` samples each (the release has ~283; fewer keep the disk use small, the per-shard
-record is what finalize holds one of at a time). Each operation runs in a fresh process; its peak RSS
-(``ru_maxrss``) is reported with the RSS of a process that only imported the same modules. verify finds no tar
-files (each shard costs a missing-file check: what is measured is its index side); stats reads members through a
-stub returning a (bands, 2, 2) array and ``ModalityStats.add`` only counts (the per-sample pixel work, ~48 ms,
-is measured elsewhere); the per-shard accumulators, their states and the merge are real.
+member and chunk digests, train shards' statistics states from real ``ModalityStats`` of random chips (200 values
+a band), 6 regions, 60/20/20 splits), ``--samples-per-shard`` samples each (the release has ~283; fewer keep the disk
+use small, the per-shard record is what finalize holds one of at a time). Each operation runs in a fresh process;
+its peak RSS (``ru_maxrss``) is reported with the RSS of a process that only imported the same modules.
+
+finalize runs three ways on the same records: the branch point's in-memory merge, the streaming one reading every
+record (a one-task build), and the streaming one merging the partial indexes that ``--tasks`` array tasks write as
+they end (``shard_tools.partials``; their writing is timed too, one task after another here, in parallel in an
+array). From ``--sparse-from`` shards on, the partials are written as the records are made and the records are kept
+only as sparse placeholders (a 60k-shard set of records is ~26 GB), so only finalize from partials, verify and
+stats run there. verify finds no tar files (each shard costs a missing-file check: what is measured is its index
+side); stats reads members through a stub returning a (bands, 2, 2) array and ``ModalityStats.add`` only counts (the
+per-sample pixel work, ~48 ms, is measured elsewhere); the per-shard accumulators, their states and the merge are
+real.
 
 Listing: a hub-layout tree of ``--files`` empty chip files (9 modality folders) is planned once by the plan step;
 each of ``--tasks`` tasks then reads its share of the plan. Printed next to what every task did before (catalogue
 the whole source with ``make_plan``), in the same run (CPU seconds, the machine is shared).
 
-    python bench/build_scale.py --shards 1500,15000 --samples-per-shard 40 --files 225000 --tasks 8
+    python bench/build_scale.py --shards 1500,15000,60000 --samples-per-shard 20 --files 225000 --tasks 8
 """
 
 from __future__ import annotations
@@ -42,8 +48,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0) -> None:
-    """A build output whose every shard record is written and whose plan lists them (no tar files)."""
+def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0, sparse_tasks: int = 0) -> None:
+    """A build output whose every shard record is written and whose plan lists them (no tar files).
+
+    ``sparse_tasks``: also write the partial indexes of that many array tasks from the records as they are made
+    (``write_partial`` given them, as a build task would read them), and keep each record on disk only as an empty
+    sparse placeholder (finalize from partials reads none of them, only their sizes; 60k real records would take
+    ~26 GB)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -84,9 +95,13 @@ def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0) -> 
     (root / "_build" / "plan.json").write_text(json.dumps(header))
     states_json = json.dumps(states)
     sizes = {sf.JSON_MEMBER: 2048, **{m.name: m.nbytes for m in mods}}
-    bands = {m.name: len(m.bands) for m in mods}
     members = [sf.JSON_MEMBER] + [m.name for m in mods]
-    for n, (path, region, split) in enumerate(shards):
+
+    def records(numbers):
+        for n in numbers:
+            yield one_record(n, *shards[n])
+
+    def one_record(n, path, region, split):
         rows: dict[str, list] = {"key": [f"{n:08x}{k:05x}" for k in range(per_shard)], "region": [region] * per_shard,
                                  "split": [split] * per_shard, "shard": [path] * per_shard,
                                  "lon": rng.uniform(-180, 180, per_shard).tolist(),
@@ -99,17 +114,34 @@ def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0) -> 
             rows[sf.nbytes_column(member)] = [sizes[member]] * per_shard
             rows[sf.checksum_column(member)] = rng.integers(0, 2**63, per_shard).tolist()
             if member != sf.JSON_MEMBER:
-                rows[sf.band_checksums_column(member)] = rng.integers(0, 2**63, (per_shard, bands[member] + 1)).tolist()
+                rows[sf.chunks_checksum_column(member)] = rng.integers(0, 2**63, per_shard).tolist()
             off += 512 + -(-sizes[member] // 512) * 512
         record = {"path": path, "region": region, "split": split, "bytes": per_shard * step + 1024,
                   "sha256": "0" * 64, "num_samples": per_shard, "rows": rows,
                   "errors": [], "skipped_chips": 0, "skipped_members": 0, "empty_members": 0, "empty_examples": [],
                   "encodings": {f"{m.name}\traw": per_shard for m in mods}, "resolutions": {}}
-        text = json.dumps(record)
-        text = text[:-1] + ', "stats": ' + (states_json if split == "train" else "null") + "}"
         rec = root / "_build" / "shards" / (path[: -len(".tar")] + ".json")
         rec.parent.mkdir(parents=True, exist_ok=True)
+        if sparse_tasks:  # a placeholder: finalize from partials checks only that its size is the one noted
+            with open(rec, "wb") as f:
+                f.truncate(1 + n)
+            record["stats"] = states if split == "train" else None
+            return record, 1 + n
+        text = json.dumps(record)
+        text = text[:-1] + ', "stats": ' + (states_json if split == "train" else "null") + "}"
         rec.write_text(text)
+        return record, len(text)
+
+    if not sparse_tasks:
+        for _ in records(range(num_shards)):
+            pass
+        return
+    from m3leo_stream.storage import get_fs
+    from shard_tools.partials import write_partial
+
+    fs = get_fs(str(root))[0]
+    for t in range(sparse_tasks):
+        write_partial(fs, str(root), header, t, sparse_tasks, records(range(t, num_shards, sparse_tasks)))
 
 
 def _legacy_module(name: str, path: str):
@@ -150,8 +182,22 @@ def child(op: str, root: str) -> dict:
     old_verify = _legacy_module("legacy_verify", "shard_tools/verify.py") if "legacy" in op else None
     start_rss = _rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    if op == "finalize":
+    extra: dict = {}
+    if op in ("finalize", "finalize_records"):
         b.finalize(root)
+    elif op.startswith("partials/"):  # what each of n array tasks writes as it ends, one after another
+        from m3leo_stream.storage import get_fs
+        from shard_tools import plan_io
+        from shard_tools.partials import write_partial
+
+        fs = get_fs(root)[0]
+        header = plan_io.read_header(fs, root)
+        n = int(op.split("/")[1])
+        extra["task_seconds"] = []
+        for t in range(n):
+            t1 = time.perf_counter()
+            write_partial(fs, root, header, t, n)
+            extra["task_seconds"].append(time.perf_counter() - t1)
     elif op == "legacy_finalize":
         lf.legacy_finalize(root)
     elif op == "verify":
@@ -167,7 +213,7 @@ def child(op: str, root: str) -> dict:
     elif op != "baseline":
         raise ValueError(op)
     return {"op": op, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "peak_rss_mb": _rss_mb(), "rss_before_mb": start_rss}
+            "peak_rss_mb": _rss_mb(), "rss_before_mb": start_rss, **extra}
 
 
 def run_child(op: str, root: Path, limit_mb: float) -> dict:
@@ -191,31 +237,54 @@ def run_child(op: str, root: Path, limit_mb: float) -> dict:
         time.sleep(0.2)
     out, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"{op} failed: {err[-3000:]}")
+        print(f"{op} failed: {err[-3000:]}", file=sys.stderr, flush=True)
+        return {"op": op, "peak_rss_mb": None, "failed": err.strip().splitlines()[-1], "seconds": None}
     return json.loads(out.strip().splitlines()[-1])
 
 
-def memory_bench(counts: list[int], per_shard: int, work: Path, limit_mb: float) -> dict:
+def memory_bench(counts: list[int], per_shard: int, work: Path, limit_mb: float, tasks: int,
+                 sparse_from: int) -> dict:
+    """Each count: the shard records; finalize from them (the branch point's in-memory one and the streaming one),
+    the partial indexes of ``tasks`` array tasks, finalize from those; verify and stats. From ``sparse_from``
+    shards on, the partials are written with the records and these kept as sparse files (see ``make_records``):
+    only the partial finalize, verify and stats run there."""
     import hashlib
+
+    def digest(root: Path) -> dict:
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest.pop("created")
+        return {"index": hashlib.sha256((root / "index.parquet").read_bytes()).hexdigest(),
+                "stats": hashlib.sha256((root / "stats.json").read_bytes()).hexdigest(),
+                "manifest": hashlib.sha256(json.dumps(manifest).encode()).hexdigest()}
 
     res: dict = {}
     for n in counts:
         root = work / f"records-{n}"
+        sparse = n >= sparse_from
         t0 = time.perf_counter()
-        make_records(root, n, per_shard)
-        print(f"[{n} shards] records written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        r = {"baseline": run_child("baseline", root, limit_mb)}
-        r["legacy_finalize"] = run_child("legacy_finalize", root, limit_mb)
-        done = r["legacy_finalize"]["peak_rss_mb"] is not None
-        legacy_index = hashlib.sha256((root / "index.parquet").read_bytes()).hexdigest() if done else None
-        legacy_stats = (root / "stats.json").read_bytes() if done else None
+        make_records(root, n, per_shard, sparse_tasks=tasks if sparse else 0)
+        made = time.perf_counter() - t0
+        print(f"[{n} shards] records{' and partials' if sparse else ''} written in {made:.0f} s", file=sys.stderr,
+              flush=True)
+        r: dict = {"sparse": sparse, "setup_seconds": made, "baseline": run_child("baseline", root, limit_mb)}
+        outputs = {}
+        if not sparse:
+            r["legacy_finalize"] = run_child("legacy_finalize", root, limit_mb)
+            if r["legacy_finalize"]["peak_rss_mb"] is not None:
+                outputs["legacy_finalize"] = digest(root)
+            r["finalize_records"] = run_child("finalize_records", root, limit_mb)
+            outputs["finalize_records"] = digest(root)
+            r["partials"] = run_child(f"partials/{tasks}", root, limit_mb)
         r["finalize"] = run_child("finalize", root, limit_mb)
-        new_index = hashlib.sha256((root / "index.parquet").read_bytes()).hexdigest()
-        r["index_identical"] = None if not done else legacy_index == new_index
-        r["stats_identical"] = None if not done else legacy_stats == (root / "stats.json").read_bytes()
+        outputs["finalize"] = digest(root)
+        r["outputs"] = outputs
+        r["identical"] = len({json.dumps(d, sort_keys=True) for d in outputs.values()}) == 1 if len(outputs) > 1 \
+            else None
         for op in ("legacy_verify", "verify", "verify_task", "legacy_stats", "stats"):
-            r[op] = run_child(op, root, limit_mb)
+            if not (sparse and op.startswith("legacy")):
+                r[op] = run_child(op, root, limit_mb)
         res[str(n)] = r
+        print(json.dumps({n: r}), file=sys.stderr, flush=True)
         shutil.rmtree(root)
     return res
 
@@ -280,20 +349,49 @@ def listing_bench(files: int, tasks: int, work: Path) -> dict:
             "per_task": per_task}
 
 
+OPS = {"legacy_finalize": "finalize, branch point", "finalize_records": "finalize from records",
+       "partials": "partials, all tasks", "finalize": "finalize from partials", "legacy_verify": "verify, branch point",
+       "verify": "verify", "verify_task": "verify, task 1 of 8", "legacy_stats": "stats, branch point",
+       "stats": "stats"}
+
+
 def report(res: dict) -> None:
     mem = res.get("memory", {})
     if mem:
-        print(f"\npeak RSS, MB (fresh process each; import-only baseline shown), {res['samples_per_shard']} "
-              "samples a shard")
+        print(f"\npeak RSS, MB (time), fresh process each, {res['samples_per_shard']} samples a shard; '-': not run "
+              "(records kept as placeholders there, see make_records)")
         counts = list(mem)
-        print(f"{'':22}" + "".join(f"{c + ' shards':>18}" for c in counts))
-        print(f"{'baseline (imports)':22}" + "".join(f"{mem[c]['baseline']['peak_rss_mb']:>18.0f}" for c in counts))
-        for op in ("legacy_finalize", "finalize", "legacy_verify", "verify", "verify_task", "legacy_stats", "stats"):
-            print(f"{op:22}" + "".join(
-                f"{mem[c][op]['peak_rss_mb']:>11.0f} ({mem[c][op]['seconds']:>4.0f}s)" if mem[c][op]["peak_rss_mb"]
-                else f"{'> ' + str(int(mem[c][op]['over_limit_mb'])) + ' (stopped)':>18}" for c in counts))
-        print("finalize index/stats byte-identical to the branch point's: "
-              + ", ".join(f"{c}: {mem[c]['index_identical']}/{mem[c]['stats_identical']}" for c in counts))
+        print(f"{'':26}" + "".join(f"{c + ' shards':>18}" for c in counts))
+        print(f"{'baseline (imports)':26}" + "".join(f"{mem[c]['baseline']['peak_rss_mb']:>18.0f}" for c in counts))
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return f"{'-':>18}"
+            if r.get("failed"):
+                return f"{'failed':>18}"
+            if r["peak_rss_mb"] is None:
+                return f"{'> ' + str(int(r['over_limit_mb'])) + ' (stopped)':>18}"
+            return f"{r['peak_rss_mb']:>11.0f} ({r['seconds']:>4.0f}s)"
+
+        for op, label in OPS.items():
+            print(f"{label:26}" + "".join(cell(mem[c].get(op)) for c in counts))
+        print(f"{'  slowest task':26}" + "".join(
+            f"{max(mem[c]['partials']['task_seconds']):>17.0f}s" if mem[c].get("partials", {}).get("task_seconds")
+            else f"{'-':>18}" for c in counts))
+        print(f"{'records (+partials) made':26}" + "".join(f"{mem[c]['setup_seconds']:>17.0f}s" for c in counts))
+        print("CPU seconds (the wall times above include waiting for a shared machine's cores)")
+        for op, label in OPS.items():
+            if any(mem[c].get(op, {}).get("cpu_seconds") for c in counts):
+                print(f"{label:26}" + "".join(f"{mem[c][op]['cpu_seconds']:>17.1f}s" if mem[c].get(op, {}).get(
+                    "cpu_seconds") is not None else f"{'-':>18}" for c in counts))
+        print("index, stats and manifest byte-identical across the finalizes run: "
+              + ", ".join(f"{c}: {mem[c]['identical']} ({'/'.join(mem[c]['outputs'])})" for c in counts))
+        for op in ("finalize", "verify", "verify_task", "stats"):
+            over = [mem[c][op]["peak_rss_mb"] - mem[c]["baseline"]["peak_rss_mb"] for c in counts
+                    if mem[c].get(op, {}).get("peak_rss_mb")]
+            if over:
+                print(f"  {OPS[op]}: above the baseline {min(over):.0f}..{max(over):.0f} MB over "
+                      f"{counts[0]}..{counts[-1]} shards")
     lst = res.get("listing")
     if lst:
         print(f"\nlisting: {lst['files']} files, {lst['chips']} chips, {lst['shards']} shards, {lst['tasks']} tasks "
@@ -317,6 +415,8 @@ def main() -> None:
     p.add_argument("--files", type=int, default=225_000)
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--skip", default="", help="memory,listing")
+    p.add_argument("--sparse-from", type=int, default=30_000,
+                   help="from this many shards on, keep records as sparse files (partials written with them)")
     p.add_argument("--json", default=None)
     p.add_argument("--limit-mb", type=float, default=8000, help="stop an operation whose RSS passes this")
     p.add_argument("--child", nargs=2, metavar=("OP", "ROOT"), help=argparse.SUPPRESS)
@@ -331,7 +431,7 @@ def main() -> None:
     try:
         if "memory" not in a.skip:
             res["memory"] = memory_bench([int(x) for x in a.shards.split(",")], a.samples_per_shard, work,
-                                         a.limit_mb)
+                                         a.limit_mb, a.tasks, a.sparse_from)
         if "listing" not in a.skip:
             res["listing"] = listing_bench(a.files, a.tasks, work)
     finally:

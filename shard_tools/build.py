@@ -16,8 +16,9 @@ are groups of one). The reader keeps at most about a shard of each other split (
 beside 1 GB shards); beyond it, rows are dropped and read again.
 
 Each finished shard is published atomically, then a small record (its index rows, statistics and
-errors) is written under ``_build/``; that record marks the shard as done, so a rerun after a crash skips it.
-``finalize`` merges the records into ``index.parquet``, ``stats.json`` and, last, ``manifest.json``.
+errors) is written under ``_build/``; that record marks the shard as done, so a rerun after a crash skips it. An
+array task that has all its shards writes their partial index (``shard_tools.partials``). ``finalize`` merges the
+partials (and the records no partial covers) into ``index.parquet``, ``stats.json`` and, last, ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -629,8 +630,8 @@ def resource_hints(plan: Plan, num_tasks: int) -> dict[str, Any]:
     largest = max(sizes, default=0)
     gib = 2**30
     return {
-        "largest_shard_bytes": largest, "largest_task_bytes": max(per_task), "samples": samples,
-        "shards": len(plan.shards),
+        "largest_shard_bytes": largest, "largest_task_bytes": max(per_task), "total_bytes": sum(sizes),
+        "samples": samples, "shards": len(plan.shards),
         "build_mem_per_worker_gib": round(2 + (3 * largest if any(s.group >= 0 for s in plan.shards) else 0) / gib, 1),
         "build_hours_one_worker": round(max(per_task) / 20e6 / 3600, 2),
         "finalize_mem_gib": round(2 + 16 * samples / gib, 1),
@@ -704,6 +705,10 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     }
     if cfg.num_tasks == 1:
         summary["finalized"] = finalize(cfg.out, cfg.storage_options, source=cfg.src)
+    else:  # this task's shards are all built: their partial index, so that finalize need not read their records
+        from shard_tools.partials import write_partial
+
+        summary["partial_index"] = write_partial(out_fs, out_root, header, cfg.task_index, cfg.num_tasks)
     return summary
 
 

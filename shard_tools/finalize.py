@@ -1,17 +1,19 @@
-"""``m3leo-shards finalize``, streaming: merge the shard records of all tasks into ``index.parquet``, ``stats.json``
-and ``manifest.json`` in memory bounded independently of the shard count.
+"""``m3leo-shards finalize``, streaming: merge the shards of all tasks into ``index.parquet``, ``stats.json`` and
+``manifest.json`` in memory bounded independently of the shard count.
 
-The records are read one at a time in plan order. Each one's index rows become an Arrow table that is appended to
-a buffer of at most one row group (:data:`ROW_GROUP` rows, as ``pq.write_table`` cut them before) and written by a
-``ParquetWriter`` to a temporary file as soon as a row group is complete; its statistics state is merged into one
-:class:`StatsSet` in the same order as before, so every output is byte for byte what the single in-memory merge wrote.
-Nothing is published until every record has been read and checked: the index, then ``stats.json``, then
+The shards are taken one at a time in plan order: from the partial index of the array task that built them
+(``shard_tools.partials``: its rows and metadata read in step, its statistics counts added up front), or, where no
+usable partial covers a shard (a one-task build, a task that wrote none), from its record. Each shard's index rows
+are appended to a buffer of at most one row group (:data:`ROW_GROUP` rows, as ``pq.write_table`` cut them before) and
+written by a ``ParquetWriter`` to a temporary file as soon as a row group is complete; its statistics are merged
+into one :class:`StatsSet` in the same order as before, so every output is byte for byte what the single in-memory
+merge wrote. Nothing is published until every shard has been read and checked: the index, then ``stats.json``, then
 ``manifest.json`` (the commit point readers look for) are put into place last, each atomically.
 
-Memory: one record, at most two row groups of Arrow rows (about 1.6 KB a sample with all nine modalities: ~200 MB),
-the statistics accumulator (regions x modalities dense histograms, independent of shards), 8 bytes per sample (the
-hashes of the duplicate-key check) and about 0.3 KB per shard (the manifest's shard list, which ``manifest.json``
-holds anyway).
+Memory: one record (or about one row group of each partial), at most two row groups of Arrow rows (about 0.4 KB a
+sample with all nine modalities: ~30 MB), the statistics accumulator (regions x modalities dense histograms,
+independent of shards), 8 bytes per sample (the hashes of the duplicate-key check) and about 0.4 KB per shard (the
+manifest's shard list, which ``manifest.json`` holds anyway, and the partials' list of their shards).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from m3leo_stream import shard_format as sf
 from m3leo_stream.modalities import Modality
 from m3leo_stream.storage import get_fs, join
+from shard_tools import partials
 from shard_tools.downsample import MANIFEST_KEY, entry_json
 from shard_tools.publish import pipe_atomic, put_atomic, staging_path
 from shard_tools.stats import StatsSet
@@ -80,15 +83,16 @@ def _range_problem(table: Any, size: int, members: list[str]) -> str | None:
 
 
 class RowGroupWriter:
-    """Appends Arrow tables and writes them as row groups of exactly :data:`ROW_GROUP` rows (the last shorter),
-    each one contiguous, as ``pq.write_table(table, row_group_size=ROW_GROUP)`` cuts one big table; holds at most
-    one row group besides the table being added."""
+    """Appends Arrow tables and writes them as row groups of exactly ``rows`` rows (the last shorter), each one
+    contiguous, as ``pq.write_table(table, row_group_size=rows)`` cuts one big table; holds at most one row group
+    besides the table being added."""
 
-    def __init__(self, path: str, schema: Any):
+    def __init__(self, path: str, schema: Any, rows: int | None = None):
         import pyarrow.parquet as pq
 
         self.writer = pq.ParquetWriter(path, schema, compression="zstd")
         self.schema = schema
+        self.size = rows or ROW_GROUP
         self.parts: list[Any] = []
         self.rows = 0
         self.written = 0
@@ -96,14 +100,14 @@ class RowGroupWriter:
     def add(self, table: Any) -> None:
         self.parts.append(table)
         self.rows += table.num_rows
-        while self.rows >= ROW_GROUP:
-            self._write(ROW_GROUP)
+        while self.rows >= self.size:
+            self._write(self.size)
 
     def _write(self, n: int) -> None:
         import pyarrow as pa
 
         buf = pa.concat_tables(self.parts) if self.parts else self.schema.empty_table()
-        self.writer.write_table(buf.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP)
+        self.writer.write_table(buf.slice(0, n).combine_chunks(), row_group_size=self.size)
         rest = buf.slice(n)
         self.parts, self.rows = ([rest.combine_chunks()] if rest.num_rows else []), rest.num_rows
         self.written += n
@@ -118,11 +122,35 @@ class RowGroupWriter:
 BUILD_DIR = "_build"
 
 
+def index_schema_of(plan: Mapping[str, Any]) -> Any:
+    """The index schema of a plan header (its modalities, in order, and its compression)."""
+    bands = {n: len(plan["modality_entries"][n]["bands"]) for n in plan["modalities"]}
+    return sf.index_schema(bands, plan["args"]["compress"] == "zstd")
+
+
+def record_sizes(fs: Any, root: str) -> dict[str, int]:
+    """The byte size of every shard record, by shard path, from one listing of the records."""
+    from shard_tools.build import _record_path
+
+    base = join(root, BUILD_DIR, "shards")
+    if not fs.exists(base):
+        return {}
+    prefix = fs._strip_protocol(base).rstrip("/") + "/"
+    out = {}
+    for name, info in fs.find(base, detail=True).items():
+        name = fs._strip_protocol(name)
+        if name.startswith(prefix) and name.endswith(".json") and ".partial-" not in name:
+            out[name[len(prefix):-len(".json")] + ".tar"] = int(info["size"])
+    probe = next(iter(out), None)
+    if probe is not None and fs._strip_protocol(_record_path(root, probe)) != prefix + probe[:-4] + ".json":
+        raise RuntimeError(f"{base}: record paths do not map back to shard paths")
+    return out
+
+
 def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source: str | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Merge the shard records of all tasks into ``index.parquet``, ``stats.json`` and ``manifest.json``,
     streaming (see the module docstring for the memory bound)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from m3leo_stream import __version__
@@ -133,8 +161,9 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     plan = plan_io.read_header(fs, root)
     if plan is None:
         raise b.BuildError(f"{out}: no {b.PLAN}; run 'm3leo-shards build' first")
-    shards = [(s["path"], s["region"], s["split"]) for s in plan_io.iter_shards(fs, root, plan)]
-    missing = [p for p, _, _ in shards if not fs.exists(b._record_path(root, p))]
+    shards = [s["path"] for s in plan_io.iter_shards(fs, root, plan)]
+    sizes = record_sizes(fs, root)
+    missing = [p for p in shards if p not in sizes]
     if missing:
         raise b.BuildError(f"{len(missing)} of {len(shards)} shards are not built yet "
                            f"(e.g. {', '.join(missing[:3])}); run the remaining build tasks, then finalize")
@@ -142,9 +171,11 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     resolutions = {n: int(e[MANIFEST_KEY]["px"]) for n, e in entries.items() if MANIFEST_KEY in e}
     modalities = [Modality.from_json(e) for e in entries.values()]
     downsampled = {n: e[MANIFEST_KEY] for n, e in entries.items() if MANIFEST_KEY in e}
-    schema = sf.index_schema({m.name: len(m.bands) for m in modalities}, plan["args"]["compress"] == "zstd")
+    schema = index_schema_of(plan)
     member_list = [sf.JSON_MEMBER, *(m.name for m in modalities)]
     stats = StatsSet(modalities)
+    parts = partials.open_partials(fs, root, schema, {p: i for i, p in enumerate(shards)}, sizes, stats)
+    del sizes
     other: list[tuple[str, Any]] = []  # records of other --resolution values
     lacking: list[str] = []  # records without member checksums
     range_problem: str | None = None
@@ -161,18 +192,29 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
     try:
         writer = RowGroupWriter(tmp, schema)
         try:
-            for path, _, _ in tqdm(shards, unit="shard", desc="finalize", disable=not progress):
-                with fs.open(b._record_path(root, path), "rb") as f:
-                    r = json.load(f)
-                if r.get("resolutions", {}) != resolutions:
-                    other.append((r["path"], r.get("resolutions", {})))
-                if sf.checksum_column(sf.JSON_MEMBER) not in r["rows"]:
+            for path in tqdm(shards, unit="shard", desc="finalize", disable=not progress):
+                part = parts.get(path)
+                if part is not None:
+                    try:
+                        r, table = part.take(path)
+                    except (ValueError, StopIteration) as e:
+                        raise b.BuildError(f"{out}: partial index {part.name} is damaged ({e!r}): delete "
+                                           f"{partials.PARTS}/ and finalize again (from the shard records)") from e
+                else:
+                    with fs.open(b._record_path(root, path), "rb") as f:
+                        record = json.load(f)
+                    r, table = partials.shard_meta(record, stats, b.ERROR_EXAMPLES), None
+                if r["resolutions"] != resolutions:
+                    other.append((r["path"], r["resolutions"]))
+                if not r["checksums"]:
                     lacking.append(r["path"])
                 if other or lacking:
                     continue  # refused below; the rest is only read for the counts in the message
-                rows = r.pop("rows")
-                table = pa.table({f.name: pa.array(rows.get(f.name, []), f.type) for f in schema}, schema=schema)
-                del rows
+                if table is None:
+                    table = partials.record_table(record, schema)
+                    if record["stats"]:
+                        stats.merge_counts(r["region"], record["stats"])
+                    del record
                 if range_problem is None:
                     range_problem = _range_problem(table, r["bytes"], member_list)
                 hashes.append(key_hashes(table.column("region"), table.column("key")))
@@ -181,20 +223,22 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
                 num_rows += table.num_rows
                 writer.add(table)
                 del table
-                if r["stats"]:
-                    stats.merge_state(r["region"], r["stats"])
+                if r["moments"] is not None:
+                    stats.merge_moments(r["region"], r["moments"])
                 errors += r["errors"][: max(0, b.ERROR_EXAMPLES - len(errors))]
-                empty += r.get("empty_examples", [])[: max(0, b.ERROR_EXAMPLES - len(empty))]
+                empty += r["empty_examples"][: max(0, b.ERROR_EXAMPLES - len(empty))]
                 counts["skipped_chips"] += r["skipped_chips"]
                 counts["skipped_members"] += r["skipped_members"]
-                counts["empty_members"] += r.get("empty_members", 0)
-                for k, n in r.get("encodings", {}).items():
+                counts["empty_members"] += r["empty_members"]
+                for k, n in r["encodings"].items():
                     seen[k] += n
                 per_split.setdefault(r["region"], Counter())[r["split"]] += r["num_samples"]
                 manifest_shards.append({"path": r["path"], "region": r["region"], "split": r["split"],
                                         "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"]})
         finally:
             writer.close()
+            for part in set(parts.values()):
+                part.close()
         if other:  # array tasks that started at once, with other --resolution values, each wrote the plan
             raise b.BuildError(
                 f"{len(other)} shards were built with other --resolution values than {b.PLAN} says "

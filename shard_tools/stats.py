@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -192,19 +192,31 @@ class ModalityStats:
     def merge_state(self, state: Mapping[str, Any]) -> None:
         """``self.merge(ModalityStats.from_state(self.m, state))`` without building the dense histogram: the same
         operations in the same order, the sparse counts added in place."""
+        self.merge_counts(state)
+        if not self.exact:
+            self.merge_moments(state["count"], state["mean"], state["m2"])
+
+    def merge_counts(self, state: Mapping[str, Any]) -> None:
+        """The order-independent part of :meth:`merge_state`: sample and pixel counts, histogram, min and max
+        (integer sums and extrema, exact in any order). States can be summed this way ahead of time, e.g. per
+        build task, as long as their moments are merged in the original order (:meth:`merge_moments`)."""
         self.samples += int(state["samples"])
         self.total += np.asarray(state["total"], dtype=np.int64)
         for b, (idx, counts) in enumerate(state["hist"]):
             self.hist[b, np.asarray(idx, dtype=np.int64)] += np.asarray(counts, dtype=np.int64)
         if not self.exact:
-            count = np.asarray(state["count"], dtype=np.int64)
-            mean = np.asarray(state["mean"], dtype=np.float64)
-            m2 = np.asarray(state["m2"], dtype=np.float64)
-            for b in range(len(self.count)):
-                if count[b]:
-                    self._merge_moments(b, int(count[b]), float(mean[b]), float(m2[b]))
             self.vmin = np.minimum(self.vmin, [np.inf if x is None else x for x in state["min"]])
             self.vmax = np.maximum(self.vmax, [-np.inf if x is None else x for x in state["max"]])
+
+    def merge_moments(self, count: Sequence[int], mean: Sequence[float], m2: Sequence[float]) -> None:
+        """The order-dependent part of :meth:`merge_state` (float bands' mean and M2, Chan's formula): the result
+        is byte-identical only when states are merged in the same order."""
+        count = np.asarray(count, dtype=np.int64)
+        mean = np.asarray(mean, dtype=np.float64)
+        m2 = np.asarray(m2, dtype=np.float64)
+        for b in range(len(self.count)):
+            if count[b]:
+                self._merge_moments(b, int(count[b]), float(mean[b]), float(m2[b]))
 
     @classmethod
     def from_state(cls, modality: Modality, state: Mapping[str, Any]) -> ModalityStats:
@@ -329,6 +341,26 @@ class StatsSet:
                 scope[name].merge_state(st)
                 continue
             scope[name] = ModalityStats.from_state(self.modalities[name], st)
+
+    def merge_counts(self, region: str, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """:meth:`ModalityStats.merge_counts` of each modality's state (see there)."""
+        scope = self.regions.setdefault(region, {})
+        for name, st in states.items():
+            if name not in scope:
+                scope[name] = ModalityStats(self.modalities[name])
+            scope[name].merge_counts(st)
+
+    def merge_moments(self, region: str, moments: Mapping[str, Sequence[Sequence[float]]]) -> None:
+        """:meth:`ModalityStats.merge_moments` of each modality's (count, mean, m2), after its counts."""
+        scope = self.regions[region]
+        for name, (count, mean, m2) in moments.items():
+            scope[name].merge_moments(count, mean, m2)
+
+    def moments(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, list[list[float]]]:
+        """The (count, mean, m2) of the float modalities among per-modality ``states``: what
+        :meth:`merge_moments` takes (integer modalities have none)."""
+        return {name: [st["count"], st["mean"], st["m2"]] for name, st in states.items()
+                if not _exact_int(self.modalities[name].np_dtype)}
 
     def state(self, region: str) -> dict[str, Any]:
         return {name: s.state() for name, s in self.regions.get(region, {}).items()}

@@ -20,9 +20,11 @@
 #
 # Resources: where OUT already holds a plan (a rerun, or `m3leo-shards plan` run before), the array job's --mem and
 # --time default to the plan's hints (`resources` in plan.json: --mem = workers x per-worker memory, --time = the
-# largest task's bytes at 20 MB/s per worker, x2) and finalize's --mem/--time to its own (2 GB + 16 bytes a
-# sample; an hour per 10k shards); sbatch options given here override them. Without a plan, build_shards.sh's
-# #SBATCH defaults apply.
+# largest task's bytes at 20 MB/s per worker, x2), finalize's and the verify merge's --mem/--time to finalize's
+# (2 GB + 16 bytes a sample; an hour per 10k shards) and the verify tasks' to verify's (2 GB + 16 bytes a sample;
+# all bytes at 0.5 GB/s per CPU over M tasks, x2); sbatch options given here override the array's. Without a
+# plan, build_shards.sh's and check_shards.sh's #SBATCH defaults apply (finalize: 4G, 1 h). The verify tasks get
+# the array's --cpus-per-task when it is given (one reader thread each), else check_shards.sh's 4.
 # Prints "plan=<job id>", "array=<job id>" and "finalize=<job id>" (and "verify=", "verify_merge=") on stdout. If any array task fails, Slurm cancels the finalize
 # job (--kill-on-invalid-dep) instead of leaving it pending forever; fix the cause and submit the same command
 # again: published shards are skipped. Both jobs get the submitting shell's environment (--export=ALL), which is
@@ -79,10 +81,14 @@ fi
 
 # resource defaults from an existing plan's hints (the user's sbatch options win: they come later)
 given() { local o; for o in "${sbatch_args[@]}"; do [[ $o == --$1=* ]] && return 0; done; return 1; }
-array_res=() fin_res=(--mem=4G --time=01:00:00)
+array_res=() fin_res=(--mem=4G --time=01:00:00) ver_res=()
 cpus=8
 for o in "${sbatch_args[@]}"; do [[ $o == --cpus-per-task=* ]] && cpus=${o#*=}; done
-if hints=$("${PYTHON:-python3}" - "$OUT" "$cpus" 2>/dev/null <<'PY'
+# the verify array runs one reader thread per CPU: as many as the build array's tasks get, when given
+given cpus-per-task && ver_res+=("--cpus-per-task=$cpus")
+ver_tasks=$verify
+[ "$ver_tasks" = -1 ] && ver_tasks=$tasks
+if hints=$("${PYTHON:-python3}" - "$OUT" "$cpus" "$ver_tasks" 2>/dev/null <<'PY'
 import json, math, sys
 try:
     import fsspec
@@ -94,14 +100,20 @@ workers = int(sys.argv[2])
 mem = math.ceil(max(4, workers * r["build_mem_per_worker_gib"]))
 hours = max(1, math.ceil(2 * r["build_hours_one_worker"] / workers))
 fin_hours = max(1, math.ceil(r.get("shards", 0) / 10000))
-print(f"--mem={mem}G --time={hours}:00:00 --mem={math.ceil(r['finalize_mem_gib'])}G --time={fin_hours}:00:00")
+# verify reads every byte at ~0.5 GB/s per worker thread (sha256 + XXH3 + .npy decode); x2 margin
+ver_tasks = max(1, int(sys.argv[3]))
+total = r.get("total_bytes", r["largest_task_bytes"])
+ver_hours = max(1, math.ceil(2 * total / (ver_tasks * workers * 0.5e9) / 3600))
+print(f"--mem={mem}G --time={hours}:00:00 --mem={math.ceil(r['finalize_mem_gib'])}G --time={fin_hours}:00:00 "
+      f"--mem={math.ceil(r['verify_mem_gib'])}G --time={ver_hours}:00:00")
 PY
 ); then
-  read -r m t fm ft <<<"$hints"
+  read -r m t fm ft vm vt <<<"$hints"
   given mem || array_res+=("$m")
   given time || array_res+=("$t")
   fin_res=("$fm" "$ft")
-  echo "resources from the existing plan: array $m $t, finalize $fm $ft" >&2
+  ver_res+=("$vm" "$vt")
+  echo "resources from the existing plan: array $m $t, finalize $fm $ft, verify tasks $vm $vt" >&2
 fi
 
 mkdir -p "$log_dir"
@@ -131,7 +143,7 @@ echo "finalize=$fin_id"
 
 if ((verify > 0)); then
   ver_id=$(sbatch --parsable --export=ALL --array="0-$((verify - 1))" --output="$log_dir/%x-%A_%a.out" \
-    --dependency="afterok:$fin_id" --kill-on-invalid-dep=yes \
+    --dependency="afterok:$fin_id" --kill-on-invalid-dep=yes "${ver_res[@]}" \
     "$here/check_shards.sh" verify "$OUT" "${fin_args[@]}")
   ver_id=${ver_id%%;*}
   merge_cmd=$(printf '%q ' "${shards[@]}" verify "$OUT" --merge --num-tasks "$verify" "${fin_args[@]}")

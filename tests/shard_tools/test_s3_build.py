@@ -67,3 +67,24 @@ def test_build_to_s3_leaves_no_temporary_files(s3, tmp_path, monkeypatch):
     build(BuildConfig(str(src), f"s3://{bucket}/out", progress=False))
     assert ShardRoot(f"s3://{bucket}/out").manifest["num_samples"] == 3
     assert sorted(p.name for p in scratch.iterdir()) == []
+
+
+def test_array_build_to_s3_finalizes_from_partial_indexes(s3, tmp_path, monkeypatch):
+    """2 array tasks write their shards and partial indexes to S3; finalize merges the partials (reading no shard
+    record) into the same index and stats bytes as a local single build."""
+    from shard_tools import partials
+    from shard_tools.build import finalize
+
+    src = tmp_path / "src"
+    synth(SynthConfig(str(src), ("conus", "europe"), 6, seed=11, modalities=("s1grd", "gssic")), progress=False)
+    local = tmp_path / "local"
+    build(BuildConfig(str(src), str(local), shard_size=20_000_000, progress=False))
+    out = f"s3://{s3.new_bucket()}/shards"
+    for i in range(2):
+        summary = build(BuildConfig(str(src), out, shard_size=20_000_000, progress=False, task_index=i, num_tasks=2))
+        assert summary["partial_index"].endswith(f"_build/parts/task-{i:05d}-of-00002.json")
+    monkeypatch.setattr(partials, "record_table", lambda *a: pytest.fail("finalize read a shard record"))
+    finalize(out)
+    fs = fsspec.filesystem("s3")
+    for name in ("index.parquet", "stats.json"):
+        assert fs.cat_file(f"{out[len('s3://'):]}/{name}") == (local / name).read_bytes(), name

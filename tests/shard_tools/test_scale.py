@@ -81,22 +81,63 @@ def test_streaming_finalize_cuts_row_groups_as_write_table(tmp_path, synth_src, 
     _same_outputs(ref, new)
 
 
-def test_array_build_with_plan_step_equals_single_build(tmp_path, synth_src, small_shards):
-    """The plan step lists once; 3 array tasks read their shares; streaming finalize: the same root, byte for
-    byte (tars, index, stats, manifest apart from its timestamp)."""
-    out = tmp_path / "array"
+def _array_build(out: Path, src: Path) -> None:
     cfg = dict(shard_size=40_000_000, progress=False, num_tasks=3)
-    header = plan_build(BuildConfig(str(synth_src), str(out), **cfg))
+    header = plan_build(BuildConfig(str(src), str(out), **cfg))
     assert header["num_tasks"] == 3 and header["num_shards"] > 3
     for i in range(3):
-        summary = build(BuildConfig(str(synth_src), str(out), task_index=i, **cfg))
+        summary = build(BuildConfig(str(src), str(out), task_index=i, **cfg))
         assert "finalized" not in summary and summary["shards_built"] > 0
+        assert summary["partial_index"].endswith(f"task-{i:05d}-of-00003.json")
+
+
+def test_array_build_with_plan_step_equals_single_build(tmp_path, synth_src, small_shards, monkeypatch):
+    """The plan step lists once; 3 array tasks read their shares and write their partial indexes; streaming
+    finalize merges those without reading a shard record: the same root as a single build (which finalizes from
+    the records), byte for byte (tars, index, stats, manifest apart from its timestamp)."""
+    from shard_tools import partials
+
+    out = tmp_path / "array"
+    _array_build(out, synth_src)
+    monkeypatch.setattr(partials, "record_table", lambda *a: pytest.fail("finalize read a shard record"))
     finalize(str(out), source=str(synth_src))
     tars = sorted(p.relative_to(small_shards) for p in small_shards.rglob("*.tar"))
     assert tars == sorted(p.relative_to(out) for p in out.rglob("*.tar"))
     for rel in tars:
         assert filecmp.cmp(small_shards / rel, out / rel, shallow=False), rel
     _same_outputs(small_shards, out)
+
+
+def test_finalize_falls_back_to_records_where_partials_are_missing_or_stale(tmp_path, synth_src, small_shards,
+                                                                           caplog):
+    """A task's partial index gone, another's shard record written again since (a different size): finalize reads
+    those tasks' shards from their records and the rest from the remaining partial, and the outputs stay those of
+    the single build."""
+    out = tmp_path / "array"
+    _array_build(out, synth_src)
+    parts = out / "_build" / "parts"
+    (parts / "task-00000-of-00003.json").unlink()
+    body = json.loads((parts / "task-00001-of-00003.json").read_text())
+    record = out / "_build" / "shards" / (body["shards"][0][0][: -len(".tar")] + ".json")
+    record.write_text(json.dumps(json.loads(record.read_text()), indent=1))  # same content, another size
+    with caplog.at_level("WARNING", logger="shard_tools.partials"):
+        finalize(str(out), source=str(synth_src))
+    assert "task-00001-of-00003.json (shard records were written again since)" in caplog.text
+    _same_outputs(small_shards, out)
+
+
+def test_damaged_partial_index_is_refused_by_name(tmp_path, synth_src):
+    """A partial whose rows do not match its shard list stops finalize, naming it; nothing is published."""
+    out = tmp_path / "array"
+    _array_build(out, synth_src)
+    head = out / "_build" / "parts" / "task-00002-of-00003.json"
+    body = json.loads(head.read_text())
+    body["shards"][0][1] += 1
+    body["shards"][-1][1] -= 1
+    head.write_text(json.dumps(body))
+    with pytest.raises(Exception, match="partial index task-00002-of-00003-.*damaged"):
+        finalize(str(out))
+    assert not (out / "index.parquet").exists() and not (out / "manifest.json").exists()
 
 
 def test_tasks_read_only_their_share_of_the_plan(tmp_path, synth_src, monkeypatch):
