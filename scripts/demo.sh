@@ -22,5 +22,6 @@ fi
 echo "[demo] training experiment=demo (tiny MAE, CPU; a line every 50 steps)"
 "$PY" -m m3leo_stream.train experiment=demo data.root="$DEMO/shards" run_dir="$RUN" \
   trainer.enable_progress_bar=false "$@"
-# (the picture of a batch goes here, written next to the run)
+"$PY" -m shard_tools.cli show "$DEMO/shards" -o "$RUN/chip.png"
+echo "[demo] a chip, one panel per modality: $RUN/chip.png"
 echo "[demo] done in $(( $(date +%s) - start )) s"
