@@ -215,7 +215,8 @@ class ShardDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None, index: IndexArrays,
-                 modalities: Sequence[Modality], *, compressed: bool, substitutes: Mapping[int, np.ndarray] | None = None,
+                 modalities: Sequence[Modality], *, compressed: bool,
+                 substitutes: Mapping[int, np.ndarray] | None = None,
                  config: ReaderConfig | None = None, bands: Mapping[str, Sequence[int]] | None = None,
                  optional: Sequence[str] = ()):
         self.url = url

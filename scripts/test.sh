@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv, starts the services the tests need, runs pytest. Extra args go to pytest.
+# The test command: sets up .venv, lints the tree (ruff), starts the services the tests need, runs pytest. Extra args go to pytest.
 # Under CI=true (or M3LEO_START_SLURM=1) it installs and starts a single-machine Slurm cluster on loopback and
 # stops exactly what it started afterwards; the S3 endpoint (moto_server) is started by the test fixtures.
 set -euo pipefail
@@ -14,4 +14,5 @@ if [ "${CI:-}" = "true" ] || [ "${M3LEO_START_SLURM:-}" = "1" ]; then
 fi
 cleanup() { if [ "$started_slurm" = 1 ]; then bash ci/slurm-down.sh || true; fi; }
 trap cleanup EXIT
+"$PYTHON" -m ruff check --quiet .  # lint first: one finding fails the test command
 "$PYTHON" -m pytest -q tests "$@"

@@ -1,5 +1,5 @@
-"""The transforms config: its defaults (``m3leo_stream/configs/transforms/default.yaml`` holds the same values) and how a user
-config is merged over them and read per modality and band kind."""
+"""The transforms config: its defaults (``m3leo_stream/configs/transforms/default.yaml`` holds the same values)
+and how a user config is merged over them and read per modality and band kind."""
 
 from __future__ import annotations
 

@@ -15,8 +15,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from m3leo_stream.train import (CONFIG_DIR, build_strategy, resolve_precision, resolve_resume, run, scrub,
-                                stable_run_id, wandb_mode)
+from m3leo_stream.train import (
+    CONFIG_DIR,
+    build_strategy,
+    resolve_precision,
+    resolve_resume,
+    run,
+    scrub,
+    stable_run_id,
+    wandb_mode,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_reader import offline_runs, read_run  # noqa: E402
