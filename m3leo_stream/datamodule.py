@@ -438,6 +438,10 @@ class M3LEODataModule(pl.LightningDataModule):
         self.bands: dict[str, list[int]] | None = None  # storage indices read per modality (None: all), at setup
 
     # -- metadata ----------------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"M3LEODataModule({self.root!r}, inputs={self.inputs}, targets={self.targets}, "
+                f"batch_size={self.batch_size})")
+
     @property
     def shard_root(self) -> ShardRoot:
         if self._shard_root is None:

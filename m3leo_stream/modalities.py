@@ -126,7 +126,7 @@ class Display:
         return cls(**kw)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Modality:
     """A modality of the registry.
 
@@ -200,6 +200,9 @@ class Modality:
             raise ValueError(f"modality {self.name!r}: display palette has {len(self.display.palette)} colours for "
                              f"{len(self.class_codes)} class codes")
         object.__setattr__(self, "polarisation_pairs", _checked_pairs(self))
+
+    def __repr__(self) -> str:
+        return f"Modality({self.name!r}: {len(self.bands)} bands {self.dtype} {self.canonical_px} px, {self.kind})"
 
     @property
     def canonical_px(self) -> int:
@@ -656,6 +659,9 @@ class Registry(Mapping[str, Modality]):
 
     def __len__(self) -> int:
         return len(self._m)
+
+    def __repr__(self) -> str:
+        return f"Registry({', '.join(self._m)})"
 
     def select(self, names: Sequence[str] | None) -> list[Modality]:
         """Modalities by name, in registry order, with a clear error for unknown names."""

@@ -28,6 +28,9 @@ class ShardRoot:
         self.fs = fs
         self.path = path
 
+    def __repr__(self) -> str:
+        return f"ShardRoot({self.url!r})"
+
     def file(self, rel: str) -> str:
         return join(self.path, rel)
 

@@ -177,3 +177,14 @@ modalities:
     bad.write_text("modalities:\n  - name: thing\n    bands: [a]\n")
     with pytest.raises(ValueError, match="thing.*lacks dtype, kind, resolution_m"):
         load_user_modalities(bad)
+
+
+def test_short_reprs_name_what_the_object_is():
+    from m3leo_stream.datamodule import M3LEODataModule
+    from m3leo_stream.shard_root import ShardRoot
+
+    assert repr(REGISTRY["s1grd"]) == "Modality('s1grd': 16 bands int16 448 px, sar_db)"
+    assert repr(Registry([REGISTRY["esawc"], REGISTRY["biomass"]])) == "Registry(esawc, biomass)"
+    assert repr(ShardRoot("/data/m3leo")) == "ShardRoot('/data/m3leo')"
+    dm = M3LEODataModule("/data/m3leo", inputs=["s1grd"], targets=["esawc"], batch_size=4)
+    assert repr(dm) == "M3LEODataModule('/data/m3leo', inputs=['s1grd'], targets=['esawc'], batch_size=4)"
