@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -246,13 +247,18 @@ def load_index(root: Any, modalities: Sequence[str], *, checksums: bool, chunks:
     return open_index(str(final))
 
 
+_BUILDING = threading.Lock()
+
+
 def _publish_once(final: Path, build: Callable[[Path], None]) -> bool:
     """Make the directory ``final`` exist once per node: under a lock beside it, the first process to ask builds it
     into an empty temporary sibling (``build`` writes :data:`META` last) and renames that into place; the others wait
     and find it. Whether this process built it; ``OSError`` where the directory cannot be written."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f"{final.name}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held while one process builds; the others then find it built
+    # a POSIX record lock, not flock: a DataLoader worker forked while it is held must not inherit it (flock locks
+    # belong to the open file, which the worker would keep open); it excludes processes, the thread lock threads
+    with _BUILDING, open(final.parent / f"{final.name}.lock", "a+") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # held while one process builds; the others then find it built
         if (final / META).exists():
             return False
         for old in final.parent.glob(f"{final.name}.tmp-*"):  # a process killed while building
