@@ -20,7 +20,7 @@ from m3leo_stream import shard_format as sf
 from m3leo_stream.shard_root import ShardRoot
 from m3leo_stream.storage import join
 from shard_tools.inflight import bounded_map
-from shard_tools.publish import pipe_atomic
+from shard_tools.publish import pipe_atomic, staged
 from shard_tools.stats import StatsSet
 
 log = logging.getLogger(__name__)
@@ -339,27 +339,38 @@ def recompute_stats(out: str, storage_options: Mapping[str, Any] | None = None, 
     train = [s for s in root.manifest["shards"] if s["split"] == "train"]
     entries = [train[i] for i in share(len(train), task_index, num_tasks)]
     scan = IndexScan(root)
-    states: list[str] = []
     bar = tqdm(total=sum(e["num_samples"] for e in entries), unit="sample", desc="stats", disable=not progress)
     region = {e["path"]: e["region"] for e in entries}
-    got: dict[str, dict[str, Any]] = {}
-    for path, rows in scan.rows_of([e["path"] for e in entries]):
-        stats = StatsSet(mods.values())
-        for r in rows:
-            for name in names:
-                if r.get(sf.offset_column(name)) is not None:
-                    stats.add(r["region"], name, root.read_member(r, name))
-            bar.update(1)
-        got[path] = stats.state(region[path])
-    bar.close()
-    for e in entries:
-        states.append(json.dumps({"path": e["path"], "region": e["region"], "stats": got[e["path"]]},
-                                 allow_nan=False))
+    order = [e["path"] for e in entries]
+
+    def states() -> Iterator[str]:
+        """Each shard's state as a JSON line, in manifest order; a shard the index yields early waits for its turn
+        (the index is in manifest order, so none does, and one shard's state is held at a time)."""
+        pending: dict[str, dict[str, Any]] = {}
+        done = 0
+        for path, rows in scan.rows_of(order):
+            stats = StatsSet(mods.values())
+            for r in rows:
+                for name in names:
+                    if r.get(sf.offset_column(name)) is not None:
+                        stats.add(r["region"], name, root.read_member(r, name))
+                bar.update(1)
+            pending[path] = stats.state(region[path])
+            while done < len(order) and order[done] in pending:
+                p = order[done]
+                yield json.dumps({"path": p, "region": region[p], "stats": pending.pop(p)}, allow_nan=False)
+                done += 1
+        bar.close()
+        if done < len(order):
+            raise ValueError(f"{out}: {sf.INDEX} has no rows of train shard {order[done]}")
+
     if num_tasks > 1:
         path = _result_path(root, results, "stats", task_index, num_tasks)
-        pipe_atomic(root.fs, path, ("\n".join(states) + "\n").encode())
+        with staged(root.fs, path) as tmp, open(tmp, "w") as f:
+            for line in states():
+                f.write(line + "\n")
         return path
-    return _publish_stats(root, [states])
+    return _publish_stats(root, [states()])
 
 
 def _publish_stats(root: ShardRoot, parts: Iterator[Iterator[str]] | Sequence[Sequence[str]]) -> str:
