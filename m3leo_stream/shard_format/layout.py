@@ -43,6 +43,17 @@ def check_key(key: str) -> str:
     return key
 
 
+def loads_object(data: bytes | str, where: str) -> Mapping[str, Any]:
+    """A JSON object from ``data``; a :class:`FormatError` naming ``where`` when it is not one."""
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise FormatError(f"{where}: not JSON: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise FormatError(f"{where}: not a JSON object")
+    return obj
+
+
 def dumps_json(obj: Any) -> bytes:
     """Deterministic JSON bytes (sorted keys, no NaN literals): the encoding of a sample's metadata member."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypedDict
 
 from m3leo_stream.shard_format.checksums import CHECKSUM
 from m3leo_stream.shard_format.errors import FormatError
-from m3leo_stream.shard_format.layout import MANIFEST
+from m3leo_stream.shard_format.layout import MANIFEST, loads_object
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no checksums
@@ -79,12 +79,7 @@ class Manifest(Mapping[str, Any]):
 
     @classmethod
     def loads(cls, data: bytes | str, where: str = MANIFEST) -> Manifest:
-        try:
-            obj = json.loads(data)
-        except ValueError as e:
-            raise FormatError(f"{where}: not JSON: {e}") from None
-        if not isinstance(obj, Mapping):
-            raise FormatError(f"{where}: not a JSON object")
+        obj = loads_object(data, where)
         return cls.from_json(obj, where)
 
     def as_json(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from m3leo_stream.shard_format.errors import FormatError
-from m3leo_stream.shard_format.layout import STATS
+from m3leo_stream.shard_format.layout import STATS, loads_object
 
 PERCENTILES = (0.5, 1.0, 2.0, 98.0, 99.0, 99.5)
 BAND_FIELDS = ("count", "mean", "std", "min", "max", "nodata_fraction")  # lists, one value per band
@@ -65,12 +65,7 @@ class Stats(Mapping[str, Any]):
 
     @classmethod
     def loads(cls, data: bytes | str, where: str = STATS) -> Stats:
-        try:
-            obj = json.loads(data)
-        except ValueError as e:
-            raise FormatError(f"{where}: not JSON: {e}") from None
-        if not isinstance(obj, Mapping):
-            raise FormatError(f"{where}: not a JSON object")
+        obj = loads_object(data, where)
         return cls(obj, where)
 
     @classmethod
