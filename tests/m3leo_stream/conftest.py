@@ -25,6 +25,17 @@ def uneven_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture()
+def s3_shards(s3, uneven_shards) -> str:
+    """The uneven shard root copied into a fresh bucket of the test's S3 endpoint."""
+    import s3fs
+
+    bucket = s3.new_bucket()
+    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
+    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
+    return f"s3://{bucket}/shards"
+
+
 MIXED_MODALITIES = ("s2rgbm", "gssic", "gunw", "esawc")
 
 

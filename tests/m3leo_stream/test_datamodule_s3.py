@@ -17,16 +17,6 @@ pytestmark = pytest.mark.s3
 INPUTS, TARGETS = ["modisveg"], ["esawc"]
 
 
-@pytest.fixture()
-def s3_shards(s3, uneven_shards):
-    import s3fs
-
-    bucket = s3.new_bucket()
-    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
-    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
-    return f"s3://{bucket}/shards"
-
-
 def _keys(dm: M3LEODataModule, epoch: int = 0, on_batch=None) -> list[str]:
     loader = dm.train_dataloader()
     loader.batch_sampler.set_epoch(epoch)

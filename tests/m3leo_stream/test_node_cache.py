@@ -28,16 +28,6 @@ WORKER = Path(__file__).with_name("node_cache_worker.py")
 
 
 @pytest.fixture()
-def s3_shards(s3, uneven_shards):
-    import s3fs
-
-    bucket = s3.new_bucket()
-    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key="testing", secret="testing")
-    fs.put(str(uneven_shards), f"{bucket}/shards", recursive=True)
-    return f"s3://{bucket}/shards"
-
-
-@pytest.fixture()
 def proxy(s3):
     p = FaultyProxy(s3.port)
     yield p
