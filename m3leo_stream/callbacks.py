@@ -1,15 +1,17 @@
-"""Training callbacks: throughput and data-wait, device memory, loader metrics, image panels, key recording."""
+"""Training callbacks: throughput and data-wait, device memory, loader metrics, image panels, key recording, and
+the fitting of their intervals to a run's length."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,7 +25,43 @@ from m3leo_stream.modalities import REGISTRY, Modality, Registry
 log = logging.getLogger(__name__)
 
 __all__ = ["BestCheckpoint", "LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "ProgressLog",
-           "TrainingSpeed"]
+           "Periodic", "RunLengthIntervals", "TrainingSpeed", "interval_for_run"]
+
+
+def interval_for_run(every: int, total_steps: float, points: int) -> int:
+    """``every``, shortened so that a run of ``total_steps`` optimizer steps gets at least ``points`` of them;
+    unchanged for a run that is long enough or of unknown length (``inf``)."""
+    if not math.isfinite(total_steps) or total_steps <= 0:
+        return every
+    return max(1, min(every, int(total_steps) // max(1, points)))
+
+
+class Periodic(Protocol):
+    """A callback that acts every ``every`` training steps."""
+
+    every: int
+
+
+class RunLengthIntervals(pl.Callback):
+    """Fits logging intervals to the run once its length is known (Lightning's ``estimated_stepping_batches``:
+    ``max_steps``, or ``max_epochs`` × batches): Lightning's ``log_every_n_steps`` is cut to give the training
+    curve at least ``curve_points`` points, and each callback in ``points`` (anything with an ``every`` attribute)
+    at least its number of points, so a 100-step fine-tune still draws its curve and its image panels. Long runs
+    keep the configured intervals."""
+
+    def __init__(self, points: list[tuple[Periodic, int]], curve_points: int = 20):
+        self.points = points
+        self.curve_points = int(curve_points)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = float(trainer.estimated_stepping_batches)
+        curve = interval_for_run(trainer.log_every_n_steps, total, self.curve_points)
+        if curve != trainer.log_every_n_steps:
+            log.info("a run of %d steps: logging every %d steps (log_every_n_steps %d)", int(total), curve,
+                     trainer.log_every_n_steps)
+            trainer.log_every_n_steps = curve
+        for cb, n in self.points:
+            cb.every = interval_for_run(cb.every, total, n)
 
 
 class TrainingSpeed(pl.Callback):

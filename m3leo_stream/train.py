@@ -217,7 +217,9 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         KeyRecorder,
         LastCheckpoint,
         LoaderMetrics,
+        Periodic,
         ProgressLog,
+        RunLengthIntervals,
         TrainingSpeed,
     )
 
@@ -240,8 +242,12 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         cbs.append(TQDMProgressBar(refresh_rate=every))  # its metrics are read on the host: not every step
     else:
         cbs.append(ProgressLog(int(cfg.callbacks.progress_every_n_steps)))
-    cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
-            ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
+    speed, loader = TrainingSpeed(every), LoaderMetrics(every)
+    panels = ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))
+    cbs += [speed, loader, LearningRateMonitor(logging_interval="step"), panels]
+    fitted: list[tuple[Periodic, int]] = [(speed, 20), (loader, 20), (panels, 2)]
+    fitted += [(cb, 10) for cb in cbs if isinstance(cb, ProgressLog)]
+    cbs.append(RunLengthIntervals(fitted, curve_points=20))
     if cfg.get("record_keys_dir"):
         cbs.append(KeyRecorder(str(cfg.record_keys_dir)))
     return cbs, best

@@ -32,3 +32,13 @@ def test_training_speed_counts_samples_without_reading_the_device():
     assert cb._samples == 11
     cb.on_train_batch_start(None, None, {"valid": torch.ones(2, dtype=torch.bool).as_subclass(DeviceOnly)}, 0)
     assert cb._samples == 13
+
+
+def test_intervals_are_cut_to_the_run_length_only_when_it_is_short():
+    from m3leo_stream.callbacks import interval_for_run
+
+    assert interval_for_run(50, 100, 20) == 5
+    assert interval_for_run(50, 10_000, 20) == 50
+    assert interval_for_run(500, 7, 2) == 3
+    assert interval_for_run(50, 3, 20) == 1
+    assert interval_for_run(50, float("inf"), 20) == 50

@@ -159,6 +159,27 @@ def test_wandb_offline_files_have_metrics_and_no_secrets(small_shards, tmp_path,
                 assert secret not in blob, f"{secret!r} written to {p}"
 
 
+@pytest.mark.slow
+def test_a_short_run_still_logs_its_training_curve_and_panels(small_shards, tmp_path, monkeypatch):
+    """Default intervals (loss every 50 steps, panels every 500) on an 8-step run: cut to the run's length."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "short"
+    run_exp("demo", small_shards, run_dir, ["trainer.max_steps=8", "trainer.val_check_interval=8",
+                                            "trainer.log_every_n_steps=50", "callbacks.panels_every_n_steps=500"],
+            wandb="offline")
+    runs = offline_runs(str(run_dir))
+    deadline = time.monotonic() + 60  # wandb-core may still be flushing the offline file after finish()
+    while True:
+        r = read_run(runs[0])
+        if any("val/loss" in row for row in r["history"]) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    loss_steps = {row["trainer/global_step"] for row in r["history"] if "train/loss" in row}
+    assert len(loss_steps) >= 4, sorted(loss_steps)
+    panels = [row for row in r["history"] if any(k.startswith("images/") for k in row)]
+    assert len(panels) >= 1
+
+
 def _keys(d: Path) -> list[str]:
     return (d / "rank0.tsv").read_text().splitlines()
 
