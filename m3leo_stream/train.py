@@ -363,7 +363,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"))
     tcfg["strategy"] = build_strategy(tcfg, _plain(cfg.ddp))
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
-                         default_root_dir=ckpt_dir)  # (hpc_ckpt_N.ckpt of Lightning's requeue, now off)
+                         default_root_dir=ckpt_dir)  # Lightning's own requeue (hpc_ckpt_N.ckpt) is off: RequeueOnSignal
 
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
     if trainer.is_global_zero:

@@ -23,7 +23,7 @@ TINY = ["model.size=custom", "model.dim=32", "model.depth=1", "model.heads=2", "
         "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2", "trainer.accelerator=cpu",
         "trainer.devices=1", "trainer.enable_progress_bar=false", "data.batch_size=4", "data.num_workers=0",
         "transforms.grid.size=32", "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=null"]
-# what a short run used to print on stderr (issue 18): none of it may come back
+# warnings a short run must not print on stderr
 NOISE = ("set_vital", "LeafSpec", "is not empty", "weights_only", "srun", "smaller than the logging interval",
          "litlogger", "anonymous setting", "URL not available", "Warning")
 

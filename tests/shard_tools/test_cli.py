@@ -36,7 +36,7 @@ def _run_all(commands: list[tuple[str, ...]], jobs: int = 4, code: str | None = 
 # ----------------------------------------------------------------------------------------------- clean exit
 
 # read the index and exit at once: the shortest path from pq.read_table's return to interpreter shutdown, where
-# the scan's teardown on an Arrow worker used to abort the process (exit 134) in about one run in four
+# the scan's teardown on an Arrow worker can abort the process (exit 134; about one run in four without the fix)
 READ_INDEX_AND_EXIT = ("import sys\nfrom m3leo_stream.shard_root import ShardRoot\n"
                        "ShardRoot(sys.argv[1]).read_index(['region', 'split'], filters=[('split', '=', 'train')])\n")
 
