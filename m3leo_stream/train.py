@@ -216,7 +216,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         ImagePanels,
         KeyRecorder,
         LastCheckpoint,
-        LoaderMetrics,
+        LoaderMetricsLog,
         ProgressLog,
         TrainingSpeed,
     )
@@ -240,7 +240,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         cbs.append(TQDMProgressBar(refresh_rate=every))  # its metrics are read on the host: not every step
     else:
         cbs.append(ProgressLog(int(cfg.callbacks.progress_every_n_steps)))
-    cbs += [TrainingSpeed(every), LoaderMetrics(every), LearningRateMonitor(logging_interval="step"),
+    cbs += [TrainingSpeed(every), LoaderMetricsLog(every), LearningRateMonitor(logging_interval="step"),
             ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))]
     if cfg.get("record_keys_dir"):
         cbs.append(KeyRecorder(str(cfg.record_keys_dir)))
