@@ -291,14 +291,15 @@ def fit(a: argparse.Namespace, cfg, variant: str, plan: Plan, batch: dict[str, A
     import lightning.pytorch as pl
 
     from m3leo_stream.callbacks import TrainingSpeed
-    from m3leo_stream.train import _plain, build_datamodule, build_task, describe_data
+    from m3leo_stream.config import plain
+    from m3leo_stream.train import build_datamodule, build_task, describe_data
 
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg)
     info, _ = describe_data(cfg, dm)
     task = build_task(cfg, info)
     timer, tail = make_recorder(plan, a.cuda)
-    tcfg = _plain(cfg.trainer)
+    tcfg = plain(cfg.trainer)
     tcfg.update(enable_checkpointing=False, enable_model_summary=False)
     trainer = pl.Trainer(**tcfg, logger=False, callbacks=[timer, TrainingSpeed(plan.steps), tail],
                          default_root_dir=str(a.work))

@@ -24,7 +24,7 @@ from m3leo_stream.modalities import REGISTRY, Modality, Registry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetrics", "ProgressLog",
+__all__ = ["BestCheckpoint", "LastCheckpoint", "ImagePanels", "KeyRecorder", "LoaderMetricsLog", "ProgressLog",
            "Periodic", "RunLengthIntervals", "TrainingSpeed", "interval_for_run"]
 
 
@@ -124,7 +124,7 @@ def device_memory(device: torch.device) -> dict[str, float]:
     return {"perf/cpu_rss_peak_gb": rss_bytes / 2 ** 30}
 
 
-class LoaderMetrics(pl.Callback):
+class LoaderMetricsLog(pl.Callback):
     """``datamodule.loader_metrics()`` (samples/s, bytes/s, retries, substitutions, wait) as ``loader/*``, plus
     the fraction of wall time the training loop was blocked on the loader since the last log."""
 

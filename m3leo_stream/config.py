@@ -30,7 +30,8 @@ from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet
 from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
 from m3leo_stream.transforms import DEFAULT_CONFIG
 
-__all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "register", "schema_of", "validate"]
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "plain", "register", "schema_of",
+           "validate"]
 
 _PRIMITIVE = (int, float, bool, str)
 
@@ -249,6 +250,12 @@ def register(cs: ConfigStore | None = None) -> None:
         cs.store(group="model", name=f"{name}_schema", node=node)
     for name, node in TASKS.items():
         cs.store(group="task", name=f"{name}_schema", node=node)
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain dicts and lists, interpolations resolved (what the classes it configures take);
+    anything else as it is."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 class ConfigError(ValueError):

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m3leo_stream.config import register
+from m3leo_stream.config import plain, register
 from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.modalities import BANDS_KEY, Modality
 from m3leo_stream.models.mae import MultiModalEncoder
@@ -229,10 +229,6 @@ def _encoder_digest(url: str, encoder: MultiModalEncoder) -> str:
 
 # --- the run -------------------------------------------------------------------------------------------------------
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
 def _batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -258,13 +254,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     encoder, card = load_encoder_and_card(str(cfg.encoder))
     encoder = encoder.to(world.device).eval()
-    so = _plain(cfg.data.get("storage_options")) or None
+    so = plain(cfg.data.get("storage_options")) or None
 
     inputs = list(cfg.inputs) if cfg.get("inputs") else list(encoder.modalities)
     unknown = sorted(set(inputs) - set(encoder.modalities))
     if unknown:
         raise ValueError(f"inputs {unknown} are not modalities of the encoder ({encoder.modalities})")
-    transforms_cfg = card["transforms"] if card is not None and source == "card" else _plain(cfg.transforms)
+    transforms_cfg = card["transforms"] if card is not None and source == "card" else plain(cfg.transforms)
     probe = build_datamodule(cast(DictConfig, OmegaConf.merge(
         cfg, {"data": {"inputs": inputs, "targets": [], "optional": inputs}})))
     have = probe.modalities
@@ -273,10 +269,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if m and m not in have:
             log.info("%s is not in %s: no %s columns", m, cfg.data.root, "land-cover" if m == cfg.land_cover
                      else "terrain")
-    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    plain["data"].update(inputs=inputs, targets=covariates, optional=inputs + covariates)
-    plain["transforms"] = transforms_cfg  # the whole config: the loader reads the bands these transforms use
-    dm = build_datamodule(cast(DictConfig, OmegaConf.create(plain)))
+    whole = cast(dict[str, Any], plain(cfg))
+    whole["data"].update(inputs=inputs, targets=covariates, optional=inputs + covariates)
+    whole["transforms"] = transforms_cfg  # the whole config: the loader reads the bands these transforms use
+    dm = build_datamodule(cast(DictConfig, OmegaConf.create(whole)))
     dm.setup("predict")
     if card is not None and source == "card":
         transforms = transforms_from_card(card, dm.modalities, train=False, seed=int(cfg.seed), rank=world.rank)

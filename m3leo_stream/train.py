@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m3leo_stream.config import ConfigError, register, validate
+from m3leo_stream.config import ConfigError, plain, register, validate
 from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
@@ -40,10 +40,6 @@ _SECRET = re.compile(r"(api_?key|secret|token|password|passwd|credential|^key$)"
 
 
 # --- small helpers -----------------------------------------------------------------------------------------------
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
 
 def scrub(obj: Any) -> Any:
     """A copy of ``obj`` with values of secret-looking keys (api keys, secrets, tokens, S3 keys) replaced."""
@@ -163,7 +159,7 @@ def manifest_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def build_datamodule(cfg: DictConfig) -> M3LEODataModule:
     """The M3LEODataModule of ``cfg.data`` (its arguments, checked by the schema) with ``cfg.transforms`` as
     device-transform config."""
-    return M3LEODataModule(**_plain(cfg.data), transforms=_plain(cfg.transforms))
+    return M3LEODataModule(**plain(cfg.data), transforms=plain(cfg.transforms))
 
 
 def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
@@ -172,7 +168,7 @@ def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
     from m3leo_stream.transforms import build_device_transforms
 
     dm.setup("fit")
-    t = build_device_transforms(_plain(cfg.transforms), dm.modalities, dm.shard_root.stats, inputs=dm.inputs,
+    t = build_device_transforms(plain(cfg.transforms), dm.modalities, dm.shard_root.stats, inputs=dm.inputs,
                                 targets=dm.targets, train=False, seed=int(cfg.seed), rank=0)
     info: dict[str, Any] = {"in_channels": {m: len(t.channels[m]) for m in dm.inputs},
                             "channel_names": {m: list(t.channels[m]) for m in dm.inputs},
@@ -205,7 +201,7 @@ def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
 def build_task(cfg: DictConfig, info: DataInfo) -> pl.LightningModule:
     """The task of ``cfg.task`` (its ``_target_`` and arguments) on ``cfg.model`` and the data ``info``."""
     make = hydra.utils.instantiate(cfg.task, _partial_=True, _convert_="all", _recursive_=False)
-    return make(model=_plain(cfg.model), data_info=info, seed=int(cfg.seed))
+    return make(model=plain(cfg.model), data_info=info, seed=int(cfg.seed))
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
@@ -216,7 +212,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         ImagePanels,
         KeyRecorder,
         LastCheckpoint,
-        LoaderMetrics,
+        LoaderMetricsLog,
         Periodic,
         ProgressLog,
         RunLengthIntervals,
@@ -242,7 +238,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
         cbs.append(TQDMProgressBar(refresh_rate=every))  # its metrics are read on the host: not every step
     else:
         cbs.append(ProgressLog(int(cfg.callbacks.progress_every_n_steps)))
-    speed, loader = TrainingSpeed(every), LoaderMetrics(every)
+    speed, loader = TrainingSpeed(every), LoaderMetricsLog(every)
     panels = ImagePanels(int(cfg.callbacks.panels_every_n_steps), int(cfg.callbacks.panels_max_images))
     cbs += [speed, loader, LearningRateMonitor(logging_interval="step"), panels]
     fitted: list[tuple[Periodic, int]] = [(speed, 20), (loader, 20), (panels, 2)]
@@ -340,7 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logging.getLogger("m3leo_stream").setLevel(logging.DEBUG)
     pl.seed_everything(int(cfg.seed), workers=True)
     torch.set_float32_matmul_precision(str(cfg.matmul_precision))  # "high": TF32 matmuls on GPUs that have it
-    so = _plain(cfg.data.get("storage_options")) or None
+    so = plain(cfg.data.get("storage_options")) or None
     ckpt_dir = str(cfg.checkpoint.dir)
     ckpt_path = resolve_resume(cfg.get("resume"), ckpt_dir, so)
     if ckpt_path:
@@ -358,10 +354,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     requeue_cb = RequeueOnSignal(_join(ckpt_dir, "last.ckpt"), signal.SIGUSR1, storage_options=so)
     callbacks.append(requeue_cb)
 
-    tcfg = _plain(cfg.trainer)
+    tcfg = plain(cfg.trainer)
     tcfg["use_distributed_sampler"] = False  # the loaders plan per rank (contracts §2)
     tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"))
-    tcfg["strategy"] = build_strategy(tcfg, _plain(cfg.ddp))
+    tcfg["strategy"] = build_strategy(tcfg, plain(cfg.ddp))
     trainer = pl.Trainer(**tcfg, logger=logger, callbacks=callbacks, plugins=_slurm_plugins(),
                          default_root_dir=ckpt_dir)  # Lightning's own requeue (hpc_ckpt_N.ckpt) is off: RequeueOnSignal
 
