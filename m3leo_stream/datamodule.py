@@ -44,6 +44,7 @@ from .planner import (
 from .readahead import ReadAheadDataset
 from .reader import ReaderConfig, ShardDataset, passthrough, read_in_part
 from .shard_root import ShardRoot
+from .storage import RetryPolicy
 from .transforms import bands_needed, build_device_transforms
 
 if TYPE_CHECKING:
@@ -156,9 +157,10 @@ class M3LEODataModule(pl.LightningDataModule):
         self.transforms_config = transforms
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_shards = int(shuffle_shards)
+        retry_settings: dict[str, Any] = dict(retry or {})  # from a config: every value may be a float
         self.reader_config = ReaderConfig(io_threads=io_threads, coalesce_gap=coalesce_gap,
                                           on_unreadable=on_unreadable, verify=bool(verify_checksums),
-                                          **({"retry": dict(retry)} if retry else {}))
+                                          retry=RetryPolicy(**retry_settings))
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
@@ -238,6 +240,7 @@ class M3LEODataModule(pl.LightningDataModule):
         t = time.perf_counter()
         self._index = load_index(root, self.requested, checksums=verify, chunks=partial,
                                  split_names=sorted(set(self.splits.values())), cache_dir=self.cache_dir)
+        assert self._index.split is not None  # read: split_names is given
         self._table = {
             "split": self._index.split,
             "shard": self._index.shard,
@@ -291,12 +294,12 @@ class M3LEODataModule(pl.LightningDataModule):
         # substitution candidates are a copy of the split's rows in every worker: made only where they are used
         subs = ({r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
                 if self.reader_config.on_unreadable == "substitute" else {})
-        caching = {"cache_bytes": self.cache_bytes, "cache_dir": self.cache_dir} if cache else {}
+        config = replace(self.reader_config, inline_local=self._read_ahead, pinned=self._pinned_reads)
+        if cache:
+            config = replace(config, cache_bytes=self.cache_bytes, cache_dir=self.cache_dir)
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
-                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pinned=self._pinned_reads, **caching), bands=self.bands,
-                            optional=self.optional)
+                            substitutes=subs, config=config, bands=self.bands, optional=self.optional)
 
     def _read_ahead_depth(self, batch_nbytes: int) -> int:
         """Batches read ahead in thread mode (none otherwise): ``num_workers × prefetch_factor``, capped by

@@ -272,7 +272,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     whole = cast(dict[str, Any], plain(cfg))
     whole["data"].update(inputs=inputs, targets=covariates, optional=inputs + covariates)
     whole["transforms"] = transforms_cfg  # the whole config: the loader reads the bands these transforms use
-    dm = build_datamodule(cast(DictConfig, OmegaConf.create(whole)))
+    dm = build_datamodule(OmegaConf.create(whole))
     dm.setup("predict")
     if card is not None and source == "card":
         transforms = transforms_from_card(card, dm.modalities, train=False, seed=int(cfg.seed), rank=world.rank)
