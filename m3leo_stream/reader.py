@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class ReaderConfig:
     io_threads: int = 8  # requests in flight per worker
     coalesce_gap: int = 64 * 1024  # merge ranges of one shard separated by at most this many bytes
     max_request: int = 64 * 1024 * 1024  # never merge into requests larger than this
-    on_unreadable: str = "fail"  # or "substitute": a deterministic sample of the same region takes its place
+    on_unreadable: Literal["fail", "substitute"] = "fail"  # "substitute": a sample of the same region takes its place
     max_substitutes: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # local shards: read a batch's requests on the calling thread (thread mode, where several batches are read

@@ -19,7 +19,7 @@ import re
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import hydra
 import lightning.pytorch as pl
@@ -120,13 +120,22 @@ def stable_run_id(ckpt_path: str | None, ckpt_dir: str, storage_options: Mapping
     return uuid.uuid4().hex[:12]
 
 
-def wandb_mode(configured: str | None) -> str:
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+
+
+def _wandb_mode(value: str, where: str) -> WandbMode:
+    if value not in get_args(WandbMode):
+        raise ConfigError(f"{where}: W&B mode {value!r} is not one of {', '.join(get_args(WandbMode))}")
+    return cast(WandbMode, value)
+
+
+def wandb_mode(configured: str | None) -> WandbMode:
     """``WANDB_MODE`` if set; else the configured mode; else online when an API key is configured, else offline."""
     env = os.environ.get("WANDB_MODE")
     if env:
-        return env
+        return _wandb_mode(env, "WANDB_MODE")
     if configured:
-        return str(configured)
+        return _wandb_mode(str(configured), "config key logger.wandb.mode")
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
