@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = sf.SPLITS
 DEFAULT_READAHEAD_BYTES = 4 * 2**30
 """Host bytes read ahead per training process (thread mode): 4 GiB, i.e. 32 GiB on an 8-GPU node, beside the model's
 own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
@@ -249,7 +249,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("%s: index of %d samples (%.0f MB) ready in %.2f s", self.root, len(self._index),
                  self._index.nbytes_held / 1e6, time.perf_counter() - t)
 
-    def catalog(self, split: str) -> Catalog:
+    def catalog(self, split: sf.Split) -> Catalog:
         """Eligible samples of ``split`` (train/val/test, mapped through ``splits``)."""
         self.setup()
         if split not in self._catalogs:
@@ -393,12 +393,12 @@ class M3LEODataModule(pl.LightningDataModule):
             feed=feed, plan_ahead=ahead,
         )
 
-    def _catalog_choice(self, split: str) -> dict[str, Any]:
+    def _catalog_choice(self, split: sf.Split) -> dict[str, Any]:
         """What the catalogue of ``split`` depends on besides the index."""
         return {"split": self.splits[split], "regions": self.regions, "modalities": self.requested,
                 "optional": self.optional, "min_present": self.min_inputs_present, "present_of": self.inputs}
 
-    def _check_equal_lengths(self, n: int, split: str) -> None:
+    def _check_equal_lengths(self, n: int, split: sf.Split) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             lengths = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(lengths, n)
@@ -451,7 +451,7 @@ class M3LEODataModule(pl.LightningDataModule):
         self._check_equal_lengths(first.num_batches, "train")
         return self._loader(dataset, sampler, train=True, batch_size=self.batch_size)
 
-    def _eval_dataloader(self, split: str) -> M3LEOLoader:
+    def _eval_dataloader(self, split: sf.Split) -> M3LEOLoader:
         cat = self.catalog(split)
         rank, world = self._rank_world()
         gb = self.eval_batch_size * world
