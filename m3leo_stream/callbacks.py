@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import lightning.pytorch as pl
 import numpy as np
@@ -275,7 +275,7 @@ class KeyRecorder(pl.Callback):
 
     def __init__(self, directory: str):
         self.directory = str(directory)
-        self._f = None
+        self._f: TextIO | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         os.makedirs(self.directory, exist_ok=True)

@@ -59,18 +59,39 @@ def _field_type(t: Any) -> Any:
     return t if t in _PRIMITIVE or t is Any else Any
 
 
-def _field(default: Any) -> Any:
-    """A dataclass field with ``default`` (``???`` for none; a copy per instance for lists, dicts, dataclasses)."""
+CHOICES = "choices"
+"""A schema field's metadata key: the strings its value may be (OmegaConf 2.3 refuses ``Literal`` annotations, so
+the schema says ``str`` and :func:`validate` checks the value against these)."""
+
+
+def _choices(t: Any) -> tuple[str, ...]:
+    """The strings a ``Literal`` of strings (or an optional one) allows; ``()`` for any other type."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _choices(rest[0]) if len(rest) == 1 else ()
+    return args if typing.get_origin(t) is Literal and all(isinstance(a, str) for a in args) else ()
+
+
+def one_of(*choices: str, default: Any = MISSING) -> Any:
+    """A schema field whose value is one of ``choices`` (or null where the field is optional)."""
+    return dataclasses.field(default=default, metadata={CHOICES: choices})
+
+
+def _field(default: Any, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with ``default`` (``???`` for none; a copy per instance for lists, dicts, dataclasses),
+    its value one of ``choices`` when there are any."""
+    meta = {CHOICES: choices} if choices else {}
     if default is inspect.Parameter.empty:
-        return dataclasses.field(default=MISSING)
+        return dataclasses.field(default=MISSING, metadata=meta)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
         node, values = _field_type(type(default)), dataclasses.asdict(default)
-        return dataclasses.field(default_factory=lambda: node(**values))
+        return dataclasses.field(default_factory=lambda: node(**values), metadata=meta)
     if isinstance(default, (list, tuple)):
-        return dataclasses.field(default_factory=lambda: list(default))
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     if isinstance(default, dict):
-        return dataclasses.field(default_factory=lambda: dict(default))
-    return dataclasses.field(default=default)
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _parameters(obj: Any) -> list[tuple[str, Any]]:
@@ -105,8 +126,8 @@ def schema_of(obj: Callable[..., Any], name: str | None = None, *, exclude: Sequ
     fields = [(n, t, dataclasses.field(default=d)) for n, t, d in extra]
     for arg, default in _parameters(obj if dataclasses.is_dataclass(obj) else fn):
         if arg not in ("self", *exclude):
-            t = _field_type(hints.get(arg, Any))
-            fields.append((arg, t, _field(default)))
+            hint = hints.get(arg, Any)
+            fields.append((arg, _field_type(hint), _field(default, _choices(hint))))
     cls = dataclasses.make_dataclass(name or f"{obj.__name__}Config", fields)
     cls.__module__ = __name__
     _schemas[key] = cls
@@ -184,7 +205,7 @@ class CheckpointConfig:
     dir: str = MISSING
     every_n_train_steps: Optional[int] = MISSING
     monitor: Optional[str] = MISSING
-    mode: str = MISSING  # min | max
+    mode: str = one_of("min", "max")
     save_top_k: int = MISSING
 
 
@@ -205,7 +226,7 @@ class WandbConfig:
     project: str = MISSING
     entity: Optional[str] = MISSING
     name: Optional[str] = MISSING
-    mode: Optional[str] = MISSING  # online | offline | disabled | null
+    mode: Optional[str] = one_of("online", "offline", "disabled", "shared")  # null: see train.wandb_mode
     save_dir: Optional[str] = MISSING
     tags: list[str] = MISSING
     log_model: bool = MISSING
@@ -236,7 +257,7 @@ class TrainConfig:
     record_keys_dir: Optional[str] = MISSING
     test_after_fit: bool = MISSING
     save_encoder: bool = MISSING
-    matmul_precision: str = MISSING  # highest | high | medium
+    matmul_precision: str = one_of("highest", "high", "medium")
     verbose: bool = MISSING  # debug logs, tracebacks, every dependency warning
 
 
@@ -262,10 +283,27 @@ class ConfigError(ValueError):
     """A key or value the schema refuses; the message is one line that names the key."""
 
 
+def _check_choices(schema: type, tree: Any, where: str) -> None:
+    """Every value in ``tree`` (plain containers) of a field of ``schema`` with :data:`CHOICES` is one of them;
+    interpolations are left to their target's check."""
+    if not (dataclasses.is_dataclass(schema) and isinstance(tree, Mapping)):
+        return
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, v = ".".join(p for p in (where, f.name) if p), tree.get(f.name)
+        inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        if isinstance(v, Mapping):
+            _check_choices(inner[0], v, key)
+        choices = f.metadata.get(CHOICES, ())
+        if choices and isinstance(v, str) and v != MISSING and not v.startswith("${") and v not in choices:
+            raise ConfigError(f"config key {key}: {v!r} is not one of {', '.join(choices)} (every key: --cfg job)")
+
+
 def _check(schema: type, node: Any, where: str) -> None:
     try:
-        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node) if isinstance(node, DictConfig)
-                        else node)  # a plain tree: keys added to ``node`` with ``+`` are not taken as schema
+        # a plain tree: keys added to ``node`` with ``+`` are not taken as schema
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node)
+                                 if isinstance(node, DictConfig) else node)
     except OmegaConfBaseException as e:
         full = ".".join(p for p in (where, str(getattr(e, "full_key", "") or "")) if p)
         key = str(getattr(e, "key", "") or "")
@@ -275,6 +313,7 @@ def _check(schema: type, node: Any, where: str) -> None:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"config key {full}: {msg}{hint} (every key: --cfg job)") from None
+    _check_choices(schema, OmegaConf.to_container(merged, resolve=False), where)
 
 
 def validate(cfg: DictConfig) -> None:

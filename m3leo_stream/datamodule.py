@@ -44,6 +44,7 @@ from .planner import (
 from .readahead import ReadAheadDataset
 from .reader import ReaderConfig, ShardDataset, passthrough, read_in_part
 from .shard_root import ShardRoot
+from .storage import RetryPolicy
 from .transforms import bands_needed, build_device_transforms
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = sf.SPLITS
 DEFAULT_READAHEAD_BYTES = 4 * 2**30
 """Host bytes read ahead per training process (thread mode): 4 GiB, i.e. 32 GiB on an 8-GPU node, beside the model's
 own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
@@ -156,9 +157,10 @@ class M3LEODataModule(pl.LightningDataModule):
         self.transforms_config = transforms
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_shards = int(shuffle_shards)
+        retry_settings: dict[str, Any] = dict(retry or {})  # from a config: every value may be a float
         self.reader_config = ReaderConfig(io_threads=io_threads, coalesce_gap=coalesce_gap,
                                           on_unreadable=on_unreadable, verify=bool(verify_checksums),
-                                          **({"retry": dict(retry)} if retry else {}))
+                                          retry=RetryPolicy(**retry_settings))
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
@@ -238,6 +240,7 @@ class M3LEODataModule(pl.LightningDataModule):
         t = time.perf_counter()
         self._index = load_index(root, self.requested, checksums=verify, chunks=partial,
                                  split_names=sorted(set(self.splits.values())), cache_dir=self.cache_dir)
+        assert self._index.split is not None  # read: split_names is given
         self._table = {
             "split": self._index.split,
             "shard": self._index.shard,
@@ -246,7 +249,7 @@ class M3LEODataModule(pl.LightningDataModule):
         log.info("%s: index of %d samples (%.0f MB) ready in %.2f s", self.root, len(self._index),
                  self._index.nbytes_held / 1e6, time.perf_counter() - t)
 
-    def catalog(self, split: str) -> Catalog:
+    def catalog(self, split: sf.Split) -> Catalog:
         """Eligible samples of ``split`` (train/val/test, mapped through ``splits``)."""
         self.setup()
         if split not in self._catalogs:
@@ -291,12 +294,12 @@ class M3LEODataModule(pl.LightningDataModule):
         # substitution candidates are a copy of the split's rows in every worker: made only where they are used
         subs = ({r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
                 if self.reader_config.on_unreadable == "substitute" else {})
-        caching = {"cache_bytes": self.cache_bytes, "cache_dir": self.cache_dir} if cache else {}
+        config = replace(self.reader_config, inline_local=self._read_ahead, pinned=self._pinned_reads)
+        if cache:
+            config = replace(config, cache_bytes=self.cache_bytes, cache_dir=self.cache_dir)
         return ShardDataset(self.root, self.storage_options, self._index,
                             [self.modalities[m] for m in self.requested], compressed=self.shard_root.compressed,
-                            substitutes=subs, config=replace(self.reader_config, inline_local=self._read_ahead,
-                                                             pinned=self._pinned_reads, **caching), bands=self.bands,
-                            optional=self.optional)
+                            substitutes=subs, config=config, bands=self.bands, optional=self.optional)
 
     def _read_ahead_depth(self, batch_nbytes: int) -> int:
         """Batches read ahead in thread mode (none otherwise): ``num_workers × prefetch_factor``, capped by
@@ -390,12 +393,12 @@ class M3LEODataModule(pl.LightningDataModule):
             feed=feed, plan_ahead=ahead,
         )
 
-    def _catalog_choice(self, split: str) -> dict[str, Any]:
+    def _catalog_choice(self, split: sf.Split) -> dict[str, Any]:
         """What the catalogue of ``split`` depends on besides the index."""
         return {"split": self.splits[split], "regions": self.regions, "modalities": self.requested,
                 "optional": self.optional, "min_present": self.min_inputs_present, "present_of": self.inputs}
 
-    def _check_equal_lengths(self, n: int, split: str) -> None:
+    def _check_equal_lengths(self, n: int, split: sf.Split) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             lengths = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(lengths, n)
@@ -448,7 +451,7 @@ class M3LEODataModule(pl.LightningDataModule):
         self._check_equal_lengths(first.num_batches, "train")
         return self._loader(dataset, sampler, train=True, batch_size=self.batch_size)
 
-    def _eval_dataloader(self, split: str) -> M3LEOLoader:
+    def _eval_dataloader(self, split: sf.Split) -> M3LEOLoader:
         cat = self.catalog(split)
         rank, world = self._rank_world()
         gb = self.eval_batch_size * world

@@ -48,13 +48,13 @@ from m3leo_stream.config import plain, register
 from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.modalities import BANDS_KEY, Modality
 from m3leo_stream.models.mae import MultiModalEncoder
+from m3leo_stream.shard_format import SPLITS, Split
 
 log = logging.getLogger("m3leo_stream.embed")
 
 register()  # the schemas the config groups extend (m3leo_stream.config)
 Pooling = Literal["mean", "max", "mean_max", "modality_mean"]
 TransformsFrom = Literal["card", "config"]
-Split = Literal["train", "val", "test"]
 LC_PREFIX = "lc_"
 TERRAIN_COLUMNS = ("elev_mean", "elev_std", "slope_mean")
 OUTPUT = "embeddings.parquet"
@@ -246,10 +246,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source: TransformsFrom = cfg.transforms_from
     if source not in get_args(TransformsFrom):
         raise ValueError(f"transforms_from must be one of {get_args(TransformsFrom)}, not {source!r}")
-    splits = [str(s) for s in cfg.splits]
-    bad = sorted(set(splits) - set(get_args(Split)))
+    named = [str(s) for s in cfg.splits]
+    bad = sorted(set(named) - set(SPLITS))
     if bad:
         raise ValueError(f"splits {bad}: use train, val and/or test")
+    splits = cast(list[Split], named)
     world = init_world(cfg.device)
     torch.manual_seed(int(cfg.seed))
     encoder, card = load_encoder_and_card(str(cfg.encoder))
@@ -272,7 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     whole = cast(dict[str, Any], plain(cfg))
     whole["data"].update(inputs=inputs, targets=covariates, optional=inputs + covariates)
     whole["transforms"] = transforms_cfg  # the whole config: the loader reads the bands these transforms use
-    dm = build_datamodule(cast(DictConfig, OmegaConf.create(whole)))
+    dm = build_datamodule(OmegaConf.create(whole))
     dm.setup("predict")
     if card is not None and source == "card":
         transforms = transforms_from_card(card, dm.modalities, train=False, seed=int(cfg.seed), rank=world.rank)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -125,12 +125,20 @@ def _batches_yielded(state: Mapping[str, Any]) -> int:
     return int(main.get("_sampler_iter_yielded") or main.get("_num_yielded") or 0)
 
 
+class _SizedIterator(Protocol):
+    """A DataLoader's iterator: batches, and how many there are."""
+
+    def __next__(self) -> dict[str, Any]: ...
+
+    def __len__(self) -> int: ...
+
+
 class _MeteredIterator:
     """Strips the I/O counters and meters the wait; with a ``feed``, also holds one batch ahead of the consumer,
     already handed to the feed (its copy to the device issued), so that the copy overlaps the consumer's step on
     the batch before. An error reading the batch ahead is raised when that batch is asked for."""
 
-    def __init__(self, it: Iterator[dict[str, Any]], metrics: LoaderMetrics, feed: DeviceFeed | None = None,
+    def __init__(self, it: _SizedIterator, metrics: LoaderMetrics, feed: DeviceFeed | None = None,
                  plan_ahead: Callable[[], tuple[Any, int] | None] | None = None):
         self._it, self._m = it, metrics
         self._feed, self._plan_ahead = feed, plan_ahead

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -53,7 +53,7 @@ class EntrySource(Protocol):
     def entry_matches(self, row: int, data: bytes) -> bool: ...
 
 
-def node_ranks(rank: int, world_size: int, env: dict[str, str] | None = None) -> list[int]:
+def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None) -> list[int]:
     """The global ranks on this rank's node, assuming consecutive ranks per node (torchrun, Slurm's block
     distribution): ``LOCAL_WORLD_SIZE``, else ``SLURM_NTASKS_PER_NODE`` (``8`` or ``8(x4)``), else this rank alone."""
     env = os.environ if env is None else env

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class ReaderConfig:
     io_threads: int = 8  # requests in flight per worker
     coalesce_gap: int = 64 * 1024  # merge ranges of one shard separated by at most this many bytes
     max_request: int = 64 * 1024 * 1024  # never merge into requests larger than this
-    on_unreadable: str = "fail"  # or "substitute": a deterministic sample of the same region takes its place
+    on_unreadable: Literal["fail", "substitute"] = "fail"  # "substitute": a sample of the same region takes its place
     max_substitutes: int = 3
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # local shards: read a batch's requests on the calling thread (thread mode, where several batches are read
@@ -120,9 +120,15 @@ class _Fetched(NamedTuple):
     """A request's bytes (None when they went straight into the batch arrays, whose chunks per part are then in
     ``chunks``), and the parts found wrong as (slot, member, what)."""
 
-    data: bytes | bytearray | None
+    data: bytes | bytearray | memoryview | None
     bad: list[tuple[int, str, str]]
     chunks: list[list[Any]] | None = None
+
+    def view(self) -> memoryview:
+        """The request's bytes (a request read straight into the batch arrays has none: see ``chunks``)."""
+        if self.data is None:
+            raise ValueError("the request was read into the batch arrays")
+        return memoryview(self.data)
 
 
 @dataclass
@@ -344,9 +350,9 @@ class ShardDataset(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         st = self._state()
         counters = IOCounters()
-        refs = np.asarray(refs, dtype=np.int64)
-        valid = (refs & PAD_FLAG) == 0
-        rows = refs & ~PAD_FLAG
+        ref = np.asarray(refs, dtype=np.int64)
+        valid = (ref & PAD_FLAG) == 0
+        rows = ref & ~PAD_FLAG
         n = len(rows)
         shared = torch.utils.data.get_worker_info() is not None
         tensors = {name: _batch_tensor(shape, dtype, shared) if shared
@@ -426,7 +432,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 runs = self._runs[m.name]
                 hlen = None if runs is None or self.compressed else _header_len(nb, m)
                 sums = ix.checksums.get(m.name) if self.config.verify else None
-                if hlen is None:  # all bands, compressed, or a size that does not fit the registry: the whole member
+                if runs is None or hlen is None:  # all bands, compressed, or a size unlike the registry's: whole member
                     check = () if sums is None else (int(sums[row]),)
                     parts.append((shard, off, nb, int(slot), m.name, _MEMBER, 0, 0, check, 0))
                     continue
@@ -479,7 +485,8 @@ class ShardDataset(torch.utils.data.Dataset):
         """Slots with a member whose size in the index cannot be true for the registry's array (uncompressed: the
         array plus an ``.npy`` header; compressed: zstd's worst case on top): refused before anything is allocated
         or read, so a corrupt index cannot make the reader allocate what it claims."""
-        ix, bad = self.index, {}
+        ix = self.index
+        bad: dict[int, Exception] = {}
         for m in self.modalities:
             nb = ix.nbytes[m.name][rows[slots]].astype(np.int64)
             limit = member_bound(m, self.compressed)
@@ -620,7 +627,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 if g.chunks is not None:
                     chunks = g.chunks[i]
                 else:
-                    view = memoryview(g.data)[part.off - req.start:part.off - req.start + part.nbytes]
+                    view = g.view()[part.off - req.start:part.off - req.start + part.nbytes]
                     chunks = _planes(view, mods[part.name], part.stop - part.first) if part.kind == _BANDS else [view]
                 placed.append((part, chunks))
         wrong: dict[tuple[int, str], tuple[_Part, str]] = {}
@@ -661,13 +668,14 @@ class ShardDataset(torch.utils.data.Dataset):
         iov: list[Any] = []
         headers = []
         chunks: list[list[Any]] = []
+        bufs: list[bytearray | memoryview]
         pos = req.start
         for slot, name, off, nb, kind, first, stop, _, skip in req.parts:
             if off < pos:
                 return self._fetch(req, st, counters, out)
             if kind == _BANDS:
-                head, bufs = None, [memoryview(out[name][slot, first:stop]).cast("B")]
-                chunks.append([memoryview(out[name][slot, b]).cast("B") for b in range(first, stop)])
+                head, bufs = None, [out[name][slot, first:stop].data.cast("B")]
+                chunks.append([out[name][slot, b].data.cast("B") for b in range(first, stop)])
             elif kind == _HEADER:
                 head = bytearray(nb)
                 bufs = [head]
@@ -677,7 +685,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 if hlen is None or self._runs[name] is not None:  # the decode names what is wrong
                     return self._fetch(req, st, counters, out)
                 head = bytearray(hlen)
-                bufs = [head, memoryview(out[name][slot]).cast("B")]
+                bufs = [head, out[name][slot].data.cast("B")]
                 chunks.append(bufs)
             if off > pos:
                 iov.append(bytearray(off - pos))
@@ -702,6 +710,7 @@ class ShardDataset(torch.utils.data.Dataset):
         path = join(st["path"], name)
         nbytes = req.stop - req.start
         what = f"{join(self.url, name)} bytes {req.start}-{req.stop}"
+        data: bytes | bytearray
         if st["local"]:
             data = self._pread(path, req.start, nbytes, st)
         else:
@@ -761,7 +770,7 @@ class _Entries:
         got = [self.ds._fetch(req, st, counters) for req in task]
         if any(g.bad for g in got) or self.ds._mismatched(task, got):
             return None
-        return b"".join(g.data for g in got)
+        return b"".join(g.view() for g in got)
 
     def entry_matches(self, row: int, data: bytes) -> bool:
         task = self._task(row)

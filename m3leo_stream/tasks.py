@@ -347,7 +347,7 @@ class SegmentationTask(BaseTask):
         d = self.data_info
         d.require("target", "num_classes", task="segmentation")
         self.target = str(d.target)
-        self.num_classes = int(d.num_classes)  # type: ignore[arg-type]
+        self.num_classes = int(d.num_classes)
         self.class_names = list(d.class_names) if d.class_names else [str(i) for i in range(self.num_classes)]
         self.ignore_index = int(d.ignore_index)
         self.model = _build_dense_model(model, d.in_channels, self.num_classes, d.input_px, d.target_px)
@@ -425,7 +425,7 @@ class RegressionTask(BaseTask):
         d = self.data_info
         d.require("target", "out_channels", task="regression")
         self.target = str(d.target)
-        self.out_channels = int(d.out_channels)  # type: ignore[arg-type]
+        self.out_channels = int(d.out_channels)
         self.model = _build_dense_model(model, d.in_channels, self.out_channels, d.input_px, d.target_px)
         mean = torch.tensor(d.target_mean if d.target_mean else [0.0] * self.out_channels, dtype=torch.float32)
         std = torch.tensor(d.target_std if d.target_std else [1.0] * self.out_channels, dtype=torch.float32)

@@ -19,7 +19,7 @@ import re
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import hydra
 import lightning.pytorch as pl
@@ -30,7 +30,7 @@ from m3leo_stream.config import ConfigError, plain, register, validate
 from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
-from m3leo_stream.tasks import DataInfo
+from m3leo_stream.tasks import BaseTask, DataInfo
 
 log = logging.getLogger("m3leo_stream.train")
 
@@ -120,13 +120,22 @@ def stable_run_id(ckpt_path: str | None, ckpt_dir: str, storage_options: Mapping
     return uuid.uuid4().hex[:12]
 
 
-def wandb_mode(configured: str | None) -> str:
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+
+
+def _wandb_mode(value: str, where: str) -> WandbMode:
+    if value not in get_args(WandbMode):
+        raise ConfigError(f"{where}: W&B mode {value!r} is not one of {', '.join(get_args(WandbMode))}")
+    return cast(WandbMode, value)
+
+
+def wandb_mode(configured: str | None) -> WandbMode:
     """``WANDB_MODE`` if set; else the configured mode; else online when an API key is configured, else offline."""
     env = os.environ.get("WANDB_MODE")
     if env:
-        return env
+        return _wandb_mode(env, "WANDB_MODE")
     if configured:
-        return str(configured)
+        return _wandb_mode(str(configured), "config key logger.wandb.mode")
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -198,7 +207,7 @@ def describe_data(cfg: DictConfig, dm: M3LEODataModule) -> tuple[DataInfo, Any]:
     return DataInfo(**info), t
 
 
-def build_task(cfg: DictConfig, info: DataInfo) -> pl.LightningModule:
+def build_task(cfg: DictConfig, info: DataInfo) -> BaseTask:
     """The task of ``cfg.task`` (its ``_target_`` and arguments) on ``cfg.model`` and the data ``info``."""
     make = hydra.utils.instantiate(cfg.task, _partial_=True, _convert_="all", _recursive_=False)
     return make(model=plain(cfg.model), data_info=info, seed=int(cfg.seed))
@@ -252,7 +261,7 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], Any]:
 def build_logger(cfg: DictConfig, run_id: str, dm) -> Any:
     w = cfg.logger.get("wandb") if cfg.get("logger") else None
     mode = wandb_mode(w.get("mode")) if w is not None else "disabled"
-    if mode == "disabled":  # still keep metrics: a CSV log in the run directory
+    if w is None or mode == "disabled":  # still keep metrics: a CSV log in the run directory
         from lightning.pytorch.loggers import CSVLogger
 
         local = str(cfg.run_dir) if _is_local(str(cfg.run_dir)) else "csv-logs"
@@ -392,8 +401,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         url = _join(str(cfg.run_dir), "encoder.pt")
         if trainer.is_global_zero:
             from m3leo_stream.encoder_card import export_encoder  # + encoder.safetensors, encoder.card.json
+            from m3leo_stream.models import MultiModalEncoder
 
-            export_encoder(task.encoder, url, transforms, dm.shard_root.stats,
+            encoder: MultiModalEncoder = getattr(task, "encoder")  # a pretraining task's
+            export_encoder(encoder, url, transforms, dm.shard_root.stats,
                            {"channel_names": info.channel_names, "run_id": run_id})
         results["encoder"] = url
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -15,7 +15,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -126,7 +126,7 @@ def make_grid(
     angle: int = 9,
     fractions: str = "60-20-20",
     storage_options: dict[str, Any] | None = None,
-    layout: str = "global",
+    layout: Literal["global", "upstream"] = "global",
 ) -> GridResult:
     """Write the chip geojson, the split csv and an empty data folder for ``aoi_geom`` under ``out``.
 

@@ -101,7 +101,7 @@ class BuildConfig:
 
     def content_args(self) -> dict[str, Any]:
         """Arguments that determine the shards' contents (task and worker counts do not)."""
-        args = {
+        args: dict[str, Any] = {
             "regions": self.regions, "modalities": self.modalities, "splits": self.splits,
             "shard_size": self.shard_size, "compress": self.compress, "on_error": self.on_error,
             "year": self.year, "folders": dict(sorted(self.folders.items())), "gunw_pair_rule": self.gunw_pair_rule,

@@ -35,8 +35,8 @@ class Stored:
 def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, chip: str) -> np.ndarray | None:
     """(C, H, W) bool of source pixels that hold no data, or None when every pixel holds data."""
     src = dec.array
-    tag = dec.nodata
-    if nodata_value(tag) is not None:
+    tag = nodata_value(dec.nodata)  # NaN marks nothing here: float sources are checked with isnan below
+    if tag is not None:
         if m.is_categorical and int(tag) in m.class_codes:
             raise ChipDataError(where, chip, f"the file's nodata tag {tag} is class code {int(tag)} of {m.name}; "
                                              "reading it as nodata would erase that class")
@@ -46,8 +46,8 @@ def source_invalid(m: Modality, enc: SourceEncoding, dec: Decoded, where: str, c
     bad = None
     if src.dtype.kind == "f":
         bad = np.isnan(src)
-    for value in (enc.nodata, tag):
-        if nodata_value(value) is None:
+    for value in (nodata_value(enc.nodata), tag):
+        if value is None:
             continue
         if src.dtype.kind in "iu" and not float(value).is_integer():
             continue  # a fractional tag on an integer file marks nothing
@@ -97,8 +97,8 @@ def _apply(m: Modality, enc: SourceEncoding, src: np.ndarray, invalid: np.ndarra
             a *= out.type(enc.gain)
             if enc.offset:
                 a += out.type(enc.offset)
-            nd = m.nodata
-            return a, nodata_value(nd) is not None and lo <= nd <= hi
+            nd = nodata_value(m.nodata)
+            return a, nd is not None and lo <= nd <= hi
     f = values.astype(np.float64)
     f *= enc.gain
     f += enc.offset

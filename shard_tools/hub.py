@@ -373,7 +373,7 @@ class _CountingFile(io.RawIOBase):
         super().__init__()
         self._f = f
         self._stats = stats
-        cache = getattr(f, "cache", None)
+        cache: Any = getattr(f, "cache", None)  # fsspec's read-ahead cache of the file, if it has one
         self._at_store = cache is not None and callable(getattr(cache, "fetcher", None))
         if self._at_store:
             fetch = cache.fetcher

@@ -219,7 +219,8 @@ def inspect_raster(path: str, m: Modality, cfg: IngestConfig) -> RasterSource:
     if m.file_band_names and all(sel_desc) and [_norm(d) for d in sel_desc] != [_norm(b) for b in m.file_band_names]:
         raise IngestError(f"{path}: band descriptions {sel_desc} differ from modality {m.name}'s "
                           f"{list(m.file_band_names)}; select bands with --bands")
-    return RasterSource(path, crs, tuple(float(x) for x in bounds), indexes, sel_desc, dtype, nodata, pixel_m,
+    west, south, east, north = (float(x) for x in bounds)
+    return RasterSource(path, crs, (west, south, east, north), indexes, sel_desc, dtype, nodata, pixel_m,
                         lonlat=lonlat)
 
 
@@ -586,10 +587,10 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
     compress = None if cfg.compress in (None, "none") else cfg.compress
     bar = tqdm(total=len(jobs), unit="chip", desc=f"ingest {m.name}", disable=not cfg.progress)
 
-    encoders: dict[tuple[int, ...], GeoTiffEncoder] = {}
+    encoders: dict[tuple[int, int, int], GeoTiffEncoder] = {}
     enc_lock = threading.Lock()
 
-    def encoder(shape: tuple[int, ...]) -> GeoTiffEncoder:
+    def encoder(shape: tuple[int, int, int]) -> GeoTiffEncoder:
         """One per chip shape: GDAL lays out the header once, chips copy it (byte-identical files)."""
         with enc_lock:
             if shape not in encoders:

@@ -118,7 +118,7 @@ def format_root(summary: Mapping[str, Any]) -> str:
     table("samples", lambda cells: str(sum(c["samples"] for c in cells)))
     table("shards", lambda cells: f"{sum(c.get('shards', 0) for c in cells)} "
                                   f"({_size(sum(c.get('bytes', 0) for c in cells))})")
-    present = Counter()
+    present: Counter[str] = Counter()
     for r in regions.values():
         for c in r.values():
             present.update(c["members"])

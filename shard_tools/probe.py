@@ -232,7 +232,7 @@ def probe(cfg: ProbeConfig) -> list[FolderReport]:
     return out
 
 
-def build_would_fail(reports: Sequence[FolderReport], on_error: str) -> bool:
+def build_would_fail(reports: Sequence[FolderReport], on_error: Literal["fail", "skip"]) -> bool:
     """Whether ``build`` with the same arguments stops: a folder it reads has a file it cannot store."""
     return on_error == "fail" and any(r.chosen and r.verdict == "will fail" for r in reports)
 

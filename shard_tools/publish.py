@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import fsspec
 
@@ -34,7 +35,7 @@ def fsync_path(path: str) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc = None
+_libc: Callable[..., int] | Literal[False] | None = None  # sync_file_range; False where there is none
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -69,7 +70,7 @@ def _partial_name(path: str) -> str:
     return f"{path}{PARTIAL}{uuid.uuid4().hex[:8]}"
 
 
-def _replace_local(path: str, fill: Callable[[str], None]) -> None:
+def _replace_local(path: str, fill: Callable[[str], object]) -> None:
     """Create local ``path`` whole: ``fill`` writes a temporary file beside it, which is flushed to disk and
     renamed into place; the temporary file never outlives the call."""
     tmp = _partial_name(path)

@@ -109,12 +109,12 @@ class GeoTiffEncoder:
 
         def per_strip(row_flags: np.ndarray) -> np.ndarray:  # (c, h) → (strips,)
             if self.planar != 2:
-                row_flags = row_flags.all(axis=0, keepdims=True)  # a strip holds these rows of every band
+                row_flags = np.asarray(row_flags.all(axis=0, keepdims=True))  # a strip holds these rows of every band
             padded = np.ones((row_flags.shape[0], self.per_band * self.rows), bool)
             padded[:, :h] = row_flags
             return padded.reshape(row_flags.shape[0], self.per_band, self.rows).all(axis=2).ravel()
 
-        states = per_strip(~array.view(np.uint8).reshape(c, h, -1).any(axis=2)).astype(np.int8)
+        states = per_strip(np.asarray(~array.view(np.uint8).reshape(c, h, -1).any(axis=2))).astype(np.int8)
         nd = self.nodata
         if nd is not None and not (self.dtype.kind in "iu" and nd == 0):
             is_nd = np.isnan(array) if is_nan(nd) else array == nd
@@ -186,7 +186,7 @@ class GeoTiffEncoder:
             pixels = np.empty(self.shape[1:] + self.shape[:1], self.dtype)
             for i in range(self.shape[0]):
                 pixels[:, :, i] = array[i]
-        return memoryview(pixels).cast("B")
+        return pixels.data.cast("B")
 
     def parts(self, array: np.ndarray, bounds: tuple[float, float, float, float]) -> list[Any]:
         """The file as buffers to write one after the other."""
@@ -425,9 +425,10 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
     with (netCDF4.Dataset(data) if isinstance(data, str) else netCDF4.Dataset("chip.nc", memory=data)) as ds:
         grp = ds[modality.nc_group] if modality.nc_group else ds
         selection: dict[str, Any] = {}
-        select_index = None
+        select: tuple[str, int] | None = None  # (dimension, the index chosen along it)
         if modality.nc_select_dim:
-            select_index, selection = _select_nc_index(grp, modality, where, chip, options)
+            index, selection = _select_nc_index(grp, modality.nc_select_dim, where, chip, options)
+            select = (modality.nc_select_dim, index)
         layers = []
         fills: set[float | int] = set()
         coords: dict[tuple[str, int], list[str]] = {}
@@ -439,11 +440,12 @@ def _decode_nc(modality: Modality, data: bytes | str, where: str, chip: str, opt
             dims = list(v.dimensions)
             arr = np.asarray(v[:])
             fill = getattr(v, "_FillValue", None)
-            if modality.nc_select_dim:
-                if modality.nc_select_dim not in dims:
-                    raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {modality.nc_select_dim}")
-                arr = np.take(arr, select_index, axis=dims.index(modality.nc_select_dim))
-                dims.remove(modality.nc_select_dim)
+            if select is not None:
+                sdim, index = select
+                if sdim not in dims:
+                    raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {sdim}")
+                arr = np.take(arr, index, axis=dims.index(sdim))
+                dims.remove(sdim)
             for dim, values in var.dims:
                 if dim not in dims:
                     raise ChipDataError(where, chip, f"variable {var.name!r} lacks dimension {dim!r}")
@@ -507,9 +509,8 @@ def _nc_bounds(grp) -> tuple[float, float, float, float] | None:
     return None
 
 
-def _select_nc_index(grp, modality: Modality, where: str, chip: str, options: Mapping[str, Any]):
-    """Choose one GUNW date pair. ``datepair`` values are 'END_START' (YYYYMMDD, end date first)."""
-    dim = modality.nc_select_dim
+def _select_nc_index(grp, dim: str, where: str, chip: str, options: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Choose one GUNW date pair along ``dim``. ``datepair`` values are 'END_START' (YYYYMMDD, end date first)."""
     values = _coord_values(grp, dim, len(grp.dimensions[dim]) if dim in grp.dimensions else 0)
     if not values:
         raise ChipDataError(where, chip, f"no {dim} values")
@@ -577,7 +578,8 @@ def resample(
     ok = den >= 0.5
     out = (num / den.clamp_min(1e-12)).numpy()
     if array.dtype.kind == "f":
-        fill = np.nan if nodata_value(nodata) is None else nodata
+        nd = nodata_value(nodata)
+        fill = np.nan if nd is None else nd
         return np.where(ok.numpy(), out, fill).astype(array.dtype)
     info = np.iinfo(array.dtype)
     fill = nodata if nodata is not None else 0

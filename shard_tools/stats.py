@@ -208,15 +208,15 @@ class ModalityStats:
             self.vmin = np.minimum(self.vmin, [np.inf if x is None else x for x in state["min"]])
             self.vmax = np.maximum(self.vmax, [-np.inf if x is None else x for x in state["max"]])
 
-    def merge_moments(self, count: Sequence[int], mean: Sequence[float], m2: Sequence[float]) -> None:
+    def merge_moments(self, count: Sequence[float], mean: Sequence[float], m2: Sequence[float]) -> None:
         """The order-dependent part of :meth:`merge_state` (float bands' mean and M2, Chan's formula): the result
         is byte-identical only when states are merged in the same order."""
-        count = np.asarray(count, dtype=np.int64)
-        mean = np.asarray(mean, dtype=np.float64)
-        m2 = np.asarray(m2, dtype=np.float64)
+        n = np.asarray(count, dtype=np.int64)
+        mu = np.asarray(mean, dtype=np.float64)
+        q = np.asarray(m2, dtype=np.float64)
         for b in range(len(self.count)):
-            if count[b]:
-                self._merge_moments(b, int(count[b]), float(mean[b]), float(m2[b]))
+            if n[b]:
+                self._merge_moments(b, int(n[b]), float(mu[b]), float(q[b]))
 
     @classmethod
     def from_state(cls, modality: Modality, state: Mapping[str, Any]) -> ModalityStats:

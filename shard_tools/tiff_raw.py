@@ -14,6 +14,7 @@ layout of its GDAL-written templates through it.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
@@ -36,15 +37,21 @@ class _Source:
     def __init__(self, data: bytes | str):
         self.mem = None if isinstance(data, str) else memoryview(data)
         self.f = open(data, "rb") if isinstance(data, str) else None
-        self.size = len(self.mem) if self.mem is not None else os.fstat(self.f.fileno()).st_size
+        self.size = len(self.mem) if self.mem is not None else os.fstat(self._file().fileno()).st_size
+
+    def _file(self) -> io.BufferedReader:
+        if self.f is None:
+            raise ValueError("an in-memory source has no file")
+        return self.f
 
     def read(self, offset: int, n: int) -> bytes:
         if offset < 0 or offset + n > self.size:
             raise _Unsupported
         if self.mem is not None:
             return bytes(self.mem[offset: offset + n])
-        self.f.seek(offset)
-        b = self.f.read(n)
+        f = self._file()
+        f.seek(offset)
+        b = f.read(n)
         if len(b) != n:
             raise _Unsupported
         return b
@@ -56,8 +63,9 @@ class _Source:
         if self.mem is not None:
             out[:] = self.mem[offset: offset + n]
             return
-        self.f.seek(offset)
-        if self.f.readinto(out) != n:
+        f = self._file()
+        f.seek(offset)
+        if f.readinto(out) != n:
             raise _Unsupported
 
     def close(self) -> None:
@@ -185,7 +193,7 @@ def _pixels(src: _Source, bo: str, t: dict[int, tuple], indexes: Sequence[int] |
     # pixel-interleaved strips land in a per-thread scratch buffer (reused: no fresh pages to fault in per file)
     # and are de-interleaved into a new array; band-interleaved ones are read into the result directly
     buf = _scratch(plane_bytes) if planar == 1 else np.empty(plane_bytes * planes, dtype=np.uint8)
-    view = memoryview(buf)
+    view = buf.data
     strips = []
     for p in range(planes):
         for s in range(per_plane):

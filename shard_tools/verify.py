@@ -9,7 +9,7 @@ import json
 import logging
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,10 +60,11 @@ def _check_shard(root: ShardRoot, entry: Mapping[str, Any], rows: list[dict[str,
     with root.fs.open(full, "rb") as f:
         reader = _HashingReader(f)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # typeshed asks any fileobj for write/seek/tell/close; a stream read ("r|") only reads
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 for ti in tar:
                     members[ti.name] = (ti.offset_data, ti.size)
-                    data = tar.extractfile(ti).read() if ti.isfile() else b""  # type: ignore[union-attr]
+                    data = tar.extractfile(ti).read() if ti.isfile() else b""
                     digests[ti.name] = sf.digest(data)
                     parts = ti.name.split(".")
                     if len(parts) == 3 and parts[1] in modalities and parts[2] == "xxh3":
@@ -373,7 +374,7 @@ def recompute_stats(out: str, storage_options: Mapping[str, Any] | None = None, 
     return _publish_stats(root, [states()])
 
 
-def _publish_stats(root: ShardRoot, parts: Iterator[Iterator[str]] | Sequence[Sequence[str]]) -> str:
+def _publish_stats(root: ShardRoot, parts: Iterable[Iterable[str]]) -> str:
     stats = StatsSet(root.modalities.values())
     for lines in parts:
         for line in lines:

@@ -58,10 +58,10 @@ class ShardWriter:
         self._parts: list[bytes | memoryview] = []
         self._error: BaseException | None = None
         self._stop = False
-        self._queue: queue.Queue | None = None
+        self._queue: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(maxsize=BACKGROUND_DEPTH)
+        self._background = background  # else parts are written on the caller's thread
         self._thread: threading.Thread | None = None
         if background:
-            self._queue = queue.Queue(maxsize=BACKGROUND_DEPTH)
             self._thread = threading.Thread(target=self._run, name="m3leo-shard-writer", daemon=True)
             self._thread.start()
         if self.compress:
@@ -85,7 +85,7 @@ class ShardWriter:
 
     def _send(self) -> None:
         parts, self._parts = self._parts, []
-        if self._queue is None:
+        if not self._background:
             self._emit(parts)
             return
         self._raise_error()

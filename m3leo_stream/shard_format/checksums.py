@@ -8,7 +8,7 @@ import xxhash
 CHECKSUM = "xxh3_64"  # the manifest's ``checksum`` names the digest of the checksum columns
 
 
-def digest(*chunks: bytes | bytearray | memoryview | np.ndarray) -> int:
+def digest(*chunks: bytes | bytearray | memoryview) -> int:
     """XXH3-64 of the concatenated ``chunks`` (hashed in place, without joining them)."""
     h = xxhash.xxh3_64()
     for c in chunks:
@@ -16,7 +16,7 @@ def digest(*chunks: bytes | bytearray | memoryview | np.ndarray) -> int:
     return h.intdigest()
 
 
-def chunk_digests(header: bytes | bytearray | memoryview, body: memoryview | np.ndarray, num_bands: int) -> bytes:
+def chunk_digests(header: bytes | bytearray | memoryview, body: memoryview, num_bands: int) -> bytes:
     """The chunk-digest member of an uncompressed array member: digests of its ``.npy`` header, then of each of its
     ``num_bands`` planes, as little-endian uint64."""
     body = memoryview(body).cast("B")

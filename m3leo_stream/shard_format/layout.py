@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from m3leo_stream.shard_format.errors import FormatError
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 STATS = "stats.json"
-SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
 KEY_RE = re.compile(r"[0-9a-z_-]+")
 
 JSON_MEMBER = "json"  # index columns json_offset / json_nbytes / json_xxh3 locate each sample's metadata member

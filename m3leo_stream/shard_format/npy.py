@@ -23,7 +23,7 @@ def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
     """The ``.npy`` header and the raw C-order bytes of ``array``, without copying the data (a member is the two
     joined)."""
     array = np.asarray(array, order="C")
-    return _header_bytes(np.lib.format.header_data_from_array_1_0(array)), memoryview(array).cast("B")
+    return _header_bytes(np.lib.format.header_data_from_array_1_0(array)), array.data.cast("B")
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -52,7 +52,7 @@ def _parse_header_text(text: bytes) -> tuple[Any, tuple[int, ...], bool]:
     return header["descr"], tuple(int(x) for x in header["shape"]), bool(header["fortran_order"])
 
 
-def npy_header(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+def npy_header(data: bytes | bytearray | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     """``(dtype, shape, fortran_order, data_offset)`` of an ``.npy`` header, parsed without pickle."""
     mv = memoryview(data)
     if bytes(mv[:6]) != b"\x93NUMPY":

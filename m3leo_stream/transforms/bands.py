@@ -264,8 +264,9 @@ def _clip_bounds(spec: Any, m: Modality, band: str, s: Mapping[str, Any], st, sc
 
 def _invalid_values(m: Modality, keep_special: bool) -> list[float]:
     vals = []
-    if nodata_value(m.nodata) is not None:
-        vals.append(float(m.nodata))
+    nd = nodata_value(m.nodata)
+    if nd is not None:
+        vals.append(float(nd))
     if not keep_special:
         vals.extend(float(k) for k in m.special_values)
     return vals
@@ -365,9 +366,9 @@ def _lut(m: Modality, ignore: int) -> tuple[torch.Tensor | None, int]:
     for k, code in enumerate(m.class_codes):
         if info.min <= code <= info.max:
             lut[code + offset] = k
-    if nodata_value(m.nodata) is not None:
-        if info.min <= m.nodata <= info.max:
-            lut[int(m.nodata) + offset] = ignore
+    nd = nodata_value(m.nodata)
+    if nd is not None and info.min <= nd <= info.max:
+        lut[int(nd) + offset] = ignore
     return lut, offset
 
 

@@ -3,6 +3,8 @@ resized crops (optionally with the dihedral element folded in) as one affine res
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,7 @@ def theta(box: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
     return t.float()
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int, mode: Literal["bilinear", "nearest"]) -> torch.Tensor:
     """Resample (B, C, H, W) float ``x`` onto ``size``² through per-sample affine ``theta`` (B, 2, 3)."""
     grid = F.affine_grid(to_device(theta, x.device).to(x.dtype), [x.shape[0], x.shape[1], size, size],
                          align_corners=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -150,7 +150,7 @@ class DeviceTransforms:
         any_crop = bool(params["crop"].any())
         dev = first.device
 
-        def geom(x: torch.Tensor, in_px: int, out_px: int, mode: str) -> torch.Tensor:
+        def geom(x: torch.Tensor, in_px: int, out_px: int, mode: Literal["bilinear", "nearest"]) -> torch.Tensor:
             if any_crop or in_px != out_px or x.shape[-1] != out_px:
                 return warp(x, th, out_px, mode)
             return dihedral(x, d)

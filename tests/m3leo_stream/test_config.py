@@ -81,6 +81,19 @@ def test_a_misspelled_key_is_an_error_at_composition(override, key):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, key, value", [
+    ("data.worker_mode=proces", "data.worker_mode", "proces"),  # a Literal of the DataModule's signature
+    ("data.on_unreadable=skip", "data.on_unreadable", "skip"),
+    ("task.optimizer.name=adamx", "task.optimizer.name", "adamx"),  # a Literal field of a task's dataclass
+    ("checkpoint.mode=mx", "checkpoint.mode", "mx"),  # one_of in a schema written here
+    ("matmul_precision=hgh", "matmul_precision", "hgh"),
+    ("+logger.wandb.mode=onlin", "logger.wandb.mode", "onlin"),
+])
+def test_a_string_option_outside_its_choices_is_an_error_naming_the_key(override, key, value):
+    with pytest.raises(ConfigError, match=rf"^config key {key}: '{value}' is not one of "):
+        validate(demo(override))
+
+
 def test_a_wrong_type_is_an_error_at_composition():
     with pytest.raises(ConfigCompositionException, match="batch_size"):
         demo("data.batch_size=eight")

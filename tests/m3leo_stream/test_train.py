@@ -258,6 +258,13 @@ def test_run_helpers(tmp_path, monkeypatch):
     assert wandb_mode(None) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode("online") == "disabled"
+    with pytest.raises(ValueError, match="config key logger.wandb.mode: W&B mode 'onlin' is not one of"):
+        monkeypatch.delenv("WANDB_MODE")
+        wandb_mode("onlin")
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    with pytest.raises(ValueError, match="WANDB_MODE: W&B mode 'offlin'"):
+        wandb_mode("online")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
