@@ -5,7 +5,7 @@ Records: ``--shards`` synthetic shard records with the real layout (every index 
 member and chunk digests, train shards' statistics states from real ``ModalityStats`` of random chips (200 values
 a band), 6 regions, 60/20/20 splits), ``--samples-per-shard`` samples each (the release has ~283; fewer keep the disk
 use small, the per-shard record is what finalize holds one of at a time). Each operation runs in a fresh process;
-its peak RSS (``ru_maxrss``) is reported with the RSS of a process that only imported the same modules.
+its peak RSS (``VmHWM``, see ``_rss_mb``) is reported with the RSS of a process that only imported the same modules.
 
 finalize runs three ways on the same records: the branch point's in-memory merge, the streaming one reading every
 record (a one-task build), and the streaming one merging the partial indexes that ``--tasks`` array tasks write as
@@ -45,7 +45,14 @@ REGIONS = [f"region{i}" for i in range(6)]
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MB: ``VmHWM``, its own address space's high-water mark. ``ru_maxrss`` would not
+    do: Linux carries it across ``execve`` from the forked copy of the parent, so a child started by a driver that
+    holds records would report at least the driver's RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0, sparse_tasks: int = 0) -> None:
