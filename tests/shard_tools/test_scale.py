@@ -275,3 +275,28 @@ def test_verify_and_stats_over_row_groups_that_cut_shards(tmp_path, synth_src, m
         recompute_stats(str(out), progress=False, task_index=i, num_tasks=3)
     stats_merge(str(out), 3)
     assert (out / "stats.json").read_bytes() == built
+
+
+def test_plan_chip_table_written_a_row_group_at_a_time(tmp_path, synth_src, monkeypatch):
+    """With row groups of 3 chips the chip table holds the same rows as with the default, cut into row groups of
+    3 within each task (one task's rows each, the last of a task shorter), and every task reads the same share."""
+    import pyarrow.parquet as pq
+
+    from m3leo_stream.storage import get_fs
+    from shard_tools import plan_io
+
+    cfg = dict(shard_size=2_000_000, progress=False, num_tasks=3)
+    ref = plan_build(BuildConfig(str(synth_src), str(tmp_path / "ref"), **cfg))
+    monkeypatch.setattr(plan_io, "CHIP_ROW_GROUP", 3)
+    cut = plan_build(BuildConfig(str(synth_src), str(tmp_path / "cut"), **cfg))
+    chips = {k: pq.ParquetFile(tmp_path / k / "_build" / h["tables"]["chips"]) for k, h in (("ref", ref), ("cut", cut))}
+    assert chips["cut"].read().equals(chips["ref"].read())
+    groups = [chips["cut"].read_row_group(g).column("task").to_pylist() for g in range(chips["cut"].num_row_groups)]
+    assert len(groups) > 2 * 3 and all(len(set(t)) == 1 and len(t) <= 3 for t in groups)
+    per_task = [sum(len(t) for t in groups if t[0] == i) for i in range(3)]
+    assert [len(t) for t in groups] == [n for total in per_task for n in [3] * (total // 3) + [total % 3][:total % 3]]
+    for i in range(3):
+        shares = [plan_io.read_share(get_fs(str(tmp_path / k))[0], str(tmp_path / k), h, i, 3)
+                  for k, h in (("ref", ref), ("cut", cut))]
+        assert [[s.path, [c.key for c in s.chips]] for g in shares[0] for s in g] == \
+            [[s.path, [c.key for c in s.chips]] for g in shares[1] for s in g]
