@@ -217,6 +217,10 @@ def child(op: str, root: str) -> dict:
         v.recompute_stats(root, progress=False)
     elif op == "legacy_stats":
         old_verify.recompute_stats(root, progress=False)
+    elif op == "plan":  # the plan step of an 8-task build over ROOT/tree (see listing_bench)
+        from shard_tools.build import BuildConfig, plan_build
+
+        plan_build(BuildConfig(f"{root}/tree", f"{root}/plan-out", shard_size=10**9, progress=False, num_tasks=8))
     elif op != "baseline":
         raise ValueError(op)
     return {"op": op, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
@@ -338,6 +342,7 @@ def listing_bench(files: int, tasks: int, work: Path) -> dict:
         value = fn()
         return value, time.process_time() - c0, time.perf_counter() - t0
 
+    plan_rss = run_child("plan", work, 16000)  # its peak RSS in a fresh process (the timings below are in this one)
     plan, full_cpu, full_wall = cpu(lambda: make_plan(BuildConfig(str(src), str(out), **cfg)))
     header, plan_cpu, plan_wall = cpu(lambda: plan_build(BuildConfig(str(src), str(out), **cfg)))
     _, reuse_cpu, reuse_wall = cpu(lambda: plan_build(BuildConfig(str(src), str(out), **cfg)))
@@ -351,6 +356,7 @@ def listing_bench(files: int, tasks: int, work: Path) -> dict:
     return {"files": n, "chips": header["num_chips"], "shards": header["num_shards"], "tasks": tasks,
             "every_task_before": {"cpu_seconds": full_cpu, "seconds": full_wall},
             "plan_step_once": {"cpu_seconds": plan_cpu, "seconds": plan_wall},
+            "plan_step_peak_rss_mb": plan_rss["peak_rss_mb"], "baseline_rss_mb": plan_rss["rss_before_mb"],
             "plan_step_rerun_unchanged": {"cpu_seconds": reuse_cpu, "seconds": reuse_wall},
             "read_whole_plan": {"cpu_seconds": whole_cpu, "seconds": whole_wall},
             "per_task": per_task}
