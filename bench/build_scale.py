@@ -5,7 +5,7 @@ Records: ``--shards`` synthetic shard records with the real layout (every index 
 member and chunk digests, train shards' statistics states from real ``ModalityStats`` of random chips (200 values
 a band), 6 regions, 60/20/20 splits), ``--samples-per-shard`` samples each (the release has ~283; fewer keep the disk
 use small, the per-shard record is what finalize holds one of at a time). Each operation runs in a fresh process;
-its peak RSS (``ru_maxrss``) is reported with the RSS of a process that only imported the same modules.
+its peak RSS (``VmHWM``, see ``_rss_mb``) is reported with the RSS of a process that only imported the same modules.
 
 finalize runs three ways on the same records: the branch point's in-memory merge, the streaming one reading every
 record (a one-task build), and the streaming one merging the partial indexes that ``--tasks`` array tasks write as
@@ -45,7 +45,14 @@ REGIONS = [f"region{i}" for i in range(6)]
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MB: ``VmHWM``, its own address space's high-water mark. ``ru_maxrss`` would not
+    do: Linux carries it across ``execve`` from the forked copy of the parent, so a child started by a driver that
+    holds records would report at least the driver's RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_records(root: Path, num_shards: int, per_shard: int, seed: int = 0, sparse_tasks: int = 0) -> None:
@@ -210,6 +217,10 @@ def child(op: str, root: str) -> dict:
         v.recompute_stats(root, progress=False)
     elif op == "legacy_stats":
         old_verify.recompute_stats(root, progress=False)
+    elif op == "plan":  # the plan step of an 8-task build over ROOT/tree (see listing_bench)
+        from shard_tools.build import BuildConfig, plan_build
+
+        plan_build(BuildConfig(f"{root}/tree", f"{root}/plan-out", shard_size=10**9, progress=False, num_tasks=8))
     elif op != "baseline":
         raise ValueError(op)
     return {"op": op, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
@@ -331,6 +342,7 @@ def listing_bench(files: int, tasks: int, work: Path) -> dict:
         value = fn()
         return value, time.process_time() - c0, time.perf_counter() - t0
 
+    plan_rss = run_child("plan", work, 16000)  # its peak RSS in a fresh process (the timings below are in this one)
     plan, full_cpu, full_wall = cpu(lambda: make_plan(BuildConfig(str(src), str(out), **cfg)))
     header, plan_cpu, plan_wall = cpu(lambda: plan_build(BuildConfig(str(src), str(out), **cfg)))
     _, reuse_cpu, reuse_wall = cpu(lambda: plan_build(BuildConfig(str(src), str(out), **cfg)))
@@ -344,6 +356,7 @@ def listing_bench(files: int, tasks: int, work: Path) -> dict:
     return {"files": n, "chips": header["num_chips"], "shards": header["num_shards"], "tasks": tasks,
             "every_task_before": {"cpu_seconds": full_cpu, "seconds": full_wall},
             "plan_step_once": {"cpu_seconds": plan_cpu, "seconds": plan_wall},
+            "plan_step_peak_rss_mb": plan_rss["peak_rss_mb"], "baseline_rss_mb": plan_rss["rss_before_mb"],
             "plan_step_rerun_unchanged": {"cpu_seconds": reuse_cpu, "seconds": reuse_wall},
             "read_whole_plan": {"cpu_seconds": whole_cpu, "seconds": whole_wall},
             "per_task": per_task}

@@ -12,8 +12,9 @@ merge wrote. Nothing is published until every shard has been read and checked: t
 
 Memory: one record (or about one row group of each partial), at most two row groups of Arrow rows (about 0.4 KB a
 sample with all nine modalities: ~30 MB), the statistics accumulator (regions x modalities dense histograms,
-independent of shards), 8 bytes per sample (the hashes of the duplicate-key check) and about 0.4 KB per shard (the
-manifest's shard list, which ``manifest.json`` holds anyway, and the partials' list of their shards).
+independent of shards), 8 bytes per sample (the hashes of the duplicate-key check) and about 1 KB per shard (the
+manifest's shard list, which ``manifest.json`` holds anyway, and the partials' list of their shards; measured by
+``bench/build_scale.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,14 @@ from shard_tools.stats import StatsSet
 
 log = logging.getLogger(__name__)
 ROW_GROUP = 65536  # rows per index row group (what pq.write_table(row_group_size=65536) wrote before)
+
+
+def iter_batches(pf: Any, batch_size: int = ROW_GROUP, columns: Sequence[str] | None = None) -> Iterator[Any]:
+    """The record batches of a ``pq.ParquetFile``, one row group at a time: ``ParquetFile.iter_batches`` over all
+    row groups pre-buffers every one of them (the whole file's requested columns) before its first batch, so a
+    reader would hold its file rather than a row group."""
+    for g in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=batch_size, row_groups=[g], columns=columns)
 
 
 def key_hashes(region: Any, key: Any) -> np.ndarray:
@@ -253,7 +262,7 @@ def finalize(out: str, storage_options: Mapping[str, Any] | None = None, source:
         suspects = repeated(hashes)
         del hashes
         if len(suspects):
-            batches = pq.ParquetFile(tmp).iter_batches(columns=["region", "key"])
+            batches = iter_batches(pq.ParquetFile(tmp), columns=["region", "key"])
             dup = duplicate_keys(batches, suspects)
             if dup:
                 raise b.BuildError(f"duplicate identifiers across shards: {dup[:5]}")

@@ -138,6 +138,8 @@ class PartReader:
     def __init__(self, fs: Any, root: str, body: Mapping[str, Any], schema: Any):
         import pyarrow.parquet as pq
 
+        from shard_tools.finalize import iter_batches
+
         self.name = body["index"]
         self.file = fs.open(join(root, PARTS, self.name), "rb")
         pf = pq.ParquetFile(self.file)
@@ -150,7 +152,7 @@ class PartReader:
         self.meta_file = fs.open(join(root, PARTS, body["metas"]), "rb")
         self.listed = deque(body["shards"])
         self.schema = schema
-        self.batches = pf.iter_batches(batch_size=PART_ROW_GROUP)
+        self.batches = iter_batches(pf, PART_ROW_GROUP)
         self.buffer: Any = None
 
     def take(self, path: str) -> tuple[dict[str, Any], Any]:

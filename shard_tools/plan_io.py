@@ -99,8 +99,9 @@ def _chip_schema(modalities: Sequence[str]) -> Any:
 
 def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks: int) -> dict[str, Any]:
     """Write ``plan`` (a :class:`shard_tools.build.Plan`) as the two tables, then ``header`` naming them; returns
-    the header written. The tables get a fresh name, so that a plan being replaced stays whole until the new
-    header is in place."""
+    the header written. The chip table is written a row group at a time (the cuts ``write_table`` makes of each
+    task's rows), so that besides the plan only one row group of rows is held. The tables get a fresh name, so that
+    a plan being replaced stays whole until the new header is in place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,6 +125,7 @@ def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks:
           pq.ParquetWriter(tmp, schema, compression="zstd") as w):
         for task in range(num_tasks):
             cols: dict[str, list[Any]] = {f.name: [] for f in schema}
+            written = 0
             for g in range(task, len(plan.groups), num_tasks):
                 for i in plan.groups[g]:
                     for c in plan.shards[i].chips:
@@ -143,7 +145,11 @@ def write_plan(fs: Any, root: str, plan: Any, header: dict[str, Any], num_tasks:
                             cols[f"{m}_row_group"].append(ref.row_group if ref else None)
                             cols[f"{m}_row"].append(ref.row if ref else None)
                             cols[f"{m}_size"].append(ref.size if ref else None)
-            if cols["task"] or task == 0:
+                        if len(cols["task"]) == CHIP_ROW_GROUP:  # a full row group: written, its rows dropped
+                            w.write_table(pa.table(cols, schema=schema), row_group_size=CHIP_ROW_GROUP)
+                            cols = {f.name: [] for f in schema}
+                            written += CHIP_ROW_GROUP
+            if cols["task"] or (task == 0 and not written):
                 w.write_table(pa.table(cols, schema=schema), row_group_size=CHIP_ROW_GROUP)
     header = {**header, "tables": names, "num_tasks": num_tasks, "num_shards": len(plan.shards),
               "num_chips": sum(len(s.chips) for s in plan.shards), "num_groups": len(plan.groups)}

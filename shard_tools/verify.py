@@ -177,7 +177,8 @@ class IndexScan:
     def rows_of(self, shards: Sequence[str], columns: Sequence[str] | None = None,
                 batch_size: int = 4096) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         """``(shard, its index rows)`` for each of ``shards`` (in the order they complete), reading only the row
-        groups that hold them, a batch at a time; a shard's rows are held until its last row group is read."""
+        groups that hold them, a batch at a time; a shard is yielded as soon as its last row is read, so that the
+        rows held are those of one batch and of the shards it ends."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -199,19 +200,23 @@ class IndexScan:
                 for b in pf.iter_batches(batch_size=batch_size, row_groups=[g], columns=columns):
                     b = b.filter(pc.is_in(b.column("shard"), value_set=value_set))
                     for r in b.to_pylist():
-                        pending.setdefault(r["shard"], []).append(r)
+                        rows = pending.setdefault(r["shard"], [])
+                        rows.append(r)
+                        if len(rows) == self.rows[r["shard"]]:
+                            yield r["shard"], pending.pop(r["shard"])
                 for s in done_after.pop(g, []):
-                    yield s, pending.pop(s, [])
+                    if s in pending:  # fewer rows than the scan counted: the index changed between the passes
+                        yield s, pending.pop(s)
 
 
 def _key_hashes(root: ShardRoot) -> list[np.ndarray]:
-    from shard_tools.finalize import key_hashes
+    from shard_tools.finalize import iter_batches, key_hashes
 
     with root.fs.open(root.file(sf.INDEX), "rb") as f:
         import pyarrow.parquet as pq
 
         return [key_hashes(b.column("region"), b.column("key"))
-                for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=["region", "key"])]
+                for b in iter_batches(pq.ParquetFile(f), columns=["region", "key"])]
 
 
 def _global_problems(root: ShardRoot, scan: IndexScan) -> list[str]:
@@ -219,7 +224,7 @@ def _global_problems(root: ShardRoot, scan: IndexScan) -> list[str]:
     (by 64-bit digests of (region, key), confirmed on the keys: 8 bytes a sample)."""
     import pyarrow.parquet as pq
 
-    from shard_tools.finalize import duplicate_keys, repeated
+    from shard_tools.finalize import duplicate_keys, iter_batches, repeated
 
     manifest = root.manifest
     problems: list[str] = []
@@ -234,7 +239,7 @@ def _global_problems(root: ShardRoot, scan: IndexScan) -> list[str]:
     suspects = repeated(_key_hashes(root))
     if len(suspects):
         with root.fs.open(root.file(sf.INDEX), "rb") as f:
-            dup = duplicate_keys(pq.ParquetFile(f).iter_batches(columns=["region", "key"]), suspects)
+            dup = duplicate_keys(iter_batches(pq.ParquetFile(f), columns=["region", "key"]), suspects)
         if dup:
             problems.append(f"index has {_duplicate_rows(root, set(dup))} duplicate keys")
     return problems
@@ -244,9 +249,11 @@ def _duplicate_rows(root: ShardRoot, dup: set[tuple[str, str]]) -> int:
     """Rows beyond the first of each duplicated (region, key), as the count of the earlier whole-index check."""
     import pyarrow.parquet as pq
 
+    from shard_tools.finalize import iter_batches
+
     seen: Counter = Counter()
     with root.fs.open(root.file(sf.INDEX), "rb") as f:
-        for b in pq.ParquetFile(f).iter_batches(columns=["region", "key"]):
+        for b in iter_batches(pq.ParquetFile(f), columns=["region", "key"]):
             for r, k in zip(b.column("region").to_pylist(), b.column("key").to_pylist()):
                 if (r, k) in dup:
                     seen[(r, k)] += 1

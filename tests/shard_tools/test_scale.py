@@ -214,3 +214,89 @@ def test_verify_and_stats_as_array_tasks(tmp_path, small_shards):
     (root / "_build" / "verify" / "task-00000-of-00003.json").unlink()
     problems, _ = verify_merge(str(root), 3)
     assert any("verify task 0 of 3 left no results" in p for p in problems)
+
+
+def test_parquet_batches_are_read_one_row_group_at_a_time(tmp_path):
+    """``iter_batches`` of a many-row-group file reads about one row group before its first batch (the file's
+    whole columns would be pre-buffered by ``ParquetFile.iter_batches``); the batches are the file's rows."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shard_tools.finalize import iter_batches
+
+    path = tmp_path / "t.parquet"
+    rng = __import__("numpy").random.default_rng(0)
+    table = pa.table({"x": rng.integers(0, 2**62, 40_000), "s": [f"{v:016x}" for v in rng.integers(0, 2**62, 40_000)]})
+    pq.write_table(table, path, row_group_size=4000)
+    f = fsspec.filesystem("file").open(str(path), "rb")
+    read = f.read
+    sizes: list[int] = []
+
+    def counting(*a, **kw):
+        data = read(*a, **kw)
+        sizes.append(len(data))
+        return data
+
+    f.read = counting
+    batches = iter_batches(pq.ParquetFile(f), batch_size=1000)
+    footer = sum(sizes)
+    next(batches)
+    assert sum(sizes) - footer < path.stat().st_size / 5
+    rest = pa.Table.from_batches([b for b in iter_batches(pq.ParquetFile(path), batch_size=1000)])
+    assert rest.equals(table)
+
+
+def test_verify_and_stats_over_row_groups_that_cut_shards(tmp_path, synth_src, monkeypatch):
+    """An index of many row groups, shards spanning them, read from partial indexes of many row groups: verify
+    (one task and three) finds nothing and stats rewrites stats.json byte for byte."""
+    import pyarrow.parquet as pq
+
+    import shard_tools.finalize as fin
+    from shard_tools import partials
+    from shard_tools.verify import recompute_stats, stats_merge, verify, verify_merge
+
+    monkeypatch.setattr(partials, "PART_ROW_GROUP", 3)
+    out = tmp_path / "array"
+    _array_build(out, synth_src)
+    parts = list((out / partials.PARTS).glob("*.parquet"))
+    assert max(pq.ParquetFile(p).num_row_groups for p in parts) > 2
+    monkeypatch.setattr(fin, "ROW_GROUP", 3)
+    finalize(str(out), source=str(synth_src))
+    assert pq.ParquetFile(out / "index.parquet").num_row_groups > 3
+    assert verify(str(out), progress=False, workers=2)[0] == []
+    for i in range(3):
+        verify(str(out), progress=False, workers=2, task_index=i, num_tasks=3)
+    assert verify_merge(str(out), 3)[0] == []
+    built = (out / "stats.json").read_bytes()
+    recompute_stats(str(out), progress=False)
+    assert (out / "stats.json").read_bytes() == built
+    for i in range(3):
+        recompute_stats(str(out), progress=False, task_index=i, num_tasks=3)
+    stats_merge(str(out), 3)
+    assert (out / "stats.json").read_bytes() == built
+
+
+def test_plan_chip_table_written_a_row_group_at_a_time(tmp_path, synth_src, monkeypatch):
+    """With row groups of 3 chips the chip table holds the same rows as with the default, cut into row groups of
+    3 within each task (one task's rows each, the last of a task shorter), and every task reads the same share."""
+    import pyarrow.parquet as pq
+
+    from m3leo_stream.storage import get_fs
+    from shard_tools import plan_io
+
+    cfg = dict(shard_size=2_000_000, progress=False, num_tasks=3)
+    ref = plan_build(BuildConfig(str(synth_src), str(tmp_path / "ref"), **cfg))
+    monkeypatch.setattr(plan_io, "CHIP_ROW_GROUP", 3)
+    cut = plan_build(BuildConfig(str(synth_src), str(tmp_path / "cut"), **cfg))
+    chips = {k: pq.ParquetFile(tmp_path / k / "_build" / h["tables"]["chips"]) for k, h in (("ref", ref), ("cut", cut))}
+    assert chips["cut"].read().equals(chips["ref"].read())
+    groups = [chips["cut"].read_row_group(g).column("task").to_pylist() for g in range(chips["cut"].num_row_groups)]
+    assert len(groups) > 2 * 3 and all(len(set(t)) == 1 and len(t) <= 3 for t in groups)
+    per_task = [sum(len(t) for t in groups if t[0] == i) for i in range(3)]
+    assert [len(t) for t in groups] == [n for total in per_task for n in [3] * (total // 3) + [total % 3][:total % 3]]
+    for i in range(3):
+        shares = [plan_io.read_share(get_fs(str(tmp_path / k))[0], str(tmp_path / k), h, i, 3)
+                  for k, h in (("ref", ref), ("cut", cut))]
+        assert [[s.path, [c.key for c in s.chips]] for g in shares[0] for s in g] == \
+            [[s.path, [c.key for c in s.chips]] for g in shares[1] for s in g]
