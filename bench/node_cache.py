@@ -241,6 +241,7 @@ def main() -> None:
         budget = total // 2
         d = datamodule(url, proxy, tmp / "c-half", budget, args)
         ld = d.train_dataloader()
+        reader_of(ld).node_plan.last_epoch = args.epochs - 1  # the run ends there: nothing of the next is prefetched
         b = proxy.bytes_out  # the setup's reads are done
         for e in range(args.epochs):
             run_epoch(ld, e)
