@@ -10,7 +10,8 @@ under ``<cache_dir>/node-cache/<fingerprint>/``:
   A process killed while fetching leaves a ``.part`` nobody holds: the next rank takes it over.
 - **Eviction by next use.** When the byte budget is reached the entry whose next use in the node's plan is farthest
   goes first (the optimal policy when the future is known); an entry needed later than everything held is not kept.
-- **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order.
+- **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order, admitted as the optimum
+  would admit them when they are read (see ``NodeCache._victims``), their bytes held from admission to publication.
 - **Checked on every read.** An entry is served only when its size and the index's XXH3 digests match; otherwise it
   is removed and fetched again. So entries left by an earlier run (a requeue) are reused once they check.
 - **Degrades.** When the directory cannot be created or written (a full or read-only disk) the cache turns itself off
