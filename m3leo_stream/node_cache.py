@@ -260,6 +260,11 @@ class NodeCache:
                 self._disable(e)
                 return self.source.fetch_entry(row, counters) if demand else None
             try:
+                if not demand:  # being fetched by another thread or rank: this prefetch thread moves on
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        return None
                 if not _lock_part(fd, part, self.stats, self._lock):
                     continue  # published (or replaced) while this rank waited: look again
                 at, keep_for = self._next_use(row, demand)  # decided now: a demand read may consume the use meanwhile
