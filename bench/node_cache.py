@@ -10,7 +10,7 @@ moto_server on loopback behind tests/net_faults.py's proxy, which holds back eac
   2. the second epoch with a cache that holds all the data: GETs and bytes the proxy forwarded (goal: 0);
   3. a cache of half the data over ``--epochs`` epochs: payload bytes fetched from S3 by the cache (evicting by
      next use in the plan), next to an LRU cache and the next-use optimum (Belady with bypass) of the same budget on
-     the same access sequence (both simulated from the plan).
+     the same access sequence (both simulated on the accesses the cache served, in plan order).
 
     python bench/node_cache.py --chips-per-region 40 --epochs 3 --repeats 3
 
@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -241,18 +241,23 @@ def main() -> None:
         budget = total // 2
         d = datamodule(url, proxy, tmp / "c-half", budget, args)
         ld = d.train_dataloader()
+        reader_of(ld).node_plan.last_epoch = args.epochs - 1  # the run ends there: nothing of the next is prefetched
+        cache = reader_of(ld).cache()
+        served: list[int] = []  # the accesses as they reach the cache (read-ahead at epoch ends included)
+        get = cache.get
+        cache.get = lambda row, counters: served.append(row) or get(row, counters)  # type: ignore[method-assign]
         b = proxy.bytes_out  # the setup's reads are done
         for e in range(args.epochs):
             run_epoch(ld, e)
-        cache = reader_of(ld).cache()
         cache.close()
         fetched = int(d.loader_metrics()["bytes"]) + cache.io.bytes
-        # the loader reads on into the next epoch's first batches: the simulations take the same accesses
-        reads = int(d.loader_metrics()["cache_hits"]) + cache.stats.fetched - cache.stats.prefetched
-        extra = max(0, reads - len(seq))
-        nxt = [int(r) for r in loader.batch_sampler.plan_for(args.epochs).refs[:extra]]
-        size.update({r: entries.entry_size(r) for r in nxt})
-        seq_run = seq + nxt
+        # the loader reads on into the next epoch's first batches (read ahead, never consumed): the simulations take
+        # the accesses the cache served, in plan order (threads serve them in an order of their own)
+        extra = len(served) - len(seq)
+        seq_run = seq + [int(r) for r in loader.batch_sampler.plan_for(args.epochs).refs[:max(0, extra)]]
+        if Counter(seq_run) != Counter(int(r) for r in served):
+            raise RuntimeError("the cache served other samples than the plan's: the simulations would not compare")
+        size.update({r: entries.entry_size(r) for r in seq_run if r not in size})
         res["half_cache"] = {
             "budget": budget, "epochs": args.epochs, "read_ahead_into_next_epoch": extra,
             "accesses_bytes": sum(size[r] for r in seq_run),

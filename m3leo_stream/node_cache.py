@@ -10,7 +10,8 @@ under ``<cache_dir>/node-cache/<fingerprint>/``:
   A process killed while fetching leaves a ``.part`` nobody holds: the next rank takes it over.
 - **Eviction by next use.** When the byte budget is reached the entry whose next use in the node's plan is farthest
   goes first (the optimal policy when the future is known); an entry needed later than everything held is not kept.
-- **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order.
+- **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order, admitted as the optimum
+  would admit them when they are read (see ``NodeCache._victims``), their bytes held from admission to publication.
 - **Checked on every read.** An entry is served only when its size and the index's XXH3 digests match; otherwise it
   is removed and fetched again. So entries left by an earlier run (a requeue) are reused once they check.
 - **Degrades.** When the directory cannot be created or written (a full or read-only disk) the cache turns itself off
@@ -70,8 +71,11 @@ class NodePlan:
     is, as ``(epoch, batch)`` or None before the first batch."""
 
     def __init__(self, plan_for: Callable[[int], EpochPlan], position: Callable[[], tuple[int, int] | None],
-                 rank: int, world_size: int, ranks: Sequence[int], first_epoch: int = 0):
+                 rank: int, world_size: int, ranks: Sequence[int], first_epoch: int = 0,
+                 last_epoch: int | None = None):
+        """``last_epoch``: the last epoch the run trains (None: unbounded); nothing after it is prefetched."""
         self._plan_for, self._position = plan_for, position
+        self.last_epoch = last_epoch
         self.rank, self.world_size, self.ranks = rank, world_size, list(ranks)
         self._first_epoch = first_epoch
         self._uses: dict[int, list[int]] = {}  # row -> positions at which a node rank reads it, ascending
@@ -137,8 +141,9 @@ class NodePlan:
         with self._lock:
             i = bisect.bisect_left(self._mine, (now, -1))
             out: list[int] = []
+            end = NEVER if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
             for pos, row in self._mine[i:]:
-                if len(out) >= n:
+                if len(out) >= n or pos >= end:
                     break
                 uses = self._uses.get(row, ())
                 j = bisect.bisect_left(uses, pos)
@@ -182,6 +187,9 @@ class NodeCache:
         self.enabled = True
         self._lock = threading.Lock()
         self._pending: set[int] = set()
+        # bytes of entries this process is fetching ahead, admitted already (room made for them): counted as held
+        # until published, so that concurrent prefetches do not all claim the same free bytes
+        self._reserved: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="m3leo-cache") if plan else None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -252,14 +260,24 @@ class NodeCache:
                 self._disable(e)
                 return self.source.fetch_entry(row, counters) if demand else None
             try:
+                if not demand:  # being fetched by another thread or rank: this prefetch thread moves on
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        return None
                 if not _lock_part(fd, part, self.stats, self._lock):
                     continue  # published (or replaced) while this rank waited: look again
-                keep_for = self._next_use(row, demand)  # decided now: a demand read may consume the use meanwhile
-                if not demand and not self._admissible(row, self.source.entry_size(row), keep_for):
+                at, keep_for = self._next_use(row, demand)  # decided now: a demand read may consume the use meanwhile
+                if not demand and not self._reserve(row, self.source.entry_size(row), keep_for, at):
                     _unlink(part)
                     return None
-                data = self.source.fetch_entry(row, counters)
+                try:
+                    data = self.source.fetch_entry(row, counters)
+                except BaseException:
+                    self._release(row)
+                    raise
                 if data is None:
+                    self._release(row)
                     _unlink(part)
                     return None
                 with self._lock:
@@ -278,6 +296,7 @@ class NodeCache:
             while done < len(data):
                 done += os.pwrite(fd, view[done:], done)
             with self._budget():
+                self._release(row)
                 if self._make_room(row, len(data), keep_for):
                     os.rename(part, self._path(row))
                     return
@@ -285,6 +304,7 @@ class NodeCache:
                 self.stats.bypassed += 1
             _unlink(part)
         except OSError as e:
+            self._release(row)
             _unlink(part)
             self._disable(e)
 
@@ -307,21 +327,29 @@ class NodeCache:
                         pass
         return out
 
-    def _next_use(self, row: int, demand: bool) -> float:
-        """What an entry is kept for: on demand, its next use (the one being served is consumed already). Fetched
-        ahead, the use after the upcoming one: a prefetch may displace only what a demand read of the same entry
-        would displace, so it moves fetches earlier without adding any."""
+    def _next_use(self, row: int, demand: bool) -> tuple[int, float]:
+        """When an entry is read and what it is then kept for. On demand: now, and its next use (the one being
+        served is consumed already). Fetched ahead: its upcoming use, and the use after that; its victims are then
+        ranked from that upcoming use (see ``_victims``)."""
         if self.plan is None:
-            return NEVER
-        nxt = self.plan.next_use(row, self.plan.now())
+            return 0, NEVER
+        now = self.plan.now()
+        nxt = self.plan.next_use(row, now)
         if demand or nxt == NEVER:
-            return nxt
-        return self.plan.next_use(row, int(nxt) + 1)
+            return now, nxt
+        return int(nxt), self.plan.next_use(row, int(nxt) + 1)
 
-    def _victims(self, entries: dict[int, int], size: int, use: float) -> list[int] | None:
-        """Entries to evict (farthest next use first, only those needed after ``use``) so that ``size`` more bytes
-        fit; None when they cannot be made to fit."""
-        free = self.budget - sum(entries.values())
+    def _victims(self, entries: dict[int, int], size: int, use: float, at: int | None = None) -> list[int] | None:
+        """Entries to evict so that ``size`` more bytes fit, for an entry read at position ``at`` (default: now)
+        and needed next at ``use``; None when they cannot be made to fit.
+
+        They are those the optimum (Belady with bypass) evicts at ``at``: farthest next use after ``at`` first,
+        only those needed after ``use``. An entry fetched ahead displaces nothing before its time: when one of
+        those victims is still to be read before ``at``, nothing is evicted yet (None; the fetch is tried again as
+        the clock moves, or made on demand)."""
+        with self._lock:
+            reserved = sum(self._reserved.values())
+        free = self.budget - sum(entries.values()) - reserved
         if size > self.budget:
             return None
         if free >= size:
@@ -329,18 +357,42 @@ class NodeCache:
         if self.plan is None:
             return None
         now = self.plan.now()
-        ranked = sorted(((self.plan.next_use(r, now), r) for r in entries), reverse=True)
+        at = now if at is None else max(at, now)
+        ranked = sorted(((self.plan.next_use(r, at), r) for r in entries), reverse=True)
         out = []
         for nu, r in ranked:
             if free >= size or nu <= use:
                 break
+            if at > now and self.plan.next_use(r, now) < at:
+                return None  # still to be read before the entry it would make room for
             out.append(r)
             free += entries[r]
         return out if free >= size else None
 
-    def _admissible(self, row: int, size: int, use: float) -> bool:
+    def _reserve(self, row: int, size: int, use: float, at: int) -> bool:
+        """Admit an entry fetched ahead (Belady with bypass, decided before the fetch): evict what it displaces and
+        hold its bytes until it is published; False (nothing evicted) when it is needed later than all that would
+        have to go."""
         with self._budget():
-            return self._victims(self._entries(), size, use) is not None
+            entries = self._entries()
+            entries.pop(row, None)
+            victims = self._victims(entries, size, use, at)
+            if victims is None:
+                return False
+            self._evict(victims)
+            with self._lock:
+                self._reserved[row] = size
+            return True
+
+    def _release(self, row: int) -> None:
+        with self._lock:
+            self._reserved.pop(row, None)
+
+    def _evict(self, victims: list[int]) -> None:
+        for r in victims:
+            _unlink(self._path(r))
+        with self._lock:
+            self.stats.evicted += len(victims)
 
     def _make_room(self, row: int, size: int, use: float) -> bool:
         entries = self._entries()
@@ -348,10 +400,7 @@ class NodeCache:
         victims = self._victims(entries, size, use)
         if victims is None:
             return False
-        for r in victims:
-            _unlink(self._path(r))
-        with self._lock:
-            self.stats.evicted += len(victims)
+        self._evict(victims)
         return True
 
     # -- prefetch --------------------------------------------------------------------------------------------
