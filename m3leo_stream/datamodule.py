@@ -65,6 +65,21 @@ def _digest(facts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def last_training_epoch(trainer: Any, batches_per_epoch: int) -> int | None:
+    """The last epoch ``trainer`` trains (``max_epochs``, or ``max_steps`` at ``batches_per_epoch`` batches a rank
+    and epoch, whichever ends first); None when unbounded or when ``limit_train_batches`` shortens the epochs."""
+    if trainer is None:
+        return None
+    ends = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        ends.append(int(trainer.max_epochs) - 1)
+    plain_epochs = trainer.limit_train_batches in (None, 1.0)
+    if trainer.max_steps > 0 and batches_per_epoch > 0 and plain_epochs:
+        batches = int(trainer.max_steps) * int(trainer.accumulate_grad_batches)
+        ends.append(-(-batches // batches_per_epoch) - 1)
+    return min(ends) if ends else None
+
+
 def _transfer_is_plain(trainer: Any) -> bool:
     """Whether Lightning hands ``on_after_batch_transfer`` the loader's batch unchanged (no input conversion by the
     precision plugin, no user ``on_before_batch_transfer`` / ``transfer_batch_to_device``): only then can the
@@ -438,9 +453,10 @@ class M3LEODataModule(pl.LightningDataModule):
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         sampler = PlannedBatchSampler(plan, rank, world, epoch=epoch, fingerprint=fingerprint, plan_ahead=True)
         dataset = self._dataset(cat, cache=True)
-        if self.cache_bytes:
-            dataset.node_plan = NodePlan(plan, lambda: sampler.position, rank, world, node_ranks(rank, world), epoch)
         first = sampler.plan
+        if self.cache_bytes:
+            dataset.node_plan = NodePlan(plan, lambda: sampler.position, rank, world, node_ranks(rank, world), epoch,
+                                         last_epoch=last_training_epoch(trainer, first.num_batches))
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:
             log.warning("train: %d samples per epoch is not a multiple of the global batch %d; the last %d samples "

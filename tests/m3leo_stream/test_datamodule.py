@@ -493,3 +493,21 @@ def test_a_root_without_checksums_is_read_unverified_with_a_warning(uneven_shard
     assert "has no member checksums (format version 1)" in caplog.text
     assert not old._index.checksums
     assert _samples(old) == _samples(_dm(uneven_shards, 4, num_workers=0))
+
+
+def test_last_training_epoch_is_where_max_epochs_or_max_steps_ends():
+    from types import SimpleNamespace
+
+    from m3leo_stream.datamodule import last_training_epoch
+
+    def t(max_epochs, max_steps, limit=None, accumulate=1):
+        return SimpleNamespace(max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
+                               accumulate_grad_batches=accumulate)
+
+    assert last_training_epoch(None, 10) is None
+    assert last_training_epoch(t(-1, -1), 10) is None
+    assert last_training_epoch(t(3, -1), 10) == 2
+    assert last_training_epoch(t(100, 25), 10) == 2  # steps 21..25 are in epoch 2
+    assert last_training_epoch(t(100, 20), 10) == 1
+    assert last_training_epoch(t(100, 20, accumulate=2), 10) == 3
+    assert last_training_epoch(t(-1, 25, limit=0.5), 10) is None  # shortened epochs: not known from the plan
