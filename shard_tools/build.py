@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,6 +48,9 @@ from shard_tools.publish import PARTIAL, pipe_atomic, staged
 from shard_tools.rasters import ChipDataError, decode_chip_file
 from shard_tools.stats import StatsSet
 from shard_tools.writer import ShardWriter, predicted_member_size
+
+OnError = Literal["fail", "skip"]
+"""What a build does with a chip that cannot be decoded: stop with the chip named, or leave it out and report it."""
 
 log = logging.getLogger(__name__)
 BUILD_DIR = "_build"
@@ -82,11 +85,11 @@ class BuildConfig:
     modalities: list[str] | None = None
     splits: list[str] = field(default_factory=lambda: list(sf.SPLITS))
     shard_size: int = 10**9
-    compress: str = "none"
+    compress: sf.Compression = "none"
     workers: int = 1
     task_index: int = 0
     num_tasks: int = 1
-    on_error: str = "fail"
+    on_error: OnError = "fail"
     year: int | None = 2020
     folders: dict[str, str] = field(default_factory=dict)
     gunw_pair_rule: str = "longest"
@@ -321,8 +324,8 @@ class ShardTask:
     src: str
     src_options: dict[str, Any]
     modalities: list[Modality]  # the registry's entries: what the source files are decoded onto
-    compress: str
-    on_error: str
+    compress: sf.Compression
+    on_error: OnError
     year: int | None
     gunw_pair_rule: str
     resolutions: dict[str, int] = field(default_factory=dict)  # modalities stored at this px (block-reduced)

@@ -41,7 +41,7 @@ class ShardWriter:
     The arrays given to :meth:`add_sample` must not be modified afterwards: in the background they are written
     later."""
 
-    def __init__(self, fileobj: BinaryIO, compress: str = "none", zstd_level: int = 3, writeback: int = 0,
+    def __init__(self, fileobj: BinaryIO, compress: sf.Compression = "none", zstd_level: int = 3, writeback: int = 0,
                  background: bool = False):
         """``writeback``: with a real file, start the kernel's write-back every this many bytes (0: never).
         ``background``: write and hash on a thread (see the module docstring)."""

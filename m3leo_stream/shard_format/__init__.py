@@ -62,6 +62,7 @@ from m3leo_stream.shard_format.layout import (
 from m3leo_stream.shard_format.manifest import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
+    Compression,
     Manifest,
     ShardEntry,
     has_checksums,
@@ -81,8 +82,8 @@ from m3leo_stream.shard_format.stats import (
 
 __all__ = [
     "BAND_FIELDS", "BASE_INDEX_COLUMNS", "CHECKSUM", "FORMAT_VERSION", "INDEX", "JSON_MEMBER", "KEY_RE", "MANIFEST",
-    "PERCENTILES", "READABLE_VERSIONS", "SPLITS", "STATS", "BandStats", "FormatError", "Manifest", "ShardEntry",
-    "Split",
+    "PERCENTILES", "READABLE_VERSIONS", "SPLITS", "STATS", "BandStats", "Compression", "FormatError", "Manifest",
+    "ShardEntry", "Split",
     "Stats", "StatsError", "check_key", "checksum_column", "chunk_digests", "chunk_digests_name",
     "chunk_digests_range", "chunks_checksum_column", "decode_array", "digest", "dumps_json", "dumps_stats",
     "encode_array", "has_checksums", "index_schema", "loads_manifest", "manifest_regions", "member_name",
