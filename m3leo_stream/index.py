@@ -375,14 +375,15 @@ def node_arrays(index: IndexArrays, name: str, build: Callable[[], tuple[Mapping
         for k, v in arrays.items():
             np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
         (tmp / META).write_text(json.dumps({"arrays": list(arrays), "facts": facts}))
+        del arrays
+        give_back_memory()
         if drop is not None:
             for d in final.parent.iterdir():
                 if d.is_dir() and d.name != name and "." not in d.name and drop(d.name):
                     shutil.rmtree(d, ignore_errors=True)
 
     try:
-        if _publish_once(final, write):
-            give_back_memory()
+        _publish_once(final, write)
         meta = json.loads((final / META).read_text())
         return {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}, meta["facts"]
     except OSError as e:
