@@ -79,65 +79,138 @@ def make_root(out: Path, n: int, shards: int, mods: list[str]) -> None:
             w.write_table(pa.table(cols, schema=schema), row_group_size=65536)
 
 
-def _mapped_bytes(under: str) -> int:
-    """Resident bytes of this process's mappings of files under ``under``."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
+def _smaps(pid: int, under: str) -> dict[str, int]:
+    """Of process ``pid``: proportional set size in all (``Pss``), of its anonymous memory (``Pss_Anon``) and file
+    mappings (``Pss_File``, the libraries too), and of its mappings of files under ``under`` (``Pss_index``), with
+    their resident bytes (``Rss_index``), in bytes.
+    Pss counts a page shared by k processes as 1/k in each: summed over the node's ranks, shared pages count once."""
+    out = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0, "Pss_index": 0, "Rss_index": 0}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             head = line.split()
-            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+            if head and head[0][:-1] in ("Pss", "Pss_Anon", "Pss_File"):
+                out[head[0][:-1]] = int(head[1]) * 1024
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
                 inside = len(head) >= 6 and head[5].startswith(under)
-            elif inside and head[0] == "Rss:":
-                total += int(head[1]) * 1024
-    return total
+                continue
+            if not head:
+                continue
+            kb = int(head[1]) * 1024 if len(head) > 1 and head[1].isdigit() else 0
+            if inside and head[0] == "Pss:":
+                out["Pss_index"] += kb
+            if inside and head[0] == "Rss:":
+                out["Rss_index"] += kb
+    return out
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+def _cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
-def rank(root: str, cache_dir: str, in_memory: bool) -> dict:
-    """One rank: setup + the first epoch's plan (world size 64); what it took."""
+def rank(root: str, cache_dir: str, in_memory: bool) -> None:
+    """One rank: waits for the go (a line on stdin), runs setup + the first epoch's plan (rank 7 of world size 64)
+    until the next epoch's plan, made in the background, is done too; prints what it took, then waits for a line
+    on stdin before exiting, so that the parent reads every rank's memory while all are alive."""
     import pyarrow.parquet  # noqa: F401 - as in training: imported before
     import torch  # noqa: F401
 
     from m3leo_stream.datamodule import M3LEODataModule
 
-    rss0 = _rss()
-    t = time.perf_counter()
     if in_memory:  # a cache_dir that cannot be written: the DataModule's own fall-back holds the arrays in memory
         cache_dir = os.path.join(cache_dir, "not-a-directory")
         Path(cache_dir).write_text("")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t, cpu = time.perf_counter(), _cpu_s()
     dm = M3LEODataModule(root, inputs=MODS[:-1], targets=MODS[-1:], batch_size=8, num_workers=0,
                          cache_dir=cache_dir)
     dm.setup("fit")
-    setup_s = time.perf_counter() - t
+    setup_s, setup_cpu = time.perf_counter() - t, _cpu_s() - cpu
     t = time.perf_counter()
     dm.trainer = SimpleNamespace(global_rank=7, world_size=64, current_epoch=0,  # as rank 7 of 64 sees it
                                  strategy=SimpleNamespace(root_device=torch.device("cpu")))
     sampler = dm.train_dataloader().batch_sampler
-    sampler.plan_for(1)  # the next epoch's plan, made in the background, is held too
-    plan_s = time.perf_counter() - t
-    mapped = _mapped_bytes(cache_dir)
-    return {"setup_s": setup_s, "plan_s": plan_s, "anon_growth": _rss() - rss0 - mapped, "mapped": mapped,
-            "index_bytes": dm._index.nbytes_held}
+    first_s = time.perf_counter() - t
+    if sampler._ahead is not None:  # the next epoch's plan, made in the background, is held too
+        sampler._ahead[1].result()
+    print(json.dumps({"setup_s": setup_s, "setup_cpu_s": setup_cpu, "plan_s": first_s,
+                      "plan_next_s": time.perf_counter() - t, "cpu_s": _cpu_s() - cpu,
+                      "index_bytes": dm._index.nbytes_held}), flush=True)
+    sys.stdin.readline()
 
 
-def measure(root: Path, ranks: int) -> dict:
+def _run_ranks(root: Path, cache: str, ranks: int, in_memory: bool = False) -> list[dict]:
+    """Start ``ranks`` rank processes; let them go at once after all have imported; their results, each with its
+    smaps figures before (``before``) and after (``after``) setup + planning."""
+    cmd = [sys.executable, __file__, "--rank-of", str(root), "--cache-dir", cache] + (["--in-memory"] * in_memory)
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(ranks)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        before = [_smaps(p.pid, cache) for p in procs]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [json.loads(p.stdout.readline()) for p in procs]
+        for r, p, b in zip(results, procs, before):
+            r["before"], r["after"] = b, _smaps(p.pid, cache)
+        for p in procs:
+            p.stdin.write("exit\n")
+            p.stdin.flush()
+    finally:
+        for p in procs:
+            p.stdin.close()
+            if p.wait(timeout=600):
+                raise RuntimeError(f"a rank exited with {p.returncode}")
+    return results
+
+
+def _node(results: list[dict]) -> dict:
+    """The node's figures: Pss growth summed over its ranks (shared pages once), split into anonymous memory and the
+    mapped index files; also the largest one rank's view of those files (Rss) and per-rank anonymous growth."""
+    grow = {k: sum(r["after"][k] - r["before"][k] for r in results)
+            for k in ("Pss", "Pss_Anon", "Pss_File", "Pss_index")}
+    return {"pss_growth": grow["Pss"], "anon_growth": grow["Pss_Anon"], "index_files_resident": grow["Pss_index"],
+            "other_files_growth": grow["Pss_File"] - grow["Pss_index"],
+            "index_files_rss_max_rank": max(r["after"]["Rss_index"] for r in results),
+            "anon_growth_per_rank": sorted(r["after"]["Pss_Anon"] - r["before"]["Pss_Anon"] for r in results)}
+
+
+def _du(path: Path) -> dict[str, int]:
+    """Bytes on disk of the index directory: the converted index and its derived arrays (catalogue, plans)."""
+    out = {"index": 0, "derived": 0}
+    for f in path.rglob("*.npy"):
+        out["derived" if "derived" in f.parts else "index"] += f.stat().st_size
+    return out
+
+
+def measure(root: Path, ranks: int, in_memory: bool) -> dict:
     cache = tempfile.mkdtemp(prefix="m3leo-bench-index-")
     try:
-        cmd = [sys.executable, __file__, "--rank-of", str(root), "--cache-dir", cache]
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(ranks)]
-        per_rank = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        alone = json.loads(subprocess.run(cmd + ["--in-memory"], check=True, capture_output=True,
-                                          text=True).stdout.strip().splitlines()[-1])
+        cold = _run_ranks(root, cache, ranks)  # the first rank converts; the others wait, then map
+        files = _du(Path(cache))
+        warm = _run_ranks(root, cache, ranks)  # a requeue on the same node: every rank only maps
+        alone = _run_ranks(root, cache, 1, in_memory=True)[0] if in_memory else None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    node = sum(r["anon_growth"] for r in per_rank) + max(r["mapped"] for r in per_rank)
-    return {"ranks": per_rank, "node_bytes": node, "in_memory_rank": alone,
-            "setup_s": {"first": max(r["setup_s"] for r in per_rank), "median": float(np.median(
-                [r["setup_s"] for r in per_rank]))}}
+    out = {"cold": {"ranks": cold, "node": _node(cold)}, "warm": {"ranks": warm, "node": _node(warm)},
+           "files_on_disk": files}
+    for k in ("cold", "warm"):
+        s = [r["setup_s"] for r in out[k]["ranks"]]
+        out[k]["setup_s"] = {"max": max(s), "median": float(np.median(s))}
+        out[k]["ready_s"] = max(r["plan_next_s"] + r["setup_s"] for r in out[k]["ranks"])
+        out[k]["setup_cpu_s_max"] = max(r["setup_cpu_s"] for r in out[k]["ranks"])
+    if alone is not None:
+        out["in_memory_rank"] = {**{k: alone[k] for k in ("setup_s", "setup_cpu_s", "plan_s", "index_bytes")},
+                                 "anon_growth": alone["after"]["Pss_Anon"] - alone["before"]["Pss_Anon"]}
+    return out
 
 
 def main() -> None:
@@ -151,27 +224,36 @@ def main() -> None:
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    ap.add_argument("--no-in-memory", action="store_true", help="skip the one rank holding the arrays in memory")
+    args = ap.parse_args()
     if args.rank_of:
-        print(json.dumps(rank(args.rank_of, args.cache_dir, args.in_memory)))
+        rank(args.rank_of, args.cache_dir, args.in_memory)
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="m3leo-bench-index-roots-"))
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "modalities": MODS,
+    results = {"command": "python bench/index_memory.py " + " ".join(sys.argv[1:]),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "modalities": MODS,
                "shards": args.shards, "ranks_per_node": args.ranks, "runs": {}}
-    print(f"{args.ranks} ranks per node, {'+'.join(MODS)}, {args.shards} shards; MB")
-    print(f"{'samples':>10} {'setup s (first/median)':>24} {'plan s':>7} {'index arrays':>13} {'node total':>11} "
-          f"{'per rank':>9} {'in memory, one rank':>20}")
+    mb = 1e6
+    print(f"{args.ranks} ranks per node, {'+'.join(MODS)}, {args.shards} shards; memory in MB (Pss summed over the "
+          "ranks: shared pages once)")
+    print(f"{'samples':>10} | {'cold: setup s max/med':>21} {'ready s':>7} {'node':>6} {'(anon':>6} {'files)':>6} "
+          f"{'rank anon':>9} | {'warm: setup s':>13} {'node':>6} | {'on disk':>7} | {'in memory, 1 rank':>17}")
     for n in args.samples:
         root = work / f"root-{n}"
         if not (root / sf.MANIFEST).exists():
             t = time.perf_counter()
             make_root(root, n, args.shards, MODS)
             print(f"  (generated {n} rows in {time.perf_counter() - t:.0f} s)")
-        r = measure(root, args.ranks)
+        r = measure(root, args.ranks, in_memory=not args.no_in_memory)
         results["runs"][str(n)] = r
-        first = r["ranks"][0]
-        print(f"{n:>10} {r['setup_s']['first']:>11.2f} / {r['setup_s']['median']:<10.2f} {first['plan_s']:>7.2f} "
-              f"{first['index_bytes'] / 1e6:>13.0f} {r['node_bytes'] / 1e6:>11.0f} "
-              f"{r['node_bytes'] / args.ranks / 1e6:>9.0f} {r['in_memory_rank']['anon_growth'] / 1e6:>20.0f}")
+        c, w = r["cold"], r["warm"]
+        alone = r.get("in_memory_rank", {}).get("anon_growth", float("nan"))
+        print(f"{n:>10} | {c['setup_s']['max']:>10.2f} / {c['setup_s']['median']:<8.2f} {c['ready_s']:>7.2f} "
+              f"{c['node']['pss_growth'] / mb:>6.0f} {c['node']['anon_growth'] / mb:>6.0f} "
+              f"{c['node']['index_files_resident'] / mb:>6.0f} "
+              f"{np.median(c['node']['anon_growth_per_rank']) / mb:>9.0f} | {w['setup_s']['max']:>13.2f} "
+              f"{w['node']['pss_growth'] / mb:>6.0f} | {sum(r['files_on_disk'].values()) / mb:>7.0f} | "
+              f"{alone / mb:>17.0f}")
         if not args.work:
             shutil.rmtree(root)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LAYOUT = 1  # of the files below: part of their fingerprint
 META = "meta.json"
 SPLIT_NAMES = ("train", "val", "test")
+CODED = ["region", "split", "shard"]  # string columns of few distinct values, held as codes
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,21 @@ def _codes(column: Any, names: Sequence[str], what: str, unknown_ok: bool = Fals
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if isinstance(column, pa.ChunkedArray):
+        parts = [_codes(c, names, what, unknown_ok) for c in column.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    if pa.types.is_dictionary(column.type):  # as parquet stores them: the few distinct values are looked up once
+        lut = np.append(_codes(column.dictionary, names, what, unknown_ok=True), -1).astype(np.int32)
+        codes = lut[column.indices.fill_null(-1).to_numpy(zero_copy_only=False)]  # null: -1, lut's last entry
+        if not unknown_ok and (codes < 0).any():
+            bad = pc.filter(column.dictionary_decode(), pa.array(codes < 0)).to_pylist()[:3]
+            raise ValueError(f"index rows name {what} {bad} that the manifest does not list")
+        return codes
     idx = pc.index_in(column, value_set=pa.array(list(names), pa.string()))
     if idx.null_count and not unknown_ok:
         bad = pc.filter(column, pc.is_null(idx)).to_pylist()[:3]
         raise ValueError(f"index rows name {what} {bad} that the manifest does not list")
-    return idx.fill_null(-1).to_numpy(zero_copy_only=False)
+    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 class _KeyTooLong(ValueError):
@@ -238,6 +249,7 @@ def load_index(root: Any, modalities: Sequence[str], *, checksums: bool, chunks:
     shard_bytes = {s["path"]: int(s["bytes"]) for s in manifest["shards"]}
     try:
         if _publish_once(final, lambda tmp: _build(root, columns, modalities, split_names, shard_bytes, tmp)):
+            give_back_memory()  # once the reader and its batches are gone
             _forget_unused(base, keep=final)
     except OSError as e:
         log.warning("%s: cannot keep the index in %s (%s); holding it in memory", root.url, base, e)
@@ -275,13 +287,12 @@ def _publish_once(final: Path, build: Callable[[Path], None]) -> bool:
 def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names: Sequence[str],
            shard_bytes: Mapping[str, int], tmp: Path) -> None:
     """Convert ``index.parquet`` row group by row group into ``.npy`` files in ``tmp``."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     t = time.perf_counter()
     with root.fs.open(root.file(sf.INDEX), "rb") as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, read_dictionary=CODED)  # decoded as codes, not as 17M strings each
         n = pf.metadata.num_rows
         # keys are laid out as wide as the first row group's; a longer one later means one pass to find the width
         width = int(pc.max(pc.binary_length(pf.read_row_group(0, columns=["key"]).column(0))).as_py() or 1) \
@@ -298,8 +309,24 @@ def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names
     np.save(tmp / "shard_bytes.npy", np.array([shard_bytes[s] for s in spec.shard_names], dtype=np.int64))
     meta = {"spec": {f.name: getattr(spec, f.name) for f in fields(spec)}, "rows": n, "url": root.url}
     (tmp / META).write_text(json.dumps(meta))
-    pa.default_memory_pool().release_unused()  # what pyarrow's allocator kept from reading is given back
     log.info("%s: index of %d samples converted in %.1f s", root.url, n, time.perf_counter() - t)
+
+
+def give_back_memory() -> None:
+    """Return the heap a conversion freed to the system: what pyarrow's allocator keeps from reading, and the free
+    pages glibc's malloc keeps for reuse (numpy's temporaries of a few MB come from its heap, not from mmap). Cycles
+    are collected first: a parquet reader's batches stay referenced from one until then (≈ 1 GB at 17M rows)."""
+    import ctypes
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 UNUSED_S = 30 * 86400  # index directories not opened for this long are removed when another is built
@@ -348,6 +375,8 @@ def node_arrays(index: IndexArrays, name: str, build: Callable[[], tuple[Mapping
         for k, v in arrays.items():
             np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
         (tmp / META).write_text(json.dumps({"arrays": list(arrays), "facts": facts}))
+        del arrays
+        give_back_memory()
         if drop is not None:
             for d in final.parent.iterdir():
                 if d.is_dir() and d.name != name and "." not in d.name and drop(d.name):

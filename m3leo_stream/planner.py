@@ -125,14 +125,25 @@ def build_catalog(
     if excluded:
         log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == match).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
-    region = np.asarray(region_codes, dtype=np.int64)[rows]
+    region = np.asarray(region_codes)[rows].astype(np.int64)
+    per_region = {m: np.bincount(region, weights=present[m][rows], minlength=len(region_names)) for m in modalities}
     presence = {
-        name: {m: int(present[m][rows[region == r]].sum()) for m in modalities}
+        name: {m: int(per_region[m][r]) for m in modalities}
         for r, name in enumerate(region_names) if regions is None or name in regions
     }
-    _, shard = np.unique(np.asarray(index["shard"])[rows], return_inverse=True)
+    shard = _dense_codes(np.asarray(index["shard"])[rows])
     # narrow codes: every rank holds its catalogue (at 17M samples, int64 region and shard codes took 220 MB more)
     return Catalog(split, region_names, rows, region.astype(np.int16), shard.astype(np.int32), excluded, presence)
+
+
+def _dense_codes(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among the distinct values (``np.unique``'s inverse); for non-negative integer codes in
+    one pass instead of a sort."""
+    if values.dtype.kind in "iu" and len(values) and values.min() >= 0 and values.max() < 4 * len(values) + 1024:
+        seen = np.zeros(int(values.max()) + 1, np.bool_)
+        seen[values] = True
+        return (np.cumsum(seen) - 1)[values]
+    return np.unique(values, return_inverse=True)[1].reshape(-1)
 
 
 def _present(nbytes: np.ndarray) -> np.ndarray:

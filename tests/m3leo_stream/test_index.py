@@ -168,3 +168,35 @@ def test_ranks_of_a_node_share_one_catalogue_and_one_plan_per_epoch(uneven_shard
     assert cat.rows.tolist() == results[0]["rows"]
     for e in range(3):
         assert plan_train_epoch(cat, seed=0, epoch=e, global_batch=2).refs.tolist() == results[0]["refs"][e]
+
+
+def test_coded_columns_read_as_dictionaries_give_the_codes_of_their_strings():
+    """region, split and shard are read as parquet's dictionaries and looked up once per distinct value: the codes
+    equal those of the plain strings; an unknown value fails where it must (a shard, a region) and is -1 where it
+    may (a split), and nulls are -1."""
+    from m3leo_stream.index import _codes
+
+    names = ["a", "b", "c"]
+    values = pa.array(["b", "c", None, "a", "zz", "b"])
+    for unknown_ok in (True, False):
+        for col in (values, values.dictionary_encode(), pa.chunked_array([values[:2].dictionary_encode(),
+                                                                         values[2:].dictionary_encode()])):
+            if unknown_ok:
+                assert _codes(col, names, "x", unknown_ok=True).tolist() == [1, 2, -1, 0, -1, 1]
+            else:
+                with pytest.raises(ValueError, match="name x"):
+                    _codes(col, names, "x")
+    ok = pa.array(["c", "a", "a"]).dictionary_encode()
+    assert _codes(ok, names, "x").tolist() == [2, 0, 0]
+
+
+def test_an_index_row_of_a_shard_the_manifest_does_not_list_is_refused(uneven_shards, tmp_path):
+    copy = tmp_path / "root"
+    shutil.copytree(uneven_shards, copy)
+    t = pq.read_table(copy / sf.INDEX)
+    shards = t.column("shard").to_pylist()
+    shards[-1] = "not/a/listed.tar"
+    t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array(shards))
+    pq.write_table(t, copy / sf.INDEX, row_group_size=16)
+    with pytest.raises(ValueError, match=r"not/a/listed\.tar"):
+        load_index(ShardRoot(str(copy)), MODS, checksums=True, cache_dir=str(tmp_path / "c"))

@@ -166,3 +166,20 @@ def test_optional_members_keep_samples_and_are_counted_per_region():
         build_catalog(idx, "train", REGIONS, ["a"], optional=["c"])
     with pytest.raises(PlanError, match="min_present"):
         build_catalog(idx, "train", REGIONS, ["a"], min_present=2)
+
+
+def test_catalog_codes_and_presence_of_integer_and_string_shards_agree():
+    """Shard codes given as integers (the mapped index) are compacted to the same dense codes as their strings,
+    and the per-region presence counts are those of the rows kept."""
+    idx = make_index(SIZES, missing_every=5)
+    names, codes = np.unique(idx["shard"], return_inverse=True)
+    shuffled = np.random.default_rng(0).permutation(len(names) * 3)[:len(names)]  # sparse, unordered codes
+    by_int = {**idx, "shard": shuffled[codes]}
+    a = build_catalog(idx, "train", REGIONS, ["a", "b"], optional=["b"])
+    b = build_catalog(by_int, "train", REGIONS, ["a", "b"], optional=["b"])
+    assert np.array_equal(a.rows, b.rows)
+    assert np.array_equal(b.shard, np.unique(by_int["shard"][b.rows], return_inverse=True)[1])
+    assert len(set(zip(a.shard.tolist(), b.shard.tolist()))) == len(set(a.shard.tolist()))  # the same grouping
+    for r, name in enumerate(REGIONS):
+        rows = a.rows[a.region == r]
+        assert a.presence[name] == {"a": len(rows), "b": int((~np.isnan(idx["b_nbytes"][rows])).sum())}
