@@ -30,8 +30,8 @@ from m3leo_stream.models import MAESegmentation, MultiModalMAE, UNet
 from m3leo_stream.tasks import PretrainTask, RegressionTask, SegmentationTask
 from m3leo_stream.transforms import DEFAULT_CONFIG
 
-__all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "plain", "register", "schema_of",
-           "validate"]
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "TrainerConfig", "WandbMode", "plain", "register",
+           "schema_of", "validate"]
 
 _PRIMITIVE = (int, float, bool, str)
 
@@ -58,6 +58,9 @@ def _field_type(t: Any) -> Any:
         return schema_of(t, t.__name__)
     return t if t in _PRIMITIVE or t is Any else Any
 
+
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+"""``logger.wandb.mode`` (and ``WANDB_MODE``): the modes W&B runs in."""
 
 CHOICES = "choices"
 """A schema field's metadata key: the strings its value may be (OmegaConf 2.3 refuses ``Literal`` annotations, so
@@ -226,7 +229,7 @@ class WandbConfig:
     project: str = MISSING
     entity: Optional[str] = MISSING
     name: Optional[str] = MISSING
-    mode: Optional[str] = one_of("online", "offline", "disabled", "shared")  # null: see train.wandb_mode
+    mode: Optional[str] = one_of(*typing.get_args(WandbMode))  # null: see train.wandb_mode
     save_dir: Optional[str] = MISSING
     tags: list[str] = MISSING
     log_model: bool = MISSING

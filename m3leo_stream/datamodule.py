@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = sf.SPLITS
 DEFAULT_READAHEAD_BYTES = 4 * 2**30
 """Host bytes read ahead per training process (thread mode): 4 GiB, i.e. 32 GiB on an 8-GPU node, beside the model's
 own host memory; pinned memory cannot be swapped, so this is what the node must really have free. At 13.6 MB a sample
@@ -192,7 +191,7 @@ class M3LEODataModule(pl.LightningDataModule):
             raise ValueError(f"readahead_bytes must be positive or None, not {readahead_bytes!r}")
         self.copy_ahead = copy_ahead
         self.transforms_ahead = bool(transforms_ahead)
-        self.splits = {s: s for s in SPLITS} | dict(splits or {})
+        self.splits = {s: s for s in sf.SPLITS} | dict(splits or {})
         dup = set(self.inputs) & set(self.targets)
         if dup:
             raise ValueError(f"modalities both input and target: {sorted(dup)}")

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 LAYOUT = 1  # of the files below: part of their fingerprint
 META = "meta.json"
-SPLIT_NAMES = ("train", "val", "test")
 CODED = ["region", "split", "shard"]  # string columns of few distinct values, held as codes
 
 
@@ -55,7 +54,7 @@ class IndexArrays:
     chunk_checksums: Mapping[str, np.ndarray] = field(default_factory=dict)  # ... of the chunk digests (partial reads)
     shard_bytes: np.ndarray | None = None  # int64 size of each shard (by code), from the manifest
     split: np.ndarray | None = None  # int8 codes into split_names (-1: another split)
-    split_names: tuple[str, ...] = SPLIT_NAMES
+    split_names: tuple[str, ...] = sf.SPLITS
     source: str | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -76,7 +75,7 @@ class IndexArrays:
     @classmethod
     def from_table(cls, table: Any, modalities: Sequence[str], region_names: Sequence[str], *,
                    shard_bytes: Mapping[str, int] | None = None,
-                   split_names: Sequence[str] = SPLIT_NAMES) -> IndexArrays:
+                   split_names: Sequence[str] = sf.SPLITS) -> IndexArrays:
         """From a pyarrow table of ``index.parquet`` holding at least the needed columns, in memory; the digests are
         taken where the table has them (the chunk digests are needed for the modalities read in part only)."""
         import pyarrow.compute as pc
@@ -230,7 +229,7 @@ def default_cache_dir() -> str:
 
 
 def load_index(root: Any, modalities: Sequence[str], *, checksums: bool, chunks: Collection[str] = (),
-               split_names: Sequence[str] = SPLIT_NAMES, cache_dir: str | None = None) -> IndexArrays:
+               split_names: Sequence[str] = sf.SPLITS, cache_dir: str | None = None) -> IndexArrays:
     """The index arrays of ``root`` (a :class:`~m3leo_stream.shard_root.ShardRoot`) for ``modalities``, mapped from
     ``<cache_dir>/index/<fingerprint>/``: built there by the first process of the node that asks (the others wait
     for it and map the same files), reused while the shard root's index is unchanged. Falls back to arrays in memory

@@ -19,14 +19,14 @@ import re
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast, get_args
 
 import hydra
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m3leo_stream.config import ConfigError, plain, register, validate
+from m3leo_stream.config import ConfigError, WandbMode, plain, register, validate
 from m3leo_stream.configs import CONFIG_DIR
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.requeue import RequeueOnSignal
@@ -118,9 +118,6 @@ def stable_run_id(ckpt_path: str | None, ckpt_dir: str, storage_options: Mapping
     import uuid
 
     return uuid.uuid4().hex[:12]
-
-
-WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def _wandb_mode(value: str, where: str) -> WandbMode:

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -116,7 +116,7 @@ class BuildConfig:
         return args
 
     def check(self) -> None:
-        if self.on_error not in ("fail", "skip"):
+        if self.on_error not in get_args(OnError):
             raise ValueError(f"--on-error must be fail or skip, not {self.on_error!r}")
         if self.compress not in ("none", "zstd"):
             raise ValueError(f"--compress must be none or zstd, not {self.compress!r}")

@@ -18,6 +18,7 @@ import numpy as np
 from m3leo_stream.modalities import REGISTRY, Modality, Registry, is_nan, load_user_modalities
 from m3leo_stream.storage import get_fs, join
 from shard_tools import hub
+from shard_tools.build import OnError
 from shard_tools.encoding import EmptyMember, to_stored
 from shard_tools.rasters import ChipDataError, decode_chip_file
 
@@ -71,7 +72,7 @@ class ProbeConfig:
     year: int | None = 2020
     folders: dict[str, str] = field(default_factory=dict)
     gunw_pair_rule: str = "longest"
-    on_error: Literal["fail", "skip"] = "fail"
+    on_error: OnError = "fail"
     storage_options: dict[str, Any] | None = None
 
 
@@ -232,7 +233,7 @@ def probe(cfg: ProbeConfig) -> list[FolderReport]:
     return out
 
 
-def build_would_fail(reports: Sequence[FolderReport], on_error: Literal["fail", "skip"]) -> bool:
+def build_would_fail(reports: Sequence[FolderReport], on_error: OnError) -> bool:
     """Whether ``build`` with the same arguments stops: a folder it reads has a file it cannot store."""
     return on_error == "fail" and any(r.chosen and r.verdict == "will fail" for r in reports)
 
