@@ -223,7 +223,6 @@ def main() -> None:
     ap.add_argument("--rank-of", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
     ap.add_argument("--no-in-memory", action="store_true", help="skip the one rank holding the arrays in memory")
     args = ap.parse_args()
     if args.rank_of:

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,13 @@ class _Spec:
         return cls(tuple(modalities), tuple(region_names), tuple(split_names), tuple(shard_names), digests,
                    int(key_width), "int32" if max_shard_bytes < 2**31 else "int64")
 
+    def lookup(self, names: str) -> dict[str, int]:
+        """Name → code of the code space ``names`` (``shard_names``, …), built once per spec."""
+        cache = self.__dict__.setdefault("_lookups", {})  # not a field: neither compared nor published
+        if names not in cache:
+            cache[names] = {v: i for i, v in enumerate(getattr(self, names))}
+        return cache[names]
+
     def dtypes(self) -> dict[str, str]:
         """Name → dtype of every converted array."""
         out = {"key": f"S{self.key_width}", "region": "int8", "split": "int8", "shard": "int32", "lon": "float64",
@@ -129,26 +137,23 @@ class _Spec:
         return out
 
 
-def _codes(column: Any, names: Sequence[str], what: str, unknown_ok: bool = False) -> np.ndarray:
-    """Positions of a string column's values in ``names`` (-1 for others when ``unknown_ok``, else an error)."""
+def _codes(column: Any, names: Mapping[str, int], what: str, unknown_ok: bool = False) -> np.ndarray:
+    """Positions of a string column's values in ``names`` (name → code; -1 for others when ``unknown_ok``, else an
+    error). Parquet's dictionary-coded columns (as :data:`CODED` are read) look their few distinct values up once."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if isinstance(column, pa.ChunkedArray):
         parts = [_codes(c, names, what, unknown_ok) for c in column.chunks]
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    if pa.types.is_dictionary(column.type):  # as parquet stores them: the few distinct values are looked up once
-        lut = np.append(_codes(column.dictionary, names, what, unknown_ok=True), -1).astype(np.int32)
-        codes = lut[column.indices.fill_null(-1).to_numpy(zero_copy_only=False)]  # null: -1, lut's last entry
-        if not unknown_ok and (codes < 0).any():
-            bad = pc.filter(column.dictionary_decode(), pa.array(codes < 0)).to_pylist()[:3]
-            raise ValueError(f"index rows name {what} {bad} that the manifest does not list")
-        return codes
-    idx = pc.index_in(column, value_set=pa.array(list(names), pa.string()))
-    if idx.null_count and not unknown_ok:
-        bad = pc.filter(column, pc.is_null(idx)).to_pylist()[:3]
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    values = column.dictionary.to_pylist()
+    lut = np.array([names.get(v, -1) for v in values] + [-1], np.int32)  # null: -1, the last entry
+    codes = lut[column.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+    if not unknown_ok and (codes < 0).any():
+        bad = [v for v in values if v not in names][:3] or [None]
         raise ValueError(f"index rows name {what} {bad} that the manifest does not list")
-    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return codes
 
 
 class _KeyTooLong(ValueError):
@@ -179,9 +184,9 @@ def _convert(batch: Any, spec: _Spec) -> dict[str, np.ndarray]:
     """A table or record batch of ``index.parquet`` as the fixed-width arrays of ``spec``."""
     out = {
         "key": _fixed_keys(batch.column("key"), spec.key_width),
-        "region": _codes(batch.column("region"), spec.region_names, "regions").astype(np.int8),
-        "split": _codes(batch.column("split"), spec.split_names, "splits", unknown_ok=True).astype(np.int8),
-        "shard": _codes(batch.column("shard"), spec.shard_names, "shards").astype(np.int32),
+        "region": _codes(batch.column("region"), spec.lookup("region_names"), "regions").astype(np.int8),
+        "split": _codes(batch.column("split"), spec.lookup("split_names"), "splits", unknown_ok=True).astype(np.int8),
+        "shard": _codes(batch.column("shard"), spec.lookup("shard_names"), "shards"),
         "lon": batch.column("lon").to_numpy(zero_copy_only=False).astype(np.float64),
         "lat": batch.column("lat").to_numpy(zero_copy_only=False).astype(np.float64),
     }
@@ -285,7 +290,8 @@ def _publish_once(final: Path, build: Callable[[Path], None]) -> bool:
 
 def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names: Sequence[str],
            shard_bytes: Mapping[str, int], tmp: Path) -> None:
-    """Convert ``index.parquet`` row group by row group into ``.npy`` files in ``tmp``."""
+    """Convert ``index.parquet`` into ``.npy`` files in ``tmp``, its row groups on :func:`conversion_threads`
+    threads."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -296,11 +302,13 @@ def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names
         # keys are laid out as wide as the first row group's; a longer one later means one pass to find the width
         width = int(pc.max(pc.binary_length(pf.read_row_group(0, columns=["key"]).column(0))).as_py() or 1) \
             if pf.metadata.num_row_groups else 1
+        threads = conversion_threads()
         for _ in range(2):
             spec = _Spec.of(pf.schema_arrow, modalities, root.regions, list(shard_bytes), split_names,
                             max(shard_bytes.values(), default=0), key_width=width, columns=columns)
             try:
-                _write_arrays(pf, columns, spec, n, tmp)
+                _write_arrays(lambda: root.fs.open(root.file(sf.INDEX), "rb"), pf.metadata, columns, spec, tmp,
+                              threads)
                 break
             except _KeyTooLong:
                 width = max(int(pc.max(pc.binary_length(b.column(0))).as_py() or 1)
@@ -308,19 +316,32 @@ def _build(root: Any, columns: list[str], modalities: Sequence[str], split_names
     np.save(tmp / "shard_bytes.npy", np.array([shard_bytes[s] for s in spec.shard_names], dtype=np.int64))
     meta = {"spec": {f.name: getattr(spec, f.name) for f in fields(spec)}, "rows": n, "url": root.url}
     (tmp / META).write_text(json.dumps(meta))
-    log.info("%s: index of %d samples converted in %.1f s", root.url, n, time.perf_counter() - t)
+    log.info("%s: index of %d samples converted in %.1f s on %d threads", root.url, n, time.perf_counter() - t,
+             threads)
 
 
-def give_back_memory() -> None:
+def conversion_threads() -> int:
+    """Threads converting the index: the CPUs this process may run on, at most 8 (the other ranks of the node wait
+    for the conversion, so their cores are idle meanwhile)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def give_back_memory(collect: bool = True) -> None:
     """Return the heap a conversion freed to the system: what pyarrow's allocator keeps from reading, and the free
-    pages glibc's malloc keeps for reuse (numpy's temporaries of a few MB come from its heap, not from mmap). Cycles
-    are collected first: a parquet reader's batches stay referenced from one until then (≈ 1 GB at 17M rows)."""
+    pages glibc's malloc keeps for reuse (numpy's temporaries of a few MB come from its heap, not from mmap). With
+    ``collect``, cycles are collected first: a parquet reader's batches stay referenced from one until then (≈ 1 GB
+    at 17M rows); numpy-only work frees its arrays without (a collection costs ≈ 0.2 s beside torch's objects)."""
     import ctypes
     import gc
 
     import pyarrow as pa
 
-    gc.collect()
+    if collect:
+        gc.collect()
     pa.default_memory_pool().release_unused()
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -340,20 +361,53 @@ def _forget_unused(base: Path, keep: Path) -> None:
             log.info("removed %s: not used for %.0f days", d, UNUSED_S / 86400)
 
 
-def _write_arrays(pf: Any, columns: list[str], spec: _Spec, n: int, tmp: Path) -> None:
-    """The arrays of ``spec`` as ``.npy`` files in ``tmp``, written sequentially, batch after batch."""
-    files = {}
-    try:
-        for name, dtype in spec.dtypes().items():
-            files[name] = open(tmp / f"{name}.npy", "wb")
-            header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)}
-            np.lib.format.write_array_header_1_0(files[name], header)
-        for batch in pf.iter_batches(batch_size=1 << 18, columns=columns):
+def _write_arrays(open_file: Callable[[], Any], metadata: Any, columns: list[str], spec: _Spec, tmp: Path,
+                  threads: int) -> None:
+    """The arrays of ``spec`` as ``.npy`` files in ``tmp``: laid out at their full length first, then each row group
+    of the parquet file (``metadata``; ``open_file`` opens it) converted by one of ``threads`` threads, each with its
+    own handle, and written at its rows' place."""
+    import pyarrow.parquet as pq
+
+    n = metadata.num_rows
+    starts = np.concatenate([[0], np.cumsum([metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])])
+    dtypes = {name: np.dtype(dtype) for name, dtype in spec.dtypes().items()}
+    fds: dict[str, tuple[int, int]] = {}  # name -> (fd, bytes before row 0)
+    handles: list[Any] = []
+    local = threading.local()
+
+    def convert(g: int) -> None:
+        if not hasattr(local, "pf"):
+            handles.append(open_file())
+            local.pf = pq.ParquetFile(handles[-1], metadata=metadata, read_dictionary=CODED)
+        row = int(starts[g])
+        for batch in local.pf.iter_batches(batch_size=1 << 18, row_groups=[g], columns=columns, use_threads=False):
             for name, a in _convert(batch, spec).items():
-                files[name].write(np.ascontiguousarray(a).data)
+                fd, head = fds[name]
+                _pwrite_all(fd, np.ascontiguousarray(a).data.cast("B"), head + row * dtypes[name].itemsize)
+            row += batch.num_rows
+
+    try:
+        for name, dtype in dtypes.items():
+            with open(tmp / f"{name}.npy", "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, {"descr": dtype.str, "fortran_order": False, "shape": (n,)})
+                head = fh.tell()
+            fd = os.open(tmp / f"{name}.npy", os.O_RDWR)
+            fds[name] = (fd, head)
+            os.ftruncate(fd, head + n * dtype.itemsize)
+        with ThreadPoolExecutor(threads, thread_name_prefix="m3leo-index") as pool:
+            for done in pool.map(convert, range(metadata.num_row_groups)):
+                del done
     finally:
-        for fh in files.values():
-            fh.close()
+        for fd, _ in fds.values():
+            os.close(fd)
+        for h in handles:
+            h.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def node_arrays(index: IndexArrays, name: str, build: Callable[[], tuple[Mapping[str, np.ndarray], dict[str, Any]]],
@@ -375,7 +429,7 @@ def node_arrays(index: IndexArrays, name: str, build: Callable[[], tuple[Mapping
             np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
         (tmp / META).write_text(json.dumps({"arrays": list(arrays), "facts": facts}))
         del arrays
-        give_back_memory()
+        give_back_memory(collect=False)
         if drop is not None:
             for d in final.parent.iterdir():
                 if d.is_dir() and d.name != name and "." not in d.name and drop(d.name):

@@ -126,7 +126,9 @@ def build_catalog(
         log.info("%s: %d samples excluded for missing members (%s)", split, int((split_col == match).sum()) - len(rows),
                  ", ".join(f"{m}: {n}" for m, n in excluded.items()))
     region = np.asarray(region_codes)[rows].astype(np.int64)
-    per_region = {m: np.bincount(region, weights=present[m][rows], minlength=len(region_names)) for m in modalities}
+    counts = np.bincount(region, minlength=len(region_names))
+    per_region = {m: np.bincount(region[present[m][rows]], minlength=len(region_names)) if m in optional else counts
+                  for m in modalities}  # every kept row carries the required members
     presence = {
         name: {m: int(per_region[m][r]) for m in modalities}
         for r, name in enumerate(region_names) if regions is None or name in regions
@@ -196,13 +198,19 @@ def _region_permutation(cat: Catalog, members: np.ndarray, seed: int, region: in
     """One pass over a region's samples: shards shuffled, grouped in blocks of ``shuffle_shards``, samples permuted
     within each block. Positions into ``cat.rows``."""
     rng = _rng(seed, 1, region, cycle)
-    shards = np.unique(cat.shard[members])
+    # the region's samples grouped by shard (members are in index order, so sorting by shard is stable; an index
+    # written shard by shard is in that order already)
+    codes = cat.shard[members]
+    if (codes[1:] >= codes[:-1]).all():
+        ordered, by_shard = members, codes
+        shards = codes[np.flatnonzero(np.diff(codes, prepend=codes[:1] - 1))] if len(codes) else codes
+    else:
+        ordered = members[np.argsort(codes, kind="stable")]
+        by_shard, shards = cat.shard[ordered], np.unique(codes)
     shards = shards[rng.permutation(len(shards))]
     k = max(1, int(shuffle_shards))
-    # group the region's samples by shard once (members are in index order, so sorting by shard is stable)
-    ordered = members[np.argsort(cat.shard[members], kind="stable")]
-    starts = np.searchsorted(cat.shard[ordered], shards, side="left")
-    ends = np.searchsorted(cat.shard[ordered], shards, side="right")
+    starts = np.searchsorted(by_shard, shards, side="left")
+    ends = np.searchsorted(by_shard, shards, side="right")
     parts = []
     for b in range(0, len(shards), k):
         block = np.concatenate([ordered[i:j] for i, j in zip(starts[b:b + k], ends[b:b + k])])
