@@ -12,6 +12,8 @@ under ``<cache_dir>/node-cache/<fingerprint>/``:
   goes first (the optimal policy when the future is known); an entry needed later than everything held is not kept.
 - **Ahead of need.** A bounded prefetcher fetches this rank's next samples in plan order, admitted as the optimum
   would admit them when they are read (see ``NodeCache._victims``), their bytes held from admission to publication.
+- **Counted without listing.** The entries held and their sizes are in a ledger shared by the node's processes
+  (``.sizes``, see ``_Ledger``), so admitting an entry does not list a directory of a million files.
 - **Checked on every read.** An entry is served only when its size and the index's XXH3 digests match; otherwise it
   is removed and fetched again. So entries left by an earlier run (a requeue) are reused once they check.
 - **Degrades.** When the directory cannot be created or written (a full or read-only disk) the cache turns itself off
@@ -34,6 +36,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from .planner import PAD_FLAG, EpochPlan
 from .storage import IOCounters
 
@@ -41,11 +45,16 @@ log = logging.getLogger(__name__)
 
 EPOCH_STRIDE = 1 << 32  # a plan position is epoch * EPOCH_STRIDE + global batch number
 NEVER = float("inf")
+EVICT_SLACK = 1 / 64  # of the budget: made free at once when eviction is due and ...
+MANY_ENTRIES = 4096  # ... at least this many entries are held
 _ENTRY = re.compile(r"^[0-9]+$")
 
 
 class EntrySource(Protocol):
-    """What the cache needs from the reader: an entry's size, its bytes from storage, and whether bytes are it."""
+    """What the cache needs from the reader: how many rows there are, an entry's size, its bytes from storage, and
+    whether bytes are it."""
+
+    def __len__(self) -> int: ...
 
     def entry_size(self, row: int) -> int: ...
 
@@ -152,6 +161,91 @@ class NodePlan:
             return out
 
 
+class _Ledger:
+    """Which entries a node's cache holds and their sizes, shared by the node's processes without listing the
+    directory: ``.sizes``, a memory-mapped int64 array with a slot per index row (0: not held) and a last slot
+    holding their sum, changed only under the budget lock. A slot is set before its entry is renamed into place (or
+    when its fetch is admitted) and cleared after its file is removed, so a process killed in between leaves bytes
+    counted that are not on disk (room given up until that row is fetched or evicted), never bytes on disk that are
+    not counted. Rebuilt from a listing of the directory when it is new or from before the machine's last boot.
+    Sparse: only the pages of rows held take room on disk."""
+
+    def __init__(self, directory: Path, rows: int):
+        self.dir = directory
+        self.path = directory / ".sizes"
+        self.rows = int(rows)
+        self._ino: int | None = None
+        self.follow(check_boot=True)
+
+    def follow(self, check_boot: bool = False) -> None:
+        """Map the ledger (under the budget lock): rebuilt first when it is missing, of another length or (with
+        ``check_boot``) from before the machine's last boot; mapped again when another process rebuilt it."""
+        expected = (self.rows + 1) * 8
+        stamp = self.path.with_name(".sizes.boot")
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or st.st_size != expected or (check_boot and _read_text(stamp) != _boot_id()):
+            tmp = self.path.with_name(f".sizes.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.truncate(expected)
+            sizes = np.memmap(tmp, np.int64, mode="r+", shape=(self.rows + 1,))
+            for row, size in _listing(self.dir).items():
+                if row < self.rows:
+                    sizes[row] = size
+            sizes[self.rows] = int(sizes[:self.rows].sum())
+            sizes.flush()
+            del sizes
+            os.replace(tmp, self.path)
+            stamp.write_text(_boot_id())
+            st = os.stat(self.path)
+        if st.st_ino != self._ino:
+            self._sizes = np.memmap(self.path, np.int64, mode="r+", shape=(self.rows + 1,))
+            self._ino = st.st_ino
+
+    @property
+    def total(self) -> int:
+        return int(self._sizes[self.rows])
+
+    def size(self, row: int) -> int:
+        return int(self._sizes[row])
+
+    def set(self, row: int, size: int) -> None:
+        old = int(self._sizes[row])
+        self._sizes[row] = size
+        self._sizes[self.rows] += size - old
+
+    def held(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows held (or being fetched) and their sizes."""
+        rows = np.flatnonzero(self._sizes[:self.rows])
+        return rows, np.asarray(self._sizes[rows])
+
+
+def _listing(directory: Path) -> dict[int, int]:
+    """Entries in ``directory`` and their sizes on disk."""
+    out = {}
+    with os.scandir(directory) as it:
+        for e in it:
+            if _ENTRY.match(e.name):
+                try:
+                    out[int(e.name)] = e.stat().st_size
+                except FileNotFoundError:
+                    pass
+    return out
+
+
+def _boot_id() -> str:
+    return _read_text(Path("/proc/sys/kernel/random/boot_id")).strip() or "unknown"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 @dataclass
 class CacheStats:
     """What a cache did in this process."""
@@ -187,14 +281,15 @@ class NodeCache:
         self.enabled = True
         self._lock = threading.Lock()
         self._pending: set[int] = set()
-        # bytes of entries this process is fetching ahead, admitted already (room made for them): counted as held
-        # until published, so that concurrent prefetches do not all claim the same free bytes
-        self._reserved: dict[int, int] = {}
+        self._reserved: set[int] = set()  # rows this process fetches ahead, admitted (counted in the ledger) already
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="m3leo-cache") if plan else None
+        self._ledger: _Ledger | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / ".budget").touch()
             self._clear_abandoned()
+            with self._budget():
+                self._ledger = _Ledger(self.dir, len(source))
         except OSError as e:
             self._disable(e)
 
@@ -238,7 +333,7 @@ class NodeCache:
                     path, len(data), self.source.entry_size(row))
         with self._lock:
             self.stats.rejected += 1
-        _unlink(path)
+        self._forget([row])
         return None
 
     def _fill(self, row: int, counters: IOCounters, demand: bool) -> bytes | None:
@@ -296,10 +391,16 @@ class NodeCache:
             while done < len(data):
                 done += os.pwrite(fd, view[done:], done)
             with self._budget():
-                self._release(row)
-                if self._make_room(row, len(data), keep_for):
+                ledger = self._ledger
+                assert ledger is not None
+                admitted = row in self._reserved and ledger.size(row) == len(data)  # not evicted meanwhile
+                with self._lock:
+                    self._reserved.discard(row)
+                if admitted or self._make_room(row, len(data), keep_for):
+                    ledger.set(row, len(data))  # counted before it is in place: see _Ledger
                     os.rename(part, self._path(row))
                     return
+                ledger.set(row, 0)
             with self._lock:
                 self.stats.bypassed += 1
             _unlink(part)
@@ -314,18 +415,9 @@ class NodeCache:
         """The node-wide lock under which entries are counted, evicted and published."""
         with open(self.dir / ".budget", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            if self._ledger is not None:
+                self._ledger.follow()
             yield
-
-    def _entries(self) -> dict[int, int]:
-        out = {}
-        with os.scandir(self.dir) as it:
-            for e in it:
-                if _ENTRY.match(e.name):
-                    try:
-                        out[int(e.name)] = e.stat().st_size
-                    except FileNotFoundError:
-                        pass
-        return out
 
     def _next_use(self, row: int, demand: bool) -> tuple[int, float]:
         """When an entry is read and what it is then kept for. On demand: now, and its next use (the one being
@@ -339,65 +431,96 @@ class NodeCache:
             return now, nxt
         return int(nxt), self.plan.next_use(row, int(nxt) + 1)
 
-    def _victims(self, entries: dict[int, int], size: int, use: float, at: int | None = None) -> list[int] | None:
-        """Entries to evict so that ``size`` more bytes fit, for an entry read at position ``at`` (default: now)
-        and needed next at ``use``; None when they cannot be made to fit.
+    def _victims(self, row: int, size: int, use: float, at: int | None = None) -> list[int] | None:
+        """Entries to evict so that ``size`` more bytes fit, for ``row`` read at position ``at`` (default: now)
+        and needed next at ``use``; None when they cannot be made to fit. Under the budget lock.
 
         They are those the optimum (Belady with bypass) evicts at ``at``: farthest next use after ``at`` first,
         only those needed after ``use``. An entry fetched ahead displaces nothing before its time: when one of
         those victims is still to be read before ``at``, nothing is evicted yet (None; the fetch is tried again as
-        the clock moves, or made on demand)."""
-        with self._lock:
-            reserved = sum(self._reserved.values())
-        free = self.budget - sum(entries.values()) - reserved
+        the clock moves, or made on demand). Where the cache holds many entries, room for :data:`EVICT_SLACK` of
+        the budget more is made at once, so that the held entries are ranked once per many admissions."""
+        ledger = self._ledger
+        assert ledger is not None
+        free = self.budget - ledger.total + ledger.size(row)
         if size > self.budget:
             return None
         if free >= size:
             return []
-        if self.plan is None:
-            return None
+        if self.plan is None or use == NEVER:
+            return None  # nothing held is needed later than never
+        rows, sizes = ledger.held()
+        keep = rows != row
+        rows, sizes = rows[keep], sizes[keep]
+        want = size + (int(self.budget * EVICT_SLACK) if len(rows) >= MANY_ENTRIES else 0)
         now = self.plan.now()
         at = now if at is None else max(at, now)
-        ranked = sorted(((self.plan.next_use(r, at), r) for r in entries), reverse=True)
+        ranked = sorted(((self.plan.next_use(int(r), at), int(r), int(z)) for r, z in zip(rows, sizes)),
+                        reverse=True)
         out = []
-        for nu, r in ranked:
-            if free >= size or nu <= use:
+        for nu, r, z in ranked:
+            if free >= want or nu <= use:
                 break
             if at > now and self.plan.next_use(r, now) < at:
+                if free >= size:
+                    break
                 return None  # still to be read before the entry it would make room for
             out.append(r)
-            free += entries[r]
+            free += z
         return out if free >= size else None
 
     def _reserve(self, row: int, size: int, use: float, at: int) -> bool:
         """Admit an entry fetched ahead (Belady with bypass, decided before the fetch): evict what it displaces and
-        hold its bytes until it is published; False (nothing evicted) when it is needed later than all that would
+        count its bytes until it is published; False (nothing evicted) when it is needed later than all that would
         have to go."""
         with self._budget():
-            entries = self._entries()
-            entries.pop(row, None)
-            victims = self._victims(entries, size, use, at)
+            victims = self._victims(row, size, use, at)
             if victims is None:
                 return False
             self._evict(victims)
+            assert self._ledger is not None
+            self._ledger.set(row, size)
             with self._lock:
-                self._reserved[row] = size
+                self._reserved.add(row)
             return True
 
     def _release(self, row: int) -> None:
+        """Give back the bytes of an admitted fetch that will not be published."""
         with self._lock:
-            self._reserved.pop(row, None)
+            if row not in self._reserved:
+                return
+            self._reserved.discard(row)
+        try:
+            with self._budget():
+                if self._ledger is not None:
+                    self._ledger.set(row, 0)
+        except OSError:
+            pass
 
     def _evict(self, victims: list[int]) -> None:
+        """Remove entries (under the budget lock): the files first, then their bytes from the ledger."""
         for r in victims:
             _unlink(self._path(r))
+        assert self._ledger is not None
+        for r in victims:
+            self._ledger.set(r, 0)
         with self._lock:
             self.stats.evicted += len(victims)
 
+    def _forget(self, rows: list[int]) -> None:
+        """Remove entries found wrong."""
+        try:
+            with self._budget():
+                for r in rows:
+                    _unlink(self._path(r))
+                if self._ledger is not None:
+                    for r in rows:
+                        self._ledger.set(r, 0)
+        except OSError as e:
+            self._disable(e)
+
     def _make_room(self, row: int, size: int, use: float) -> bool:
-        entries = self._entries()
-        entries.pop(row, None)
-        victims = self._victims(entries, size, use)
+        victims = self._victims(row, size, use)
         if victims is None:
             return False
         self._evict(victims)

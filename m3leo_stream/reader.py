@@ -758,6 +758,9 @@ class _Entries:
     def __init__(self, dataset: ShardDataset):
         self.ds = dataset
 
+    def __len__(self) -> int:
+        return len(self.ds.index.key)
+
     def _task(self, row: int) -> list[_Request]:
         return self.ds._plan_requests(np.array([row]), np.array([0]))
 

@@ -267,3 +267,48 @@ def test_prefetching_cache_fetches_what_belady_with_bypass_fetches(uneven_shards
     assert cache.stats.prefetched > 10  # the prefetcher did fetch ahead
     assert cache.stats.fetched_bytes <= 1.05 * optimum, (cache.stats.as_dict(), optimum)
     assert sum(p.stat().st_size for p in cache.dir.iterdir() if p.name.isdigit()) <= budget
+    assert cache._ledger is not None and cache._ledger.total == sum(
+        p.stat().st_size for p in cache.dir.iterdir() if p.name.isdigit())  # the ledger counts what is on disk
+
+
+def _on_disk(directory: Path) -> dict[int, int]:
+    return {int(p.name): p.stat().st_size for p in directory.iterdir() if p.name.isdigit()}
+
+
+def test_the_ledger_counts_what_is_on_disk_and_is_rebuilt_when_it_cannot_be_trusted(uneven_shards, tmp_path):
+    """Processes share the counts of ``.sizes``: a second cache on the same directory sees the first's entries; a
+    ledger that is missing, of another length or from before the machine's boot is rebuilt from the directory; a
+    counted row whose file is gone (a process killed between the two) is room given up, not room taken twice."""
+    dm = _dm(str(uneven_shards), tmp_path / "c", 0, num_workers=0)
+    src = _Entries(dm.train_dataloader().dataset)
+    rows = [int(r) for r in dm.catalog("train").rows[:6]]
+    io = IOCounters()
+    first = NodeCache(tmp_path / "entries", 1 << 30, src)
+    for r in rows[:4]:
+        assert first.get(r, io) is not None
+    second = NodeCache(tmp_path / "entries", 1 << 30, src)
+    assert second._ledger is not None and first._ledger is not None
+    want = _on_disk(first.dir)
+    assert len(want) == 4 and second._ledger.total == sum(want.values())
+    assert second.get(rows[4], io) is not None
+    assert first._ledger.total == sum(_on_disk(first.dir).values())  # seen by the first at once
+    held, sizes = first._ledger.held()
+    assert dict(zip(held.tolist(), sizes.tolist())) == _on_disk(first.dir)
+    for spoil in ("missing", "boot", "length"):
+        if spoil == "missing":
+            (first.dir / ".sizes").unlink()
+        elif spoil == "boot":
+            (first.dir / ".sizes.boot").write_text("an earlier boot")
+            with first._budget():  # the first follows the rebuilt ledger
+                first._ledger.set(rows[5], 12345)  # counted, not on disk: forgotten by the rebuild
+        else:
+            with open(first.dir / ".sizes", "ab") as f:
+                f.write(b"\0" * 8)
+        third = NodeCache(tmp_path / "entries", 1 << 30, src)
+        assert third._ledger is not None and third._ledger.total == sum(_on_disk(first.dir).values()) > 0
+    assert first.get(rows[5], io) is not None  # the first writes to the ledger the third reads
+    assert third._ledger.total == sum(_on_disk(first.dir).values()) and len(_on_disk(first.dir)) == 6
+    os.unlink(first.dir / str(rows[0]))  # removed behind the cache's back: still counted (room given up) ...
+    assert third._ledger.size(rows[0]) > 0
+    assert third.get(rows[0], io) is not None  # ... until it is fetched again: counted once
+    assert third._ledger.total == sum(_on_disk(first.dir).values())
