@@ -121,7 +121,8 @@ class M3LEODataModule(pl.LightningDataModule):
     converted there once per node into fixed-width arrays every rank maps (:mod:`m3leo_stream.index`).
     ``cache_bytes`` (0: off) keeps up to that many bytes of the training samples' byte ranges there too, shared by the
     node's ranks, fetched ahead in plan order and evicted by next use in the plan (:mod:`m3leo_stream.node_cache`;
-    thread mode, checksummed shard roots).
+    thread mode, checksummed shard roots); evaluation samples are kept while there is room, and are the first to go
+    when training needs it (the training plan never reads them).
     """
 
     def __init__(
@@ -303,7 +304,7 @@ class M3LEODataModule(pl.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _dataset(self, cat: Catalog, cache: bool = False) -> ShardDataset:
-        """The reader of ``cat``; with ``cache`` (training) through the node cache when ``cache_bytes`` is set."""
+        """The reader of ``cat``; with ``cache`` through the node cache when ``cache_bytes`` is set."""
         assert self._index is not None
         # substitution candidates are a copy of the split's rows in every worker: made only where they are used
         subs = ({r: cat.rows[cat.region == r] for r in range(len(cat.region_names))}
@@ -476,7 +477,7 @@ class M3LEODataModule(pl.LightningDataModule):
         plan = EpochPlan(arrays["refs"], gb)
         sampler = PlannedBatchSampler(lambda epoch: plan, rank, world)
         self._check_equal_lengths(plan.num_batches, split)
-        return self._loader(self._dataset(cat), sampler, train=False, batch_size=self.eval_batch_size)
+        return self._loader(self._dataset(cat, cache=True), sampler, train=False, batch_size=self.eval_batch_size)
 
     def val_dataloader(self) -> M3LEOLoader:
         return self._eval_dataloader("val")

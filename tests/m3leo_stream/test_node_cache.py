@@ -74,6 +74,24 @@ def test_epoch_two_reads_nothing_from_s3_when_the_cache_holds_the_data(s3_shards
     assert cache.stats.rejected == 0 and cache.enabled
 
 
+def test_a_second_validation_reads_nothing_from_s3(s3_shards, proxy, tmp_path, uneven_shards):
+    """Evaluation reads through the cache too (no plan: kept while there is room): the second pass over the
+    validation split is served from disk, and equals the split read from local shards."""
+    dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url)
+    local = M3LEODataModule(str(uneven_shards), inputs=INPUTS, targets=TARGETS, batch_size=1, num_workers=0,
+                            cache_dir=str(tmp_path / "local"))
+    local.setup()
+
+    def read(d: M3LEODataModule) -> list[tuple[list[str], bytes]]:
+        return [(b["key"], b"".join(b[m].numpy().tobytes() for m in INPUTS + TARGETS)) for b in d.val_dataloader()]
+
+    want = read(local)
+    assert want and read(dm) == want
+    first = proxy.gets
+    assert first > 0
+    assert read(dm) == want and proxy.gets == first, "the second validation went to S3"
+
+
 def test_corrupted_or_truncated_entries_are_fetched_again(s3_shards, proxy, tmp_path, local_epochs):
     dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url)
     loader = dm.train_dataloader()
