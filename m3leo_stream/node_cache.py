@@ -20,7 +20,6 @@ under ``<cache_dir>/node-cache/<fingerprint>/``:
 
 from __future__ import annotations
 
-import bisect
 import errno
 import fcntl
 import logging
@@ -33,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from .planner import PAD_FLAG, EpochPlan
 from .storage import IOCounters
@@ -65,10 +66,97 @@ def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None)
     return list(range(first, min(first + local, world_size)))
 
 
+@dataclass
+class _EpochUses:
+    """One epoch's reads by the node's ranks, as arrays. ``keys`` are ``row * span + batch`` ascending, one per read
+    (so a row's uses lie together, in batch order, and one ``searchsorted`` finds the first at or after a batch);
+    ``consumed`` marks those this rank has read; ``mine_*`` are this rank's reads in plan order."""
+
+    epoch: int
+    span: int  # batches in the epoch (at least 1)
+    keys: np.ndarray  # int64
+    consumed: np.ndarray  # bool, one per key
+    top: int  # the largest row read (rows above it have no uses)
+    mine_rows: np.ndarray  # int32 where rows fit, else int64
+    mine_batches: np.ndarray  # int32 (int64 past 2**31 batches), ascending
+
+    @classmethod
+    def learn(cls, plan: EpochPlan, epoch: int, rank: int, world_size: int, ranks: Sequence[int]) -> _EpochUses:
+        refs = plan.ranks_refs(ranks, world_size)  # (batches, ranks, per rank)
+        span = max(1, refs.shape[0])
+        batch = np.arange(refs.shape[0], dtype=np.int64)[:, None, None]
+        real = (refs & PAD_FLAG) == 0
+        rows = refs[real].astype(np.int64, copy=False)
+        top = int(rows.max()) if len(rows) else -1
+        if (top + 2) * span >= 1 << 63:
+            raise ValueError(f"epoch {epoch}: rows up to {top} in {span} batches do not fit 64-bit use keys")
+        keys = rows * span + np.broadcast_to(batch, refs.shape)[real]
+        keys.sort()
+        del rows
+        if rank in ranks:
+            k = list(ranks).index(rank)
+            mine, real_mine = refs[:, k], real[:, k]
+            mine_rows = mine[real_mine]
+            mine_batches = np.broadcast_to(batch[:, 0], mine.shape)[real_mine]
+        else:
+            mine_rows = mine_batches = np.zeros(0, np.int64)
+        return cls(epoch, span, keys, np.zeros(len(keys), np.bool_), top,
+                   mine_rows.astype(_narrow(top)), mine_batches.astype(_narrow(span)))
+
+    def open_use(self, rows: np.ndarray, first: int) -> np.ndarray:
+        """Per row (ascending rows search fastest), the index into ``keys`` of its first use not consumed at batch
+        ``>= first``, else -1."""
+        lo = np.minimum(rows, self.top + 1) * self.span
+        return self._skip_consumed(np.searchsorted(self.keys, lo + min(max(first, 0), self.span)), lo + self.span)
+
+    def open_at(self, rows: np.ndarray, batches: np.ndarray) -> np.ndarray:
+        """Whether each (row, batch) has a use not consumed at exactly that batch."""
+        keys = rows.astype(np.int64) * self.span + batches
+        return self._skip_consumed(np.searchsorted(self.keys, keys), keys + 1) >= 0
+
+    def _skip_consumed(self, i: np.ndarray, below: np.ndarray) -> np.ndarray:
+        """From ``i``, step past consumed uses while keys stay under ``below``; -1 where no use is left there."""
+        n = len(self.keys)
+        if not n:
+            return np.full(len(i), -1, np.int64)
+        while True:
+            j = np.minimum(i, n - 1)
+            inside = (i < n) & (self.keys[j] < below)
+            blocked = inside & self.consumed[j]
+            if not blocked.any():
+                return np.where(inside, i, -1)
+            i = i + blocked
+
+    def open_one(self, row: int, first: int) -> int:
+        """``open_use`` of one row, in Python ints (a tenth of the array call's cost)."""
+        if not 0 <= row <= self.top:
+            return -1
+        lo = row * self.span
+        i, n = int(self.keys.searchsorted(lo + min(max(first, 0), self.span))), len(self.keys)
+        while i < n and int(self.keys[i]) < lo + self.span:
+            if not self.consumed[i]:
+                return i
+            i += 1
+        return -1
+
+    def position(self, i: int) -> int:
+        """The plan position of use ``i``."""
+        return self.epoch * EPOCH_STRIDE + int(self.keys[i]) % self.span
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.consumed, self.mine_rows, self.mine_batches))
+
+
+def _narrow(top: int) -> type[np.signedinteger]:
+    return np.int32 if top < 1 << 31 else np.int64
+
+
 class NodePlan:
     """When this node's ranks read each sample: positions (epoch-major global batch numbers) per index row, learned
-    an epoch at a time from ``plan_for`` (the pure planning function); ``position`` says where this rank's consumer
-    is, as ``(epoch, batch)`` or None before the first batch."""
+    an epoch at a time from ``plan_for`` (the pure planning function) into sorted arrays (about 9 bytes a read by
+    the node's ranks, plus 8 a read by this rank); ``position`` says where this rank's consumer is, as
+    ``(epoch, batch)`` or None before the first batch. Thread-safe."""
 
     def __init__(self, plan_for: Callable[[int], EpochPlan], position: Callable[[], tuple[int, int] | None],
                  rank: int, world_size: int, ranks: Sequence[int], first_epoch: int = 0,
@@ -78,49 +166,81 @@ class NodePlan:
         self.last_epoch = last_epoch
         self.rank, self.world_size, self.ranks = rank, world_size, list(ranks)
         self._first_epoch = first_epoch
-        self._uses: dict[int, list[int]] = {}  # row -> positions at which a node rank reads it, ascending
-        self._mine: list[tuple[int, int]] = []  # (position, row) this rank reads, ascending
+        self._epochs: list[_EpochUses] = []  # the epochs known and not forgotten, ascending
         self._known = -1  # last epoch learned
-        self._kept_from = 0  # uses before this position are forgotten
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _epochs and the consumed marks
+        self._learning = threading.Lock()  # one thread learns an epoch, the others look up meanwhile
 
     def now(self) -> int:
         pos = self._position()
         return self._first_epoch * EPOCH_STRIDE if pos is None else pos[0] * EPOCH_STRIDE + pos[1]
 
-    def _learn(self, upto: int) -> None:
-        """Know the epochs up to ``upto``; forget the uses before the epoch of ``now``."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held."""
         with self._lock:
+            return sum(e.nbytes for e in self._epochs)
+
+    def _learn(self, upto: int) -> None:
+        """Know the epochs up to ``upto``; forget those before the epoch of ``now``."""
+        now_epoch = self.now() // EPOCH_STRIDE
+        epochs = self._epochs
+        if self._known >= upto and (not epochs or epochs[0].epoch >= now_epoch):
+            return  # nothing to learn or forget (read unlocked: at worst the locked path runs and finds the same)
+        with self._learning:
             if self._known < 0:
-                self._known = max(self._first_epoch, self.now() // EPOCH_STRIDE) - 1
+                self._known = max(self._first_epoch, now_epoch) - 1
             while self._known < upto:
                 epoch = self._known + 1
-                plan = self._plan_for(epoch)
-                for g in range(plan.num_batches):
-                    pos = epoch * EPOCH_STRIDE + g
-                    for r in self.ranks:
-                        for ref in plan.rank_batch(g, r, self.world_size):
-                            if ref & PAD_FLAG:
-                                continue
-                            self._uses.setdefault(ref, []).append(pos)
-                            if r == self.rank:
-                                self._mine.append((pos, ref))
+                uses = _EpochUses.learn(self._plan_for(epoch), epoch, self.rank, self.world_size, self.ranks)
+                with self._lock:
+                    self._epochs.append(uses)
                 self._known = epoch
-            start = (self.now() // EPOCH_STRIDE) * EPOCH_STRIDE
-            if self._mine and self._mine[0][0] < start:
-                self._mine = self._mine[bisect.bisect_left(self._mine, (start, -1)):]
-            if start > self._kept_from:  # an epoch has passed: forget its uses
-                self._uses = {r: kept for r, ps in self._uses.items()
-                              if (kept := ps[bisect.bisect_left(ps, start):])}
-                self._kept_from = start
+            if self._epochs and self._epochs[0].epoch < now_epoch:
+                with self._lock:
+                    self._epochs = [e for e in self._epochs if e.epoch >= now_epoch]
+
+    def _first_open(self, rows: np.ndarray, after: int) -> list[tuple[_EpochUses, np.ndarray, np.ndarray]]:
+        """Per known epoch from that of ``after``: the rows (positions in ``rows``) whose first use not consumed at
+        or after ``after`` lies in that epoch, and those uses' indices into its keys. Under the lock."""
+        out = []
+        todo = np.arange(len(rows))
+        for e in self._epochs:
+            base = e.epoch * EPOCH_STRIDE
+            if base + EPOCH_STRIDE <= after or not len(todo):
+                continue
+            i = e.open_use(rows[todo], after - base)
+            hit = i >= 0
+            out.append((e, todo[hit], i[hit]))
+            todo = todo[~hit]
+        return out
+
+    def _open_one(self, row: int, after: int) -> tuple[_EpochUses, int] | None:
+        """The epoch and key index of ``row``'s first use not consumed at or after ``after``. Under the lock."""
+        for e in self._epochs:
+            base = e.epoch * EPOCH_STRIDE
+            if base + EPOCH_STRIDE > after and (i := e.open_one(row, after - base)) >= 0:
+                return e, i
+        return None
+
+    def next_uses(self, rows: np.ndarray | Sequence[int], after: int) -> np.ndarray:
+        """``next_use`` of each of ``rows``, as float64 (positions are below 2**53; ``NEVER`` is inf)."""
+        self._learn(after // EPOCH_STRIDE + 1)
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows)
+        out = np.full(len(rows), NEVER)
+        with self._lock:
+            for e, which, i in self._first_open(rows[order], after):
+                out[order[which]] = e.epoch * EPOCH_STRIDE + e.keys[i] % e.span
+        return out
 
     def next_use(self, row: int, after: int) -> float:
         """The first position ``>= after`` at which a node rank reads ``row`` (``NEVER`` if none is planned in the
         epochs known; the next epoch is learned when ``after`` reaches the current one)."""
         self._learn(after // EPOCH_STRIDE + 1)
-        uses = self._uses.get(row, ())
-        i = bisect.bisect_left(uses, after)
-        return uses[i] if i < len(uses) else NEVER
+        with self._lock:
+            found = self._open_one(int(row), after)
+        return NEVER if found is None else found[0].position(found[1])
 
     def consume(self, row: int) -> None:
         """This rank is reading ``row`` for its next planned use: that use is no longer ahead (the reader runs
@@ -128,28 +248,30 @@ class NodePlan:
         after = self.now()
         self._learn(after // EPOCH_STRIDE + 1)
         with self._lock:
-            uses = self._uses.get(row)
-            if uses:
-                i = bisect.bisect_left(uses, after)
-                if i < len(uses):
-                    del uses[i]
+            found = self._open_one(int(row), after)
+            if found is not None:
+                found[0].consumed[found[1]] = True
 
     def ahead(self, n: int) -> list[int]:
         """The rows this rank reads at its next ``n`` planned uses not yet read, in plan order."""
         now = self.now()
         self._learn(now // EPOCH_STRIDE + 1)
+        end = NEVER if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
+        out: list[int] = []
         with self._lock:
-            i = bisect.bisect_left(self._mine, (now, -1))
-            out: list[int] = []
-            end = NEVER if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
-            for pos, row in self._mine[i:]:
-                if len(out) >= n or pos >= end:
+            for e in self._epochs:
+                base = e.epoch * EPOCH_STRIDE
+                if base >= end or len(out) >= n:
                     break
-                uses = self._uses.get(row, ())
-                j = bisect.bisect_left(uses, pos)
-                if j < len(uses) and uses[j] == pos:
-                    out.append(row)
-            return out
+                if base + EPOCH_STRIDE <= now:
+                    continue
+                j = int(np.searchsorted(e.mine_batches, max(0, now - base)))
+                while j < len(e.mine_rows) and len(out) < n:
+                    stop = min(len(e.mine_rows), j + 2 * (n - len(out)) + 8)
+                    rows, batches = e.mine_rows[j:stop], e.mine_batches[j:stop]
+                    out.extend(rows[e.open_at(rows, batches)][:n - len(out)].tolist())
+                    j = stop
+        return out
 
 
 @dataclass
@@ -358,16 +480,18 @@ class NodeCache:
             return None
         now = self.plan.now()
         at = now if at is None else max(at, now)
-        ranked = sorted(((self.plan.next_use(r, at), r) for r in entries), reverse=True)
-        out = []
-        for nu, r in ranked:
-            if free >= size or nu <= use:
-                break
-            if at > now and self.plan.next_use(r, now) < at:
-                return None  # still to be read before the entry it would make room for
-            out.append(r)
-            free += entries[r]
-        return out if free >= size else None
+        rows = np.fromiter(entries, np.int64, len(entries))
+        sizes = np.fromiter(entries.values(), np.int64, len(entries))
+        nxt = self.plan.next_uses(rows, at)
+        ranked = np.lexsort((rows, nxt))[::-1]  # farthest next use first (ties: the larger row)
+        ranked = ranked[nxt[ranked] > use]  # those needed no later than the entry stay
+        enough = np.flatnonzero(free + np.cumsum(sizes[ranked]) >= size)
+        if not len(enough):
+            return None
+        out = rows[ranked[:enough[0] + 1]]
+        if at > now and (self.plan.next_uses(out, now) < at).any():
+            return None  # one is still to be read before the entry it would make room for
+        return out.tolist()
 
     def _reserve(self, row: int, size: int, use: float, at: int) -> bool:
         """Admit an entry fetched ahead (Belady with bypass, decided before the fetch): evict what it displaces and
