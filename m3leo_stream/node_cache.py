@@ -81,23 +81,18 @@ class _EpochUses:
     mine_batches: np.ndarray  # int32 (int64 past 2**31 batches), ascending
 
     @classmethod
-    def learn(cls, plan: EpochPlan, epoch: int, rank: int, world_size: int, ranks: Sequence[int]) -> _EpochUses:
-        refs = plan.ranks_refs(ranks, world_size)  # (batches, ranks, per rank)
-        span = max(1, refs.shape[0])
-        batch = np.arange(refs.shape[0], dtype=np.int64)[:, None, None]
-        real = (refs & PAD_FLAG) == 0
-        rows = refs[real].astype(np.int64, copy=False)
-        top = int(rows.max()) if len(rows) else -1
-        if (top + 2) * span >= 1 << 63:
-            raise ValueError(f"epoch {epoch}: rows up to {top} in {span} batches do not fit 64-bit use keys")
-        keys = rows * span + np.broadcast_to(batch, refs.shape)[real]
-        keys.sort()
-        del rows
+    def learn(cls, plan: EpochPlan, epoch: int, rank: int, world_size: int, ranks: Sequence[int],
+              keys: np.ndarray) -> _EpochUses:
+        """This rank's part of the epoch beside ``keys``, the node's (``node_keys``)."""
+        span = max(1, plan.num_batches)
+        top = int(keys[-1]) // span if len(keys) else -1
         if rank in ranks:
-            k = list(ranks).index(rank)
-            mine, real_mine = refs[:, k], real[:, k]
-            mine_rows = mine[real_mine]
-            mine_batches = np.broadcast_to(batch[:, 0], mine.shape)[real_mine]
+            mine = plan.ranks_refs([rank], world_size)[:, 0]  # (batches, per rank)
+            mine_rows = mine.reshape(-1)
+            mine_batches = np.repeat(np.arange(mine.shape[0], dtype=np.int64), mine.shape[1])
+            if len(mine_rows) and int(mine_rows.max()) >= PAD_FLAG:
+                real = (mine_rows & PAD_FLAG) == 0
+                mine_rows, mine_batches = mine_rows[real], mine_batches[real]
         else:
             mine_rows = mine_batches = np.zeros(0, np.int64)
         return cls(epoch, span, keys, np.zeros(len(keys), np.bool_), top,
@@ -148,6 +143,33 @@ class _EpochUses:
         return sum(a.nbytes for a in (self.keys, self.consumed, self.mine_rows, self.mine_batches))
 
 
+def node_keys(plan: EpochPlan, ranks: Sequence[int], world_size: int) -> np.ndarray:
+    """The reads of ``ranks`` in ``plan`` as ascending int64 keys ``row * num_batches + batch`` (padding left out):
+    what NodePlan searches, the same for every rank of a node."""
+    refs = plan.ranks_refs(ranks, world_size)  # (batches, ranks, per rank)
+    span = max(1, refs.shape[0])
+    batch = np.arange(refs.shape[0], dtype=np.int64)
+    if refs.size and int(refs.max()) >= PAD_FLAG:  # evaluation plans: leave the padding out
+        real = (refs & PAD_FLAG) == 0
+        rows = refs[real]
+        _check_keys(rows, span)
+        keys = rows * span + np.broadcast_to(batch[:, None, None], refs.shape)[real]
+    else:  # one array made, in place: the temporaries of a vectorised expression would stay in malloc's heap
+        _check_keys(refs, span)
+        keys = np.array(refs, dtype=np.int64).reshape(refs.shape[0], refs.shape[1] * refs.shape[2])
+        keys *= span
+        keys += batch[:, None]
+        keys = keys.reshape(-1)
+    keys.sort()
+    return keys
+
+
+def _check_keys(rows: np.ndarray, span: int) -> None:
+    top = int(rows.max()) if rows.size else -1
+    if (top + 2) * span >= 1 << 63:
+        raise ValueError(f"rows up to {top} in {span} batches do not fit 64-bit use keys")
+
+
 def _narrow(top: int) -> type[np.signedinteger]:
     return np.int32 if top < 1 << 31 else np.int64
 
@@ -160,9 +182,12 @@ class NodePlan:
 
     def __init__(self, plan_for: Callable[[int], EpochPlan], position: Callable[[], tuple[int, int] | None],
                  rank: int, world_size: int, ranks: Sequence[int], first_epoch: int = 0,
-                 last_epoch: int | None = None):
-        """``last_epoch``: the last epoch the run trains (None: unbounded); nothing after it is prefetched."""
-        self._plan_for, self._position = plan_for, position
+                 last_epoch: int | None = None,
+                 share: Callable[[int, Callable[[], np.ndarray]], np.ndarray] | None = None):
+        """``last_epoch``: the last epoch the run trains (None: unbounded); nothing after it is prefetched.
+        ``share(epoch, build)``: the node's keys of ``epoch`` (``node_keys``), built by ``build`` once per node and
+        mapped by its ranks (the DataModule's ``node_arrays``); without it each rank builds its own."""
+        self._plan_for, self._position, self._share = plan_for, position, share
         self.last_epoch = last_epoch
         self.rank, self.world_size, self.ranks = rank, world_size, list(ranks)
         self._first_epoch = first_epoch
@@ -192,7 +217,12 @@ class NodePlan:
                 self._known = max(self._first_epoch, now_epoch) - 1
             while self._known < upto:
                 epoch = self._known + 1
-                uses = _EpochUses.learn(self._plan_for(epoch), epoch, self.rank, self.world_size, self.ranks)
+                plan = self._plan_for(epoch)
+
+                def build(plan: EpochPlan = plan) -> np.ndarray:
+                    return node_keys(plan, self.ranks, self.world_size)
+                keys = build() if self._share is None else self._share(epoch, build)
+                uses = _EpochUses.learn(plan, epoch, self.rank, self.world_size, self.ranks, keys)
                 with self._lock:
                     self._epochs.append(uses)
                 self._known = epoch

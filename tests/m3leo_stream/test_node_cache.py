@@ -72,6 +72,8 @@ def test_epoch_two_reads_nothing_from_s3_when_the_cache_holds_the_data(s3_shards
     assert proxy.gets == first, "epoch 2 went to S3"
     assert dm.loader_metrics()["cache_hits"] - hits == len(local_epochs[1])  # every sample, from disk
     assert cache.stats.rejected == 0 and cache.enabled
+    derived = Path(dm._index.source) / "derived"  # the node's reads, kept beside the plans for the node's ranks
+    assert {d.name.rpartition("-e")[2] for d in derived.iterdir() if "-w1n0x1-e" in d.name} >= {"1", "2"}
 
 
 def test_corrupted_or_truncated_entries_are_fetched_again(s3_shards, proxy, tmp_path, local_epochs):
@@ -320,20 +322,34 @@ class _ReferencePlan:
         return [row for pos, row in mine if (pos, row) in open_at][:n]
 
 
+@pytest.mark.parametrize("padding, shared", [(0.0, False), (0.1, False), (0.0, True)])
 @pytest.mark.parametrize("rank, ranks", [(3, [2, 3, 4]), (0, [0]), (2, [0, 2])])
-def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks):
-    """Three epochs of 5 global batches over 6 ranks, 15 rows drawn with repeats (a row read twice in one batch,
-    padding on some): through the epochs, with consumes running ahead of the consumer, next_use, next_uses, ahead
-    and what is forgotten agree with the plain computation."""
+def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks, padding, shared, tmp_path):
+    """Three epochs of 5 global batches over 6 ranks, 15 rows drawn with repeats (a row read twice in one batch;
+    padding on some, as evaluation plans have): through the epochs, with consumes running ahead of the consumer,
+    next_use, next_uses, ahead and what is forgotten agree with the plain computation."""
     rng = np.random.default_rng(7)
     world, gb = 6, 12
     plans = {}
     for e in range(5):  # epochs 3 and 4 are learned ahead, never reached
         refs = rng.integers(0, 15, 5 * gb).astype(np.int64)
-        refs[rng.random(len(refs)) < 0.1] |= PAD_FLAG
+        refs[rng.random(len(refs)) < padding] |= PAD_FLAG
         plans[e] = EpochPlan(refs, gb)
     clock: list[tuple[int, int] | None] = [None]
-    plan = NodePlan(plans.__getitem__, lambda: clock[0], rank, world, ranks, last_epoch=2)
+    built: list[int] = []
+
+    def share(epoch, build):
+        """The node's keys as the DataModule holds them: built once, mapped read-only by every rank."""
+        path = tmp_path / f"keys-{epoch}.npy"
+        if not path.exists():
+            built.append(epoch)
+            np.save(path, build())
+        return np.load(path, mmap_mode="r")
+
+    plan = NodePlan(plans.__getitem__, lambda: clock[0], rank, world, ranks, last_epoch=2,
+                    share=share if shared else None)
+    if shared:  # another rank of the node: maps the keys the first built
+        peer = NodePlan(plans.__getitem__, lambda: clock[0], ranks[-1], world, ranks, share=share)
     ref = _ReferencePlan(plans, clock, rank, world, ranks, last_epoch=2)
     probe = np.arange(-1, 17)
     checked = 0
@@ -355,7 +371,12 @@ def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks):
             for n in (1, 4, 40):
                 assert plan.ahead(n) == ref.ahead(n), (e, g, n)
             assert {u.epoch for u in plan._epochs} == {u[0] // EPOCH_STRIDE for u in ref.uses}  # forgotten alike
+            if shared:  # the peer consumed nothing and knows epochs e and e + 1
+                assert peer.next_uses(probe, now).tolist() == [
+                    min((u[0] for u in ref.uses if u[1] == r and now <= u[0] < (e + 2) * EPOCH_STRIDE),
+                        default=float("inf")) for r in probe]
     assert checked > 500 and plan.ahead(10) == []  # past last_epoch nothing is ahead
+    assert built == ([0, 1, 2, 3, 4] if shared else [])
     assert plan.nbytes > 0
 
 
