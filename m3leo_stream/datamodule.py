@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -455,8 +455,21 @@ class M3LEODataModule(pl.LightningDataModule):
         dataset = self._dataset(cat, cache=True)
         first = sampler.plan
         if self.cache_bytes:
-            dataset.node_plan = NodePlan(plan, lambda: sampler.position, rank, world, node_ranks(rank, world), epoch,
-                                         last_epoch=last_training_epoch(trainer, first.num_batches))
+            ranks = node_ranks(rank, world)
+            uses = f"{name}-w{world}n{ranks[0]}x{len(ranks)}"
+
+            def share(epoch: int, build: Callable[[], np.ndarray]) -> np.ndarray:
+                """The node's reads of the epoch, built by one rank and mapped by the others, as the plans are."""
+                def stale(other: str) -> bool:
+                    head, _, e = other.rpartition("-e")
+                    return head == uses and e.isdigit() and int(e) < epoch - 1
+
+                assert self._index is not None
+                arrays, _ = node_arrays(self._index, f"{uses}-e{epoch}", lambda: ({"keys": build()}, {}), drop=stale)
+                return arrays["keys"]
+
+            dataset.node_plan = NodePlan(plan, lambda: sampler.position, rank, world, ranks, epoch,
+                                         last_epoch=last_training_epoch(trainer, first.num_batches), share=share)
         left = sum(region_quotas(cat.region_counts(), self.region_weights, self.samples_per_epoch).values())
         if left % gb:
             log.warning("train: %d samples per epoch is not a multiple of the global batch %d; the last %d samples "

@@ -271,6 +271,20 @@ class EpochPlan:
         start = g * self.global_batch + rank * b
         return self.refs[start:start + b].tolist()
 
+    def ranks_refs(self, ranks: Sequence[int], world_size: int) -> np.ndarray:
+        """What ``ranks`` read, as an array of shape ``(num_batches, len(ranks), global_batch // world_size)``:
+        ``[g, k]`` is ``rank_batch(g, ranks[k], world_size)`` (a view of ``refs`` for consecutive ranks)."""
+        if self.global_batch % world_size:
+            raise PlanError(f"global batch {self.global_batch} is not divisible by world size {world_size}")
+        ranks = [int(r) for r in ranks]
+        if any(not 0 <= r < world_size for r in ranks):
+            raise PlanError(f"ranks {ranks} are not all in 0..{world_size - 1}")
+        n = self.num_batches
+        parts = np.asarray(self.refs)[:n * self.global_batch].reshape(n, world_size, self.global_batch // world_size)
+        if ranks and ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+            return parts[:, ranks[0]:ranks[0] + len(ranks)]
+        return parts[:, ranks]
+
 
 def plan_train_epoch(cat: Catalog, *, seed: int, epoch: int, global_batch: int,
                      region_weights: Mapping[str, float] | None = None, samples_per_epoch: int | None = None,

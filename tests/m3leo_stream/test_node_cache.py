@@ -16,7 +16,7 @@ import pytest
 
 from m3leo_stream.datamodule import M3LEODataModule
 from m3leo_stream.node_cache import EPOCH_STRIDE, NodeCache, NodePlan, node_ranks
-from m3leo_stream.planner import EpochPlan
+from m3leo_stream.planner import PAD_FLAG, EpochPlan
 from m3leo_stream.reader import _Entries
 from m3leo_stream.storage import IOCounters
 
@@ -72,6 +72,8 @@ def test_epoch_two_reads_nothing_from_s3_when_the_cache_holds_the_data(s3_shards
     assert proxy.gets == first, "epoch 2 went to S3"
     assert dm.loader_metrics()["cache_hits"] - hits == len(local_epochs[1])  # every sample, from disk
     assert cache.stats.rejected == 0 and cache.enabled
+    derived = Path(dm._index.source) / "derived"  # the node's reads, kept beside the plans for the node's ranks
+    assert {d.name.rpartition("-e")[2] for d in derived.iterdir() if "-w1n0x1-e" in d.name} >= {"1", "2"}
 
 
 def test_a_second_validation_reads_nothing_from_s3(s3_shards, proxy, tmp_path, uneven_shards):
@@ -330,3 +332,186 @@ def test_the_ledger_counts_what_is_on_disk_and_is_rebuilt_when_it_cannot_be_trus
     assert third._ledger.size(rows[0]) > 0
     assert third.get(rows[0], io) is not None  # ... until it is fetched again: counted once
     assert third._ledger.total == sum(_on_disk(first.dir).values())
+
+
+class _ReferencePlan:
+    """NodePlan's answers computed the plain way from ``rank_batch``: every read of the node's ranks as a
+    [position, row, consumed] record, epochs learned and forgotten by the same rule."""
+
+    def __init__(self, plans: dict[int, EpochPlan], clock, rank: int, world: int, ranks: list[int],
+                 last_epoch: int | None = None):
+        self.plans, self.clock, self.rank, self.world, self.ranks = plans, clock, rank, world, ranks
+        self.last_epoch = last_epoch
+        self.uses: list[list[int]] = []  # [position, row, consumed, reading rank]
+        self.known = -1
+
+    def now(self) -> int:
+        return 0 if self.clock[0] is None else self.clock[0][0] * EPOCH_STRIDE + self.clock[0][1]
+
+    def learn(self, upto: int) -> None:
+        if self.known < 0:
+            self.known = self.now() // EPOCH_STRIDE - 1
+        while self.known < upto:
+            self.known += 1
+            p = self.plans[self.known]
+            for g in range(p.num_batches):
+                for r in self.ranks:
+                    for ref in p.rank_batch(g, r, self.world):
+                        if not ref & PAD_FLAG:
+                            self.uses.append([self.known * EPOCH_STRIDE + g, ref, 0, r])
+        start = self.now() // EPOCH_STRIDE * EPOCH_STRIDE
+        self.uses = [u for u in self.uses if u[0] >= start]
+
+    def first(self, row: int, after: int) -> list[int] | None:
+        self.learn(after // EPOCH_STRIDE + 1)
+        return min((u for u in self.uses if u[1] == row and u[0] >= after and not u[2]), default=None,
+                   key=lambda u: u[0])
+
+    def next_use(self, row: int, after: int) -> float:
+        u = self.first(row, after)
+        return float("inf") if u is None else u[0]
+
+    def consume(self, row: int) -> None:
+        u = self.first(row, self.now())
+        if u is not None:
+            u[2] = 1
+
+    def ahead(self, n: int) -> list[int]:
+        now = self.now()
+        self.learn(now // EPOCH_STRIDE + 1)
+        end = float("inf") if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
+        mine = [(u[0], u[1]) for u in self.uses if u[3] == self.rank and now <= u[0] < end]
+        open_at = {(u[0], u[1]) for u in self.uses if not u[2]}
+        return [row for pos, row in mine if (pos, row) in open_at][:n]
+
+
+@pytest.mark.parametrize("padding, shared", [(0.0, False), (0.1, False), (0.0, True)])
+@pytest.mark.parametrize("rank, ranks", [(3, [2, 3, 4]), (0, [0]), (2, [0, 2])])
+def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks, padding, shared, tmp_path):
+    """Three epochs of 5 global batches over 6 ranks, 15 rows drawn with repeats (a row read twice in one batch;
+    padding on some, as evaluation plans have): through the epochs, with consumes running ahead of the consumer,
+    next_use, next_uses, ahead and what is forgotten agree with the plain computation."""
+    rng = np.random.default_rng(7)
+    world, gb = 6, 12
+    plans = {}
+    for e in range(5):  # epochs 3 and 4 are learned ahead, never reached
+        refs = rng.integers(0, 15, 5 * gb).astype(np.int64)
+        refs[rng.random(len(refs)) < padding] |= PAD_FLAG
+        plans[e] = EpochPlan(refs, gb)
+    clock: list[tuple[int, int] | None] = [None]
+    built: list[int] = []
+
+    def share(epoch, build):
+        """The node's keys as the DataModule holds them: built once, mapped read-only by every rank."""
+        path = tmp_path / f"keys-{epoch}.npy"
+        if not path.exists():
+            built.append(epoch)
+            np.save(path, build())
+        return np.load(path, mmap_mode="r")
+
+    plan = NodePlan(plans.__getitem__, lambda: clock[0], rank, world, ranks, last_epoch=2,
+                    share=share if shared else None)
+    if shared:  # another rank of the node: maps the keys the first built
+        peer = NodePlan(plans.__getitem__, lambda: clock[0], ranks[-1], world, ranks, share=share)
+    ref = _ReferencePlan(plans, clock, rank, world, ranks, last_epoch=2)
+    probe = np.arange(-1, 17)
+    checked = 0
+    for e in range(3):
+        for g in range(5):
+            clock[0] = (e, g)
+            now = e * EPOCH_STRIDE + g
+            for row in plans[e].rank_batch(g, rank, world):  # the reader, one batch ahead half the time
+                if rng.random() < 0.5 and g + 1 < 5:
+                    clock[0] = (e, g + 1) if rng.random() < 0.5 else clock[0]
+                plan.consume(int(row) & ~int(PAD_FLAG))
+                ref.consume(int(row) & ~int(PAD_FLAG))
+                clock[0] = (e, g)
+            for after in (now, now + 2, (e + 1) * EPOCH_STRIDE + 1, max(0, now - EPOCH_STRIDE)):
+                want = [ref.next_use(int(r), after) for r in probe]
+                assert [plan.next_use(int(r), after) for r in probe] == want, (e, g, after)
+                assert plan.next_uses(probe, after).tolist() == want
+                checked += sum(w != float("inf") for w in want)
+            for n in (1, 4, 40):
+                assert plan.ahead(n) == ref.ahead(n), (e, g, n)
+            assert {u.epoch for u in plan._epochs} == {u[0] // EPOCH_STRIDE for u in ref.uses}  # forgotten alike
+            if shared:  # the peer consumed nothing and knows epochs e and e + 1
+                assert peer.next_uses(probe, now).tolist() == [
+                    min((u[0] for u in ref.uses if u[1] == r and now <= u[0] < (e + 2) * EPOCH_STRIDE),
+                        default=float("inf")) for r in probe]
+    assert checked > 500 and plan.ahead(10) == []  # past last_epoch nothing is ahead
+    assert built == ([0, 1, 2, 3, 4] if shared else [])
+    assert plan.nbytes > 0
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.25])
+def test_victims_are_those_the_per_entry_ranking_picks(tmp_path, monkeypatch, slack):
+    """NodeCache._victims (one next_uses call, numpy ranking) against the per-entry sort it stands for, on random
+    holdings with ties in next use, for reads now and ahead; with ``slack``, as when many entries are held, room
+    for that share of the budget more is made, never by evicting one still to be read before the read."""
+    import m3leo_stream.node_cache as node_cache
+
+    if slack:
+        monkeypatch.setattr(node_cache, "MANY_ENTRIES", 1)
+        monkeypatch.setattr(node_cache, "EVICT_SLACK", slack)
+    rng = np.random.default_rng(11)
+    refs = rng.integers(0, 40, 60).astype(np.int64)
+    clock = [(0, 10)]
+    plan = NodePlan(lambda e: EpochPlan(refs if e == 0 else refs[:0], 1), lambda: clock[0], 0, 1, [0])
+
+    class Sized:
+        def __len__(self):
+            return 50
+
+        def entry_size(self, row):
+            return 10 + row % 7
+
+        def fetch_entry(self, row, counters):
+            return None
+
+        def entry_matches(self, row, data):
+            return True
+
+    cache = NodeCache(tmp_path / "c", 200, Sized(), plan, prefetch=0)
+
+    def plain(entries, size, use, at=None):
+        free = cache.budget - sum(entries.values())
+        if size > cache.budget:
+            return None
+        if free >= size:
+            return []
+        now = plan.now()
+        at = now if at is None else max(at, now)
+        want = size + int(cache.budget * slack)
+        out = []
+        for nu, r in sorted(((plan.next_use(r, at), r) for r in entries), reverse=True):
+            if free >= want or nu <= use:
+                break
+            if at > now and plan.next_use(r, now) < at:
+                if free >= size:
+                    break
+                return None
+            out.append(r)
+            free += entries[r]
+        return out if free >= size else None
+
+    outcomes = set()
+    extra = 0  # decisions where the last victim was not needed for the room itself
+    try:
+        for _ in range(300):
+            held = rng.choice(40, int(rng.integers(5, 16)), replace=False)
+            entries = {int(r): Sized().entry_size(int(r)) for r in held}
+            size, use = int(rng.integers(5, 60)), float(rng.choice([15, 30, 50, float("inf")]))
+            at = None if rng.random() < 0.5 else int(rng.integers(10, 40))
+            want = plain(entries, size, use, at)
+            if want:  # was the last victim beyond the room needed?
+                extra += cache.budget - sum(entries.values()) + sum(entries[r] for r in want[:-1]) >= size
+            with cache._budget():  # the ledger holds just these
+                assert cache._ledger is not None
+                for r in range(50):
+                    cache._ledger.set(r, entries.get(r, 0))
+                assert cache._victims(45, size, use, at) == want
+            outcomes.add("none" if want is None else len(want) > 0)
+    finally:
+        cache.close()
+    assert outcomes == {"none", True, False}
+    assert extra > 20 if slack else extra == 0  # only the slack evicts more than the room needed
