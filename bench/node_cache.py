@@ -59,7 +59,7 @@ class ProxyProcess:
         self._proc.start()
         self.url = self._conn.recv()
 
-    def _stats(self) -> tuple[int, int]:
+    def _stats(self) -> tuple[int, int, int]:
         self._conn.send("stats")
         return self._conn.recv()
 
@@ -71,6 +71,11 @@ class ProxyProcess:
     def bytes_out(self) -> int:
         return self._stats()[1]
 
+    def max_in_flight(self) -> int:
+        """The most GETs in flight at once since the last call."""
+        self._conn.send("max")
+        return self._conn.recv()
+
     def close(self) -> None:
         self._conn.send("close")
         self._proc.join(10)
@@ -79,8 +84,12 @@ class ProxyProcess:
 def _serve_proxy(conn, target_port: int, first_byte_s: float, bandwidth: float) -> None:
     proxy = FaultyProxy(target_port, first_byte_s=first_byte_s, bandwidth=bandwidth)
     conn.send(proxy.url)
-    while conn.recv() == "stats":
-        conn.send((proxy.gets, proxy.bytes_out))
+    while (cmd := conn.recv()) in ("stats", "max"):
+        if cmd == "max":
+            conn.send(proxy.max_in_flight)
+            proxy.reset_max_in_flight()
+        else:
+            conn.send((proxy.gets, proxy.bytes_out, proxy.in_flight))
     proxy.close()
 
 
@@ -102,6 +111,27 @@ def run_epoch(loader, epoch: int) -> float:
     for _ in loader:
         pass
     return time.perf_counter() - t
+
+
+def this_epoch_only(loader, epoch: int) -> None:
+    """Read (and prefetch) nothing past ``epoch``: the loader then fetches the same bytes as the ceiling."""
+    loader.dataset.next_epoch = False
+    if reader_of(loader).node_plan is not None:
+        reader_of(loader).node_plan.last_epoch = epoch
+
+
+def settle(loader) -> None:
+    """Wait for the loader's reads ahead and the cache's prefetches to end, so that none overlaps what is timed
+    next."""
+    for _, fut in list(getattr(loader.dataset, "_pending", {}).values()):
+        fut.cancel()
+        try:
+            fut.result()
+        except BaseException:  # noqa: BLE001 - cancelled, or failed: either way it is over
+            pass
+    cache = reader_of(loader).cache()
+    while cache is not None and cache._pending:
+        time.sleep(0.01)
 
 
 def ceiling(url: str, proxy: ProxyProcess, requests: list[tuple[str, int, int]], threads: int) -> float:

@@ -141,7 +141,7 @@ class M3LEODataModule(pl.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_shards: int = 8,
         on_unreadable: Literal["fail", "substitute"] = "fail",
-        io_threads: int = 8,
+        io_threads: int | None = None,
         coalesce_gap: int = 64 * 1024,
         retry: Mapping[str, float] | None = None,
         prefetch_factor: int = 2,

@@ -62,8 +62,30 @@ def single_attempt(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     return opts
 
 
+DEFAULT_POOL_CONNECTIONS = 10
+"""botocore's connection pool per client (``max_pool_connections``): requests beyond it queue for a connection."""
+
+
+def connection_pool(url: str, storage_options: Mapping[str, Any] | None, connections: int) -> dict[str, Any]:
+    """``storage_options`` for a client that keeps ``connections`` requests in flight: for s3, a connection pool of
+    at least that many (``config_kwargs.max_pool_connections``), so that none of them waits for a connection; unless
+    the options already set the pool's size."""
+    opts = dict(storage_options or {})
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return opts
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(DEFAULT_POOL_CONNECTIONS, int(connections)))
+    opts["config_kwargs"] = config
+    return opts
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` names local files (a path, or ``file://``)."""
+    return "://" not in url or url.split("://", 1)[0] in ("file", "local")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -8,8 +8,9 @@ a faulty NIC, proxy or memory would do, and TCP's 16-bit checksum can miss). Fau
 
 It can also behave like a distant object store, always: ``first_byte_s`` holds back each response's first byte
 until that long after its request arrived, and ``bandwidth`` (bytes/s) caps each connection's download rate. It
-counts the ``GET`` requests it forwards (``gets``) and the bytes it sends back (``bytes_out``). The benchmarks use it
-too (``bench/node_cache.py``).
+counts the ``GET`` requests it forwards (``gets``), the bytes it sends back (``bytes_out``) and the most ranged GETs
+in flight at once (``max_in_flight``: forwarded, their 206 body not yet all sent back). The benchmarks use it too
+(``bench/node_cache.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 
 class FaultyProxy:
@@ -26,6 +28,7 @@ class FaultyProxy:
         self.target = ("127.0.0.1", target_port)
         self.first_byte_s, self.bandwidth = first_byte_s, bandwidth
         self.gets = self.bytes_out = 0
+        self.in_flight = self.max_in_flight = 0
         self.drop_every, self.stall_every, self.stall_s = drop_every, stall_every, stall_s
         self.enabled = False
         self.connections = self.dropped = self.stalled = self.refused = self.flipped = 0
@@ -99,12 +102,25 @@ class FaultyProxy:
             return
         with self._lock:
             self._open.update((client, upstream))
-        state = {"sent": 0, "fault": fault, "asked": None, "free_at": 0.0}
+        state = {"sent": 0, "fault": fault, "asked": None, "free_at": 0.0, "gets": 0}
         threading.Thread(target=self._pump, args=(client, upstream, None, state), daemon=True).start()
         self._pump(upstream, client, (state, budget), state)
         with self._lock:
             self._open.discard(client)
             self._open.discard(upstream)
+            self.in_flight -= state["gets"]  # GETs this connection left unanswered (or not followed: not 206)
+            state["gets"] = 0
+
+    def reset_max_in_flight(self) -> None:
+        with self._lock:
+            self.max_in_flight = self.in_flight
+
+    def _answered(self, conn: dict) -> None:
+        """A ranged GET's body has been sent back in full."""
+        with self._lock:
+            if conn["gets"] > 0:
+                conn["gets"] -= 1
+                self.in_flight -= 1
 
     def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[dict, int] | None, conn: dict) -> None:
         """Copy ``src`` to ``dst``: requests (``fault`` None) or responses, which are delayed and paced."""
@@ -120,8 +136,11 @@ class FaultyProxy:
                     if data.startswith(b"GET "):
                         with self._lock:
                             self.gets += 1
+                            conn["gets"] += 1
+                            self.in_flight += 1
+                            self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 else:
-                    data = responses.feed(data)
+                    data = responses.feed(data, lambda: self._answered(conn))
                     self._shape(conn, len(data))
                     with self._lock:
                         self.bytes_out += len(data)
@@ -180,7 +199,8 @@ class _Responses:
         self.body_left = 0  # bytes of the current body still to come
         self.flip: int | None = None  # position of the byte to flip, counted from here in the body
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, answered: Callable[[], None] | None = None) -> bytes:
+        """Pass ``data`` on (a byte flipped where asked); ``answered()`` is called as each 206 body ends."""
         out = bytearray()
         while data and not self.lost:
             if self.body_left:
@@ -194,6 +214,8 @@ class _Responses:
                 out += chunk
                 self.body_left -= n
                 data = data[n:]
+                if not self.body_left and answered is not None:
+                    answered()
                 continue
             self.head += data
             end = self.head.find(b"\r\n\r\n")

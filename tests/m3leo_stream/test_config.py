@@ -49,7 +49,8 @@ def test_every_datamodule_argument_is_a_data_key_with_the_datamodules_default():
 
 def test_data_keys_reach_the_datamodule():
     dm = build_datamodule(demo())
-    assert (dm.reader_config.io_threads, dm.reader_config.coalesce_gap, dm.persistent_workers) == (8, 64 * 1024, True)
+    rc = dm.reader_config
+    assert (rc.io_threads, rc.coalesce_gap, dm.persistent_workers) == (None, 64 * 1024, True)
     dm = build_datamodule(demo("data.io_threads=2", "data.coalesce_gap=0", "data.retry={deadline: 5.0}",
                                "data.pin_memory=true", "data.persistent_workers=false", "data.splits={val: test}",
                                "data.worker_mode=process", "data.on_unreadable=substitute"))

@@ -184,3 +184,15 @@ def test_botocore_does_not_retry_behind_our_back(monkeypatch):
         assert counts[0] == 1 and counts[1] > 1, counts
     finally:
         srv.shutdown()
+
+
+def test_connection_pool_covers_requests_in_flight():
+    """An S3 client gets a connection for every request in flight (botocore's 10 would queue the rest), unless the
+    options size the pool; other protocols are left alone."""
+    from m3leo_stream.storage import connection_pool
+
+    assert connection_pool("s3://b/p", {}, 32)["config_kwargs"]["max_pool_connections"] == 32
+    assert connection_pool("s3://b/p", {}, 4)["config_kwargs"]["max_pool_connections"] == 10
+    own = {"config_kwargs": {"max_pool_connections": 5, "retries": {"total_max_attempts": 1}}}
+    assert connection_pool("s3://b/p", own, 32)["config_kwargs"] == own["config_kwargs"]
+    assert connection_pool("/data/shards", {}, 32) == {}
