@@ -393,6 +393,8 @@ class M3LEODataModule(pl.LightningDataModule):
             nbytes = dataset.batch_nbytes(batch_size)
             depth = self._read_ahead_depth(nbytes)
             dataset.set_pooled_batches(self._live_batches(depth))
+            if dataset.node_plan is not None:
+                dataset.node_plan.lead = depth  # the cache prefetches past what the read-ahead reads
             log.info("%s: reading %d batches ahead (%.1f MB each%s; num_workers × prefetch_factor = %d, "
                      "readahead_bytes = %s)", "train" if train else "eval", depth, nbytes / 1e6,
                      ", pinned" if pinned else "", workers * self.prefetch_factor,

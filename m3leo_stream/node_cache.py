@@ -199,6 +199,9 @@ class NodePlan:
         mapped by its ranks (the DataModule's ``node_arrays``); without it each rank builds its own."""
         self._plan_for, self._position, self._share = plan_for, position, share
         self.last_epoch = last_epoch
+        # batches past the consumer's position that the loader reads itself (its read-ahead): ``ahead`` starts after
+        # them, so that the prefetcher fetches other samples than the loader's threads rather than the same ones
+        self.lead = 0
         self.rank, self.world_size, self.ranks = rank, world_size, list(ranks)
         self._first_epoch = first_epoch
         self._epochs: list[_EpochUses] = []  # the epochs known and not forgotten, ascending
@@ -293,11 +296,13 @@ class NodePlan:
                 found[0].consumed[found[1]] = True
 
     def ahead(self, n: int) -> list[int]:
-        """The rows this rank reads at its next ``n`` planned uses not yet read, in plan order."""
+        """The rows this rank reads at its next ``n`` planned uses not yet read, in plan order, from ``lead``
+        batches past the consumer's position on (into the next epoch where the lead reaches past this one)."""
         now = self.now()
         self._learn(now // EPOCH_STRIDE + 1)
         end = NEVER if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
         out: list[int] = []
+        skip = max(0, int(self.lead))
         with self._lock:
             for e in self._epochs:
                 base = e.epoch * EPOCH_STRIDE
@@ -305,7 +310,12 @@ class NodePlan:
                     break
                 if base + EPOCH_STRIDE <= now:
                     continue
-                j = int(np.searchsorted(e.mine_batches, max(0, now - base)))
+                first = max(0, now - base) + skip
+                if first >= e.span:  # the loader reads on past this epoch's last batch
+                    skip = first - e.span
+                    continue
+                skip = 0
+                j = int(np.searchsorted(e.mine_batches, first))
                 while j < len(e.mine_rows) and len(out) < n:
                     stop = min(len(e.mine_rows), j + 2 * (n - len(out)) + 8)
                     rows, batches = e.mine_rows[j:stop], e.mine_batches[j:stop]
@@ -434,6 +444,8 @@ class NodeCache:
         self.enabled = True
         self._lock = threading.Lock()
         self._pending: set[int] = set()
+        self._wanted: list[tuple[int, int]] = []  # (row, size) submitted for prefetch, not yet started; plan order
+        self._wanted_bytes = 0
         self._reserved: set[int] = set()  # rows this process fetches ahead, admitted (counted in the ledger) already
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="m3leo-cache") if plan else None
         self._ledger: _Ledger | None = None
@@ -698,9 +710,21 @@ class NodeCache:
             for row in rows:
                 if row not in self._pending and not self._path(row).exists():
                     self._pending.add(row)
-                    self._pool.submit(self._prefetch_one, row)
+                    size = self.source.entry_size(row)
+                    self._wanted.append((row, size))
+                    self._wanted_bytes += size
+                    self._pool.submit(self._prefetch_one)
 
-    def _prefetch_one(self, row: int) -> None:
+    def _prefetch_one(self) -> None:
+        """Fetch a wanted row: the farthest while the free room holds a whole prefetch window (the nearest are those
+        the loader reaches first, and reading one whose fetch is under way would make it wait instead of fetching
+        another sample itself), else the nearest (admissions then follow plan order, as the optimum's do)."""
+        ledger = self._ledger
+        with self._lock:
+            window = self._wanted_bytes * self.prefetch / max(1, len(self._wanted))
+            roomy = ledger is not None and self.budget - ledger.total >= window
+            row, size = self._wanted.pop() if roomy else self._wanted.pop(0)
+            self._wanted_bytes -= size
         try:
             self._fill(row, self.io, demand=False)
         except Exception as e:  # noqa: BLE001 - the demand read of this sample fetches it again and reports

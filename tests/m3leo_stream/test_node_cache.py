@@ -64,6 +64,7 @@ def local_epochs(uneven_shards, tmp_path):
 def test_epoch_two_reads_nothing_from_s3_when_the_cache_holds_the_data(s3_shards, proxy, tmp_path, local_epochs):
     dm = _dm(s3_shards, tmp_path / "c", 1 << 30, proxy.url)
     loader = dm.train_dataloader()
+    assert _reader(loader).node_plan.lead == loader.dataset.depth > 0  # the prefetcher runs past the read-ahead
     assert _epoch(dm, 0, loader) == local_epochs[0]
     first, hits = proxy.gets, dm.loader_metrics()["cache_hits"]
     assert first > 0
@@ -342,6 +343,7 @@ class _ReferencePlan:
                  last_epoch: int | None = None):
         self.plans, self.clock, self.rank, self.world, self.ranks = plans, clock, rank, world, ranks
         self.last_epoch = last_epoch
+        self.lead = 0
         self.uses: list[list[int]] = []  # [position, row, consumed, reading rank]
         self.known = -1
 
@@ -380,17 +382,24 @@ class _ReferencePlan:
         now = self.now()
         self.learn(now // EPOCH_STRIDE + 1)
         end = float("inf") if self.last_epoch is None else (self.last_epoch + 1) * EPOCH_STRIDE
-        mine = [(u[0], u[1]) for u in self.uses if u[3] == self.rank and now <= u[0] < end]
+        epoch, batch = divmod(now, EPOCH_STRIDE)
+        batch += self.lead  # the loader's read-ahead, into the next epochs where it reaches past this one
+        while batch >= self.plans[epoch].num_batches:
+            batch -= self.plans[epoch].num_batches
+            epoch += 1
+        start = epoch * EPOCH_STRIDE + batch
+        mine = [(u[0], u[1]) for u in self.uses if u[3] == self.rank and start <= u[0] < end]
         open_at = {(u[0], u[1]) for u in self.uses if not u[2]}
         return [row for pos, row in mine if (pos, row) in open_at][:n]
 
 
-@pytest.mark.parametrize("padding, shared", [(0.0, False), (0.1, False), (0.0, True)])
+@pytest.mark.parametrize("padding, shared, lead", [(0.0, False, 0), (0.1, False, 3), (0.0, True, 7)])
 @pytest.mark.parametrize("rank, ranks", [(3, [2, 3, 4]), (0, [0]), (2, [0, 2])])
-def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks, padding, shared, tmp_path):
+def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks, padding, shared, lead, tmp_path):
     """Three epochs of 5 global batches over 6 ranks, 15 rows drawn with repeats (a row read twice in one batch;
     padding on some, as evaluation plans have): through the epochs, with consumes running ahead of the consumer,
-    next_use, next_uses, ahead and what is forgotten agree with the plain computation."""
+    next_use, next_uses, ahead (past a read-ahead of ``lead`` batches, reaching into the next epochs) and what is
+    forgotten agree with the plain computation."""
     rng = np.random.default_rng(7)
     world, gb = 6, 12
     plans = {}
@@ -414,6 +423,7 @@ def test_node_plan_answers_what_the_plain_computation_answers(rank, ranks, paddi
     if shared:  # another rank of the node: maps the keys the first built
         peer = NodePlan(plans.__getitem__, lambda: clock[0], ranks[-1], world, ranks, share=share)
     ref = _ReferencePlan(plans, clock, rank, world, ranks, last_epoch=2)
+    plan.lead = ref.lead = lead
     probe = np.arange(-1, 17)
     checked = 0
     for e in range(3):
