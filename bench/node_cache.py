@@ -4,15 +4,19 @@ moto_server on loopback behind tests/net_faults.py's proxy, which holds back eac
 ``--first-byte-ms`` (30) and caps every connection at ``--mb-per-s`` (100 MB/s). On shards built from
 ``m3leo-shards synth`` data (srtmdem + esawc, ≈ 1 MB per sample):
 
-  1. throughput of the first epoch: the DataModule with the cache (cold) and without one, against the proxy's own
-     ceiling: the same byte ranges (the cache's entries) fetched by plain ranged GETs on as many threads as the
-     loader can have GETs in flight (``io_threads`` for batches + ``io_threads`` for the prefetcher);
+  1. throughput of the first epoch: the DataModule with the cache (cold) and without one, each against the proxy's
+     own ceiling: the same byte ranges (the cache's entries) fetched by plain ranged GETs on as many threads as that
+     loader has requests in flight (``ShardDataset.requests_in_flight``: ``io_threads``, and as many again for the
+     cache's prefetcher). Each loader is connected before it is timed, as the ceiling's client is, and reads epoch 0
+     alone (no read-ahead into epoch 1 and no prefetch of it overlaps what is timed next). A second ceiling for the
+     cold cache writes each GET's bytes to a new file, as a disk cache must; CPU seconds per MB of this process
+     are printed beside each (the cache's writes are system time);
   2. the second epoch with a cache that holds all the data: GETs and bytes the proxy forwarded (goal: 0);
   3. a cache of half the data over ``--epochs`` epochs: payload bytes fetched from S3 by the cache (evicting by
      next use in the plan), next to an LRU cache and the next-use optimum (Belady with bypass) of the same budget on
      the same access sequence (both simulated on the accesses the cache served, in plan order).
 
-    python bench/node_cache.py --chips-per-region 40 --epochs 3 --repeats 3
+    python bench/node_cache.py --chips-per-region 120 --epochs 3 --repeats 3
 
 Results: bench/results/node_cache.json and .txt. The data lives in a temporary directory removed at the end.
 """
@@ -42,6 +46,7 @@ from net_faults import FaultyProxy  # noqa: E402
 
 from m3leo_stream.datamodule import M3LEODataModule  # noqa: E402
 from m3leo_stream.reader import _Entries  # noqa: E402
+from m3leo_stream.storage import connection_pool  # noqa: E402
 from shard_tools.build import BuildConfig, build  # noqa: E402
 from shard_tools.synth import SynthConfig, synth  # noqa: E402
 
@@ -105,6 +110,21 @@ def reader_of(loader):
     return getattr(loader.dataset, "dataset", loader.dataset)
 
 
+def warm(loader, path: str) -> None:
+    """Open the loader's storage client (its session and a connection) before timing, as the ceiling's is, and
+    learn the node's plan of the epoch (0.2 s at 17M samples, once an epoch: here it would be a share of a
+    1-second epoch)."""
+    reader_of(loader)._state()["fs"].info(path)
+    if reader_of(loader).node_plan is not None:
+        reader_of(loader).node_plan.next_use(0, 0)
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process (user and system: the cache's writes are system time)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def run_epoch(loader, epoch: int) -> float:
     loader.batch_sampler.set_epoch(epoch)
     t = time.perf_counter()
@@ -134,21 +154,29 @@ def settle(loader) -> None:
         time.sleep(0.01)
 
 
-def ceiling(url: str, proxy: ProxyProcess, requests: list[tuple[str, int, int]], threads: int) -> float:
-    """Seconds for plain ranged GETs of ``requests`` through the proxy on ``threads`` threads."""
+def ceiling(url: str, proxy: ProxyProcess, requests: list[tuple[str, int, int]], threads: int,
+            write_to: Path | None = None) -> tuple[float, float]:
+    """Seconds and CPU seconds for plain ranged GETs of ``requests`` through the proxy on ``threads`` threads; with
+    ``write_to``, each also written to a new file there (what a disk cache must do with every byte it fetches)."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=proxy.url, skip_instance_cache=True)
+    opts = connection_pool(url, {"endpoint_url": proxy.url}, threads)  # as many connections as the loader's
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
     fs.cat_file(requests[0][0], start=0, end=1)  # connect once, as a warm loader has
 
     def get(r: tuple[str, int, int]) -> int:
-        return len(fs.cat_file(r[0], start=r[1], end=r[2]))
+        data = fs.cat_file(r[0], start=r[1], end=r[2])
+        if write_to is not None:
+            (write_to / f"{Path(r[0]).name}-{r[1]}").write_bytes(data)
+        return len(data)
 
-    t = time.perf_counter()
+    if write_to is not None:
+        write_to.mkdir(parents=True)
+    t, c = time.perf_counter(), cpu_s()
     with ThreadPoolExecutor(threads) as pool:
         got = sum(pool.map(get, requests))
     assert got == sum(r[2] - r[1] for r in requests)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, cpu_s() - c
 
 
 def simulate(seq: list[int], size: dict[int, int], budget: int, policy: str) -> int:
@@ -190,12 +218,12 @@ def simulate(seq: list[int], size: dict[int, int], budget: int, policy: str) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--chips-per-region", type=int, default=40)
+    ap.add_argument("--chips-per-region", type=int, default=120)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--io-threads", type=int, default=None, help="default: the reader's for object stores")
     ap.add_argument("--first-byte-ms", type=float, default=30.0)
     ap.add_argument("--mb-per-s", type=float, default=100.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "node_cache"))
@@ -233,38 +261,68 @@ def main() -> None:
         reqs = [(f"bench/shards/{ds.index.shard_names[q.shard]}", q.start, q.stop)
                 for r in epoch0 for q in entries._task(r)]
         epoch_bytes = sum(size[r] for r in epoch0)
-        threads = 2 * args.io_threads
 
         res: dict = {"config": vars(args), "samples": len(epoch0), "epoch_bytes": epoch_bytes,
-                     "distinct_bytes": total, "ceiling_threads": threads}
-        def one_epoch(cache_bytes: int, name: str) -> tuple[float, int, object]:
-            ld = datamodule(url, proxy, tmp / name, cache_bytes, args).train_dataloader()
-            gets = proxy.gets
-            return run_epoch(ld, 0), proxy.gets - gets, ld
+                     "distinct_bytes": total}
 
-        runs: dict[str, list[float]] = {"ceiling": [], "none": [], "cold": []}
+        def one_epoch(cache_bytes: int, name: str) -> tuple[float, float, dict, object]:
+            """Seconds and CPU seconds of epoch 0 read by a new loader (connected first, as the ceiling's client
+            is), with the GETs, bytes forwarded and most GETs in flight the proxy saw."""
+            ld = datamodule(url, proxy, tmp / name, cache_bytes, args).train_dataloader()
+            warm(ld, reqs[0][0])
+            this_epoch_only(ld, 0)
+            gets, nbytes = proxy.gets, proxy.bytes_out
+            proxy.max_in_flight()
+            c = cpu_s()
+            t = run_epoch(ld, 0)
+            settle(ld)
+            cpu = cpu_s() - c
+            cache = reader_of(ld).cache()
+            seen = {"gets": proxy.gets - gets, "bytes_from_s3": proxy.bytes_out - nbytes,
+                    "max_in_flight": proxy.max_in_flight(), "cache": cache.stats.as_dict() if cache else None}
+            return t, cpu, seen, ld
+
+        in_flight = {"cold": ds.requests_in_flight(), "none": ds.io_threads()}
+        runs: dict[str, list[float]] = {"ceiling_cold": [], "ceiling_write": [], "ceiling_none": [], "none": [],
+                                        "cold": []}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
+        seen: dict[str, dict] = {}
         ld_full = None
         for i in range(args.repeats):  # alternating, medians reported: the machine is shared
-            runs["ceiling"].append(ceiling(url, proxy, reqs, threads))
-            runs["none"].append(one_epoch(0, f"c-none{i}")[0])
-            if ld_full is not None:
-                reader_of(ld_full).cache().close()
-            t, gets_cold, ld_full = one_epoch(4 * total, f"c-full{i}")
-            runs["cold"].append(t)
-        t_ceiling, t_nocache, t_cold = (statistics.median(runs[k]) for k in ("ceiling", "none", "cold"))
-        res["runs_s"] = runs
-        res["throughput"] = {
-            "ceiling_MBps": epoch_bytes / t_ceiling / 1e6, "cache_cold_MBps": epoch_bytes / t_cold / 1e6,
-            "no_cache_MBps": epoch_bytes / t_nocache / 1e6, "cache_cold_vs_ceiling": t_ceiling / t_cold,
-            "no_cache_vs_ceiling": t_ceiling / t_nocache, "cache_cold_gets": gets_cold, "ceiling_gets": len(reqs),
-        }
+            t, c = ceiling(url, proxy, reqs, in_flight["cold"], write_to=tmp / f"written{i}")
+            runs["ceiling_write"].append(t)
+            cpu["ceiling_write"].append(c)
+            for kind in ("cold", "none"):
+                t, c = ceiling(url, proxy, reqs, in_flight[kind])
+                runs[f"ceiling_{kind}"].append(t)
+                cpu[f"ceiling_{kind}"].append(c)
+                if ld_full is not None and kind == "cold":
+                    reader_of(ld_full).cache().close()
+                t, c, seen[kind], ld = one_epoch(4 * total if kind == "cold" else 0, f"c-{kind}{i}")
+                runs[kind].append(t)
+                cpu[kind].append(c)
+                if kind == "cold":
+                    ld_full = ld
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        ms_mb = {k: statistics.median(v) * 1e3 / (epoch_bytes / 1e6) for k, v in cpu.items()}
+        res["runs_s"], res["cpu_s"] = runs, cpu
+        res["throughput"] = {kind: {
+            "requests_in_flight": in_flight[kind], "MBps": epoch_bytes / med[kind] / 1e6,
+            "ceiling_MBps": epoch_bytes / med[f"ceiling_{kind}"] / 1e6,
+            "vs_ceiling": med[f"ceiling_{kind}"] / med[kind], "ceiling_gets": len(reqs),
+            "cpu_ms_per_MB": ms_mb[kind], "ceiling_cpu_ms_per_MB": ms_mb[f"ceiling_{kind}"], **seen[kind],
+        } for kind in ("cold", "none")}
+        res["throughput"]["cold"].update({
+            "ceiling_write_MBps": epoch_bytes / med["ceiling_write"] / 1e6,
+            "vs_ceiling_write": med["ceiling_write"] / med["cold"],
+            "ceiling_write_cpu_ms_per_MB": ms_mb["ceiling_write"]})
 
         # epoch 2 with the data held
-        g, b = proxy.gets, proxy.bytes_out
+        g, b, hits = proxy.gets, proxy.bytes_out, reader_of(ld_full).cache().stats.hits
         t_warm = run_epoch(ld_full, 1)
         res["epoch2_full_cache"] = {"gets": proxy.gets - g, "bytes_from_s3": proxy.bytes_out - b,
                                     "seconds": t_warm, "MBps": epoch_bytes / t_warm / 1e6,
-                                    "hits": reader_of(ld_full).cache().stats.hits}
+                                    "hits": reader_of(ld_full).cache().stats.hits - hits}
         reader_of(ld_full).cache().close()
 
         # half the data
@@ -280,7 +338,7 @@ def main() -> None:
         for e in range(args.epochs):
             run_epoch(ld, e)
         cache.close()
-        fetched = int(d.loader_metrics()["bytes"]) + cache.io.bytes
+        fetched = cache.stats.fetched_bytes  # on demand and ahead, read ahead into the next epoch included
         # the loader reads on into the next epoch's first batches (read ahead, never consumed): the simulations take
         # the accesses the cache served, in plan order (threads serve them in an order of their own)
         extra = len(served) - len(seq)
@@ -307,17 +365,30 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     t, w, h = res["throughput"], res["epoch2_full_cache"], res["half_cache"]
+    c, n = t["cold"], t["none"]
     lines = [
         f"S3 through the proxy: {args.first_byte_ms:.0f} ms first byte, {args.mb_per_s:.0f} MB/s per connection; "
         f"{res['samples']} samples/epoch, {res['epoch_bytes'] / 1e6:.1f} MB/epoch, batch {args.batch}, "
-        f"{args.workers} reader threads, io_threads {args.io_threads}; medians of {args.repeats} alternating runs",
+        f"{args.workers} reader threads, io_threads {n['requests_in_flight']}; medians of {args.repeats} "
+        "alternating runs; the ceiling: the same byte ranges by plain ranged GETs on as many threads as the loader "
+        "has requests in flight",
         "",
-        f"{'epoch 1 (cold)':<34}{'MB/s':>8}{'x ceiling':>11}{'GETs':>7}",
-        f"{'ceiling: ranged GETs, ' + str(threads) + ' threads':<34}{t['ceiling_MBps']:8.1f}{1.0:11.2f}"
-        f"{t['ceiling_gets']:7d}",
-        f"{'m3leo, cache (cold)':<34}{t['cache_cold_MBps']:8.1f}{t['cache_cold_vs_ceiling']:11.2f}"
-        f"{t['cache_cold_gets']:7d}",
-        f"{'m3leo, no cache':<34}{t['no_cache_MBps']:8.1f}{t['no_cache_vs_ceiling']:11.2f}",
+        f"{'epoch 1 (cold)':<40}{'MB/s':>8}{'x ceiling':>11}{'GETs':>7}{'max in flight':>15}"
+        f"{'CPU ms/MB':>11}",
+        f"{'ceiling, ' + str(c['requests_in_flight']) + ' threads':<40}{c['ceiling_MBps']:8.1f}{1.0:11.2f}"
+        f"{c['ceiling_gets']:7d}{'':>15}{c['ceiling_cpu_ms_per_MB']:11.1f}",
+        f"{'  the same, each written to a file':<40}{c['ceiling_write_MBps']:8.1f}"
+        f"{c['ceiling_write_MBps'] / c['ceiling_MBps']:11.2f}{c['ceiling_gets']:7d}{'':>15}"
+        f"{c['ceiling_write_cpu_ms_per_MB']:11.1f}",
+        f"{'m3leo, cache (cold), ' + str(c['requests_in_flight']) + ' in flight':<40}{c['MBps']:8.1f}"
+        f"{c['vs_ceiling']:11.2f}{c['gets']:7d}{c['max_in_flight']:15d}{c['cpu_ms_per_MB']:11.1f}",
+        f"{'  × the ceiling with writes':<40}{'':>8}{c['vs_ceiling_write']:11.2f}",
+        f"{'ceiling, ' + str(n['requests_in_flight']) + ' threads':<40}{n['ceiling_MBps']:8.1f}{1.0:11.2f}"
+        f"{n['ceiling_gets']:7d}{'':>15}{n['ceiling_cpu_ms_per_MB']:11.1f}",
+        f"{'m3leo, no cache, ' + str(n['requests_in_flight']) + ' in flight':<40}{n['MBps']:8.1f}"
+        f"{n['vs_ceiling']:11.2f}{n['gets']:7d}{n['max_in_flight']:15d}{n['cpu_ms_per_MB']:11.1f}",
+        f"  (cold cache: {c['cache']['prefetched']} of {c['cache']['fetched']} entries fetched ahead, "
+        f"{c['cache']['waited']} reads waited for a fetch under way; CPU: this process, user and system)",
         "",
         f"epoch 2, cache holding the data: {w['gets']} GETs, {w['bytes_from_s3']} bytes from S3, "
         f"{w['MBps']:.1f} MB/s ({w['hits']} hits)",
@@ -325,7 +396,8 @@ def main() -> None:
         f"cache of half the data ({h['budget'] / 1e6:.1f} MB), {h['epochs']} epochs "
         f"and {h['read_ahead_into_next_epoch']} samples read ahead into the next "
         f"({h['accesses_bytes'] / 1e6:.1f} MB read by the plan):",
-        f"  {'next use (this cache, measured)':<36}{h['next_use_cache_bytes'] / 1e6:9.1f} MB from S3",
+        f"  {'next use (this cache, measured)':<36}{h['next_use_cache_bytes'] / 1e6:9.1f} MB from S3 "
+        f"({h['proxy_bytes_out'] / 1e6:.1f} MB through the proxy, headers and listings included)",
         f"  {'LRU (simulated, same plan)':<36}{h['lru_simulated_bytes'] / 1e6:9.1f} MB",
         f"  {'next-use optimum (simulated)':<36}{h['next_use_optimum_bytes'] / 1e6:9.1f} MB",
         f"  this cache / optimum = {h['vs_optimum']:.3f}; / LRU = {h['vs_lru']:.3f}",
