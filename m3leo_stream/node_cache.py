@@ -721,6 +721,8 @@ class NodeCache:
         another sample itself), else the nearest (admissions then follow plan order, as the optimum's do)."""
         ledger = self._ledger
         with self._lock:
+            if not self._wanted:
+                return
             window = self._wanted_bytes * self.prefetch / max(1, len(self._wanted))
             roomy = ledger is not None and self.budget - ledger.total >= window
             row, size = self._wanted.pop() if roomy else self._wanted.pop(0)
