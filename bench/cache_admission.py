@@ -47,16 +47,16 @@ class _Source:
         return data == self.fetch_entry(row, None)
 
 
-def one(n: int, misses: int, work: Path) -> dict:
-    """In this process (the checkout on ``sys.path``): a cache holding ``n`` entries, then ``misses`` misses."""
+def one(n: int, misses: int, work: Path, rows: int | None = None) -> dict:
+    """In this process (the checkout on ``sys.path``): a cache holding ``n`` entries, then ``misses`` misses; the
+    index has ``rows`` rows (default: the rows read)."""
     import numpy as np
 
     from m3leo_stream.node_cache import NodeCache, NodePlan
     from m3leo_stream.planner import EpochPlan
     from m3leo_stream.storage import IOCounters
 
-    rows = n + misses
-    src = _Source(rows)
+    src = _Source(max(rows or 0, n + misses))
     directory = work / f"cache-{n}"
     directory.mkdir(parents=True)
     for r in range(n):  # held already, as after a requeue
@@ -88,18 +88,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--misses", type=int, default=300)
+    ap.add_argument("--rows", type=int, help="rows in the index (default: those read, entries + misses)")
     ap.add_argument("--other", help="another checkout to run side by side")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "cache_admission.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.misses, Path(args.work))))
+        print(json.dumps(one(args.one, args.misses, Path(args.work), args.rows)))
         return
     checkouts = {"this": REPO} | ({"other": Path(args.other).resolve()} if args.other else {})
     results: dict = {"command": "python bench/cache_admission.py " + " ".join(sys.argv[1:]),
                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "misses": args.misses,
-                     "entry_bytes": SIZE, "runs": {}}
+                     "rows": args.rows, "entry_bytes": SIZE, "runs": {}}
     print(f"full cache of N entries of {SIZE} B, {args.misses} misses (each read again soon: admitted, evicting by "
           "next use); µs per miss (median / mean) and seconds to open the cache")
     print(f"{'N':>8} | " + " | ".join(f"{name:>26}" for name in checkouts))
@@ -109,8 +110,10 @@ def main() -> None:
             work = Path(tempfile.mkdtemp(prefix="m3leo-bench-admission-"))
             try:
                 env = {**os.environ, "PYTHONPATH": str(root)}
+                rows = [] if args.rows is None else ["--rows", str(args.rows)]
                 out = subprocess.run([sys.executable, __file__, "--one", str(n), "--misses", str(args.misses),
-                                      "--work", str(work)], env=env, capture_output=True, text=True, check=True)
+                                      "--work", str(work), *rows], env=env, capture_output=True, text=True,
+                                     check=True)
                 row[name] = json.loads(out.stdout.strip().splitlines()[-1])
             finally:
                 shutil.rmtree(work, ignore_errors=True)

@@ -47,6 +47,7 @@ EPOCH_STRIDE = 1 << 32  # a plan position is epoch * EPOCH_STRIDE + global batch
 NEVER = float("inf")
 EVICT_SLACK = 1 / 64  # of the budget: made free at once when eviction is due and ...
 MANY_ENTRIES = 4096  # ... at least this many entries are held
+LEDGER_BLOCK = 256  # rows per held-count in the ledger
 _ENTRY = re.compile(r"^[0-9]+$")
 
 
@@ -326,45 +327,51 @@ class NodePlan:
 
 class _Ledger:
     """Which entries a node's cache holds and their sizes, shared by the node's processes without listing the
-    directory: ``.sizes``, a memory-mapped int64 array with a slot per index row (0: not held) and a last slot
-    holding their sum, changed only under the budget lock. A slot is set before its entry is renamed into place (or
-    when its fetch is admitted) and cleared after its file is removed, so a process killed in between leaves bytes
-    counted that are not on disk (room given up until that row is fetched or evicted), never bytes on disk that are
-    not counted. Rebuilt from a listing of the directory when it is new or from before the machine's last boot.
-    Sparse: only the pages of rows held take room on disk."""
+    directory: ``.sizes``, a memory-mapped int64 array with a slot per index row (0: not held), a slot holding their
+    sum and, per block of :data:`LEDGER_BLOCK` rows, how many of them are held (so that finding the held rows reads
+    the blocks that have some, not a slot per row of a 17M-row index), changed only under the budget lock. A slot is
+    set before its entry is renamed into place (or when its fetch is admitted) and cleared after its file is
+    removed, so a process killed in between leaves bytes counted that are not on disk (room given up until that row
+    is fetched or evicted), never bytes on disk that are not counted. Rebuilt from a listing of the directory when
+    it is new or from before the machine's last boot. Sparse: only the pages of rows held take room on disk."""
 
     def __init__(self, directory: Path, rows: int):
         self.dir = directory
         self.path = directory / ".sizes"
         self.rows = int(rows)
+        self.blocks = -(-self.rows // LEDGER_BLOCK)
         self._ino: int | None = None
         self.follow(check_boot=True)
 
     def follow(self, check_boot: bool = False) -> None:
         """Map the ledger (under the budget lock): rebuilt first when it is missing, of another length or (with
         ``check_boot``) from before the machine's last boot; mapped again when another process rebuilt it."""
-        expected = (self.rows + 1) * 8
+        slots = self.rows + 1 + self.blocks
         stamp = self.path.with_name(".sizes.boot")
         try:
             st: os.stat_result | None = os.stat(self.path)
         except FileNotFoundError:
             st = None
-        if st is None or st.st_size != expected or (check_boot and _read_text(stamp) != _boot_id()):
+        if st is None or st.st_size != slots * 8 or (check_boot and _read_text(stamp) != _boot_id()):
             tmp = self.path.with_name(f".sizes.tmp-{os.getpid()}")
             with open(tmp, "wb") as f:
-                f.truncate(expected)
-            sizes = np.memmap(tmp, np.int64, mode="r+", shape=(self.rows + 1,))
+                f.truncate(slots * 8)
+            arr = np.memmap(tmp, np.int64, mode="r+", shape=(slots,))
             for row, size in _listing(self.dir).items():
                 if row < self.rows:
-                    sizes[row] = size
-            sizes[self.rows] = int(sizes[:self.rows].sum())
-            sizes.flush()
-            del sizes
+                    arr[row] = size
+            sizes = arr[:self.rows]
+            arr[self.rows] = int(sizes.sum())
+            held = np.flatnonzero(sizes)
+            arr[self.rows + 1:] = np.bincount(held // LEDGER_BLOCK, minlength=self.blocks)
+            arr.flush()
+            del arr, sizes
             os.replace(tmp, self.path)
             stamp.write_text(_boot_id())
             st = os.stat(self.path)
         if st.st_ino != self._ino:
-            self._sizes = np.memmap(self.path, np.int64, mode="r+", shape=(self.rows + 1,))
+            arr = np.memmap(self.path, np.int64, mode="r+", shape=(slots,))
+            self._sizes, self._counts = arr[:self.rows + 1], arr[self.rows + 1:]
             self._ino = st.st_ino
 
     @property
@@ -378,11 +385,19 @@ class _Ledger:
         old = int(self._sizes[row])
         self._sizes[row] = size
         self._sizes[self.rows] += size - old
+        if (old > 0) != (size > 0):
+            self._counts[row // LEDGER_BLOCK] += 1 if size > 0 else -1
 
     def held(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows held (or being fetched) and their sizes."""
-        rows = np.flatnonzero(self._sizes[:self.rows])
-        return rows, np.asarray(self._sizes[rows])
+        """Rows held (or being fetched) and their sizes, ascending."""
+        blocks = np.flatnonzero(self._counts)
+        if not len(blocks):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = (blocks[:, None] * LEDGER_BLOCK + np.arange(LEDGER_BLOCK)).reshape(-1)
+        rows = rows[rows < self.rows]
+        sizes = np.asarray(self._sizes[rows])
+        held = sizes != 0
+        return rows[held], sizes[held]
 
 
 def _listing(directory: Path) -> dict[int, int]:

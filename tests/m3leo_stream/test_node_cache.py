@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from m3leo_stream.datamodule import M3LEODataModule
-from m3leo_stream.node_cache import EPOCH_STRIDE, NodeCache, NodePlan, node_ranks
+from m3leo_stream.node_cache import EPOCH_STRIDE, LEDGER_BLOCK, NodeCache, NodePlan, _Ledger, node_ranks
 from m3leo_stream.planner import PAD_FLAG, EpochPlan
 from m3leo_stream.reader import _Entries
 from m3leo_stream.storage import IOCounters
@@ -294,6 +294,33 @@ def test_prefetching_cache_fetches_what_belady_with_bypass_fetches(uneven_shards
 
 def _on_disk(directory: Path) -> dict[int, int]:
     return {int(p.name): p.stat().st_size for p in directory.iterdir() if p.name.isdigit()}
+
+
+def test_the_ledgers_held_rows_are_those_with_a_size(tmp_path):
+    """Rows set and cleared at random over several blocks (the last one partial): ``held`` finds exactly the rows
+    with a size, in this process, in another that maps the same file, and after a rebuild from the directory."""
+    rows = 5 * LEDGER_BLOCK + 17
+    rng = np.random.default_rng(5)
+    ledger = _Ledger(tmp_path, rows)
+    want = np.zeros(rows, np.int64)
+    for row, size in zip(rng.integers(0, rows, 3000), rng.integers(0, 3, 3000)):
+        ledger.set(int(row), int(size))
+        want[row] = size
+    ledger.set(rows - 1, 9)  # the partial block
+    want[rows - 1] = 9
+    for other in (ledger, _Ledger(tmp_path, rows)):
+        held, sizes = other.held()
+        assert held.tolist() == np.flatnonzero(want).tolist() and sizes.tolist() == want[want > 0].tolist()
+        assert other.total == int(want.sum())
+    for row in np.flatnonzero(want):  # what is on disk, for the rebuild to list
+        (tmp_path / str(int(row))).write_bytes(b"x" * int(want[row]))
+    (tmp_path / ".sizes").unlink()
+    ledger.follow()
+    held, sizes = ledger.held()
+    assert held.tolist() == np.flatnonzero(want).tolist() and sizes.tolist() == want[want > 0].tolist()
+    for row in held:
+        ledger.set(int(row), 0)
+    assert len(ledger.held()[0]) == 0 and ledger.total == 0
 
 
 def test_the_ledger_counts_what_is_on_disk_and_is_rebuilt_when_it_cannot_be_trusted(uneven_shards, tmp_path):
