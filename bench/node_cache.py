@@ -64,7 +64,7 @@ class ProxyProcess:
         self._proc.start()
         self.url = self._conn.recv()
 
-    def _stats(self) -> tuple[int, int, int]:
+    def _stats(self) -> tuple[int, int]:
         self._conn.send("stats")
         return self._conn.recv()
 
@@ -94,7 +94,7 @@ def _serve_proxy(conn, target_port: int, first_byte_s: float, bandwidth: float) 
             conn.send(proxy.max_in_flight)
             proxy.reset_max_in_flight()
         else:
-            conn.send((proxy.gets, proxy.bytes_out, proxy.in_flight))
+            conn.send((proxy.gets, proxy.bytes_out))
     proxy.close()
 
 
